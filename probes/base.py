@@ -1,0 +1,75 @@
+"""The probe contract and discovery.
+
+A probe has a ``name``, ``available()`` (``None`` when it can sample, else the one-line reason why not),
+``metrics()`` (metric key -> unit; keys follow ``tuner.records``), ``sample(now)`` returning a
+``Sample`` whose missing values are ``None``, and ``close()``.  Vendor libraries are imported lazily,
+inside the probe's own module, so discovering an absent GPU costs microseconds and prints nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tuner.records import Sample
+
+
+@runtime_checkable
+class Probe(Protocol):
+    name: str
+
+    def available(self) -> str | None:
+        """``None`` when the probe works; otherwise why it does not (one line)."""
+
+    def metrics(self) -> dict[str, str]:
+        """Metric key -> unit, for the trace header."""
+
+    def sample(self, now: float) -> Sample:
+        """One reading at trace time ``now``; missing values are ``None``."""
+
+    def close(self) -> None:
+        """Release what the probe holds (file handles, library sessions)."""
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    name: str
+    reason: str | None  # None: available
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+def discover(pids: Sequence[int] | None = None, *, include: Sequence[str] | None = None) -> tuple[list[Probe], list[ProbeStatus]]:
+    """Build every probe once and ask it whether it works.
+
+    ``pids`` are the roots of the process trees to watch (``None``: system-wide only).  Returns the
+    available probes and a status for every probe, with the reason for each unavailable one.
+    """
+    from probes.cpu import CpuProbe
+    from probes.npu import AscendNpuProbe, IntelNpuProbe
+    from probes.nvidia import NvidiaProbe
+
+    candidates: list[Probe] = [
+        CpuProbe(list(pids or [])),
+        NvidiaProbe(list(pids or [])),
+        AscendNpuProbe(),
+        IntelNpuProbe(),
+    ]
+    if include is not None:
+        candidates = [p for p in candidates if p.name in include]
+    usable: list[Probe] = []
+    statuses: list[ProbeStatus] = []
+    for p in candidates:
+        try:
+            reason = p.available()
+        except Exception as exc:  # a probe must never take the tuner down
+            reason = f"probe failed to start: {type(exc).__name__}: {exc}"
+        statuses.append(ProbeStatus(p.name, reason))
+        if reason is None:
+            usable.append(p)
+        else:
+            p.close()
+    return usable, statuses
