@@ -42,7 +42,9 @@ class ProbeStatus:
         return self.reason is None
 
 
-def discover(pids: Sequence[int] | None = None, *, include: Sequence[str] | None = None) -> tuple[list[Probe], list[ProbeStatus]]:
+def discover(
+    pids: Sequence[int] | None = None, *, include: Sequence[str] | None = None
+) -> tuple[list[Probe], list[ProbeStatus]]:
     """Build every probe once and ask it whether it works.
 
     ``pids`` are the roots of the process trees to watch (``None``: system-wide only).  Returns the

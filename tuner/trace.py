@@ -23,7 +23,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,9 @@ class TraceWriter:
         self.dropped = 0
         self.records = 0
         self._closed = False
-        self.write(dict(header))
+        self._listeners: list[Callable[[Mapping[str, Any]], None]] = []
+        self.header = dict(header)
+        self.write(self.header)
         self.flush()
 
     # -- records -------------------------------------------------------------------------------------
@@ -123,14 +125,23 @@ class TraceWriter:
             line = self._dumps(json.loads(json.dumps(rec, default=str), parse_constant=lambda _: None))
         self._pending.append(line)
         self.records += 1
+        for fn in self._listeners:
+            try:
+                fn(rec)
+            except Exception:  # an observer must never stop the recording
+                self._listeners.remove(fn)
+                break
         if len(self._pending) > _PENDING_LIMIT:
             drop = len(self._pending) - _PENDING_LIMIT
             del self._pending[:drop]
             self.dropped += drop
 
-    def tick(
-        self, t: float, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None = None
-    ) -> None:
+    def add_listener(self, fn: Callable[[Mapping[str, Any]], None]) -> None:
+        """Call ``fn(record)`` for every record written from now on (live observers, the TUI).  A
+        listener that raises is removed; the trace goes on."""
+        self._listeners.append(fn)
+
+    def tick(self, t: float, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         rec: dict[str, Any] = {"k": "tick", "t": round(t, 6), "m": {k: _clean(v) for k, v in values.items()}}
         if procs:
             rec["p"] = {str(pid): dict(v) for pid, v in procs.items()}
@@ -243,7 +254,9 @@ def check_header(rec: Mapping[str, Any], path: Path) -> None:
         raise TraceError(f"{path}: not an inference-tuner trace (the first line is not its header)")
     schema = rec.get("schema")
     if schema != SCHEMA_VERSION:
-        raise TraceError(f"{path}: trace schema version {schema!r} is not supported (this tuner reads {SCHEMA_VERSION})")
+        raise TraceError(
+            f"{path}: trace schema version {schema!r} is not supported (this tuner reads {SCHEMA_VERSION})"
+        )
 
 
 def iter_records(

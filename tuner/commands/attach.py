@@ -1,0 +1,76 @@
+"""``tuner attach PID``: record a process that is already running, until it exits or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+import psutil
+
+from tuner.commands._common import add_session_options, session_options
+from tuner.commands.run import print_brief_summary
+from tuner.errors import UserError
+from tuner.session import Session, pid_exists_or_error
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attach",
+        help="record a running process and its children",
+        description="Sample a running process tree until it exits (or Ctrl-C) and write the trace.",
+    )
+    add_session_options(p)
+    p.add_argument("pid", metavar="PID", help="process to watch")
+    p.set_defaults(func=run)
+
+
+def parse_pid(text: str) -> int:
+    try:
+        pid = int(text)
+    except ValueError:
+        raise UserError(f"'{text}' is not a PID (a positive whole number)") from None
+    pid_exists_or_error(pid)
+    return pid
+
+
+def run(args: argparse.Namespace) -> int:
+    pid = parse_pid(args.pid)
+    opts = session_options(args)
+    try:
+        proc = psutil.Process(pid)
+        command = proc.cmdline() or [proc.name()]
+    except psutil.Error:
+        command = [str(pid)]
+    session = Session(opts, command=command, roots=[pid])
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        session.start()
+        while not stop.wait(0.2):
+            if not psutil.pid_exists(pid) or _is_zombie(proc):
+                break
+        detached = stop.is_set()
+        path = session.finish(detached=detached)
+        if not opts.quiet:
+            why = "detached" if detached else f"process {pid} exited"
+            print(f"tuner: {why}; trace written to {path}", file=sys.stderr)
+            if args.headless:
+                print_brief_summary(path)
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
