@@ -107,7 +107,7 @@ class TraceWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
         self._pending: list[str] = []
         self._carry = b""
-        self._dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        self._dumps = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
         self.error: str | None = None
         self.dropped = 0
         self.records = 0
