@@ -6,7 +6,6 @@ path a user's own command takes.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -186,7 +185,7 @@ def pid_exists_or_error(pid: int) -> None:
         p = psutil.Process(pid)
         p.memory_info()
         if sys.platform.startswith("linux"):
-            os.stat(f"/proc/{pid}/stat")
+            p.num_fds()  # needs the same user (or root): what the CPU probe reads per process
     except psutil.NoSuchProcess:
         raise UserError(f"no process with PID {pid}") from None
     except psutil.AccessDenied:
