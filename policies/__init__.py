@@ -1,0 +1,1 @@
+"""Policies: pure decide(window, knobs) -> list[Action]; they never actuate."""

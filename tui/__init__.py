@@ -1,0 +1,1 @@
+"""Textual TUI: live dashboard and replay; it only consumes trace records."""
