@@ -1,0 +1,278 @@
+"""The output probe: what ``tuner.client`` reports from inside the inference process.
+
+Each ``sample(now)`` drains the channel and turns client messages into trace events — ``request``
+(one per finished request, at its end, in trace time), ``client_connect`` / ``client_disconnect``,
+``oom``, ``command_result`` — and rolling values over the last ``window_s`` seconds of finished
+requests.  Repetition (seq-rep-4, rep-32, loop, distinct-2; definitions in ``probes.repetition``) is
+computed here, in the sidecar, from the token ids the client sends.
+
+Clients send ``time.monotonic()`` stamps; on Linux that clock is system-wide (``CLOCK_MONOTONIC``), so
+a request's end maps to trace time as ``end - t0``.
+
+Rolling values (``None`` when the window holds no data):
+
+- ``req_ttft_p50/p95_seconds``, ``req_tpot_p50/p95_seconds``, ``req_e2e_p50_seconds``,
+  ``req_queue_p50_seconds``: percentiles (linear interpolation) over requests that ended in the window;
+- ``req_tokens_per_second``, ``req_requests_per_second``: generated tokens and finished requests in the
+  window / the window's length (shorter at the start of a session: the time since the first client);
+- ``req_done_count``: finished requests so far; ``req_active_count``: requests in flight, summed over the
+  connected clients (their last status, sent every second);
+- ``req_batch_occupancy_ratio``: mean of ``batch_size / batch_capacity`` over requests that report both;
+- ``req_seq_rep_4_ratio``, ``req_rep_32_ratio``: means over responses in the window;
+  ``req_loop_ratio``: share of them with a loop; ``req_distinct_2_ratio``: distinct-2 over the last
+  ``distinct_last`` responses;
+- ``chan_clients_count``; ``chan_dropped_count``: messages lost so far — client-side drops (bounded
+  queues) + messages the sidecar refused as malformed + its inbound queue overflowing;
+- ``alloc_allocated_bytes``, ``alloc_reserved_bytes``: the last allocator figures a client reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from probes.repetition import Distinct2, response_repetition
+from tuner.records import Event, Sample
+
+METRICS: dict[str, str] = {
+    "req_ttft_p50_seconds": "seconds",
+    "req_ttft_p95_seconds": "seconds",
+    "req_tpot_p50_seconds": "seconds",
+    "req_tpot_p95_seconds": "seconds",
+    "req_e2e_p50_seconds": "seconds",
+    "req_queue_p50_seconds": "seconds",
+    "req_tokens_per_second": "per_second",
+    "req_requests_per_second": "per_second",
+    "req_done_count": "count",
+    "req_active_count": "count",
+    "req_batch_occupancy_ratio": "ratio",
+    "req_seq_rep_4_ratio": "ratio",
+    "req_rep_32_ratio": "ratio",
+    "req_loop_ratio": "ratio",
+    "req_distinct_2_ratio": "ratio",
+    "chan_clients_count": "count",
+    "chan_dropped_count": "count",
+    "alloc_allocated_bytes": "bytes",
+    "alloc_reserved_bytes": "bytes",
+}
+
+WINDOW_KEEP = 100_000  # finished requests kept for the rolling window, at most
+
+
+class Channel(Protocol):
+    def drain(self) -> list[tuple[float, dict[str, Any]]]: ...
+    def clients(self) -> list[dict[str, Any]]: ...
+    def stats(self) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    t: float
+    tokens: int
+    ttft: float | None
+    tpot: float | None
+    e2e: float | None
+    queue: float | None
+    seq_rep_4: float | None
+    rep_32: float | None
+    loop: bool
+    occupancy: float | None
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolation percentile (numpy's default) of an already sorted list."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    pos = (n - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def _num(x: Any) -> float | None:
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    f = float(x)
+    return f if math.isfinite(f) else None
+
+
+class OutputProbe:
+    name = "output"
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        t0: float,
+        window_s: float = 30.0,
+        record_text: bool = False,
+        distinct_last: int = 100,
+        loop_min_n: int = 1,
+        loop_max_n: int = 8,
+    ) -> None:
+        self.channel = channel
+        self.t0 = t0
+        self.window_s = window_s
+        self.record_text = record_text
+        self.loop_min_n = loop_min_n
+        self.loop_max_n = loop_max_n
+        self._done: deque[_Done] = deque(maxlen=WINDOW_KEEP)
+        self._distinct = Distinct2(distinct_last)
+        self._done_count = 0
+        self._first_t: float | None = None
+        self._status: dict[int, dict[str, Any]] = {}  # conn -> last status
+        self._dropped_gone = 0  # client-side drops of clients that have disconnected
+        self._alloc: dict[str, float | None] = {"alloc_allocated_bytes": None, "alloc_reserved_bytes": None}
+        set_welcome = getattr(channel, "set_welcome", None)
+        if set_welcome is not None:
+            set_welcome(record_text=record_text)
+
+    def available(self) -> str | None:
+        return None
+
+    def metrics(self) -> dict[str, str]:
+        return dict(METRICS)
+
+    def close(self) -> None:
+        pass
+
+    # -- one tick -----------------------------------------------------------------------------------
+    def sample(self, now: float) -> Sample:
+        events: list[Event] = []
+        for arrived, msg in self.channel.drain():
+            try:
+                ev = self._handle(arrived - self.t0, msg)
+            except Exception:  # a message the validator let through but we cannot use: skip it
+                ev = None
+            if ev is not None:
+                events.append(ev)
+        return Sample(self.name, now, self._values(now), events=tuple(events))
+
+    def _handle(self, t_arrived: float, msg: dict[str, Any]) -> Event | None:
+        kind = msg.get("type")
+        pid = msg.get("pid")
+        if kind == "request":
+            return self._request(msg)
+        if kind == "status":
+            self._status[int(msg["conn"])] = msg
+            return None
+        if kind == "alloc":
+            self._alloc = {
+                "alloc_allocated_bytes": _num(msg.get("allocated_bytes")),
+                "alloc_reserved_bytes": _num(msg.get("reserved_bytes")),
+            }
+            return None
+        if kind == "oom":
+            return Event(t_arrived, "oom", {"pid": pid, "batch_size": msg.get("batch_size")})
+        if kind == "command_result":
+            return Event(
+                t_arrived,
+                "command_result",
+                {"id": msg.get("id"), "cmd": msg.get("cmd"), "ok": bool(msg.get("ok")),
+                 "result": msg.get("result") or {}, "error": msg.get("error")},
+            )
+        if kind == "client_connect":
+            if self._first_t is None:
+                self._first_t = t_arrived
+            return Event(t_arrived, "client_connect", {"pid": pid, "uid": msg.get("uid")})
+        if kind == "client_disconnect":
+            st = self._status.pop(int(msg["conn"]), None)
+            if st is not None:
+                self._dropped_gone += int(st.get("dropped", 0))
+            return Event(t_arrived, "client_disconnect", {"pid": pid, "uid": msg.get("uid")})
+        return None
+
+    def _request(self, msg: dict[str, Any]) -> Event:
+        t = float(msg["end"]) - self.t0
+        ids = msg.get("ids") or []
+        rep = response_repetition(ids, loop_min_n=self.loop_min_n, loop_max_n=self.loop_max_n)
+        if ids:
+            self._distinct.add_response(ids)
+        bs, cap = msg.get("batch_size"), msg.get("batch_capacity")
+        occupancy = (bs / cap) if isinstance(bs, int) and isinstance(cap, int) and cap > 0 else None
+        done = _Done(
+            t=t,
+            tokens=int(msg["tokens"]),
+            ttft=_num(msg.get("ttft_seconds")),
+            tpot=_num(msg.get("tpot_seconds")),
+            e2e=_num(msg.get("e2e_seconds")),
+            queue=_num(msg.get("queue_seconds")),
+            seq_rep_4=rep.seq_rep_4,
+            rep_32=rep.rep_32,
+            loop=rep.loop,
+            occupancy=occupancy,
+        )
+        self._done.append(done)
+        self._done_count += 1
+        if self._first_t is None:
+            self._first_t = t - (done.e2e or 0.0)
+        data: dict[str, Any] = {
+            "id": msg.get("id"),
+            "pid": msg.get("pid"),
+            "prompt_tokens": msg.get("prompt_tokens"),
+            "tokens": done.tokens,
+            "queue_seconds": done.queue,
+            "ttft_seconds": done.ttft,
+            "tpot_seconds": done.tpot,
+            "e2e_seconds": done.e2e,
+            "tokens_per_second": _num(msg.get("tokens_per_second")),
+            "seq_rep_4": rep.seq_rep_4,
+            "rep_32": rep.rep_32,
+            "loop": rep.loop,
+            "batch_size": bs,
+            "temperature": _num(msg.get("temperature")),
+            "precision": msg.get("precision"),
+        }
+        if self.record_text and isinstance(msg.get("text"), str):
+            data["text"] = msg["text"]
+        return Event(t, "request", data)
+
+    def _values(self, now: float) -> dict[str, float | None]:
+        done = self._done
+        lo = now - self.window_s
+        while done and done[0].t < lo:
+            done.popleft()
+        win = list(done)
+        v: dict[str, float | None] = dict.fromkeys(METRICS)
+
+        def col(name: str) -> list[float]:
+            return sorted(x for d in win if (x := getattr(d, name)) is not None)
+
+        ttft, tpot, e2e, queue = col("ttft"), col("tpot"), col("e2e"), col("queue")
+        v["req_ttft_p50_seconds"] = percentile(ttft, 0.5)
+        v["req_ttft_p95_seconds"] = percentile(ttft, 0.95)
+        v["req_tpot_p50_seconds"] = percentile(tpot, 0.5)
+        v["req_tpot_p95_seconds"] = percentile(tpot, 0.95)
+        v["req_e2e_p50_seconds"] = percentile(e2e, 0.5)
+        v["req_queue_p50_seconds"] = percentile(queue, 0.5)
+        if self._first_t is not None:
+            span = min(self.window_s, now - min(self._first_t, now))
+            if span > 0:
+                v["req_tokens_per_second"] = sum(d.tokens for d in win) / span
+                v["req_requests_per_second"] = len(win) / span
+        v["req_done_count"] = float(self._done_count) if self._done_count or self._first_t is not None else None
+        if self._status:
+            v["req_active_count"] = float(sum(int(s.get("active", 0)) for s in self._status.values()))
+        for key, name in (
+            ("req_batch_occupancy_ratio", "occupancy"),
+            ("req_seq_rep_4_ratio", "seq_rep_4"),
+            ("req_rep_32_ratio", "rep_32"),
+        ):
+            xs = [x for d in win if (x := getattr(d, name)) is not None]
+            v[key] = sum(xs) / len(xs) if xs else None
+        v["req_loop_ratio"] = sum(1 for d in win if d.loop) / len(win) if win else None
+        v["req_distinct_2_ratio"] = self._distinct.value
+        try:
+            v["chan_clients_count"] = float(len(self.channel.clients()))
+            st = self.channel.stats()
+            server_lost = int(st.get("malformed", 0)) + int(st.get("dropped", 0))
+        except Exception:
+            server_lost = 0
+        client_lost = self._dropped_gone + sum(int(s.get("dropped", 0)) for s in self._status.values())
+        v["chan_dropped_count"] = float(server_lost + client_lost)
+        v.update(self._alloc)
+        return v

@@ -1,0 +1,448 @@
+"""tuner.client in a separate process against a real ChannelServer (+ OutputProbe), as a user meets it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probes.output import OutputProbe
+from tests.cli import tuner_env
+from tuner.channel import ChannelServer
+from tuner.records import Event, Knobs
+
+
+def child(script: str, socket_path: str | None, **popen: Any) -> subprocess.Popen[str]:
+    env = tuner_env() if socket_path is None else tuner_env(TUNER_SOCKET=socket_path)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+class Collector:
+    """Samples an OutputProbe the way the sampler would, keeping every event."""
+
+    def __init__(self, server: ChannelServer, t0: float, **kw: Any) -> None:
+        self.probe = OutputProbe(server, t0=t0, **kw)
+        self.t0 = t0
+        self.events: list[Event] = []
+        self.values: dict[str, Any] = {}
+
+    def tick(self) -> list[Event]:
+        s = self.probe.sample(time.monotonic() - self.t0)
+        self.events.extend(s.events)
+        self.values = dict(s.values)
+        return list(s.events)
+
+    def of(self, kind: str) -> list[Event]:
+        self.tick()
+        return [e for e in self.events if e.kind == kind]
+
+
+@pytest.fixture
+def server() -> Iterator[ChannelServer]:
+    s = ChannelServer()
+    s.start()
+    yield s
+    s.close()
+
+
+REQUESTS = """
+import json, sys, time
+from tuner import client
+
+def seq_rep_4(s):  # the child's own measures, straight from the definitions
+    g = [tuple(s[i:i + 4]) for i in range(len(s) - 3)]
+    return 1 - len(set(g)) / len(g) if g else None
+
+def rep_32(s):
+    return sum(1 for i in range(len(s)) if s[i] in s[max(0, i - 32):i]) / len(s) if s else None
+
+def loop(s):
+    return any(s[e - k:e] == s[e - 2 * k:e - k] == s[e - 3 * k:e - 2 * k]
+               for e in range(1, len(s) + 1) for k in range(1, 9) if 3 * k <= e)
+
+c = client.connect()
+time.sleep(0.3)   # let the connection settle so nothing is dropped as 'no sidecar'
+out = []
+plans = [[1, 2, 3, 4, 5, 6, 7, 8], [5, 5, 5, 5, 9], [1, 2, 3, 1, 2, 3, 1, 2, 3, 4, 10, 11], [42], []]
+for i, toks in enumerate(plans):
+    t_req = time.monotonic()
+    with c.request(prompt_tokens=10 + i, batch_size=2, batch_capacity=4) as r:
+        time.sleep(0.02)
+        t_start = time.monotonic(); r.started()
+        stamps = []
+        for tok in toks:
+            time.sleep(0.01)
+            stamps.append(time.monotonic()); r.token(tok)
+    t_end = time.monotonic()
+    n = len(toks)
+    out.append({
+        "tokens": n, "prompt_tokens": 10 + i,
+        "queue": t_start - t_req,
+        "ttft": (stamps[0] - t_req) if stamps else None,
+        "tpot": ((stamps[-1] - stamps[0]) / (n - 1)) if n > 1 else None,
+        "e2e": t_end - t_req, "end": t_end,
+        "seq_rep_4": seq_rep_4(toks), "rep_32": rep_32(toks), "loop": loop(toks),
+    })
+c.close()
+print(json.dumps(out))
+"""
+
+
+def test_timings_and_repetition_match_what_the_child_measured(server: ChannelServer) -> None:
+    t0 = time.monotonic()
+    col = Collector(server, t0)
+    p = child(REQUESTS, server.path)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    mine = json.loads(out)
+    reqs = wait_for(lambda: (r := col.of("request")) and len(r) == len(mine) and r)
+    reqs.sort(key=lambda e: e.data["prompt_tokens"])
+    for e, m in zip(reqs, mine, strict=True):
+        d = e.data
+        assert d["pid"] == p.pid
+        assert d["tokens"] == m["tokens"] and d["prompt_tokens"] == m["prompt_tokens"]
+        tol = 0.003  # the client stamps inside the calls; the child right next to them
+        assert abs(d["queue_seconds"] - m["queue"]) < tol
+        assert abs(d["e2e_seconds"] - m["e2e"]) < tol
+        assert abs(e.t - (m["end"] - t0)) < tol  # trace time = the request's end - t0, across processes
+        if m["ttft"] is None:
+            assert d["ttft_seconds"] is None
+        else:
+            assert abs(d["ttft_seconds"] - m["ttft"]) < tol
+        if m["tpot"] is None:
+            assert d["tpot_seconds"] is None
+        else:
+            assert abs(d["tpot_seconds"] - m["tpot"]) < tol
+        assert d["batch_size"] == 2
+        assert (d["seq_rep_4"], d["rep_32"], d["loop"]) == (m["seq_rep_4"], m["rep_32"], m["loop"])
+    assert [e.data["loop"] for e in reqs] == [False, True, True, False, False]  # the plans exercise both
+    v = col.values
+    assert v["req_done_count"] == 5
+    assert v["req_batch_occupancy_ratio"] == pytest.approx(0.5)
+    assert v["req_loop_ratio"] == pytest.approx(2 / 5)
+    assert v["req_ttft_p50_seconds"] is not None and v["req_tokens_per_second"] > 0
+    connects = [e for e in col.events if e.kind == "client_connect"]
+    assert connects and connects[0].data == {"pid": p.pid, "uid": os.getuid()}
+    assert wait_for(lambda: col.of("client_disconnect"))
+
+
+def test_knobs_reach_the_child_and_tag_its_requests(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        import sys, time
+        from tuner import client
+        c = client.connect()
+        deadline = time.monotonic() + 10
+        while c.knobs.temperature != 0.35 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(c.knobs.temperature, c.knobs.batch_size, c.knobs.precision, flush=True)
+        with c.request(prompt_tokens=1) as r:
+            r.token([1, 2])
+        c.close()
+        """,
+        server.path,
+    )
+    wait_for(lambda: server.clients())
+    server.broadcast_knobs(Knobs(temperature=0.35, batch_size=6, precision="bf16"))
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert out.split() == ["0.35", "6", "bf16"]
+    (req,) = wait_for(lambda: col.of("request"))
+    assert req.data["temperature"] == 0.35 and req.data["precision"] == "bf16"
+    assert req.data["tokens"] == 2
+
+
+def test_knobs_set_before_the_client_connects_are_sent_on_connect(server: ChannelServer) -> None:
+    server.broadcast_knobs(Knobs(batch_size=3))
+    p = child(
+        """
+        import time
+        from tuner import client
+        c = client.connect()
+        deadline = time.monotonic() + 10
+        while c.knobs.batch_size is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(c.knobs.batch_size)
+        """,
+        server.path,
+    )
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert out.strip() == "3"
+
+
+COMMANDS = """
+import json, sys, time
+from tuner import client
+c = client.connect()
+cache = {i: bytes(1000) for i in range(100)}
+c.register_cache(cache)
+def precision(p):
+    if p == "int8":
+        raise RuntimeError("int8 needs bitsandbytes here")
+    return {"before": "fp32", "after": p}
+c.on_precision(precision)
+print("ready", flush=True)
+for line in sys.stdin:   # the test says when to poll: commands run on this (the inference) thread
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        c.poll()
+        time.sleep(0.01)
+        if line.strip() == "cleanup" and not cache:
+            break
+    print(json.dumps({"cache": len(cache), "precision": c.knobs.precision}), flush=True)
+c.close()
+"""
+
+
+def test_cleanup_and_precision_commands_round_trip(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(COMMANDS, server.path)
+    assert p.stdout is not None and p.stdin is not None
+    assert p.stdout.readline().strip() == "ready"
+    wait_for(lambda: server.clients())
+    cid = server.send_command("cleanup", {"steps": ["caches", "gc"]})
+    assert cid is not None
+    p.stdin.write("cleanup\n")
+    p.stdin.flush()
+    assert json.loads(p.stdout.readline())["cache"] == 0
+    (res,) = wait_for(lambda: col.of("command_result"))
+    assert res.data["id"] == cid and res.data["cmd"] == "cleanup" and res.data["ok"] is True
+    assert [s["step"] for s in res.data["result"]["steps"]] == ["caches", "gc"]
+    assert res.data["error"] is None
+
+    ok_id = server.send_command("precision", {"precision": "bf16"})
+    bad_id = server.send_command("precision", {"precision": "int8"})
+    p.stdin.write("precision\n")
+    p.stdin.flush()
+    assert json.loads(p.stdout.readline())["precision"] == "bf16"
+    results = wait_for(lambda: (r := col.of("command_result")) and len(r) == 3 and r)
+    by_id = {e.data["id"]: e.data for e in results}
+    assert by_id[ok_id]["ok"] is True and by_id[ok_id]["result"] == {"before": "fp32", "after": "bf16"}
+    assert by_id[bad_id]["ok"] is False and by_id[bad_id]["error"] == "int8 needs bitsandbytes here"
+    p.stdin.close()
+    p.wait(timeout=10)
+    assert p.returncode == 0
+
+
+def test_send_command_without_clients_returns_none(server: ChannelServer) -> None:
+    assert server.send_command("cleanup", {"steps": ["gc"]}) is None
+
+
+RESILIENT = """
+import json, os, sys, time
+from tuner import client
+c = client.connect()
+done = 0
+for i in int(sys.argv[1]) * [0]:
+    with c.request(prompt_tokens=5) as r:
+        r.token([1, 2, 3])
+    c.poll()
+    done += 1
+    time.sleep(0.02)
+c.close()
+print(json.dumps({"done": done}))
+"""
+
+
+def test_sidecar_gone_mid_run_then_a_new_one_on_the_same_path() -> None:
+    d = tempfile.mkdtemp(prefix="tuner-test-")
+    try:
+        first = ChannelServer(directory=d)
+        first.start()
+        p = subprocess.Popen(
+            [sys.executable, "-c", RESILIENT, "250"],  # ~5 s of requests
+            env=tuner_env(TUNER_SOCKET=first.path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        col1 = Collector(first, time.monotonic())
+        wait_for(lambda: col1.of("request"))
+        first.close()  # the sidecar disappears mid-run (socket file removed too)
+        assert not os.path.exists(first.path)
+        time.sleep(0.5)
+        second = ChannelServer(directory=d)  # a new sidecar on the same path
+        second.start()
+        col2 = Collector(second, time.monotonic())
+        try:
+            got = wait_for(lambda: col2.of("request"), timeout=10)
+            assert got[0].data["pid"] == p.pid
+            out, err = p.communicate(timeout=30)
+            assert p.returncode == 0, err
+            assert json.loads(out) == {"done": 250}
+            assert "Traceback" not in err
+            assert [e.data["pid"] for e in col2.of("client_connect")] == [p.pid]
+        finally:
+            second.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sidecar_sigkilled_the_child_finishes(tmp_path: Path) -> None:
+    """A real sidecar process SIGKILLed: the socket file stays behind, nobody answers; the child goes on."""
+    sidecar = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time\nfrom tuner.channel import ChannelServer\n"
+         "s=ChannelServer(directory=sys.argv[1]); s.start(); print('up', flush=True); time.sleep(60)", str(tmp_path)],
+        env=tuner_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sidecar.stdout is not None and sidecar.stdout.readline().strip() == "up"
+    p = subprocess.Popen(
+        [sys.executable, "-c", RESILIENT, "100"],
+        env=tuner_env(TUNER_SOCKET=str(tmp_path / "channel.sock")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.7)
+    sidecar.kill()
+    sidecar.wait()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert json.loads(out) == {"done": 100}
+
+
+def test_no_sidecar_no_op_client() -> None:
+    p = child(
+        """
+        import time
+        from tuner import client
+        c = client.connect()
+        t = time.monotonic()
+        with c.request(prompt_tokens=3) as r:
+            r.started(); r.token(1); r.token([2, 3]); r.text("hello world")
+        c.poll(); c.report_oom(4); c.report_memory(1, 2); c.register_cache({}); c.close()
+        print(type(c).__name__, c.connected, c.knobs.temperature)
+        """,
+        None,
+    )
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert out.split() == ["NullClient", "False", "None"]
+
+
+def test_socket_path_with_nobody_listening_is_a_working_disconnected_client(tmp_path: Path) -> None:
+    p = child(
+        """
+        from tuner import client
+        c = client.connect()
+        for i in range(50):
+            with c.request(prompt_tokens=3) as r:
+                r.token(1)
+        c.close()
+        print(type(c).__name__, c.connected)
+        """,
+        str(tmp_path / "nobody.sock"),
+    )
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert out.split() == ["Client", "False"]
+
+
+def test_forked_child_gets_its_own_connection(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        import os, time
+        from tuner import client
+        c = client.connect()
+        with c.request(prompt_tokens=1) as r:
+            r.token(1)
+        pid = os.fork()
+        if pid == 0:
+            c2 = client.connect()
+            assert c2 is c
+            with c.request(prompt_tokens=2) as r:
+                r.token([1, 2])
+            c.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        with c.request(prompt_tokens=3) as r:
+            r.token([1, 2, 3])
+        c.close()
+        print(pid)
+        """,
+        server.path,
+    )
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    grandchild = int(out)
+    reqs = wait_for(lambda: (r := col.of("request")) and len(r) == 3 and r)
+    pids = {e.data["prompt_tokens"]: e.data["pid"] for e in reqs}
+    assert pids == {1: p.pid, 2: grandchild, 3: p.pid}
+
+
+def test_text_streams_count_words_and_record_text_only_when_asked(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic(), record_text=True)
+    p = child(
+        """
+        import time
+        from tuner import client
+        c = client.connect()
+        time.sleep(0.3)  # the welcome (record_text) arrives on connect
+        with c.request(prompt_tokens=2) as r:
+            for chunk in ["Hello", " world", " the end the end the end", "\\n"]:
+                r.text(chunk)
+        c.close()
+        """,
+        server.path,
+    )
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    (req,) = wait_for(lambda: col.of("request"))
+    assert req.data["tokens"] == 1 + 1 + 6 + 1
+    assert req.data["text"] == "Hello world the end the end the end\n"
+    assert req.data["loop"] is True  # "the end" three times in a row
+
+
+def test_text_is_not_recorded_by_default(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        import time
+        from tuner import client
+        c = client.connect()
+        time.sleep(0.3)
+        with c.request(prompt_tokens=2) as r:
+            r.text("secret prompt answer")
+        c.close()
+        """,
+        server.path,
+    )
+    p.communicate(timeout=20)
+    (req,) = wait_for(lambda: col.of("request"))
+    assert "text" not in req.data and req.data["tokens"] == 3

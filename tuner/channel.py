@@ -1,0 +1,476 @@
+"""The sidecar's end of the channel to ``tuner.client``: a Unix socket, one background thread.
+
+Security: the socket lives in a private directory (0700, from ``tempfile.mkdtemp``) and is itself 0600;
+every connection's peer is checked with ``SO_PEERCRED`` and any uid other than ours is refused.
+
+Wire format (both directions): a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding
+one object ``{"v": 1, "type": ..., ...}``.  Never pickle.  A frame that is oversized
+(``> max_message_bytes``), not JSON, not an object, of another version, of an unknown type or with
+fields of the wrong type is dropped and counted (``stats()["malformed"]``), and *that* connection is
+closed; everybody else goes on being served.
+
+Client -> sidecar types: ``hello``, ``request``, ``status``, ``oom``, ``alloc``, ``command_result``
+(see ``tuner.client``).  Sidecar -> client: ``welcome`` (options such as ``record_text``), ``knobs``,
+``command``.  Each message ``drain()`` returns is stamped with the sender's ``pid`` (from
+``SO_PEERCRED``, not from the client's word) and a connection number ``conn``; connections opening and
+closing appear as ``client_connect`` / ``client_disconnect`` messages (types no client may send).
+
+Memory is bounded everywhere: the inbound queue (count and bytes; the oldest message is dropped and
+counted when full), each connection's input (one frame at most) and output buffer (a message that
+does not fit is dropped and counted), the number of connections.  A flooding client is read at most
+64 KiB per turn, so it cannot starve the others; what it sends faster than that waits in the kernel and,
+in the end, in its own bounded queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from tuner.records import Knobs
+
+VERSION = 1
+HEADER = struct.Struct(">I")
+READ_CHUNK = 64 * 1024
+MAX_CLIENTS = 256
+OUT_BUFFER_BYTES = 1 << 20
+QUEUE_MESSAGES = 20_000
+QUEUE_BYTES = 32 << 20
+EVENTS_KEPT = 1024
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+_LIST = (list,)
+# type -> {field: allowed python types}; listed fields are optional unless in _REQUIRED.
+_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "hello": {"pid": (int,), "client": _OPT_STR, "python": _OPT_STR},
+    "request": {
+        "id": (int, str),
+        "prompt_tokens": (int, type(None)),
+        "tokens": (int,),
+        "created": _NUM,
+        "end": _NUM,
+        "queue_seconds": _OPT_NUM,
+        "ttft_seconds": _OPT_NUM,
+        "tpot_seconds": _OPT_NUM,
+        "e2e_seconds": _OPT_NUM,
+        "tokens_per_second": _OPT_NUM,
+        "ids": _LIST,
+        "batch_size": (int, type(None)),
+        "batch_capacity": (int, type(None)),
+        "temperature": _OPT_NUM,
+        "precision": _OPT_STR,
+        "text": _OPT_STR,
+    },
+    "status": {"active": (int,), "dropped": (int,), "failed": (int,), "sent": (int,)},
+    "oom": {"batch_size": (int, type(None))},
+    "alloc": {"allocated_bytes": _OPT_NUM, "reserved_bytes": _OPT_NUM},
+    "command_result": {"id": (str,), "cmd": (str,), "ok": (bool,), "result": (dict, type(None)), "error": _OPT_STR},
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "hello": ("pid",),
+    "request": ("tokens", "created", "end"),
+    "status": ("active", "dropped"),
+    "oom": (),
+    "alloc": (),
+    "command_result": ("id", "cmd", "ok"),
+}
+
+
+class MessageError(ValueError):
+    """A frame that breaks the protocol (the connection that sent it gets closed)."""
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One frame: length prefix + compact UTF-8 JSON (``v`` added when missing)."""
+    if "v" not in msg:
+        msg = {"v": VERSION, **msg}
+    body = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+    return HEADER.pack(len(body)) + body
+
+
+def validate(body: bytes) -> dict[str, Any]:
+    """Parse and check one client frame's body; raise ``MessageError`` saying what is wrong."""
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise MessageError("not a JSON object")
+    if msg.get("v") != VERSION:
+        raise MessageError(f"unsupported version {msg.get('v')!r}")
+    kind = msg.get("type")
+    schema = _SCHEMA.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise MessageError(f"unknown type {kind!r}")
+    for name in _REQUIRED[kind]:  # type: ignore[index]
+        if name not in msg:
+            raise MessageError(f"{kind}: missing {name}")
+    for name, types in schema.items():
+        if name in msg:
+            value = msg[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise MessageError(f"{kind}: bad {name}")
+            if isinstance(value, float) and value != value:
+                raise MessageError(f"{kind}: NaN {name}")
+    if kind == "request" and "ids" in msg:
+        ids = msg["ids"]
+        if not all(type(i) is int for i in ids):
+            raise MessageError("request: ids must be integers")
+    return msg
+
+
+def peer_allowed(uid: int, my_uid: int) -> bool:
+    """Only the sidecar's own user may talk to it (not even root, when the sidecar is not root)."""
+    return uid == my_uid
+
+
+PeerCred = Callable[[socket.socket], tuple[int, int, int]]
+
+
+def so_peercred(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of a connected Unix-socket peer, as the kernel recorded them at connect."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class _Conn:
+    __slots__ = ("closed", "connected_at", "inbuf", "n", "outbuf", "pid", "sock", "uid", "want_write")
+
+    def __init__(self, sock: socket.socket, n: int, pid: int, uid: int) -> None:
+        self.sock = sock
+        self.n = n
+        self.pid = pid
+        self.uid = uid
+        self.connected_at = time.monotonic()
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.want_write = False
+        self.closed = False
+
+
+class ChannelServer:
+    """The Unix-socket server the inference's ``tuner.client`` connects to (path goes in ``TUNER_SOCKET``)."""
+
+    def __init__(
+        self,
+        directory: str | None = None,
+        max_message_bytes: int = 1 << 20,
+        *,
+        peer_cred: PeerCred | None = None,
+        queue_messages: int = QUEUE_MESSAGES,
+        queue_bytes: int = QUEUE_BYTES,
+        out_buffer_bytes: int = OUT_BUFFER_BYTES,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._peer_cred = peer_cred or so_peercred
+        self._queue_messages = queue_messages
+        self._queue_bytes = queue_bytes
+        self._out_cap = out_buffer_bytes
+        self._max_clients = max_clients
+        self._my_uid = os.getuid()
+        self._own_dir = directory is None
+        self.directory = tempfile.mkdtemp(prefix="tuner-") if directory is None else directory
+        self.path = os.path.join(self.directory, "channel.sock")
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[float, dict[str, Any], int]] = deque()
+        self._queued_bytes = 0
+        self._events: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
+        self._conns: dict[int, _Conn] = {}
+        self._next_conn = 0
+        self._welcome: dict[str, Any] = {}
+        self._knobs_frame: bytes | None = None
+        self._counts = {"malformed": 0, "rejected_peers": 0, "received": 0, "dropped": 0, "out_dropped": 0,
+                        "refused_full": 0, "connections": 0}
+        self._sel = selectors.DefaultSelector()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            old = os.umask(0o177)  # the socket is born 0600: no window in which others may connect
+            try:
+                self._listener.bind(self.path)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            self._listener.listen(64)
+            self._listener.setblocking(False)
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        except BaseException:
+            self._listener.close()
+            if self._own_dir:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    # -- public API (any thread) --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tuner-channel", daemon=True)
+            self._thread.start()
+
+    def drain(self) -> list[tuple[float, dict[str, Any]]]:
+        """Everything received since the last call, oldest first: ``(monotonic arrival, message)``."""
+        with self._lock:
+            out = [(t, m) for t, m, _ in self._queue]
+            self._queue.clear()
+            self._queued_bytes = 0
+            events = list(self._events)
+            self._events.clear()
+        if events:
+            out = sorted(events + out, key=lambda x: x[0])
+        return out
+
+    def set_welcome(self, **options: Any) -> None:
+        """Options every client is told on connect (e.g. ``record_text=True``); sent to current ones too."""
+        with self._lock:
+            self._welcome.update(options)
+            frame = encode({"type": "welcome", **self._welcome})
+            for c in self._conns.values():
+                self._queue_out(c, frame)
+        self._wake()
+
+    def broadcast_knobs(self, knobs: Knobs) -> None:
+        """Push the knobs to every client (and to clients that connect later)."""
+        frame = encode({"type": "knobs", **knobs.as_dict()})
+        with self._lock:
+            self._knobs_frame = frame
+            for c in self._conns.values():
+                self._queue_out(c, frame)
+        self._wake()
+
+    def send_command(self, cmd: str, args: dict[str, Any]) -> str | None:
+        """Ask every connected client to run ``cmd``; the id comes back in their ``command_result``."""
+        cid = uuid.uuid4().hex[:12]
+        frame = encode({"type": "command", "id": cid, "cmd": cmd, "args": args})
+        sent = False
+        with self._lock:
+            for c in self._conns.values():
+                sent = self._queue_out(c, frame) or sent
+        if not sent:
+            return None
+        self._wake()
+        return cid
+
+    def clients(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"pid": c.pid, "uid": c.uid, "connected_at": c.connected_at, "conn": c.n}
+                    for c in self._conns.values()]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._counts, "clients": len(self._conns), "queued": len(self._queue)}
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        with self._lock:
+            for c in list(self._conns.values()):
+                self._drop_conn(c, event=False)
+        for s in (self._listener, self._wake_r, self._wake_w):
+            with contextlib.suppress(Exception):
+                self._sel.unregister(s)
+            s.close()
+        self._sel.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        if self._own_dir:  # the session may have put its observer socket here too: it is closing as well
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> ChannelServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals (lock held where noted) ----------------------------------------------------------
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _queue_out(self, c: _Conn, frame: bytes) -> bool:
+        """Lock held.  Append a frame to a connection's output; drop and count it when the buffer is full."""
+        if c.closed:
+            return False
+        if len(c.outbuf) + len(frame) > self._out_cap:
+            self._counts["out_dropped"] += 1
+            return False
+        c.outbuf += frame
+        return True
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                ready = self._sel.select(timeout=0.5)
+            except OSError:
+                if self._stop:
+                    return
+                raise
+            for key, mask in ready:
+                if self._stop:
+                    return
+                try:
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        with contextlib.suppress(OSError):
+                            while self._wake_r.recv(4096):
+                                pass
+                    else:
+                        conn: _Conn = key.data
+                        if mask & selectors.EVENT_READ:
+                            self._read(conn)
+                        if mask & selectors.EVENT_WRITE and not conn.closed:
+                            with self._lock:
+                                self._flush(conn)
+                except Exception:  # one bad connection must never stop the server
+                    if isinstance(key.data, _Conn):
+                        with self._lock:
+                            self._drop_conn(key.data)
+            with self._lock:
+                for c in list(self._conns.values()):
+                    if c.outbuf and not c.want_write:
+                        self._flush(c)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and friends: the pending peer waits in the backlog
+            try:
+                pid, uid, _gid = self._peer_cred(sock)
+            except OSError:
+                pid, uid = -1, -1
+            with self._lock:
+                if not peer_allowed(uid, self._my_uid):
+                    self._counts["rejected_peers"] += 1
+                    sock.close()
+                    continue
+                if len(self._conns) >= self._max_clients:
+                    self._counts["refused_full"] += 1
+                    sock.close()
+                    continue
+                sock.setblocking(False)
+                self._next_conn += 1
+                c = _Conn(sock, self._next_conn, pid, uid)
+                self._conns[c.n] = c
+                self._counts["connections"] += 1
+                if self._welcome:
+                    self._queue_out(c, encode({"type": "welcome", **self._welcome}))
+                if self._knobs_frame is not None:
+                    self._queue_out(c, self._knobs_frame)
+                self._events.append(
+                    (c.connected_at, {"v": VERSION, "type": "client_connect", "pid": pid, "uid": uid, "conn": c.n})
+                )
+            self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _read(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            with self._lock:
+                self._drop_conn(c)
+            return
+        buf = c.inbuf
+        buf += data
+        now = time.monotonic()
+        good: list[tuple[dict[str, Any], int]] = []
+        bad = False
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > self.max_message_bytes:
+                bad = True
+                break
+            if len(buf) - pos - 4 < size:
+                break
+            body = bytes(buf[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+            try:
+                msg = validate(body)
+            except MessageError:
+                bad = True
+                break
+            msg["pid"] = c.pid
+            msg["conn"] = c.n
+            good.append((msg, size))
+        del buf[:pos]
+        with self._lock:
+            q = self._queue
+            for msg, size in good:
+                self._counts["received"] += 1
+                q.append((now, msg, size))
+                self._queued_bytes += size
+                while len(q) > self._queue_messages or self._queued_bytes > self._queue_bytes:
+                    _, _, old = q.popleft()
+                    self._queued_bytes -= old
+                    self._counts["dropped"] += 1
+            if bad:
+                self._counts["malformed"] += 1
+                self._drop_conn(c)
+
+    def _flush(self, c: _Conn) -> None:
+        """Lock held.  Write what the socket takes now; watch for writability while anything is left."""
+        if c.closed:
+            return
+        if c.outbuf:
+            try:
+                n = c.sock.send(c.outbuf)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self._drop_conn(c)
+                return
+            del c.outbuf[:n]
+        want = bool(c.outbuf)
+        if want != c.want_write:
+            c.want_write = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.modify(c.sock, events, c)
+
+    def _drop_conn(self, c: _Conn, *, event: bool = True) -> None:
+        """Lock held."""
+        if c.closed:
+            return
+        c.closed = True
+        self._conns.pop(c.n, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._sel.unregister(c.sock)
+        c.sock.close()
+        c.inbuf = bytearray()
+        c.outbuf = bytearray()
+        if event:
+            self._events.append(
+                (time.monotonic(), {"v": VERSION, "type": "client_disconnect", "pid": c.pid, "uid": c.uid, "conn": c.n})
+            )

@@ -1,0 +1,748 @@
+"""``tuner.client``: the few calls an inference process makes so the sidecar sees its requests.
+
+```python
+from tuner import client
+c = client.connect()                 # a no-op client when TUNER_SOCKET is unset
+with c.request(prompt_tokens=n) as r:
+    r.started()                      # optional: decoding began (queue time ends here)
+    for ids in decode():
+        r.token(ids)                 # an int or a list of ints; ~0.3 us, never blocks
+c.poll()                             # between batches: runs commands the sidecar sent (on this thread)
+```
+
+What is timed (``time.monotonic()``, in this process):
+
+- ``queue_seconds`` = ``started()`` - ``request()`` (0 when ``started()`` is never called);
+- ``ttft_seconds`` = first ``token()``/``text()`` - ``request()`` (what the user waits, queue included);
+- ``tpot_seconds`` = (last token call - first token call) / (tokens - tokens of the first call);
+- ``e2e_seconds`` = end of the ``with`` block - ``request()``;
+- ``tokens_per_second`` = tokens / (end - ``started()``).
+
+A request whose ``with`` body raises is not reported (it is counted as ``failed``).
+
+Design — the inference comes first:
+
+- The hot path (``r.token``) touches only the request object: one ``time.monotonic()`` (vDSO, no
+  syscall) and a ``list.append``.  No lock, no I/O.  The finished request goes, as one item, onto a
+  bounded ``deque``; when it is full the oldest is dropped and counted.
+- A daemon sender thread does everything else: connects (and reconnects with back-off when the sidecar
+  goes away, so a new sidecar on the same path is picked up), encodes, sends without blocking, receives
+  knobs and commands.  The token ids go to the sidecar, which computes the repetition measures there:
+  encoding ids costs the inference process ~0.03 us a token, computing seq-rep-4/rep-32/loop here would
+  cost ~0.4 us a token of this process's GIL (see tests/bench/test_bench_client.py).
+- Knobs arrive as a new frozen ``Knobs`` object swapped into ``c.knobs`` (one atomic assignment).
+- Commands (``precision``, ``cleanup``) run on the inference's own thread inside ``poll()``; their
+  result goes back as ``command_result``.
+- Nothing here raises into the caller; after ``os.fork()`` the child gets a fresh, reconnecting client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import selectors
+import socket
+import struct
+import sys
+import threading
+import time
+import weakref
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tuner.records import Knobs
+
+__all__ = ["Client", "NullClient", "Request", "connect"]
+
+VERSION = 1
+_HEADER = struct.Struct(">I")
+QUEUE_REQUESTS = 4096
+CONTROL_KEPT = 256
+MAX_IDS = 65536
+OUT_BUFFER_BYTES = 4 << 20
+POLL_S = 0.05
+STATUS_EVERY_S = 1.0
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 2.0
+MAX_FRAME = 1 << 20
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+_monotonic = time.monotonic
+
+
+class Request:
+    """One request's timing and tokens.  Use as a context manager from ``Client.request``."""
+
+    __slots__ = (
+        "_client",
+        "batch_capacity",
+        "batch_size",
+        "created",
+        "first",
+        "id",
+        "ids",
+        "last",
+        "n_first",
+        "precision",
+        "prompt_tokens",
+        "t_started",
+        "temperature",
+        "texts",
+    )
+
+    def __init__(
+        self,
+        client: Client,
+        rid: int,
+        prompt_tokens: int | None,
+        batch_size: int | None,
+        batch_capacity: int | None,
+        temperature: float | None,
+        precision: str | None,
+    ) -> None:
+        self._client = client
+        self.id = rid
+        self.prompt_tokens = prompt_tokens
+        self.batch_size = batch_size
+        self.batch_capacity = batch_capacity
+        self.temperature = temperature
+        self.precision = precision
+        self.ids: list[Any] = []
+        self.texts: list[str] | None = [] if client._record_text else None
+        self.first: float | None = None
+        self.last = 0.0
+        self.n_first = 0
+        self.t_started: float | None = None
+        self.created = _monotonic()
+
+    def started(self) -> None:
+        """Mark the moment decoding began for this request (ends its queue time)."""
+        self.t_started = _monotonic()
+
+    def token(self, ids: Any) -> None:
+        """One generated token id, or several (a list, tuple, numpy array or tensor)."""
+        now = _monotonic()
+        if type(ids) is int:
+            self.ids.append(ids)
+        else:
+            self._many(ids)
+        if self.first is None:
+            self.first = now
+            self.n_first = len(self.ids)
+        self.last = now
+
+    def _many(self, ids: Any) -> None:
+        try:
+            tolist = getattr(ids, "tolist", None)
+            if tolist is not None:
+                ids = tolist()
+            if isinstance(ids, (list, tuple)):
+                self.ids.extend(ids)
+            else:
+                self.ids.append(ids)
+        except Exception:
+            self.ids.append(0)
+
+    def text(self, chunk: str) -> None:
+        """A streamed text chunk (proxy streams): each whitespace-separated word counts as one token, a
+        non-empty chunk without any word (``"\\n"``) as one; words are identified by CRC-32 for the
+        repetition measures."""
+        now = _monotonic()
+        if not chunk:
+            return
+        try:
+            words = chunk.split()
+            if words:
+                self.ids.extend([zlib.crc32(w.encode("utf-8", "replace")) for w in words])
+            else:
+                self.ids.append(zlib.crc32(chunk.encode("utf-8", "replace")))
+            if self.texts is not None:
+                self.texts.append(chunk)
+        except Exception:
+            return
+        if self.first is None:
+            self.first = now
+            self.n_first = len(self.ids)
+        self.last = now
+
+    def __enter__(self) -> Request:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        end = _monotonic()
+        c = self._client
+        c._active -= 1
+        if exc_type is not None:
+            c._failed += 1
+            return
+        q = c._queue
+        if len(q) >= QUEUE_REQUESTS:
+            c._dropped += 1
+        q.append((self, end))
+
+
+class _NullRequest:
+    __slots__ = ()
+
+    def started(self) -> None:
+        pass
+
+    def token(self, ids: Any) -> None:
+        pass
+
+    def text(self, chunk: str) -> None:
+        pass
+
+    def __enter__(self) -> _NullRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL_REQUEST = _NullRequest()
+
+
+class NullClient:
+    """What ``connect()`` returns without a sidecar: every call is accepted and does nothing."""
+
+    connected = False
+
+    def __init__(self) -> None:
+        self.knobs = Knobs()
+
+    def request(self, prompt_tokens: int | None = None, **_: Any) -> Any:
+        return _NULL_REQUEST
+
+    def on_precision(self, fn: Callable[[str], dict[str, Any]]) -> None:
+        pass
+
+    def on_cleanup(self, fn: Callable[[list[str]], dict[str, Any]]) -> None:
+        pass
+
+    def register_cache(self, obj: object) -> None:
+        pass
+
+    def report_oom(self, batch_size: int | None = None) -> None:
+        pass
+
+    def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+class Client:
+    """Talks to the sidecar at ``path``; keeps working (as a no-op) whenever the sidecar is not there."""
+
+    def __init__(self, path: str, *, start: bool = True) -> None:
+        self.path = path
+        self.knobs = Knobs()
+        self._precision_fn: Callable[[str], dict[str, Any]] | None = None
+        self._cleanup_fn: Callable[[list[str]], dict[str, Any]] | None = None
+        self._caches: list[object] = []
+        self._closing = False
+        self._start = start
+        self._last_alloc = 0.0
+        self._thread: threading.Thread | None = None
+        self._init_state()
+        _clients.add(self)
+        if start:
+            self._thread = threading.Thread(target=self._sender, name="tuner-client", daemon=True)
+            self._thread.start()
+
+    def _init_state(self) -> None:
+        """Everything the sender thread owns or shares; rebuilt in a forked child."""
+        self._queue: deque[tuple[Request, float]] = deque(maxlen=QUEUE_REQUESTS)
+        self._control: deque[dict[str, Any]] = deque(maxlen=CONTROL_KEPT)
+        self._commands: deque[dict[str, Any]] = deque(maxlen=CONTROL_KEPT)
+        self._ids = iter(range(1, 1 << 62)).__next__
+        self._active = 0
+        self._failed = 0
+        self._dropped = 0
+        self._sent = 0
+        self._record_text = False
+        self._sock: socket.socket | None = None
+        self._wake = threading.Event()
+        self._thread = None
+        self._pid = os.getpid()
+
+    # -- the inference thread ---------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def request(
+        self,
+        prompt_tokens: int | None = None,
+        *,
+        batch_size: int | None = None,
+        batch_capacity: int | None = None,
+        temperature: float | None = None,
+        precision: str | None = None,
+    ) -> Request:
+        """Start timing a request.  ``batch_size``: sequences in the batch it runs in; ``batch_capacity``:
+        the batch size limit in force (default the ``batch_size`` knob); temperature/precision default to
+        the knobs."""
+        if self._thread is None and self._start and not self._closing:
+            self._restart_thread()
+        k = self.knobs
+        self._active += 1
+        return Request(
+            self,
+            self._ids(),
+            prompt_tokens,
+            batch_size,
+            batch_capacity if batch_capacity is not None else k.batch_size,
+            temperature if temperature is not None else k.temperature,
+            precision if precision is not None else k.precision,
+        )
+
+    def on_precision(self, fn: Callable[[str], dict[str, Any]]) -> None:
+        """``fn(precision) -> dict`` switches the model; raise to refuse (the reason is ``str(exc)``)."""
+        self._precision_fn = fn
+
+    def on_cleanup(self, fn: Callable[[list[str]], dict[str, Any]]) -> None:
+        """``fn(steps) -> dict`` replaces the default cleanup (``tuner.integrations.cleanup.run_cleanup``)."""
+        self._cleanup_fn = fn
+
+    def register_cache(self, obj: object) -> None:
+        """A cache (``obj.clear()``) the cleanup policy may empty.  Held by a strong reference."""
+        self._caches.append(obj)
+
+    def report_oom(self, batch_size: int | None = None) -> None:
+        self._control.append({"type": "oom", "batch_size": _opt_int(batch_size)})
+
+    def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None) -> None:
+        self._control.append(
+            {"type": "alloc", "allocated_bytes": _opt_int(allocated_bytes), "reserved_bytes": _opt_int(reserved_bytes)}
+        )
+
+    def poll(self) -> None:
+        """Run pending commands on this thread; report the framework allocator (CUDA) at most once a second."""
+        if self._commands:
+            self._run_commands()
+        if "torch" in sys.modules:
+            now = _monotonic()
+            if now - self._last_alloc >= 1.0:
+                self._last_alloc = now
+                self._report_torch_memory()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Send what is queued (for up to ``timeout`` s) and disconnect."""
+        if self._closing:
+            return
+        self._closing = True
+        t = self._thread
+        if t is not None and t.is_alive() and t is not threading.current_thread():
+            self._wake.set()
+            t.join(timeout)
+        with contextlib.suppress(Exception):
+            if self._sock is not None:
+                self._sock.close()
+        self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands (inference thread) ------------------------------------------------------------------
+    def _run_commands(self) -> None:
+        while self._commands:
+            try:
+                msg = self._commands.popleft()
+            except IndexError:
+                return
+            cmd = str(msg.get("cmd"))
+            raw = msg.get("args")
+            args: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            ok, result, error = False, None, None
+            try:
+                if cmd == "precision":
+                    result, error = self._do_precision(args)
+                elif cmd == "cleanup":
+                    result = self._do_cleanup(args)
+                else:
+                    error = f"unknown command {cmd!r}"
+                ok = error is None
+            except Exception as exc:
+                error = str(exc) or type(exc).__name__
+            if result is not None and not isinstance(result, dict):
+                result = {"value": repr(result)}
+            self._control.append(
+                {"type": "command_result", "id": str(msg.get("id")), "cmd": cmd, "ok": ok,
+                 "result": _jsonable(result) if result is not None else None, "error": error}
+            )
+            self._wake.set()
+
+    def _do_precision(self, args: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        precision = args.get("precision")
+        if precision not in PRECISIONS:
+            return None, f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})"
+        if self._precision_fn is None:
+            return None, "no precision handler registered (c.on_precision)"
+        result = self._precision_fn(precision)
+        self.knobs = _replace_knobs(self.knobs, precision=precision)
+        return (result if isinstance(result, dict) else {}), None
+
+    def _do_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+        raw = args.get("steps")
+        steps = [str(s) for s in raw] if isinstance(raw, list) else ["caches", "gc", "empty_cache", "malloc_trim"]
+        if self._cleanup_fn is not None:
+            out = self._cleanup_fn(steps)
+            return out if isinstance(out, dict) else {}
+        return default_cleanup(steps, self._caches)
+
+    def _report_torch_memory(self) -> None:
+        try:
+            torch = sys.modules["torch"]
+            cuda = torch.cuda
+            if cuda.is_available() and cuda.is_initialized():
+                self.report_memory(int(cuda.memory_allocated()), int(cuda.memory_reserved()))
+        except Exception:
+            pass
+
+    # -- fork ------------------------------------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        sock = self._sock
+        self._init_state()  # new queues, no socket, no thread: started again by the next request()
+        if sock is not None:
+            with contextlib.suppress(Exception):
+                os.close(sock.detach())  # the parent's connection stays the parent's: no shutdown() here
+
+    def _restart_thread(self) -> None:
+        self._thread = threading.Thread(target=self._sender, name="tuner-client", daemon=True)
+        self._thread.start()
+
+    # -- the sender thread -----------------------------------------------------------------------------
+    def _sender(self) -> None:
+        backoff = BACKOFF_MIN_S
+        next_try = 0.0
+        while True:
+            try:
+                if self._sock is None:
+                    if self._closing:
+                        return
+                    now = _monotonic()
+                    if now >= next_try:
+                        if self._connect():
+                            backoff = BACKOFF_MIN_S
+                            continue
+                        next_try = now + backoff
+                        backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    self._discard_queued()
+                    self._wake.wait(min(POLL_S * 2, max(0.0, next_try - _monotonic())))
+                    self._wake.clear()
+                    continue
+                if not self._serve():
+                    return
+            except Exception:  # the client must outlive anything: drop the connection and retry
+                self._disconnect()
+
+    def _connect(self) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(self.path)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            return False
+        self._sock = s
+        hello = {"type": "hello", "pid": os.getpid(), "client": "tuner.client", "python": sys.version.split()[0]}
+        self._out = bytearray(_frame(hello))
+        self._in = bytearray()
+        return True
+
+    def _disconnect(self) -> None:
+        s, self._sock = self._sock, None
+        if s is not None:
+            with contextlib.suppress(Exception):
+                s.close()
+
+    def _discard_queued(self) -> None:
+        """No sidecar: what was queued cannot be delivered; count it as dropped."""
+        n = len(self._queue)
+        for _ in range(n):
+            try:
+                self._queue.popleft()
+            except IndexError:
+                break
+            self._dropped += 1
+        self._control.clear()
+
+    def _serve(self) -> bool:
+        """One connected session; returns False when the client is closing (after a last flush)."""
+        sock = self._sock
+        assert sock is not None
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ)
+        last_status = 0.0
+        try:
+            while self._sock is sock:
+                closing = self._closing
+                self._fill_out()
+                now = _monotonic()
+                if now - last_status >= STATUS_EVERY_S or closing:
+                    last_status = now
+                    self._put(
+                        {"type": "status", "active": max(0, self._active), "dropped": self._dropped,
+                         "failed": self._failed, "sent": self._sent}
+                    )
+                if self._out:
+                    try:
+                        n = sock.send(self._out)
+                        del self._out[:n]
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                if closing:
+                    deadline = _monotonic() + 1.0
+                    while (self._out or self._queue) and _monotonic() < deadline:
+                        self._fill_out()
+                        sock.setblocking(True)
+                        sock.settimeout(max(0.01, deadline - _monotonic()))
+                        n = sock.send(self._out)
+                        del self._out[:n]
+                    return False
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
+                sel.modify(sock, events)
+                for _key, mask in sel.select(POLL_S):
+                    if mask & selectors.EVENT_READ:
+                        try:
+                            data = sock.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        if not data:
+                            raise ConnectionResetError("sidecar closed the channel")
+                        self._in += data
+                        self._parse()
+        finally:
+            sel.close()
+        return True
+
+    def _put(self, msg: dict[str, Any]) -> bool:
+        frame = _frame(msg)
+        if len(self._out) + len(frame) > OUT_BUFFER_BYTES:
+            return False
+        self._out += frame
+        return True
+
+    def _fill_out(self) -> None:
+        while self._control and len(self._out) < OUT_BUFFER_BYTES:
+            msg = self._control.popleft()
+            self._put(msg)
+        q = self._queue
+        while q and len(self._out) < OUT_BUFFER_BYTES:
+            try:
+                req, end = q.popleft()
+            except IndexError:
+                break
+            if self._put(self._request_message(req, end)):
+                self._sent += 1
+            else:
+                self._dropped += 1
+
+    def _request_message(self, r: Request, end: float) -> dict[str, Any]:
+        ids = r.ids
+        n = len(ids)
+        started = r.t_started if r.t_started is not None else r.created
+        first = r.first
+        span = end - started
+        msg: dict[str, Any] = {
+            "type": "request",
+            "id": r.id,
+            "prompt_tokens": _opt_int(r.prompt_tokens),
+            "tokens": n,
+            "created": r.created,
+            "end": end,
+            "queue_seconds": started - r.created,
+            "ttft_seconds": (first - r.created) if first is not None else None,
+            "tpot_seconds": ((r.last - first) / (n - r.n_first)) if first is not None and n > r.n_first else None,
+            "e2e_seconds": end - r.created,
+            "tokens_per_second": (n / span) if span > 0 and n else None,
+            "ids": _int_ids(ids[:MAX_IDS]),
+            "batch_size": _opt_int(r.batch_size),
+            "batch_capacity": _opt_int(r.batch_capacity),
+            "temperature": _opt_float(r.temperature),
+            "precision": r.precision if isinstance(r.precision, str) else None,
+        }
+        if r.texts is not None:
+            msg["text"] = "".join(r.texts)[:200_000]
+        return msg
+
+    def _parse(self) -> None:
+        buf = self._in
+        pos = 0
+        while len(buf) - pos >= 4:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if size > MAX_FRAME:
+                raise ConnectionResetError("oversized frame from the sidecar")
+            if len(buf) - pos - 4 < size:
+                break
+            body = bytes(buf[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+            try:
+                msg = json.loads(body)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("v") == VERSION:
+                self._handle(msg)
+        del buf[:pos]
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "knobs":
+            self.knobs = _knobs_from(msg, self.knobs)
+        elif kind == "command":
+            self._commands.append(msg)
+        elif kind == "welcome":
+            self._record_text = bool(msg.get("record_text", False))
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _frame(msg: dict[str, Any]) -> bytes:
+    body = json.dumps({"v": VERSION, **msg}, separators=(",", ":"), default=str).encode()
+    return _HEADER.pack(len(body)) + body
+
+
+def _opt_int(x: Any) -> int | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        return int(x)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _opt_float(x: Any) -> float | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and f not in (float("inf"), float("-inf")) else None
+
+
+def _int_ids(ids: list[Any]) -> list[int]:
+    out: list[int] = []
+    for x in ids:
+        if type(x) is int:
+            out.append(x)
+        else:
+            try:
+                out.append(int(x))
+            except (TypeError, ValueError, OverflowError):
+                out.append(hash(x) & 0x7FFFFFFF)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        return json.loads(json.dumps(obj, default=str, allow_nan=False))
+    except (TypeError, ValueError):
+        return {"value": repr(obj)}
+
+
+def _replace_knobs(k: Knobs, **changes: Any) -> Knobs:
+    d = k.as_dict()
+    d.update(changes)
+    return Knobs(**d)
+
+
+def _knobs_from(msg: dict[str, Any], old: Knobs) -> Knobs:
+    """A knobs message -> a new ``Knobs``; a value of the wrong type keeps the old one."""
+    t = _opt_float(msg.get("temperature"))
+    rp = _opt_float(msg.get("repetition_penalty"))
+    bs = msg.get("batch_size")
+    p = msg.get("precision")
+    return Knobs(
+        temperature=t if t is None or t >= 0 else old.temperature,
+        repetition_penalty=rp if rp is None or rp > 0 else old.repetition_penalty,
+        batch_size=bs if bs is None or (type(bs) is int and bs >= 1) else old.batch_size,
+        precision=p if p is None or p in PRECISIONS else old.precision,
+    )
+
+
+def default_cleanup(steps: Sequence[str], caches: Sequence[object]) -> dict[str, Any]:
+    """``tuner.integrations.cleanup.run_cleanup`` when it can be imported; else caches + ``gc.collect()``."""
+    try:
+        from tuner.integrations import cleanup
+    except Exception:
+        cleanup = None  # type: ignore[assignment]
+    if cleanup is not None:
+        result: dict[str, Any] = cleanup.run_cleanup(list(steps), list(caches))
+        return result
+    done: list[dict[str, Any]] = []
+    for step in steps:
+        t = _monotonic()
+        if step == "caches":
+            for cache in caches:
+                with contextlib.suppress(Exception):
+                    cache.clear()  # type: ignore[attr-defined]
+        elif step == "gc":
+            gc.collect()
+        else:
+            continue
+        done.append({"step": step, "reclaimed_bytes": None, "seconds": _monotonic() - t})
+    return {"steps": done, "reclaimed_bytes": None, "rss_before_bytes": None, "rss_after_bytes": None}
+
+
+# -- the process-wide client ------------------------------------------------------------------------
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def connect(path: str | None = None) -> Client | NullClient:
+    """The process's client for ``path`` (default ``$TUNER_SOCKET``); a ``NullClient`` when there is none.
+
+    A client whose sidecar is absent still works (every call is cheap and does nothing useful) and keeps
+    trying to connect in the background, so a sidecar started later, or restarted, is picked up.
+    """
+    global _default
+    path = path or os.environ.get("TUNER_SOCKET")
+    if not path:
+        return NullClient()
+    with _default_lock:
+        if _default is not None and _default.path == path and not _default._closing:
+            return _default
+        try:
+            _default = Client(path)
+        except Exception:
+            return NullClient()
+        return _default
+
+
+def _after_fork() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for c in list(_clients):
+        with contextlib.suppress(Exception):
+            c._after_fork_in_child()
+
+
+def _at_exit() -> None:
+    for c in list(_clients):
+        with contextlib.suppress(Exception):
+            if c._pid == os.getpid():
+                c.close(timeout=1.0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+import atexit  # noqa: E402
+
+atexit.register(_at_exit)
