@@ -172,8 +172,13 @@ class OutputProbe:
             return Event(
                 t_arrived,
                 "command_result",
-                {"id": msg.get("id"), "cmd": msg.get("cmd"), "ok": bool(msg.get("ok")),
-                 "result": msg.get("result") or {}, "error": msg.get("error")},
+                {
+                    "id": msg.get("id"),
+                    "cmd": msg.get("cmd"),
+                    "ok": bool(msg.get("ok")),
+                    "result": msg.get("result") or {},
+                    "error": msg.get("error"),
+                },
             )
         if kind == "client_connect":
             if self._first_t is None:
@@ -190,8 +195,7 @@ class OutputProbe:
         t = float(msg["end"]) - self.t0
         ids = msg.get("ids") or []
         rep = response_repetition(ids, loop_min_n=self.loop_min_n, loop_max_n=self.loop_max_n)
-        if ids:
-            self._distinct.add_response(ids)
+        self._distinct.add_response(ids)
         bs, cap = msg.get("batch_size"), msg.get("batch_capacity")
         occupancy = (bs / cap) if isinstance(bs, int) and isinstance(cap, int) and cap > 0 else None
         done = _Done(

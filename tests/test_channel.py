@@ -260,8 +260,14 @@ def test_commands_and_knobs_arrive_framed(server: ChannelServer) -> None:
             n = struct.unpack(">I", buf[:4])[0]
             msgs.append(json.loads(buf[4 : 4 + n]))
             buf = buf[4 + n :]
-    assert msgs[0] == {"v": 1, "type": "knobs", "temperature": 0.2, "repetition_penalty": None,
-                       "batch_size": None, "precision": None}
+    assert msgs[0] == {
+        "v": 1,
+        "type": "knobs",
+        "temperature": 0.2,
+        "repetition_penalty": None,
+        "batch_size": None,
+        "precision": None,
+    }
     assert msgs[1] == {"v": 1, "type": "command", "id": cid, "cmd": "cleanup", "args": {"steps": ["gc"]}}
 
 

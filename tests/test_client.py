@@ -314,8 +314,13 @@ def test_sidecar_gone_mid_run_then_a_new_one_on_the_same_path() -> None:
 def test_sidecar_sigkilled_the_child_finishes(tmp_path: Path) -> None:
     """A real sidecar process SIGKILLed: the socket file stays behind, nobody answers; the child goes on."""
     sidecar = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time\nfrom tuner.channel import ChannelServer\n"
-         "s=ChannelServer(directory=sys.argv[1]); s.start(); print('up', flush=True); time.sleep(60)", str(tmp_path)],
+        [
+            sys.executable,
+            "-c",
+            "import sys,time\nfrom tuner.channel import ChannelServer\n"
+            "s=ChannelServer(directory=sys.argv[1]); s.start(); print('up', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
         env=tuner_env(),
         stdout=subprocess.PIPE,
         text=True,

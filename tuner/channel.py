@@ -195,8 +195,15 @@ class ChannelServer:
         self._next_conn = 0
         self._welcome: dict[str, Any] = {}
         self._knobs_frame: bytes | None = None
-        self._counts = {"malformed": 0, "rejected_peers": 0, "received": 0, "dropped": 0, "out_dropped": 0,
-                        "refused_full": 0, "connections": 0}
+        self._counts = {
+            "malformed": 0,
+            "rejected_peers": 0,
+            "received": 0,
+            "dropped": 0,
+            "out_dropped": 0,
+            "refused_full": 0,
+            "connections": 0,
+        }
         self._sel = selectors.DefaultSelector()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -274,8 +281,9 @@ class ChannelServer:
 
     def clients(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [{"pid": c.pid, "uid": c.uid, "connected_at": c.connected_at, "conn": c.n}
-                    for c in self._conns.values()]
+            return [
+                {"pid": c.pid, "uid": c.uid, "connected_at": c.connected_at, "conn": c.n} for c in self._conns.values()
+            ]
 
     def stats(self) -> dict[str, int]:
         with self._lock:

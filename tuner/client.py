@@ -383,8 +383,14 @@ class Client:
             if result is not None and not isinstance(result, dict):
                 result = {"value": repr(result)}
             self._control.append(
-                {"type": "command_result", "id": str(msg.get("id")), "cmd": cmd, "ok": ok,
-                 "result": _jsonable(result) if result is not None else None, "error": error}
+                {
+                    "type": "command_result",
+                    "id": str(msg.get("id")),
+                    "cmd": cmd,
+                    "ok": ok,
+                    "result": _jsonable(result) if result is not None else None,
+                    "error": error,
+                }
             )
             self._wake.set()
 
@@ -499,8 +505,13 @@ class Client:
                 if now - last_status >= STATUS_EVERY_S or closing:
                     last_status = now
                     self._put(
-                        {"type": "status", "active": max(0, self._active), "dropped": self._dropped,
-                         "failed": self._failed, "sent": self._sent}
+                        {
+                            "type": "status",
+                            "active": max(0, self._active),
+                            "dropped": self._dropped,
+                            "failed": self._failed,
+                            "sent": self._sent,
+                        }
                     )
                 if self._out:
                     try:

@@ -1,0 +1,243 @@
+"""The output probe: metric keys, rolling-window maths, events, and a real client -> trace round trip."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from probes.output import OutputProbe, percentile
+from tests.cli import tuner_env
+from tuner.channel import ChannelServer
+from tuner.records import Sample, unit_of
+from tuner.sampler import Sampler, Tick
+from tuner.trace import TraceWriter, make_header, read_trace
+
+INTERFACE_KEYS = {
+    "req_ttft_p50_seconds", "req_ttft_p95_seconds", "req_tpot_p50_seconds", "req_tpot_p95_seconds",
+    "req_e2e_p50_seconds", "req_queue_p50_seconds", "req_tokens_per_second", "req_requests_per_second",
+    "req_done_count", "req_active_count", "req_batch_occupancy_ratio", "req_seq_rep_4_ratio", "req_rep_32_ratio",
+    "req_loop_ratio", "req_distinct_2_ratio", "chan_clients_count", "chan_dropped_count",
+    "alloc_allocated_bytes", "alloc_reserved_bytes",
+}  # fmt: skip
+REQUEST_FIELDS = {
+    "id", "pid", "prompt_tokens", "tokens", "queue_seconds", "ttft_seconds", "tpot_seconds", "e2e_seconds",
+    "tokens_per_second", "seq_rep_4", "rep_32", "loop", "batch_size", "temperature", "precision",
+}  # fmt: skip
+
+
+class ScriptedChannel:
+    """The channel's read side, fed by the test (the probe's own unit of work is what is under test)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, dict[str, Any]]] = []
+        self.n_clients = 0
+        self.counts = {"malformed": 0, "dropped": 0}
+        self.welcome: dict[str, Any] = {}
+
+    def drain(self) -> list[tuple[float, dict[str, Any]]]:
+        out, self.pending = self.pending, []
+        return out
+
+    def clients(self) -> list[dict[str, Any]]:
+        return [{"pid": 1, "uid": 0, "connected_at": 0.0}] * self.n_clients
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def set_welcome(self, **kw: Any) -> None:
+        self.welcome.update(kw)
+
+
+def req(end: float, *, ids: list[int], ttft: float, e2e: float, conn: int = 1, **kw: Any) -> dict[str, Any]:
+    n = len(ids)
+    return {
+        "v": 1, "type": "request", "id": kw.pop("id", 1), "pid": 77, "conn": conn, "prompt_tokens": 5,
+        "tokens": n, "created": end - e2e, "end": end, "queue_seconds": kw.pop("queue", 0.0),
+        "ttft_seconds": ttft, "tpot_seconds": kw.pop("tpot", 0.01), "e2e_seconds": e2e,
+        "tokens_per_second": n / e2e, "ids": ids, "batch_size": kw.pop("batch_size", None),
+        "batch_capacity": kw.pop("batch_capacity", None), "temperature": 0.7, "precision": "fp32", **kw,
+    }  # fmt: skip
+
+
+def test_metric_keys_are_the_interface_and_units_follow_suffixes() -> None:
+    p = OutputProbe(ScriptedChannel(), t0=0.0)
+    m = p.metrics()
+    assert set(m) == INTERFACE_KEYS
+    assert all(unit_of(k) == u for k, u in m.items())
+    assert p.name == "output" and p.available() is None
+
+
+def test_no_data_means_none_not_zero() -> None:
+    ch = ScriptedChannel()
+    s = OutputProbe(ch, t0=0.0).sample(1.0)
+    assert isinstance(s, Sample) and s.events == ()
+    assert all(s.values[k] is None for k in INTERFACE_KEYS if not k.startswith("chan_"))
+    assert s.values["chan_clients_count"] == 0 and s.values["chan_dropped_count"] == 0
+
+
+def test_percentile_matches_numpy() -> None:
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 5, 100):
+        xs = sorted(rng.random(n).tolist())
+        for q in (0.5, 0.95):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q * 100)))
+    assert percentile([], 0.5) is None
+
+
+def test_rolling_window_values_and_events() -> None:
+    ch = ScriptedChannel()
+    t0 = 1000.0
+    p = OutputProbe(ch, t0=t0, window_s=10.0)
+    ch.n_clients = 1
+    ch.pending = [
+        (t0 + 0.5, {"v": 1, "type": "client_connect", "pid": 77, "uid": 0, "conn": 1}),
+        (t0 + 1.0, req(t0 + 1.0, ids=[1, 2, 3, 4, 5], ttft=0.1, e2e=0.5, batch_size=2, batch_capacity=4)),
+        (t0 + 2.0, req(t0 + 2.0, ids=[7, 7, 7, 7, 7, 7], ttft=0.3, e2e=1.0, batch_size=4, batch_capacity=4)),
+        (t0 + 2.0, {"v": 1, "type": "status", "pid": 77, "conn": 1, "active": 3, "dropped": 5}),
+        (t0 + 2.1, {"v": 1, "type": "oom", "pid": 77, "conn": 1, "batch_size": 8}),
+        (t0 + 2.2, {"v": 1, "type": "alloc", "pid": 77, "conn": 1, "allocated_bytes": 100, "reserved_bytes": 200}),
+        (t0 + 2.3, {"v": 1, "type": "command_result", "pid": 77, "conn": 1, "id": "abc", "cmd": "cleanup",
+                    "ok": True, "result": {"reclaimed_bytes": 5}, "error": None}),
+    ]  # fmt: skip
+    ch.counts["malformed"] = 2
+    s = p.sample(3.0)
+    kinds = [e.kind for e in s.events]
+    assert kinds == ["client_connect", "request", "request", "oom", "command_result"]
+    r1 = s.events[1]
+    assert r1.t == pytest.approx(1.0) and set(r1.data) == REQUEST_FIELDS
+    assert r1.data["seq_rep_4"] == 0.0 and r1.data["loop"] is False
+    assert s.events[2].data["loop"] is True and s.events[2].data["rep_32"] == pytest.approx(5 / 6)
+    assert s.events[3].data == {"pid": 77, "batch_size": 8}
+    assert s.events[4].data == {
+        "id": "abc",
+        "cmd": "cleanup",
+        "ok": True,
+        "result": {"reclaimed_bytes": 5},
+        "error": None,
+    }
+    v = s.values
+    assert v["req_ttft_p50_seconds"] == pytest.approx(0.2)
+    assert v["req_ttft_p95_seconds"] == pytest.approx(0.1 + 0.95 * 0.2)
+    assert v["req_e2e_p50_seconds"] == pytest.approx(0.75)
+    assert v["req_done_count"] == 2 and v["req_active_count"] == 3
+    # first activity at t=0.5 (the connect): the window so far is 2.5 s long
+    assert v["req_tokens_per_second"] == pytest.approx(11 / 2.5)
+    assert v["req_requests_per_second"] == pytest.approx(2 / 2.5)
+    assert v["req_batch_occupancy_ratio"] == pytest.approx((0.5 + 1.0) / 2)
+    assert v["req_loop_ratio"] == pytest.approx(0.5)
+    assert v["req_seq_rep_4_ratio"] == pytest.approx((0.0 + (1 - 1 / 3)) / 2)
+    assert v["req_distinct_2_ratio"] == pytest.approx((4 + 1) / (4 + 5))
+    assert v["chan_clients_count"] == 1 and v["chan_dropped_count"] == 5 + 2
+    assert v["alloc_allocated_bytes"] == 100 and v["alloc_reserved_bytes"] == 200
+
+    # 20 s later the requests have left the 10 s window; the cumulative count stays
+    ch.pending = [(t0 + 20.0, {"v": 1, "type": "client_disconnect", "pid": 77, "uid": 0, "conn": 1})]
+    ch.n_clients = 0
+    s = p.sample(22.0)
+    assert [e.kind for e in s.events] == ["client_disconnect"]
+    assert s.values["req_ttft_p50_seconds"] is None and s.values["req_loop_ratio"] is None
+    assert s.values["req_tokens_per_second"] == 0 and s.values["req_done_count"] == 2
+    assert s.values["req_active_count"] is None  # no client left to report requests in flight
+    assert s.values["chan_dropped_count"] == 7  # a gone client's drops are still counted
+
+
+def test_text_only_with_record_text() -> None:
+    for record in (False, True):
+        ch = ScriptedChannel()
+        p = OutputProbe(ch, t0=0.0, record_text=record)
+        assert ch.welcome == {"record_text": record}  # the client is told whether to send text at all
+        ch.pending = [(1.0, req(1.0, ids=[1, 2], ttft=0.1, e2e=0.2, text="hi there"))]
+        (e,) = p.sample(1.5).events
+        assert ("text" in e.data) is record
+
+
+def test_a_message_the_probe_cannot_use_is_skipped() -> None:
+    ch = ScriptedChannel()
+    p = OutputProbe(ch, t0=0.0)
+    bad = req(1.0, ids=[1], ttft=0.1, e2e=0.2)
+    del bad["end"]
+    ch.pending = [(1.0, bad), (1.0, req(1.0, ids=[1], ttft=0.1, e2e=0.2))]
+    assert [e.kind for e in p.sample(2.0).events] == ["request"]
+
+
+CHILD = """
+import json, random, time
+from tuner import client
+random.seed(3)
+c = client.connect()
+time.sleep(0.3)
+out = []
+for i in range(12):
+    with c.request(prompt_tokens=i, batch_size=1, batch_capacity=2) as r:
+        toks = [random.randrange(6) for _ in range(random.randrange(0, 30))]
+        for t in toks:
+            r.token(t)
+            time.sleep(0.002)
+    out.append(toks)
+    c.poll()
+c.report_memory(1234, 5678)
+c.close()
+print(json.dumps(out))
+"""
+
+
+def test_client_process_to_trace_file(tmp_path: Path) -> None:
+    """The path a session takes: channel -> OutputProbe -> Sampler -> TraceWriter -> read_trace."""
+    from tests.test_repetition import ref_distinct_2, ref_loop, ref_rep_w, ref_seq_rep_4
+
+    server = ChannelServer()
+    server.start()
+    t0 = time.monotonic()
+    probe = OutputProbe(server, t0=t0)
+    trace = tmp_path / "t.jsonl"
+    writer = TraceWriter(trace, make_header(probes={"output": {"metrics": probe.metrics()}}, interval_s=0.05))
+
+    def record(tick: Tick) -> None:
+        writer.tick(tick.t, tick.values, tick.procs)
+        for e in tick.events:
+            writer.event(e)
+        writer.flush()
+
+    sampler = Sampler([probe], interval=0.05, t0=t0, hooks=[record])
+    sampler.start()
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(CHILD)],
+            env=tuner_env(TUNER_SOCKET=server.path),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert p.returncode == 0, p.stderr
+        time.sleep(0.3)
+    finally:
+        sampler.stop()
+        sampler.close()
+        writer.close()
+        server.close()
+    sent: list[list[int]] = __import__("json").loads(p.stdout)
+    data = read_trace(trace)
+    reqs = sorted(data.requests(), key=lambda e: e.data["prompt_tokens"])
+    assert len(reqs) == 12
+    for e, toks in zip(reqs, sent, strict=True):
+        assert set(e.data) == REQUEST_FIELDS
+        assert e.data["tokens"] == len(toks)
+        assert e.data["seq_rep_4"] == ref_seq_rep_4(toks)
+        assert e.data["rep_32"] == ref_rep_w(toks)
+        assert e.data["loop"] == ref_loop(toks)
+        assert 0 < e.t < data.duration + 1
+    done = data.column("req_done_count")
+    assert np.nanmax(done) == 12
+    d2 = data.column("req_distinct_2_ratio")
+    assert d2[~np.isnan(d2)][-1] == pytest.approx(ref_distinct_2(sent, 100))
+    assert np.nanmax(data.column("alloc_allocated_bytes")) == 1234
+    assert math.isclose(np.nanmax(data.column("req_batch_occupancy_ratio")), 0.5)
+    assert [e.kind for e in data.events if e.kind.startswith("client_")] == ["client_connect", "client_disconnect"]
