@@ -254,12 +254,13 @@ def test_commands_and_knobs_arrive_framed(server: ChannelServer) -> None:
     cid = server.send_command("cleanup", {"steps": ["gc"]})
     buf = b""
     msgs: list[dict[str, Any]] = []
-    while len(msgs) < 2:
+    while len(msgs) < 3:
         buf += c.recv(4096)
         while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
             n = struct.unpack(">I", buf[:4])[0]
             msgs.append(json.loads(buf[4 : 4 + n]))
             buf = buf[4 + n :]
+    assert msgs.pop(0) == {"v": 1, "type": "welcome", "max_message_bytes": 1 << 20}  # first, on connect
     assert msgs[0] == {
         "v": 1,
         "type": "knobs",
@@ -327,3 +328,109 @@ def test_client_disconnect_is_reported(server: ChannelServer) -> None:
     wait_for(gone)
     assert kinds[0] == "client_connect"
     assert server.clients() == []
+
+
+SIDECAR = """
+import json, os, sys, time
+from probes.output import OutputProbe
+from tuner.channel import ChannelServer
+seconds = float(sys.argv[2])
+s = ChannelServer(directory=sys.argv[1])
+s.start()
+t0 = time.monotonic()
+probe = OutputProbe(s, t0=t0)
+print("up", flush=True)
+rss = []
+reqs = {}
+statm = open("/proc/self/statm")
+stop = os.path.join(sys.argv[1], "stop")
+while not os.path.exists(stop) and time.monotonic() - t0 < seconds:
+    time.sleep(0.1)
+    smp = probe.sample(time.monotonic() - t0)
+    for e in smp.events:
+        if e.kind == "request":
+            reqs[e.data["pid"]] = reqs.get(e.data["pid"], 0) + 1
+    statm.seek(0)
+    rss.append(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+print(json.dumps({"stats": s.stats(), "rss": rss, "requests": reqs, "dropped": smp.values["chan_dropped_count"]}))
+s.close()
+"""
+
+FLOODER = """
+import json, socket, struct, sys, time
+path, conns, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+body = json.dumps({"v": 1, "type": "status", "active": 1, "dropped": 0}).encode()
+frame = (struct.pack(">I", len(body)) + body) * 100
+socks = []
+for _ in range(conns):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.setblocking(False)
+    socks.append(s)
+sent = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for s in socks:
+        try:
+            s.send(frame)
+            sent += 100
+        except BlockingIOError:
+            pass
+        except OSError:  # the sidecar went away: a flooder just stops
+            end = 0
+print(sent)
+"""
+
+POLITE = """
+import time
+from tuner import client
+c = client.connect()
+n = 0
+end = time.monotonic() + float(__import__("sys").argv[1])
+while time.monotonic() < end:
+    with c.request(prompt_tokens=1) as r:
+        r.token([1, 2, 3])
+    n += 1
+    time.sleep(0.01)
+c.close()
+print(n, c._dropped)
+"""
+
+
+@pytest.mark.slow
+def test_flood_200_client_processes_sidecar_memory_stays_bounded(tmp_path: Any) -> None:
+    """Issue 7 load test: 200 connections from 4 processes flooding, one well-behaved client."""
+    seconds = float(os.environ.get("TUNER_FLOOD_SECONDS", "8"))
+    env = tuner_env()
+    side = subprocess.Popen(
+        [sys.executable, "-c", SIDECAR, str(tmp_path), str(seconds + 60)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert side.stdout is not None and side.stdout.readline().strip() == "up"
+    path = str(tmp_path / "channel.sock")
+    floods = [
+        subprocess.Popen([sys.executable, "-c", FLOODER, path, "50", str(seconds)], env=env, stdout=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    polite = subprocess.Popen(
+        [sys.executable, "-c", POLITE, str(seconds)],
+        env=tuner_env(TUNER_SOCKET=path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sent = sum(int(f.communicate(timeout=seconds + 30)[0]) for f in floods)
+    polite_out, _ = polite.communicate(timeout=seconds + 30)
+    time.sleep(0.5)
+    (tmp_path / "stop").touch()
+    out, _ = side.communicate(timeout=seconds + 30)
+    res = json.loads(out)
+    rss = res["rss"]
+    print(
+        f"\nflood: offered {sent / seconds:.0f} msg/s, "
+        f"sidecar received {res['stats']['received'] / seconds:.0f} msg/s, "
+        f"dropped {res['stats']['dropped']}, rss {rss[0] / 1e6:.1f} -> max {max(rss) / 1e6:.1f} MB, "
+        f"polite client: {res['requests'].get(str(polite.pid), 0)} requests seen; made, dropped: {polite_out.split()}"
+    )
+    assert res["stats"]["received"] > 0
+    assert max(rss) - rss[0] < 100e6  # bounded queue (20k messages, 32 MB) + buffers, not the offered load
+    assert res["requests"].get(str(polite.pid), 0) > 0  # the well-behaved client was still heard
+    assert res["dropped"] >= res["stats"]["dropped"]

@@ -451,3 +451,34 @@ def test_text_is_not_recorded_by_default(server: ChannelServer) -> None:
     p.communicate(timeout=20)
     (req,) = wait_for(lambda: col.of("request"))
     assert "text" not in req.data and req.data["tokens"] == 3
+
+
+def test_a_huge_response_is_cut_to_the_sidecar_limit_not_refused() -> None:
+    server = ChannelServer(max_message_bytes=4096)
+    server.start()
+    try:
+        col = Collector(server, time.monotonic(), record_text=True)
+        p = child(
+            """
+            import time
+            from tuner import client
+            c = client.connect()
+            time.sleep(0.3)
+            with c.request(prompt_tokens=1) as r:
+                r.token(list(range(100_000, 105_000)))
+                r.text("x" * 10_000)
+            with c.request(prompt_tokens=2) as r:
+                r.token(1)
+            c.close()
+            """,
+            server.path,
+        )
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+        reqs = wait_for(lambda: (r := col.of("request")) and len(r) == 2 and r)
+        assert reqs[0].data["tokens"] == 5000 + 1  # the ids and the one-word text chunk
+        assert "text" not in reqs[0].data  # dropped first to fit
+        assert server.stats()["malformed"] == 0
+        assert [e.kind for e in col.events].count("client_connect") == 1
+    finally:
+        server.close()

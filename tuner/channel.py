@@ -17,9 +17,9 @@ closing appear as ``client_connect`` / ``client_disconnect`` messages (types no 
 
 Memory is bounded everywhere: the inbound queue (count and bytes; the oldest message is dropped and
 counted when full), each connection's input (one frame at most) and output buffer (a message that
-does not fit is dropped and counted), the number of connections.  A flooding client is read at most
-64 KiB per turn, so it cannot starve the others; what it sends faster than that waits in the kernel and,
-in the end, in its own bounded queue.
+does not fit is dropped and counted), the number of connections.  A flooding connection gets at most 64 messages
+parsed per turn and is not read while 64 KiB of its input wait, so it cannot starve the others; what it
+sends faster than that waits in the kernel and, in the end, in its own bounded queue.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from tuner.records import Knobs
 VERSION = 1
 HEADER = struct.Struct(">I")
 READ_CHUNK = 64 * 1024
+MESSAGES_PER_TURN = 64
 MAX_CLIENTS = 256
 OUT_BUFFER_BYTES = 1 << 20
 QUEUE_MESSAGES = 20_000
@@ -192,8 +193,9 @@ class ChannelServer:
         self._queued_bytes = 0
         self._events: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
         self._conns: dict[int, _Conn] = {}
+        self._backlog: set[int] = set()  # connections holding complete frames not yet parsed (loop thread)
         self._next_conn = 0
-        self._welcome: dict[str, Any] = {}
+        self._welcome: dict[str, Any] = {"max_message_bytes": max_message_bytes}
         self._knobs_frame: bytes | None = None
         self._counts = {
             "malformed": 0,
@@ -332,7 +334,7 @@ class ChannelServer:
     def _run(self) -> None:
         while not self._stop:
             try:
-                ready = self._sel.select(timeout=0.5)
+                ready = self._sel.select(timeout=0 if self._backlog else 0.5)
             except OSError:
                 if self._stop:
                     return
@@ -358,6 +360,17 @@ class ChannelServer:
                     if isinstance(key.data, _Conn):
                         with self._lock:
                             self._drop_conn(key.data)
+            served = {key.data.n for key, _ in ready if isinstance(key.data, _Conn)}
+            for n in list(self._backlog - served):
+                c = self._conns.get(n)
+                if c is None:
+                    self._backlog.discard(n)
+                    continue
+                try:
+                    self._parse(c)
+                except Exception:
+                    with self._lock:
+                        self._drop_conn(c)
             with self._lock:
                 for c in list(self._conns.values()):
                     if c.outbuf and not c.want_write:
@@ -389,8 +402,7 @@ class ChannelServer:
                 c = _Conn(sock, self._next_conn, pid, uid)
                 self._conns[c.n] = c
                 self._counts["connections"] += 1
-                if self._welcome:
-                    self._queue_out(c, encode({"type": "welcome", **self._welcome}))
+                self._queue_out(c, encode({"type": "welcome", **self._welcome}))
                 if self._knobs_frame is not None:
                     self._queue_out(c, self._knobs_frame)
                 self._events.append(
@@ -399,6 +411,10 @@ class ChannelServer:
             self._sel.register(sock, selectors.EVENT_READ, c)
 
     def _read(self, c: _Conn) -> None:
+        """Take more bytes only while the connection's unparsed input is small (backpressure), then parse."""
+        if len(c.inbuf) >= READ_CHUNK:
+            self._parse(c)
+            return
         try:
             data = c.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -406,16 +422,21 @@ class ChannelServer:
         except OSError:
             data = b""
         if not data:
+            self._parse(c, limit=None)  # what it sent before closing still counts
             with self._lock:
                 self._drop_conn(c)
             return
+        c.inbuf += data
+        self._parse(c)
+
+    def _parse(self, c: _Conn, limit: int | None = MESSAGES_PER_TURN) -> None:
+        """Validate up to ``limit`` complete frames; a connection with more waits for its next turn."""
         buf = c.inbuf
-        buf += data
         now = time.monotonic()
         good: list[tuple[dict[str, Any], int]] = []
         bad = False
         pos = 0
-        while len(buf) - pos >= 4:
+        while len(buf) - pos >= 4 and (limit is None or len(good) < limit):
             (size,) = HEADER.unpack_from(buf, pos)
             if size > self.max_message_bytes:
                 bad = True
@@ -433,6 +454,10 @@ class ChannelServer:
             msg["conn"] = c.n
             good.append((msg, size))
         del buf[:pos]
+        if not bad and len(buf) >= 4 and len(buf) - 4 >= HEADER.unpack_from(buf, 0)[0]:
+            self._backlog.add(c.n)  # a complete frame is still waiting
+        else:
+            self._backlog.discard(c.n)
         with self._lock:
             q = self._queue
             for msg, size in good:
@@ -478,6 +503,7 @@ class ChannelServer:
         c.sock.close()
         c.inbuf = bytearray()
         c.outbuf = bytearray()
+        self._backlog.discard(c.n)
         if event:
             self._events.append(
                 (time.monotonic(), {"v": VERSION, "type": "client_disconnect", "pid": c.pid, "uid": c.uid, "conn": c.n})

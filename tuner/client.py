@@ -273,6 +273,7 @@ class Client:
         self._dropped = 0
         self._sent = 0
         self._record_text = False
+        self._max_message = MAX_FRAME
         self._sock: socket.socket | None = None
         self._wake = threading.Event()
         self._thread = None
@@ -545,11 +546,29 @@ class Client:
         return True
 
     def _put(self, msg: dict[str, Any]) -> bool:
-        frame = _frame(msg)
+        frame: bytes | None = _frame(msg)
+        if frame is not None and len(frame) - 4 > self._max_message:
+            frame = self._shrink(msg)
+        if frame is None:
+            return False
         if len(self._out) + len(frame) > OUT_BUFFER_BYTES:
             return False
         self._out += frame
         return True
+
+    def _shrink(self, msg: dict[str, Any]) -> bytes | None:
+        """A request too big for the sidecar's limit: drop its text, then keep the first ids that fit."""
+        msg = dict(msg)
+        msg.pop("text", None)
+        ids = list(msg.get("ids") or [])
+        while True:
+            frame = _frame(msg)
+            if len(frame) - 4 <= self._max_message:
+                return frame
+            if not ids:
+                return None
+            ids = ids[: len(ids) // 2]
+            msg["ids"] = ids
 
     def _fill_out(self) -> None:
         while self._control and len(self._out) < OUT_BUFFER_BYTES:
@@ -621,6 +640,9 @@ class Client:
             self._commands.append(msg)
         elif kind == "welcome":
             self._record_text = bool(msg.get("record_text", False))
+            limit = msg.get("max_message_bytes")
+            if type(limit) is int and limit >= 1024:
+                self._max_message = limit
 
 
 # -- helpers ------------------------------------------------------------------------------------------

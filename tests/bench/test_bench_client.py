@@ -1,0 +1,105 @@
+"""The client's cost inside the inference process.
+
+Goal (issue: Inference side): ``r.token()`` <= 2 us median.  Baseline in the same run: a bare
+``list.append`` (the least any per-token hook can cost).  Also measured, to justify sending token ids to
+the sidecar instead of computing repetition in the inference process: the per-token cost of encoding
+ids to JSON (what the sender thread does) vs running the repetition pass here.
+
+Run: ``.venv/bin/pytest tests/bench/test_bench_client.py -m bench --benchmark-enable -s``
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from probes.repetition import response_repetition
+from tuner.channel import ChannelServer
+from tuner.client import Client
+
+CALLS = 1000  # token calls per timed round
+ROUNDS = 300
+
+
+def per_call_us(fn: Callable[[], None], rounds: int = ROUNDS) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) / CALLS * 1e6)
+    return out
+
+
+@pytest.mark.bench
+def test_token_call_cost(benchmark: Any) -> None:
+    server = ChannelServer()
+    server.start()
+    c = Client(server.path)
+    try:
+        time.sleep(0.2)
+        assert c.connected
+
+        sink: list[int] = []
+        app = sink.append
+
+        def baseline() -> None:
+            sink.clear()
+            for i in range(CALLS):
+                app(i)
+
+        def tokens() -> None:
+            with c.request(prompt_tokens=1) as r:
+                tok = r.token
+                for i in range(CALLS):
+                    tok(i)
+
+        base = statistics.median(per_call_us(baseline))
+        mine = per_call_us(tokens)
+        med = statistics.median(mine)
+        info = {
+            "token_call_median_us": round(med, 3),
+            "token_call_p95_us": round(sorted(mine)[int(0.95 * len(mine))], 3),
+            "list_append_median_us": round(base, 3),
+            "ratio_to_list_append": round(med / base, 2),
+        }
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(tokens, rounds=50, iterations=1)
+        print(f"\nclient token() cost: {info}")
+        assert med <= 2.0, info
+    finally:
+        c.close()
+        server.close()
+
+
+@pytest.mark.bench
+def test_where_repetition_is_computed(benchmark: Any) -> None:
+    """Encoding ids (sidecar computes) vs computing repetition in the inference process."""
+    import random
+
+    rng = random.Random(0)
+    responses = [[rng.randrange(50_000) for _ in range(CALLS)] for _ in range(20)]
+
+    def encode_ids() -> None:
+        for ids in responses:
+            json.dumps({"type": "request", "ids": ids}, separators=(",", ":"))
+
+    def compute_here() -> None:
+        for ids in responses:
+            response_repetition(ids)
+
+    enc = statistics.median(per_call_us(encode_ids, 20)) / len(responses)
+    comp = statistics.median(per_call_us(compute_here, 20)) / len(responses)
+    info = {
+        "encode_ids_per_token_us": round(enc, 4),
+        "repetition_in_process_per_token_us": round(comp, 4),
+        "ratio": round(comp / enc, 1),
+    }
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(encode_ids, rounds=5, iterations=1)
+    print(f"\nper-token cost in the inference process: {info}")
+    assert enc < comp
