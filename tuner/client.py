@@ -18,7 +18,9 @@ What is timed (``time.monotonic()``, in this process):
 - ``e2e_seconds`` = end of the ``with`` block - ``request()``;
 - ``tokens_per_second`` = tokens / (end - ``started()``).
 
-A request whose ``with`` body raises is not reported (it is counted as ``failed``).
+A request whose ``with`` body raises is not reported (it is counted as ``failed``).  The token ids go to
+the sidecar (at most 65536 a request, and fewer if the frame would exceed the sidecar's announced
+``max_message_bytes``; ``tokens`` is always the full count, repetition is measured on what was sent).
 
 Design — the inference comes first:
 

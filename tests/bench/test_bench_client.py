@@ -103,3 +103,76 @@ def test_where_repetition_is_computed(benchmark: Any) -> None:
     benchmark.pedantic(encode_ids, rounds=5, iterations=1)
     print(f"\nper-token cost in the inference process: {info}")
     assert enc < comp
+
+
+@pytest.mark.bench
+def test_request_overhead(benchmark: Any) -> None:
+    """Opening and closing a request (per request, not per token): what the hot path pays besides tokens."""
+    server = ChannelServer()
+    server.start()
+    c = Client(server.path)
+    try:
+        time.sleep(0.2)
+
+        def requests() -> None:
+            for _ in range(CALLS):
+                with c.request(prompt_tokens=8) as r:
+                    r.token(1)
+
+        per = per_call_us(requests, 30)
+        info = {"request_open_close_one_token_median_us": round(statistics.median(per), 3)}
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(requests, rounds=5, iterations=1)
+        print(f"\nper-request overhead: {info}")
+        assert statistics.median(per) < 50
+    finally:
+        c.close()
+        server.close()
+
+
+IDLE = """
+import os, sys, time
+from tuner import client
+c = client.connect()
+time.sleep(0.3)
+def cpu_ns():  # all threads, ns resolution (os.times ticks at 10 ms)
+    return int(open("/proc/self/schedstat").read().split()[0])
+t = cpu_ns()
+time.sleep(float(sys.argv[1]))
+print((cpu_ns() - t) / 1e9 / float(sys.argv[1]), c.connected)
+"""
+
+
+@pytest.mark.bench
+def test_idle_sender_thread_cpu(benchmark: Any) -> None:
+    """The connected client's background thread when nothing happens (wakes every 50 ms) vs no client."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+
+    seconds = os.environ.get("TUNER_BENCH_SECONDS", "3")
+    server = ChannelServer()
+    server.start()
+    try:
+        on = subprocess.run(
+            [sys.executable, "-c", IDLE, seconds],
+            env=tuner_env(TUNER_SOCKET=server.path),
+            capture_output=True,
+            text=True,
+        )
+        off = subprocess.run([sys.executable, "-c", IDLE, seconds], env=tuner_env(), capture_output=True, text=True)
+    finally:
+        server.close()
+    share_on, connected = on.stdout.split()
+    share_off, _ = off.stdout.split()
+    assert connected == "True", on.stderr
+    info = {
+        "idle_core_share_percent_connected": round(float(share_on) * 100, 4),
+        "idle_core_share_percent_no_sidecar": round(float(share_off) * 100, 4),
+    }
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\nidle client CPU: {info}")
+    assert float(share_on) < 0.01  # under 1% of a core
