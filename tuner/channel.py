@@ -50,6 +50,7 @@ OUT_BUFFER_BYTES = 1 << 20
 QUEUE_MESSAGES = 20_000
 QUEUE_BYTES = 32 << 20
 EVENTS_KEPT = 1024
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
 
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
@@ -319,7 +320,7 @@ class ChannelServer:
     # -- internals (lock held where noted) ----------------------------------------------------------
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+            self._wake_w.send(b"\0", _NOSIGNAL)
 
     def _queue_out(self, c: _Conn, frame: bytes) -> bool:
         """Lock held.  Append a frame to a connection's output; drop and count it when the buffer is full."""
@@ -478,7 +479,7 @@ class ChannelServer:
             return
         if c.outbuf:
             try:
-                n = c.sock.send(c.outbuf)
+                n = c.sock.send(c.outbuf, _NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:

@@ -74,6 +74,7 @@ MAX_FRAME = 1 << 20
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 _monotonic = time.monotonic
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
 
 
 class Request:
@@ -276,6 +277,7 @@ class Client:
         self._sent = 0
         self._record_text = False
         self._max_message = MAX_FRAME
+        self._backoff = BACKOFF_MIN_S
         self._sock: socket.socket | None = None
         self._wake = threading.Event()
         self._thread = None
@@ -438,7 +440,7 @@ class Client:
 
     # -- the sender thread -----------------------------------------------------------------------------
     def _sender(self) -> None:
-        backoff = BACKOFF_MIN_S
+        self._backoff = BACKOFF_MIN_S
         next_try = 0.0
         while True:
             try:
@@ -447,11 +449,10 @@ class Client:
                         return
                     now = _monotonic()
                     if now >= next_try:
+                        next_try = now + self._backoff  # reset only once a sidecar has welcomed us
+                        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
                         if self._connect():
-                            backoff = BACKOFF_MIN_S
                             continue
-                        next_try = now + backoff
-                        backoff = min(backoff * 2, BACKOFF_MAX_S)
                     self._discard_queued()
                     self._wake.wait(min(POLL_S * 2, max(0.0, next_try - _monotonic())))
                     self._wake.clear()
@@ -518,7 +519,7 @@ class Client:
                     )
                 if self._out:
                     try:
-                        n = sock.send(self._out)
+                        n = sock.send(self._out, _NOSIGNAL)
                         del self._out[:n]
                     except (BlockingIOError, InterruptedError):
                         pass
@@ -528,7 +529,7 @@ class Client:
                         self._fill_out()
                         sock.setblocking(True)
                         sock.settimeout(max(0.01, deadline - _monotonic()))
-                        n = sock.send(self._out)
+                        n = sock.send(self._out, _NOSIGNAL)
                         del self._out[:n]
                     return False
                 events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out else 0)
@@ -641,6 +642,7 @@ class Client:
         elif kind == "command":
             self._commands.append(msg)
         elif kind == "welcome":
+            self._backoff = BACKOFF_MIN_S
             self._record_text = bool(msg.get("record_text", False))
             limit = msg.get("max_message_bytes")
             if type(limit) is int and limit >= 1024:
