@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from probes.output import OutputProbe, percentile
 from tests.cli import tuner_env
@@ -241,3 +243,63 @@ def test_client_process_to_trace_file(tmp_path: Path) -> None:
     assert np.nanmax(data.column("alloc_allocated_bytes")) == 1234
     assert math.isclose(np.nanmax(data.column("req_batch_occupancy_ratio")), 0.5)
     assert [e.kind for e in data.events if e.kind.startswith("client_")] == ["client_connect", "client_disconnect"]
+
+
+json_scalar = (
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False) | st.text(max_size=5)
+)
+json_value = st.recursive(
+    json_scalar, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=8
+)
+
+
+_BY_TYPE: dict[type, st.SearchStrategy[Any]] = {
+    int: st.integers(-(1 << 64), 1 << 64),
+    float: st.floats(allow_nan=False),
+    str: st.text(max_size=6),
+    bool: st.booleans(),
+    type(None): st.none(),
+    list: st.lists(st.integers(-(1 << 64), 1 << 64) | json_scalar, max_size=20),
+    dict: st.dictionaries(st.text(max_size=4), json_value, max_size=3),
+}
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly well-typed messages (so many pass validation), with wrong types and unknown fields mixed in."""
+    from tuner.channel import _REQUIRED, _SCHEMA
+
+    kind = draw(st.sampled_from([*_SCHEMA, "client_connect", "other"]))
+    schema = _SCHEMA.get(kind, {})
+    names = [*_REQUIRED.get(kind, ()), *draw(st.lists(st.sampled_from([*schema, "x"]), unique=True))]
+    msg: dict[str, Any] = {"v": draw(st.sampled_from([1, 1, 1, 2])), "type": kind}
+    for name in names:
+        types = schema.get(name, (object,))
+        good = st.one_of(*[_BY_TYPE[t] for t in types if t in _BY_TYPE]) if name in schema else json_value
+        msg[name] = draw(st.one_of(good, good, good, json_value))
+    return msg
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(messages(), max_size=12), st.floats(0, 100))
+def test_fuzzed_messages_never_break_the_probe(msgs: list[dict[str, Any]], now: float) -> None:
+    """Whatever passes the channel's validation, the probe turns into sane values and strict-JSON events."""
+    import json
+
+    from tuner.channel import MessageError, validate
+
+    ch = ScriptedChannel()
+    p = OutputProbe(ch, t0=0.0)
+    for m in msgs:
+        try:
+            body = json.dumps(m).encode()
+            ok = validate(body)
+        except (MessageError, ValueError):
+            continue
+        ok.update(pid=1, conn=1)
+        ch.pending.append((now, ok))
+    s = p.sample(now)
+    for k, v in s.values.items():
+        assert v is None or (isinstance(v, float) and math.isfinite(v)), (k, v)
+    for e in s.events:
+        json.dumps({"t": e.t, "data": e.data}, allow_nan=False)

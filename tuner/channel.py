@@ -104,10 +104,14 @@ def encode(msg: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN / Infinity: Python accepts them, the protocol does not
+
+
 def validate(body: bytes) -> dict[str, Any]:
     """Parse and check one client frame's body; raise ``MessageError`` saying what is wrong."""
     try:
-        msg = json.loads(body)
+        msg = json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict):
@@ -126,12 +130,12 @@ def validate(body: bytes) -> dict[str, Any]:
             value = msg[name]
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise MessageError(f"{kind}: bad {name}")
-            if isinstance(value, float) and value != value:
-                raise MessageError(f"{kind}: NaN {name}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1 << 63:
+                raise MessageError(f"{kind}: {name} out of range")
     if kind == "request" and "ids" in msg:
         ids = msg["ids"]
-        if not all(type(i) is int for i in ids):
-            raise MessageError("request: ids must be integers")
+        if not all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in ids):
+            raise MessageError("request: ids must be 64-bit integers")
     return msg
 
 
