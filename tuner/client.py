@@ -115,7 +115,7 @@ class Request:
         self.temperature = temperature
         self.precision = precision
         self.ids: list[Any] = []
-        self.texts: list[str] | None = [] if client._record_text else None
+        self.texts: list[str] = []
         self.first: float | None = None
         self.last = 0.0
         self.n_first = 0
@@ -163,8 +163,7 @@ class Request:
                 self.ids.extend([zlib.crc32(w.encode("utf-8", "replace")) for w in words])
             else:
                 self.ids.append(zlib.crc32(chunk.encode("utf-8", "replace")))
-            if self.texts is not None:
-                self.texts.append(chunk)
+            self.texts.append(chunk)  # a reference; sent only if the sidecar records text
         except Exception:
             return
         if self.first is None:
@@ -464,9 +463,11 @@ class Client:
 
     def _connect(self) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._in = bytearray()
         try:
             s.settimeout(1.0)
             s.connect(self.path)
+            self._await_welcome(s, _monotonic() + 1.0)
             s.setblocking(False)
         except OSError:
             s.close()
@@ -474,8 +475,23 @@ class Client:
         self._sock = s
         hello = {"type": "hello", "pid": os.getpid(), "client": "tuner.client", "python": sys.version.split()[0]}
         self._out = bytearray(_frame(hello))
-        self._in = bytearray()
         return True
+
+    def _await_welcome(self, s: socket.socket, deadline: float) -> None:
+        """The sidecar greets first (options such as ``record_text``): read that before sending anything."""
+        while not self._in or len(self._in) < 4 or len(self._in) < 4 + _HEADER.unpack_from(self._in, 0)[0]:
+            left = deadline - _monotonic()
+            if left <= 0:
+                return  # an older sidecar that does not greet: go on without
+            s.settimeout(left)
+            try:
+                data = s.recv(65536)
+            except TimeoutError:
+                return
+            if not data:
+                raise ConnectionResetError("sidecar closed the channel")
+            self._in += data
+        self._parse()
 
     def _disconnect(self) -> None:
         s, self._sock = self._sock, None
@@ -612,7 +628,7 @@ class Client:
             "temperature": _opt_float(r.temperature),
             "precision": r.precision if isinstance(r.precision, str) else None,
         }
-        if r.texts is not None:
+        if self._record_text and r.texts:
             msg["text"] = "".join(r.texts)[:200_000]
         return msg
 
