@@ -20,7 +20,8 @@ Definitions (for one response ``s`` of ``n`` tokens):
   stays set for the rest of the response.  With a byte-level tokenizer short repeats (``"   "``,
   ``"---"``) already satisfy ``k = 1``; raise ``min_n`` there.
 - **distinct-2** (Li et al. 2016) over the last ``N`` responses: distinct bigrams / all bigrams, counted
-  within each response (a bigram never spans two responses).  ``None`` when there is no bigram.
+  within each response (a bigram never spans two responses).  ``None`` when there is no bigram.  The
+  window also stops at ``max_bigrams`` bigrams (memory bound; see ``Distinct2``).
 """
 
 from __future__ import annotations
@@ -130,12 +131,18 @@ class LoopDetector:
 
 
 class Distinct2:
-    """distinct-2 over the last ``last`` responses (bigram counts kept per response, oldest evicted)."""
+    """distinct-2 over the last ``last`` responses (bigram counts kept per response, oldest evicted).
 
-    def __init__(self, last: int = 100) -> None:
-        if last < 1:
-            raise ValueError("last must be >= 1")
+    Memory is bounded too: the oldest responses are also evicted while the window holds more than
+    ``max_bigrams`` bigrams (the newest response always stays), so the window is the longest run of
+    recent responses — at most ``last`` — whose bigrams fit.
+    """
+
+    def __init__(self, last: int = 100, max_bigrams: int = 1_000_000) -> None:
+        if last < 1 or max_bigrams < 1:
+            raise ValueError("last and max_bigrams must be >= 1")
         self.last = last
+        self.max_bigrams = max_bigrams
         self._counts: Counter[tuple[Token, Token]] = Counter()
         self._responses: deque[list[tuple[Token, Token]]] = deque()
         self._total = 0
@@ -146,7 +153,7 @@ class Distinct2:
         self._counts.update(bigrams)
         self._total += len(bigrams)
         self._responses.append(bigrams)
-        while len(self._responses) > self.last:
+        while len(self._responses) > self.last or (self._total > self.max_bigrams and len(self._responses) > 1):
             old = self._responses.popleft()
             counts = self._counts
             for b in old:

@@ -36,8 +36,12 @@ def ref_loop(s: Sequence[int], min_n: int = 1, max_n: int = 8, repeats: int = 3)
     return False
 
 
-def ref_distinct_2(responses: Sequence[Sequence[int]], last: int) -> float | None:
-    grams = [tuple(r[i : i + 2]) for r in responses[-last:] for i in range(len(r) - 1)]
+def ref_distinct_2(responses: Sequence[Sequence[int]], last: int, max_bigrams: int | None = None) -> float | None:
+    """Over the longest suffix of at most ``last`` responses holding <= max_bigrams bigrams (>= 1 response)."""
+    window = list(responses[-last:])
+    while max_bigrams is not None and len(window) > 1 and sum(max(0, len(r) - 1) for r in window) > max_bigrams:
+        window.pop(0)
+    grams = [tuple(r[i : i + 2]) for r in window for i in range(len(r) - 1)]
     return len(set(grams)) / len(grams) if grams else None
 
 
@@ -112,12 +116,16 @@ def test_planted_loops(prefix: list[int], gram: list[int], times: int, suffix: l
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 6), max_size=20), max_size=15), st.integers(1, 5))
-def test_distinct_2_window_matches_reference(responses: list[list[int]], last: int) -> None:
-    d = Distinct2(last)
+@given(
+    st.lists(st.lists(st.integers(0, 6), max_size=20), max_size=15),
+    st.integers(1, 5),
+    st.none() | st.integers(1, 40),
+)
+def test_distinct_2_window_matches_reference(responses: list[list[int]], last: int, cap: int | None) -> None:
+    d = Distinct2(last) if cap is None else Distinct2(last, max_bigrams=cap)
     for i, r in enumerate(responses):
         d.add_response(r)
-        assert approx(d.value, ref_distinct_2(responses[: i + 1], last))
+        assert approx(d.value, ref_distinct_2(responses[: i + 1], last, cap))
 
 
 def test_known_values() -> None:
