@@ -58,7 +58,8 @@ METRICS: dict[str, str] = {
     "alloc_reserved_bytes": "bytes",
 }
 
-WINDOW_KEEP = 100_000  # finished requests kept for the rolling window, at most
+WINDOW_KEEP = 100_000
+LOOP_MAX_N = 64  # finished requests kept for the rolling window, at most
 
 
 class Channel(Protocol):
@@ -194,7 +195,10 @@ class OutputProbe:
     def _request(self, msg: dict[str, Any]) -> Event:
         t = float(msg["end"]) - self.t0
         ids = msg.get("ids") or []
-        rep = response_repetition(ids, loop_min_n=self.loop_min_n, loop_max_n=self.loop_max_n)
+        lo, hi = msg.get("loop_min_n"), msg.get("loop_max_n")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= LOOP_MAX_N):
+            lo, hi = self.loop_min_n, self.loop_max_n  # the client's own choice (set_loop_ngrams) when sane
+        rep = response_repetition(ids, loop_min_n=lo, loop_max_n=hi)
         self._distinct.add_response(ids)
         bs, cap = msg.get("batch_size"), msg.get("batch_capacity")
         occupancy = (bs / cap) if isinstance(bs, int) and isinstance(cap, int) and cap > 0 else None

@@ -185,14 +185,15 @@ def response_repetition(
     The same algorithms as the trackers above (O(1) per token), with the per-token state in local
     variables: this is what the sidecar runs on every finished request, so it has to manage >= 1M tokens/s.
     """
-    if w < loop_max_n:
-        raise ValueError("w must be >= loop_max_n")
+    if w < 1 or not (1 <= loop_min_n <= loop_max_n) or loop_repeats < 2:
+        raise ValueError("need w >= 1, 1 <= loop_min_n <= loop_max_n and loop_repeats >= 2")
     seen: set[tuple[Token, Token, Token, Token]] = set()
     win: deque[Token] = deque(maxlen=w)
     hist: deque[Token] = deque(maxlen=loop_max_n)
     runs = [0] * (loop_max_n + 1)
     ks = range(loop_min_n, loop_max_n + 1)
     need = loop_repeats - 1
+    hist_in_win = w >= loop_max_n  # then "t not in win" already says "t not in hist"
     p1: Token = None
     p2: Token = None
     p3: Token = None
@@ -203,9 +204,11 @@ def response_repetition(
         if n >= 3:
             add((p3, p2, p1, t))
         p3, p2, p1 = p2, p1, t
-        if t in win:
+        in_win = t in win
+        if in_win:
             repeats += 1
-            if not looped and t in hist:  # no k can match unless t is among the last max_n tokens
+        if not looped:
+            if (in_win or not hist_in_win) and t in hist:  # no k can match unless t is in the last max_n
                 h = len(hist)
                 dirty = True
                 for k in ks:
@@ -219,11 +222,8 @@ def response_repetition(
             elif dirty:
                 runs = [0] * (loop_max_n + 1)
                 dirty = False
-        elif dirty:
-            runs = [0] * (loop_max_n + 1)
-            dirty = False
+            hist_append(t)
         win_append(t)
-        hist_append(t)
         n += 1
     return ResponseRepetition(
         tokens=n,

@@ -524,3 +524,27 @@ def test_a_sidecar_that_hangs_up_at_once_never_kills_the_child_even_with_sigpipe
         srv.close()
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert json.loads(p.stdout) == {"done": 100}
+
+
+def test_a_byte_level_client_chooses_longer_loop_ngrams(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        from tuner import client
+        c = client.connect()
+        spaces = list(b"def f():\\n        return 1")   # indentation: 8 spaces, not a loop of the model
+        phrase = list(b"of the object ") * 3            # a 14-byte phrase three times: a loop
+        for ngrams in (None, (4, 40)):
+            if ngrams:
+                c.set_loop_ngrams(*ngrams)
+            for i, toks in enumerate((spaces, phrase)):
+                with c.request(prompt_tokens=i) as r:
+                    r.token(toks)
+        c.close()
+        """,
+        server.path,
+    )
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    reqs = wait_for(lambda: (r := col.of("request")) and len(r) == 4 and r)
+    assert [e.data["loop"] for e in reqs] == [True, False, False, True]  # 1..8: spaces loop, phrase too long

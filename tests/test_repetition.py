@@ -93,11 +93,13 @@ def test_fused_pass_matches_references(s: list[int]) -> None:
     assert r.loop == ref_loop(s)
 
 
-@settings(max_examples=100, deadline=None)
-@given(tokens, st.integers(1, 3), st.integers(1, 12))
-def test_fused_pass_loop_range_matches_reference(s: list[int], min_n: int, max_n: int) -> None:
+@settings(max_examples=150, deadline=None)
+@given(tokens, st.integers(1, 5), st.integers(1, 45), st.sampled_from([2, 8, 32]))
+def test_fused_pass_any_loop_range_and_window(s: list[int], min_n: int, max_n: int, w: int) -> None:
     max_n = max(min_n, max_n)
-    assert response_repetition(s, loop_min_n=min_n, loop_max_n=max_n).loop == ref_loop(s, min_n, max_n)
+    r = response_repetition(s, w=w, loop_min_n=min_n, loop_max_n=max_n)
+    assert r.loop == ref_loop(s, min_n, max_n)
+    assert approx(r.rep_32, ref_rep_w(s, w))
 
 
 # hypothesis can find planted loops inside noise too
@@ -152,4 +154,6 @@ def test_bad_parameters() -> None:
     with pytest.raises(ValueError):
         Distinct2(0)
     with pytest.raises(ValueError):
-        response_repetition([1], w=4, loop_max_n=8)
+        response_repetition([1], w=0)
+    with pytest.raises(ValueError):
+        response_repetition([1], loop_min_n=3, loop_max_n=2)

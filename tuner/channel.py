@@ -76,6 +76,8 @@ _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "temperature": _OPT_NUM,
         "precision": _OPT_STR,
         "text": _OPT_STR,
+        "loop_min_n": (int, type(None)),
+        "loop_max_n": (int, type(None)),
     },
     "status": {"active": (int,), "dropped": (int,), "failed": (int,), "sent": (int,)},
     "oom": {"batch_size": (int, type(None))},

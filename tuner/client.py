@@ -72,6 +72,7 @@ BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_FRAME = 1 << 20
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+LOOP_MAX_N = 64
 
 _monotonic = time.monotonic
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
@@ -89,6 +90,7 @@ class Request:
         "id",
         "ids",
         "last",
+        "loop_ngrams",
         "n_first",
         "precision",
         "prompt_tokens",
@@ -120,6 +122,7 @@ class Request:
         self.last = 0.0
         self.n_first = 0
         self.t_started: float | None = None
+        self.loop_ngrams = client._loop_ngrams
         self.created = _monotonic()
 
     def started(self) -> None:
@@ -229,6 +232,9 @@ class NullClient:
     def register_cache(self, obj: object) -> None:
         pass
 
+    def set_loop_ngrams(self, min_n: int, max_n: int) -> None:
+        pass
+
     def report_oom(self, batch_size: int | None = None) -> None:
         pass
 
@@ -257,6 +263,7 @@ class Client:
         self._closing = False
         self._start = start
         self._last_alloc = 0.0
+        self._loop_ngrams: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._init_state()
         _clients.add(self)
@@ -320,6 +327,13 @@ class Client:
     def on_cleanup(self, fn: Callable[[list[str]], dict[str, Any]]) -> None:
         """``fn(steps) -> dict`` replaces the default cleanup (``tuner.integrations.cleanup.run_cleanup``)."""
         self._cleanup_fn = fn
+
+    def set_loop_ngrams(self, min_n: int, max_n: int) -> None:
+        """The n-gram lengths the sidecar's loop detector looks at for this process's responses (default
+        1..8, right for word-piece tokens).  A byte-level tokenizer wants longer ones, e.g. 4..40, or
+        ``"   "`` already counts as a loop."""
+        if 1 <= min_n <= max_n <= LOOP_MAX_N:
+            self._loop_ngrams = (int(min_n), int(max_n))
 
     def register_cache(self, obj: object) -> None:
         """A cache (``obj.clear()``) the cleanup policy may empty.  Held by a strong reference."""
@@ -628,6 +642,8 @@ class Client:
             "temperature": _opt_float(r.temperature),
             "precision": r.precision if isinstance(r.precision, str) else None,
         }
+        if r.loop_ngrams is not None:
+            msg["loop_min_n"], msg["loop_max_n"] = r.loop_ngrams
         if self._record_text and r.texts:
             msg["text"] = "".join(r.texts)[:200_000]
         return msg
