@@ -71,3 +71,32 @@ def test_repetition_throughput(benchmark: Any) -> None:
     benchmark.pedantic(all_measures, rounds=5, iterations=1)
     print(f"\nrepetition throughput: {info}")
     assert info["with_distinct_2_tokens_per_second"] >= 1_000_000, info
+
+
+@pytest.mark.bench
+def test_repetition_throughput_byte_level(benchmark: Any) -> None:
+    """Byte tokens with the loop range a byte-level model needs (4..40): more candidates per token."""
+    import pydoc_data.topics
+    from pathlib import Path
+
+    text = Path(pydoc_data.topics.__file__).read_bytes()[:200_000]
+    responses = [list(text[i : i + 400]) for i in range(0, len(text) - 400, 400)]
+    tokens = sum(map(len, responses))
+
+    def default_range() -> None:
+        for r in responses:
+            response_repetition(r)
+
+    def byte_range() -> None:
+        for r in responses:
+            response_repetition(r, loop_min_n=4, loop_max_n=40)
+
+    info = {
+        "tokens": tokens,
+        "loop_1_8_tokens_per_second": round(best_rate(default_range, tokens)),
+        "loop_4_40_tokens_per_second": round(best_rate(byte_range, tokens)),
+    }
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(byte_range, rounds=3, iterations=1)
+    print(f"\nrepetition throughput on bytes of pydoc_data/topics.py: {info}")
+    assert info["loop_4_40_tokens_per_second"] >= 500_000, info
