@@ -434,3 +434,14 @@ def test_flood_200_client_processes_sidecar_memory_stays_bounded(tmp_path: Any) 
     assert max(rss) - rss[0] < 100e6  # bounded queue (20k messages, 32 MB) + buffers, not the offered load
     assert res["requests"].get(str(polite.pid), 0) > 0  # the well-behaved client was still heard
     assert res["dropped"] >= res["stats"]["dropped"]
+
+
+def test_a_large_valid_message_arrives_whole(server: ChannelServer) -> None:
+    c = raw(server.path)
+    ids = list(range(150_000))  # ~1 MB of JSON would be refused; this is ~0.9 MB
+    frame = encode({"type": "request", "tokens": len(ids), "created": 1.0, "end": 2.0, "ids": ids})
+    assert 800_000 < len(frame) < 1 << 20
+    c.sendall(frame + status(9))
+    got = wait_for(lambda: [m for _, m in server.drain() if m["type"] in ("request", "status")] or None)
+    assert got[0]["type"] == "request" and got[0]["ids"] == ids and got[0]["tokens"] == 150_000
+    assert server.stats()["malformed"] == 0

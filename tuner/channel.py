@@ -18,7 +18,7 @@ closing appear as ``client_connect`` / ``client_disconnect`` messages (types no 
 Memory is bounded everywhere: the inbound queue (count and bytes; the oldest message is dropped and
 counted when full), each connection's input (one frame at most) and output buffer (a message that
 does not fit is dropped and counted), the number of connections.  A flooding connection gets at most 64 messages
-parsed per turn and is not read while 64 KiB of its input wait, so it cannot starve the others; what it
+parsed per turn and is not read while complete frames of it wait, so it cannot starve the others; what it
 sends faster than that waits in the kernel and, in the end, in its own bounded queue.
 """
 
@@ -418,8 +418,10 @@ class ChannelServer:
             self._sel.register(sock, selectors.EVENT_READ, c)
 
     def _read(self, c: _Conn) -> None:
-        """Take more bytes only while the connection's unparsed input is small (backpressure), then parse."""
-        if len(c.inbuf) >= READ_CHUNK:
+        """Take more bytes only when no complete frame of this connection waits (backpressure), then parse.
+
+        So its input holds at most one incomplete frame (<= max_message_bytes) plus one read."""
+        if c.n in self._backlog:
             self._parse(c)
             return
         try:
