@@ -445,3 +445,50 @@ def test_a_large_valid_message_arrives_whole(server: ChannelServer) -> None:
     got = wait_for(lambda: [m for _, m in server.drain() if m["type"] in ("request", "status")] or None)
     assert got[0]["type"] == "request" and got[0]["ids"] == ids and got[0]["tokens"] == 150_000
     assert server.stats()["malformed"] == 0
+
+
+def test_out_of_file_descriptors_the_sidecar_waits_instead_of_spinning(tmp_path: Any) -> None:
+    script = """
+import json, os, resource, sys, time
+from tuner.channel import ChannelServer
+s = ChannelServer(directory=sys.argv[1])
+s.start()
+resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+print("up", flush=True)
+sys.stdin.readline()
+t = os.times()
+time.sleep(1.5)
+u = os.times()
+print(json.dumps({"cpu": u.user + u.system - t.user - t.system, **s.stats()}), flush=True)
+sys.stdin.readline()
+print(json.dumps(s.stats()), flush=True)
+s.close()
+"""
+    side = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=tuner_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert side.stdout is not None and side.stdin is not None
+    assert side.stdout.readline().strip() == "up"
+    path = str(tmp_path / "channel.sock")
+    socks = []
+    for _ in range(60):  # more than the sidecar may hold open; the rest wait in the listen backlog
+        socks.append(raw(path))
+    time.sleep(0.3)
+    side.stdin.write("measure\n")
+    side.stdin.flush()
+    first = json.loads(side.stdout.readline())
+    assert first["cpu"] < 0.5, first  # a spinning accept loop would burn ~1.5 s here
+    assert 0 < first["clients"] < 60
+    socks[0].sendall(status(4))  # an accepted connection is still served
+    time.sleep(0.3)
+    side.stdin.write("stats\n")
+    side.stdin.flush()
+    assert json.loads(side.stdout.readline())["received"] >= 1
+    side.stdin.close()
+    side.wait(10)
+    for s in socks:
+        s.close()

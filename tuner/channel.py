@@ -390,7 +390,8 @@ class ChannelServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                return  # EMFILE and friends: the pending peer waits in the backlog
+                time.sleep(0.05)  # EMFILE and friends: the listener stays readable; do not spin on it
+                return
             try:
                 pid, uid, _gid = self._peer_cred(sock)
             except OSError:
