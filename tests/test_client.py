@@ -314,8 +314,9 @@ def test_sidecar_gone_mid_run_then_a_new_one_on_the_same_path() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_sidecar_sigkilled_the_child_finishes(tmp_path: Path) -> None:
-    """A real sidecar process SIGKILLed: the socket file stays behind, nobody answers; the child goes on."""
+def test_sidecar_sigkilled_the_child_finishes_and_reconnects(tmp_path: Path) -> None:
+    """A real sidecar process SIGKILLed: the socket file stays behind, nobody answers; the child goes on and
+    a new sidecar on the same path gets it back."""
     sidecar = subprocess.Popen(
         [
             sys.executable,
@@ -339,7 +340,17 @@ def test_sidecar_sigkilled_the_child_finishes(tmp_path: Path) -> None:
     time.sleep(0.7)
     sidecar.kill()
     sidecar.wait()
-    out, err = p.communicate(timeout=30)
+    assert (tmp_path / "channel.sock").exists()  # stale: nobody listens behind it
+    time.sleep(0.3)
+    fresh = ChannelServer(directory=str(tmp_path))  # replaces the stale socket file
+    fresh.start()
+    try:
+        col = Collector(fresh, time.monotonic())
+        got = wait_for(lambda: col.of("request"), timeout=10)
+        assert got[0].data["pid"] == p.pid  # the same inference, reconnected to the new sidecar
+        out, err = p.communicate(timeout=30)
+    finally:
+        fresh.close()
     assert p.returncode == 0, err
     assert json.loads(out) == {"done": 100}
 
