@@ -1,0 +1,180 @@
+"""Glue for a hand-written torch decode loop: the tuner client calls in the places they belong.
+
+```python
+loop = TorchLoop(model, temperature=0.8, batch_size=8)      # connects; registers precision handling
+while serving:
+    s = loop.settings()                  # knobs read once per batch (temperature, penalty, batch size)
+    batch = queue.take(s.batch_size)
+    reqs = [loop.request(len(p), batch_size=len(batch), settings=s) for p in batch]   # already entered
+    ... decode with loop.model ...; reqs[i].token(tok)
+    for r in reqs: loop.finish(r)
+    loop.between_batches()               # runs pending precision/cleanup commands, reports memory
+```
+
+``loop.model`` is the model to use: a precision change may replace the module (int8 builds a new one).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner.integrations.cleanup import malloc_stats
+from tuner.integrations.precision import PrecisionManager
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    temperature: float
+    repetition_penalty: float
+    batch_size: int
+    precision: str
+
+
+class TrackedRequest:
+    """A client request opened at submit time (so queue time counts) and closed by :meth:`TorchLoop.finish`."""
+
+    __slots__ = ("_cm", "prompt_tokens", "r", "tokens")
+
+    def __init__(self, cm: Any, prompt_tokens: int) -> None:
+        self._cm = cm
+        self.r = cm.__enter__()
+        self.prompt_tokens = prompt_tokens
+        self.tokens = 0
+
+    def started(self, settings: BatchSettings | None = None, batch_size: int | None = None) -> None:
+        """Decoding began (ends queue time); records the batch it runs in (size, capacity, temperature,
+        precision) when the request was opened before its batch was known."""
+        self.r.started()
+        if settings is not None:
+            for name, value in (("batch_size", batch_size), ("batch_capacity", settings.batch_size),
+                                ("temperature", settings.temperature), ("precision", settings.precision)):
+                if value is not None and hasattr(self.r, name):
+                    setattr(self.r, name, value)
+
+    def token(self, ids: int | list[int]) -> None:
+        self.r.token(ids)
+        self.tokens += 1 if isinstance(ids, int) else len(ids)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(type(exc) if exc else None, exc, None)
+
+
+class TorchLoop:
+    """Owns the client side of a decode loop: knobs, request timing, precision and cleanup handlers.
+
+    ``temperature`` / ``repetition_penalty`` / ``batch_size`` are what the user asked for; the sidecar's knobs
+    override them while set.  ``canary`` (``fn(model) -> next-token logits``) turns on the precision quality
+    guard (``max_kl`` / ``min_top1``).  ``caches`` are registered for the cleanup policy.  ``extra_allocated``
+    is called for bytes the loop holds outside the C heap's view (none on CPU; e.g. pinned buffers).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        client: Any = None,
+        temperature: float = 0.8,
+        repetition_penalty: float = 1.0,
+        batch_size: int = 8,
+        max_batch_size: int = 1024,
+        canary: Callable[[nn.Module], torch.Tensor] | None = None,
+        max_kl: float | None = None,
+        min_top1: float | None = None,
+        caches: Sequence[object] = (),
+        reference: str = "disk",
+    ) -> None:
+        if client is None:
+            from tuner import client as tuner_client
+
+            client = tuner_client.connect()
+        self.client = client
+        self.temperature = temperature
+        self.repetition_penalty = repetition_penalty
+        self.batch_size = batch_size
+        self.max_batch_size = max_batch_size
+        self.precision = PrecisionManager(model, reference=reference, canary=canary, max_kl=max_kl, min_top1=min_top1)
+        self.precision_changes: list[dict[str, Any]] = []
+        client.on_precision(self._on_precision)
+        for cache in caches:
+            client.register_cache(cache)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.precision.model
+
+    def _on_precision(self, precision: str) -> dict[str, Any]:
+        result = self.precision.set(precision)  # raises PrecisionError with the reason to refuse
+        self.precision_changes.append(result)
+        return result
+
+    def settings(self) -> BatchSettings:
+        """The knobs for the next batch (read once per batch, never mid-batch)."""
+        k = self.client.knobs
+        t = k.temperature if k.temperature is not None else self.temperature
+        rp = k.repetition_penalty if k.repetition_penalty is not None else self.repetition_penalty
+        bs = k.batch_size if k.batch_size is not None else self.batch_size
+        return BatchSettings(
+            temperature=max(0.0, float(t)),
+            repetition_penalty=max(1e-3, float(rp)),
+            batch_size=max(1, min(int(bs), self.max_batch_size)),
+            precision=self.precision.precision,
+        )
+
+    def request(self, prompt_tokens: int, *, batch_size: int | None = None,
+                settings: BatchSettings | None = None) -> TrackedRequest:
+        s = settings
+        cm = self.client.request(
+            prompt_tokens=prompt_tokens,
+            batch_size=batch_size,
+            batch_capacity=s.batch_size if s else None,
+            temperature=s.temperature if s else None,
+            precision=s.precision if s else self.precision.precision,
+        )
+        return TrackedRequest(cm, prompt_tokens)
+
+    def finish(self, req: TrackedRequest, exc: BaseException | None = None) -> None:
+        req.close(exc)
+
+    def memory(self) -> tuple[int | None, int | None]:
+        """(allocated, reserved) bytes of the framework's allocator: CUDA's caching allocator when the model
+        is on CUDA, else the C heap (glibc ``mallinfo2``), where torch's CPU tensors live."""
+        dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        if dev.type == "cuda":
+            return int(torch.cuda.memory_allocated(dev)), int(torch.cuda.memory_reserved(dev))
+        stats = malloc_stats()
+        if stats is None:
+            return None, None
+        return stats["allocated_bytes"], stats["reserved_bytes"]
+
+    def between_batches(self) -> None:
+        """Run the sidecar's pending commands here (never mid-batch) and report allocator figures."""
+        self.client.poll()
+        allocated, reserved = self.memory()
+        if allocated is not None:
+            self.client.report_memory(allocated, reserved)
+
+    def handle_oom(self, exc: BaseException, batch_size: int) -> bool:
+        """Call from ``except``: True when ``exc`` is an out-of-memory error (reported, memory freed) and the
+        batch may be retried smaller; False when it is something else (re-raise it)."""
+        oom = isinstance(exc, torch.OutOfMemoryError) or (
+            isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+        )
+        if not oom:
+            return False
+        self.client.report_oom(batch_size)
+        gc.collect()
+        if "torch" in sys.modules and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
+
+    def close(self) -> None:
+        self.precision.close()
