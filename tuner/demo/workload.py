@@ -1,0 +1,405 @@
+"""The demo's inference process: the built-in model serving a Poisson stream of prompts.
+
+``python -m tuner.demo.workload --duration S | --requests N | --serve [--leak] [--seed N] [--rate R]``
+
+- Requests arrive as a Poisson process (``--rate`` per second) with prompts cut from the held-out part of
+  the corpus and a response length drawn per request; an arrival thread opens each request with the
+  tuner client at its arrival, so queue time is real.  A full queue (``--max-queue``) rejects arrivals.
+- The serving loop forms static batches of up to ``c.knobs.batch_size`` (default ``--batch-size``),
+  samples at ``c.knobs.temperature`` (default ``--temperature``, the user's request) and
+  ``c.knobs.repetition_penalty``, streams every token to the client, and between batches calls
+  ``c.poll()`` (precision / cleanup commands run there) and reports the C heap's allocator figures.
+- ``--leak`` injects a realistic bug: a per-conversation prefix cache (prompt -> copies of the KV tensors of
+  prompt and response, for a follow-up turn; ~1-1.5 MB a request) that is looked up but never evicted; it
+  is registered with
+  ``c.register_cache`` so the cleanup policy can clear it.
+- ``--mirostat`` samples with Mirostat v2 (tau 5, eta 0.1) instead of temperature (a policy baseline).
+- Ends with one JSON line on stdout: its own measurements (requests, tokens/s, latencies, repetition,
+  RSS, leak size); ``--report PATH`` also writes one JSON line per finished request.
+
+Without ``TUNER_SOCKET`` the client is a no-op and the workload runs the same (the overhead baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+import torch
+
+from tuner.demo.curve import has_loop, rep_w, seq_rep_n
+from tuner.demo.model import BatchDecoder, TinyLlama, load
+from tuner.demo.sampling import Mirostat, SamplingParams, sample
+from tuner.demo.tokenizer import EOS, ByteTokenizer
+from tuner.demo.train import held_out_prompts
+from tuner.integrations.cleanup import rss_bytes
+from tuner.integrations.torch_loop import BatchSettings, TorchLoop, TrackedRequest
+
+
+class PrefixCache:
+    """The injected leak: prompt text -> copies of its per-layer KV tensors, never evicted.
+
+    It looks like a sensible optimization (a repeated prompt could skip prefill) but nothing bounds it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.lookups = 0
+
+    def lookup(self, prompt: str) -> bool:
+        self.lookups += 1
+        hit = prompt in self._entries
+        self.hits += hit
+        return hit
+
+    def put(self, prompt: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if prompt in self._entries:
+            return
+        self._entries[prompt] = kv
+        self._bytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+@dataclass
+class Job:
+    prompt: str
+    ids: list[int]
+    max_new_tokens: int
+    arrived: float
+    req: TrackedRequest
+    out: list[int] = field(default_factory=list)
+    first_token: float | None = None
+    last_token: float | None = None
+    started: float | None = None
+    done: bool = False
+
+
+@dataclass
+class Stats:
+    done: list[dict[str, Any]] = field(default_factory=list)
+    rejected: int = 0
+    failed: int = 0
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    decode_seconds: float = 0.0
+
+
+class Arrivals(threading.Thread):
+    """Poisson arrivals: opens each request with the client as it arrives and queues it."""
+
+    def __init__(self, loop: TorchLoop, prompts: list[str], args: argparse.Namespace, q: queue.Queue[Job],
+                 stats: Stats, stop: threading.Event) -> None:
+        super().__init__(name="arrivals", daemon=True)
+        self.loop = loop
+        self.prompts = prompts
+        self.args = args
+        self.q = q
+        self.stats = stats
+        self.stop = stop
+        self.tok = ByteTokenizer()
+        self.rng = random.Random(args.seed)
+        self.count = 0
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.finished.set()
+
+    def _run(self) -> None:
+        a = self.args
+        t0 = time.monotonic()
+        deadline = t0 + a.duration if a.duration else None
+        next_at = t0
+        while not self.stop.is_set():
+            if a.requests is not None and self.count >= a.requests:
+                return
+            if deadline is not None and next_at >= deadline:
+                return
+            wait = next_at - time.monotonic()
+            if wait > 0 and self.stop.wait(wait):
+                return
+            prompt = self.prompts[self.rng.randrange(len(self.prompts))]
+            ids = self.tok.encode(prompt, bos=True)
+            max_new = self.rng.randint(a.min_new_tokens, a.max_new_tokens)
+            self.count += 1
+            if self.q.qsize() >= a.max_queue:
+                self.stats.rejected += 1
+            else:
+                req = self.loop.request(len(ids))
+                self.q.put(Job(prompt, ids, max_new, time.monotonic(), req))
+            next_at += self.rng.expovariate(a.rate) if a.rate > 0 else 0.0
+
+
+def take_batch(q: queue.Queue[Job], size: int, wait: float) -> list[Job]:
+    try:
+        jobs = [q.get(timeout=wait)]
+    except queue.Empty:
+        return []
+    while len(jobs) < size:
+        try:
+            jobs.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return jobs
+
+
+def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse.Namespace,
+              gen: torch.Generator, cache: PrefixCache | None, stats: Stats) -> None:
+    model = loop.model
+    assert isinstance(model, TinyLlama)  # int8 keeps the class; only its Linear layers are swapped
+    now = time.monotonic()
+    for j in jobs:
+        j.started = now
+        j.req.started(s, len(jobs))
+        if cache is not None:
+            cache.lookup(j.prompt)
+    max_new = max(j.max_new_tokens for j in jobs)
+    params = SamplingParams(temperature=s.temperature, repetition_penalty=s.repetition_penalty)
+    mirostat = Mirostat(len(jobs)) if args.mirostat else None
+    t_batch = time.monotonic()
+    with torch.inference_mode():
+        dec = BatchDecoder(model, [j.ids for j in jobs], max_new)
+        logits = dec.prefill()
+        for step in range(dec.max_new_tokens):
+            if mirostat is not None:
+                nxt = mirostat.sample(logits, gen)
+            else:
+                hist = [j.ids + j.out for j in jobs] if s.repetition_penalty != 1.0 else None
+                nxt = sample(logits, params, hist, gen)
+            t = time.monotonic()
+            for row, tok in enumerate(nxt.tolist()):
+                j = jobs[row]
+                if j.done:
+                    continue
+                if tok == EOS:
+                    finish(loop, j, stats, s, len(jobs))
+                    continue
+                j.out.append(tok)
+                j.req.token(tok)
+                if j.first_token is None:
+                    j.first_token = t
+                j.last_token = t
+                if len(j.out) >= j.max_new_tokens:
+                    finish(loop, j, stats, s, len(jobs))
+            if all(j.done for j in jobs) or step == dec.max_new_tokens - 1:
+                break
+            logits = dec.step(nxt)
+        if cache is not None:  # keep each conversation's KV (prompt + response) for a follow-up turn
+            for row, j in enumerate(jobs):
+                start = dec.prompt_len - len(dec.prompts[row])
+                cache.put(j.prompt, dec.cache.prefix(row, start, dec.prompt_len + len(j.out)))
+    for j in jobs:
+        if not j.done:
+            finish(loop, j, stats, s, len(jobs))
+    stats.decode_seconds += time.monotonic() - t_batch
+    stats.batches += 1
+    stats.batch_sizes.append(len(jobs))
+
+
+def finish(loop: TorchLoop, j: Job, stats: Stats, s: BatchSettings, batch_size: int) -> None:
+    j.done = True
+    end = time.monotonic()
+    loop.finish(j.req)
+    n = len(j.out)
+    rec: dict[str, Any] = {
+        "prompt_tokens": len(j.ids),
+        "tokens": n,
+        "queue_seconds": (j.started or end) - j.arrived,
+        "ttft_seconds": (j.first_token - j.arrived) if j.first_token is not None else None,
+        "tpot_seconds": ((j.last_token or 0.0) - (j.first_token or 0.0)) / (n - 1) if n > 1 else None,
+        "e2e_seconds": end - j.arrived,
+        "seq_rep_4": seq_rep_n(j.out),
+        "rep_32": rep_w(j.out),
+        "loop": has_loop(j.out),
+        "batch_size": batch_size,
+        "temperature": s.temperature,
+        "precision": s.precision,
+    }
+    stats.done.append(rec)
+
+
+def _p(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    vs = sorted(values)
+    return vs[min(len(vs) - 1, int(q * len(vs)))]
+
+
+def summary(stats: Stats, seconds: float, args: argparse.Namespace, rss_start: int,
+            cache: PrefixCache | None, loop: TorchLoop, connected: bool) -> dict[str, Any]:
+    done = stats.done
+    tokens = sum(r["tokens"] for r in done)
+    ttft = [r["ttft_seconds"] for r in done if r["ttft_seconds"] is not None]
+    tpot = [r["tpot_seconds"] for r in done if r["tpot_seconds"] is not None]
+    return {
+        "workload": "tuner.demo",
+        "client_connected": connected,
+        "requests_done": len(done),
+        "requests_rejected": stats.rejected,
+        "requests_failed": stats.failed,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "decode_seconds": round(stats.decode_seconds, 3),
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "decode_tokens_per_second": tokens / stats.decode_seconds if stats.decode_seconds > 0 else None,
+        "batches": stats.batches,
+        "mean_batch_size": statistics.fmean(stats.batch_sizes) if stats.batch_sizes else None,
+        "ttft_p50_seconds": _p(ttft, 0.5),
+        "ttft_p95_seconds": _p(ttft, 0.95),
+        "tpot_p50_seconds": _p(tpot, 0.5),
+        "seq_rep_4_mean": statistics.fmean(r["seq_rep_4"] for r in done) if done else None,
+        "loop_share": statistics.fmean(1.0 if r["loop"] else 0.0 for r in done) if done else None,
+        "rss_start_bytes": rss_start,
+        "rss_end_bytes": rss_bytes(),
+        "leak": bool(args.leak),
+        "leak_entries": len(cache) if cache is not None else 0,
+        "leak_bytes": cache.nbytes() if cache is not None else 0,
+        "precision": loop.precision.precision,
+        "precision_changes": loop.precision_changes,
+        "seed": args.seed,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m tuner.demo.workload", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--duration", type=float, help="seconds of arrivals (then the queue is served and it exits)")
+    g.add_argument("--requests", type=int, help="number of arrivals")
+    g.add_argument("--serve", action="store_true", help="serve until SIGINT/SIGTERM")
+    ap.add_argument("--leak", action="store_true", help="inject the never-evicted prefix cache")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second (0 = all at once)")
+    ap.add_argument("--batch-size", type=int, default=8, help="batch size when the knob is unset")
+    ap.add_argument("--temperature", type=float, default=0.8, help="the requested temperature (knob default)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--mirostat", action="store_true", help="sample with Mirostat v2 (tau 5, eta 0.1)")
+    ap.add_argument("--min-new-tokens", type=int, help="shortest response asked for (default min(32, max))")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="longest response asked for (default 96)")
+    ap.add_argument("--max-queue", type=int, default=512, help="arrivals beyond this many queued are rejected")
+    ap.add_argument("--prompts", type=int, default=256, help="distinct held-out prompts to draw from")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--report", metavar="PATH", help="also write one JSON line per finished request here")
+    args = ap.parse_args(argv)
+    if args.duration is None and args.requests is None and not args.serve:
+        args.duration = 120.0
+    for name in ("duration", "rate"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            ap.error(f"--{name} must be >= 0")
+    if args.requests is not None and args.requests < 0:
+        ap.error("--requests must be >= 0")
+    if args.min_new_tokens is None:
+        args.min_new_tokens = min(32, args.max_new_tokens)
+    if args.batch_size < 1 or not (1 <= args.min_new_tokens <= args.max_new_tokens <= 200):
+        ap.error("need --batch-size >= 1 and 1 <= --min-new-tokens <= --max-new-tokens <= 200")
+    return args
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tuner import client as tuner_client
+
+    c = tuner_client.connect()
+    rss_start = rss_bytes()
+    model = load()
+    tok = ByteTokenizer()
+    canary_ids = [tok.encode(p, bos=True) for p in held_out_prompts(8, seed=1000 + args.seed, max_bytes=96)]
+
+    def canary(m: torch.nn.Module) -> torch.Tensor:
+        dec = BatchDecoder(m, canary_ids, 1)  # type: ignore[arg-type]  # int8: same class, quantized layers
+        return dec.prefill()
+
+    cache = PrefixCache() if args.leak else None
+    loop = TorchLoop(model, client=c, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                     batch_size=args.batch_size, canary=canary, caches=[cache] if cache is not None else [])
+    prompts = held_out_prompts(args.prompts, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    stats = Stats()
+    q: queue.Queue[Job] = queue.Queue()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    arrivals = Arrivals(loop, prompts, args, q, stats, stop)
+    t0 = time.monotonic()
+    arrivals.start()
+    report = open(args.report, "w") if args.report else None  # noqa: SIM115
+    written = 0
+    try:
+        while True:
+            if stop.is_set():
+                break
+            s = loop.settings()
+            jobs = take_batch(q, s.batch_size, 0.1)
+            if not jobs:
+                loop.between_batches()  # idle: commands still run promptly
+                if arrivals.finished.is_set() and q.empty():
+                    break
+                continue
+            try:
+                run_batch(loop, jobs, s, args, gen, cache, stats)
+            except Exception as exc:
+                if not loop.handle_oom(exc, len(jobs)):
+                    raise
+                stats.failed += sum(1 for j in jobs if not j.done)
+                for j in jobs:
+                    if not j.done:
+                        j.done = True
+                        loop.finish(j.req, exc)
+            loop.between_batches()
+            if report is not None:
+                for rec in stats.done[written:]:
+                    report.write(json.dumps(rec) + "\n")
+                written = len(stats.done)
+    finally:
+        stop.set()
+        seconds = time.monotonic() - t0
+        while True:  # arrivals never served: close them as failed so the client does not keep them open
+            try:
+                j = q.get_nowait()
+            except queue.Empty:
+                break
+            stats.failed += 1
+            j.req.close(RuntimeError("not served before the workload stopped"))
+        if report is not None:
+            for rec in stats.done[written:]:
+                report.write(json.dumps(rec) + "\n")
+            report.close()
+        connected = bool(getattr(c, "connected", False))
+        print(json.dumps(summary(stats, seconds, args, rss_start, cache, loop, connected)), file=out, flush=True)
+        loop.close()
+        c.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
