@@ -559,3 +559,29 @@ def test_a_byte_level_client_chooses_longer_loop_ngrams(server: ChannelServer) -
     assert p.returncode == 0, err
     reqs = wait_for(lambda: (r := col.of("request")) and len(r) == 4 and r)
     assert [e.data["loop"] for e in reqs] == [True, False, False, True]  # 1..8: spaces loop, phrase too long
+
+
+def test_numpy_and_torch_token_ids_are_accepted(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        import numpy as np, torch
+        from tuner import client
+        c = client.connect()
+        with c.request(prompt_tokens=1) as r:
+            r.token(np.array([1, 2, 3]))          # an array
+            r.token(np.int64(4))                  # a numpy scalar
+            r.token([np.int32(5), np.int64(6)])   # a list of numpy scalars
+            r.token(torch.tensor([7, 8]))         # a tensor
+            r.token(torch.tensor(9))              # a 0-d tensor
+            r.token((10, 11))                     # a tuple
+        c.close()
+        """,
+        server.path,
+    )
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    (req,) = wait_for(lambda: col.of("request"))
+    assert req.data["tokens"] == 11
+    assert req.data["rep_32"] == 0.0 and req.data["seq_rep_4"] == 0.0  # ids 1..11 arrived as ids, all distinct
+    assert server.stats()["malformed"] == 0

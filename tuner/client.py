@@ -579,7 +579,10 @@ class Client:
         return True
 
     def _put(self, msg: dict[str, Any]) -> bool:
-        frame: bytes | None = _frame(msg)
+        try:
+            frame: bytes | None = _frame(msg)
+        except (TypeError, ValueError):  # NaN/inf or an unencodable value from a handler: drop, count
+            return False
         if frame is not None and len(frame) - 4 > self._max_message:
             frame = self._shrink(msg)
         if frame is None:
@@ -608,6 +611,7 @@ class Client:
             msg = self._control.popleft()
             self._put(msg)
         q = self._queue
+        done = 0
         while q and len(self._out) < OUT_BUFFER_BYTES:
             try:
                 req, end = q.popleft()
@@ -617,6 +621,9 @@ class Client:
                 self._sent += 1
             else:
                 self._dropped += 1
+            done += 1
+            if done % 32 == 0:
+                time.sleep(0)  # hand the GIL back to the inference between chunks (no convoy behind us)
 
     def _request_message(self, r: Request, end: float) -> dict[str, Any]:
         ids = r.ids
@@ -625,6 +632,7 @@ class Client:
         first = r.first
         span = end - started
         msg: dict[str, Any] = {
+            "v": VERSION,
             "type": "request",
             "id": r.id,
             "prompt_tokens": _opt_int(r.prompt_tokens),
@@ -636,7 +644,7 @@ class Client:
             "tpot_seconds": ((r.last - first) / (n - r.n_first)) if first is not None and n > r.n_first else None,
             "e2e_seconds": end - r.created,
             "tokens_per_second": (n / span) if span > 0 and n else None,
-            "ids": _int_ids(ids[:MAX_IDS]),
+            "ids": ids[:MAX_IDS] if n > MAX_IDS else ids,
             "batch_size": _opt_int(r.batch_size),
             "batch_capacity": _opt_int(r.batch_capacity),
             "temperature": _opt_float(r.temperature),
@@ -682,8 +690,21 @@ class Client:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
+_ENCODE_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _frame(msg: dict[str, Any]) -> bytes:
-    body = json.dumps({"v": VERSION, **msg}, separators=(",", ":"), default=str).encode()
+    if "v" not in msg:
+        msg = {"v": VERSION, **msg}
+    if msg.get("type") == "request":
+        try:  # token ids are plain ints nearly always: let the C encoder find out
+            body = _ENCODE_STRICT(msg).encode()
+        except TypeError:
+            msg = {**msg, "ids": _int_ids(msg.get("ids") or [])}
+            body = _ENCODE(msg).encode()
+    else:
+        body = _ENCODE(msg).encode()
     return _HEADER.pack(len(body)) + body
 
 

@@ -176,3 +176,81 @@ def test_idle_sender_thread_cpu(benchmark: Any) -> None:
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print(f"\nidle client CPU: {info}")
     assert float(share_on) < 0.01  # under 1% of a core
+
+
+DECODE = """
+import json, sys, time
+import numpy as np
+from tuner import client
+c = client.connect()
+time.sleep(0.3)
+rng = np.random.default_rng(0)
+dim = int(sys.argv[2])
+w = rng.standard_normal((dim, dim)).astype(np.float32)
+x = rng.standard_normal((8, dim)).astype(np.float32)
+seconds = float(sys.argv[1])
+t0 = time.perf_counter()
+tokens = 0
+while time.perf_counter() - t0 < seconds:
+    reqs = [c.request(prompt_tokens=16) for _ in range(8)]   # a batch of 8
+    for r in reqs:
+        r.__enter__()
+    for step in range(32):
+        y = np.tanh(x @ w)                                    # one "decode step"
+        ids = y.argmax(axis=1).tolist()
+        for r, i in zip(reqs, ids):
+            r.token(i)
+        tokens += 8
+    for r in reqs:
+        r.__exit__(None, None, None)
+    c.poll()
+print(json.dumps({"tokens_per_second": tokens / (time.perf_counter() - t0), "connected": c.connected}))
+c.close()
+"""
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("dim", [256, 2048])
+def test_decode_loop_with_client_on_vs_off(benchmark: Any, dim: int) -> None:
+    """A synthetic batched decode loop (8 sequences, a numpy step) with the client connected vs a NullClient.
+
+    dim 256: a ~10 us step — a stress case far faster than any model (thousands of requests/s);
+    dim 2048: a ~1 ms step, still faster than the demo model.  Alternating runs, median of 3 each;
+    goal for real models: slowdown <= 1% (the demo's own bench measures its model).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+
+    seconds = os.environ.get("TUNER_BENCH_SECONDS", "3")
+    server = ChannelServer()
+    server.start()
+    on: list[float] = []
+    off: list[float] = []
+    try:
+        for _ in range(3):
+            for env, out in ((tuner_env(TUNER_SOCKET=server.path), on), (tuner_env(), off)):
+                cp = subprocess.run(
+                    [sys.executable, "-c", DECODE, seconds, str(dim)], env=env, capture_output=True, text=True
+                )
+                res = json.loads(cp.stdout)
+                assert res["connected"] is (out is on), cp.stderr
+                out.append(res["tokens_per_second"])
+                server.drain()
+    finally:
+        server.close()
+    m_on, m_off = statistics.median(on), statistics.median(off)
+    info = {
+        "dim": dim,
+        "tokens_per_second_client_on": round(m_on),
+        "tokens_per_second_client_off": round(m_off),
+        "slowdown_percent": round((1 - m_on / m_off) * 100, 2),
+        "runs_on": [round(x) for x in on],
+        "runs_off": [round(x) for x in off],
+    }
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\ndecode loop, client on vs off: {info}")
