@@ -150,6 +150,8 @@ def test_other_uid_rejected_real_process(server: ChannelServer) -> None:
         encode({"type": "status", "active": "1", "dropped": 0}),  # wrong field type
         encode({"type": "status", "active": True, "dropped": 0}),  # bool is not an int here
         encode({"type": "request", "tokens": 1, "created": 0.0, "end": 1.0, "ids": ["a"]}),
+        encode({"type": "requests", "rows": [[1, 2, 3]]}),  # a row of the wrong shape
+        encode({"type": "requests", "rows": [[1, None, 1, 0.0, None, None, None, 0, 1.0, ["x"]] + [None] * 7]}),
         struct.pack(">I", 2) + b"[]",  # not an object
         struct.pack(">I", 4) + b"\xff\xfe\xfd\xfc",  # not UTF-8
     ],

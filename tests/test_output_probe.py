@@ -270,6 +270,15 @@ def messages(draw: st.DrawFn) -> dict[str, Any]:
     from tuner.channel import _REQUIRED, _SCHEMA
 
     kind = draw(st.sampled_from([*_SCHEMA, "client_connect", "other"]))
+    if kind == "requests":  # rows: well-typed mostly, in the channel's ROW_FIELDS order
+        from tuner.channel import ROW_FIELDS
+
+        def row() -> st.SearchStrategy[list[Any]]:
+            cells = [st.one_of(*[_BY_TYPE[t] for t in types if t in _BY_TYPE]) for _, types in ROW_FIELDS]
+            return st.tuples(*cells).map(list)
+
+        rows = draw(st.lists(row() | st.lists(json_scalar, max_size=17), max_size=4))
+        return {"v": 1, "type": "requests", "rows": rows}
     schema = _SCHEMA.get(kind, {})
     names = [*_REQUIRED.get(kind, ()), *draw(st.lists(st.sampled_from([*schema, "x"]), unique=True))]
     msg: dict[str, Any] = {"v": draw(st.sampled_from([1, 1, 1, 2])), "type": kind}
@@ -286,7 +295,7 @@ def test_fuzzed_messages_never_break_the_probe(msgs: list[dict[str, Any]], now: 
     """Whatever passes the channel's validation, the probe turns into sane values and strict-JSON events."""
     import json
 
-    from tuner.channel import MessageError, validate
+    from tuner.channel import MessageError, expand_rows, validate
 
     ch = ScriptedChannel()
     p = OutputProbe(ch, t0=0.0)
@@ -296,8 +305,9 @@ def test_fuzzed_messages_never_break_the_probe(msgs: list[dict[str, Any]], now: 
             ok = validate(body)
         except (MessageError, ValueError):
             continue
-        ok.update(pid=1, conn=1)
-        ch.pending.append((now, ok))
+        for one in expand_rows(ok) if ok["type"] == "requests" else [ok]:  # as the server does
+            one.update(pid=1, conn=1)
+            ch.pending.append((now, one))
     s = p.sample(now)
     for k, v in s.values.items():
         assert v is None or (isinstance(v, float) and math.isfinite(v)), (k, v)

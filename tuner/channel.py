@@ -79,6 +79,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
         "loop_min_n": (int, type(None)),
         "loop_max_n": (int, type(None)),
     },
+    "requests": {"rows": (list,)},
     "status": {"active": (int,), "dropped": (int,), "failed": (int,), "sent": (int,)},
     "oom": {"batch_size": (int, type(None))},
     "alloc": {"allocated_bytes": _OPT_NUM, "reserved_bytes": _OPT_NUM},
@@ -87,11 +88,35 @@ _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "hello": ("pid",),
     "request": ("tokens", "created", "end"),
+    "requests": ("rows",),
     "status": ("active", "dropped"),
     "oom": (),
     "alloc": (),
     "command_result": ("id", "cmd", "ok"),
 }
+
+
+# A ``requests`` message batches finished requests as rows (lists) in this order: raw monotonic stamps from
+# the client; the server derives the seconds the ``request`` messages carry (see ``expand_rows``).
+ROW_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("id", (int, str)),
+    ("prompt_tokens", (int, type(None))),
+    ("tokens", (int,)),
+    ("created", _NUM),
+    ("started", _OPT_NUM),
+    ("first", _OPT_NUM),
+    ("last", _OPT_NUM),
+    ("n_first", (int,)),
+    ("end", _NUM),
+    ("ids", _LIST),
+    ("batch_size", (int, type(None))),
+    ("batch_capacity", (int, type(None))),
+    ("temperature", _OPT_NUM),
+    ("precision", _OPT_STR),
+    ("loop_min_n", (int, type(None))),
+    ("loop_max_n", (int, type(None))),
+    ("text", _OPT_STR),
+)
 
 
 class MessageError(ValueError):
@@ -135,10 +160,50 @@ def validate(body: bytes) -> dict[str, Any]:
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1 << 63:
                 raise MessageError(f"{kind}: {name} out of range")
     if kind == "request" and "ids" in msg:
-        ids = msg["ids"]
-        if not all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in ids):
-            raise MessageError("request: ids must be 64-bit integers")
+        _check_ids(msg["ids"])
+    if kind == "requests":
+        for row in msg["rows"]:
+            if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
+                raise MessageError("requests: a row of the wrong shape")
+            for value, (name, types) in zip(row, ROW_FIELDS, strict=True):
+                if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                    raise MessageError(f"requests: bad {name}")
+                if type(value) is int and abs(value) > 1 << 63:
+                    raise MessageError(f"requests: {name} out of range")
+            _check_ids(row[9])
     return msg
+
+
+def _check_ids(ids: list[Any]) -> None:
+    if not all(type(i) is int and -(1 << 63) <= i < 1 << 63 for i in ids):
+        raise MessageError("request: ids must be 64-bit integers")
+
+
+def expand_rows(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """A validated ``requests`` message -> one ``request`` message per row, with the derived timings:
+    queue = started - created (0 without started), TTFT = first - created, TPOT = (last - first) /
+    (tokens - tokens of the first call), e2e = end - created, tokens/s = tokens / (end - started)."""
+    out = []
+    for row in msg["rows"]:
+        r = dict(zip((name for name, _ in ROW_FIELDS), row, strict=True))
+        created, end, n = r["created"], r["end"], r["tokens"]
+        started = r.pop("started")
+        started = created if started is None else started
+        first, last, n_first = r.pop("first"), r.pop("last"), r.pop("n_first")
+        span = end - started
+        r["type"] = "request"
+        r["v"] = VERSION
+        r["queue_seconds"] = started - created
+        r["ttft_seconds"] = first - created if first is not None else None
+        r["tpot_seconds"] = (
+            (last - first) / (n - n_first) if first is not None and last is not None and n > n_first else None
+        )
+        r["e2e_seconds"] = end - created
+        r["tokens_per_second"] = n / span if span > 0 and n else None
+        if r["text"] is None:
+            del r["text"]
+        out.append(r)
+    return out
 
 
 def peer_allowed(uid: int, my_uid: int) -> bool:
@@ -460,6 +525,12 @@ class ChannelServer:
             except MessageError:
                 bad = True
                 break
+            if msg["type"] == "requests":
+                rows = expand_rows(msg)
+                for r in rows:
+                    r["pid"], r["conn"] = c.pid, c.n
+                    good.append((r, size // max(1, len(rows))))
+                continue
             msg["pid"] = c.pid
             msg["conn"] = c.n
             good.append((msg, size))

@@ -10,7 +10,8 @@ with c.request(prompt_tokens=n) as r:
 c.poll()                             # between batches: runs commands the sidecar sent (on this thread)
 ```
 
-What is timed (``time.monotonic()``, in this process):
+What is timed (``time.monotonic()`` stamps taken in this process; the sidecar turns them into seconds,
+``tuner.channel.expand_rows``):
 
 - ``queue_seconds`` = ``started()`` - ``request()`` (0 when ``started()`` is never called);
 - ``ttft_seconds`` = first ``token()``/``text()`` - ``request()`` (what the user waits, queue included);
@@ -28,10 +29,11 @@ Design — the inference comes first:
   syscall) and a ``list.append``.  No lock, no I/O.  The finished request goes, as one item, onto a
   bounded ``deque``; when it is full the oldest is dropped and counted.
 - A daemon sender thread does everything else: connects (and reconnects with back-off when the sidecar
-  goes away, so a new sidecar on the same path is picked up), encodes, sends without blocking, receives
-  knobs and commands.  The token ids go to the sidecar, which computes the repetition measures there:
-  encoding ids costs the inference process ~0.03 us a token, computing seq-rep-4/rep-32/loop here would
-  cost ~0.4 us a token of this process's GIL (see tests/bench/test_bench_client.py).
+  goes away, so a new sidecar on the same path is picked up), encodes finished requests in batches (one
+  ``requests`` frame of up to 256 rows), sends without blocking, receives knobs and commands.  The token
+  ids go to the sidecar, which computes the repetition measures there: encoding ids costs this process
+  ~0.1 us a token, computing seq-rep-4/rep-32/loop here would cost ~0.7 us a token of its GIL; the
+  sender's whole cost is ~0.3 us a token (tests/bench/test_bench_client.py).
 - Knobs arrive as a new frozen ``Knobs`` object swapped into ``c.knobs`` (one atomic assignment).
 - Commands (``precision``, ``cleanup``) run on the inference's own thread inside ``poll()``; their
   result goes back as ``command_result``.
@@ -73,6 +75,9 @@ BACKOFF_MAX_S = 2.0
 MAX_FRAME = 1 << 20
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 LOOP_MAX_N = 64
+ROWS_PER_FRAME = 256
+ROW_IDS = 9  # positions in a ``requests`` row (tuner.channel.ROW_FIELDS)
+ROW_TEXT = 16
 
 _monotonic = time.monotonic
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
@@ -580,81 +585,91 @@ class Client:
 
     def _put(self, msg: dict[str, Any]) -> bool:
         try:
-            frame: bytes | None = _frame(msg)
+            frame = _frame(msg)
         except (TypeError, ValueError):  # NaN/inf or an unencodable value from a handler: drop, count
             return False
-        if frame is not None and len(frame) - 4 > self._max_message:
-            frame = self._shrink(msg)
-        if frame is None:
-            return False
-        if len(self._out) + len(frame) > OUT_BUFFER_BYTES:
+        if len(frame) - 4 > self._max_message or len(self._out) + len(frame) > OUT_BUFFER_BYTES:
             return False
         self._out += frame
         return True
-
-    def _shrink(self, msg: dict[str, Any]) -> bytes | None:
-        """A request too big for the sidecar's limit: drop its text, then keep the first ids that fit."""
-        msg = dict(msg)
-        msg.pop("text", None)
-        ids = list(msg.get("ids") or [])
-        while True:
-            frame = _frame(msg)
-            if len(frame) - 4 <= self._max_message:
-                return frame
-            if not ids:
-                return None
-            ids = ids[: len(ids) // 2]
-            msg["ids"] = ids
 
     def _fill_out(self) -> None:
         while self._control and len(self._out) < OUT_BUFFER_BYTES:
             msg = self._control.popleft()
             self._put(msg)
         q = self._queue
-        done = 0
         while q and len(self._out) < OUT_BUFFER_BYTES:
-            try:
-                req, end = q.popleft()
-            except IndexError:
-                break
-            if self._put(self._request_message(req, end)):
-                self._sent += 1
-            else:
-                self._dropped += 1
-            done += 1
-            if done % 32 == 0:
-                time.sleep(0)  # hand the GIL back to the inference between chunks (no convoy behind us)
+            rows: list[list[Any]] = []
+            while q and len(rows) < ROWS_PER_FRAME:
+                try:
+                    req, end = q.popleft()
+                except IndexError:
+                    break
+                rows.append(self._row(req, end))
+            sent = self._put_rows(rows)
+            self._sent += sent
+            self._dropped += len(rows) - sent
+            time.sleep(0)  # hand the GIL back to the inference between batches (no convoy behind us)
 
-    def _request_message(self, r: Request, end: float) -> dict[str, Any]:
+    def _row(self, r: Request, end: float) -> list[Any]:
+        """One finished request as a ``requests`` row (``tuner.channel.ROW_FIELDS`` order): raw monotonic
+        stamps; the sidecar derives queue/TTFT/TPOT/e2e from them with the formulas in this module's doc."""
         ids = r.ids
         n = len(ids)
-        started = r.t_started if r.t_started is not None else r.created
-        first = r.first
-        span = end - started
-        msg: dict[str, Any] = {
-            "v": VERSION,
-            "type": "request",
-            "id": r.id,
-            "prompt_tokens": _opt_int(r.prompt_tokens),
-            "tokens": n,
-            "created": r.created,
-            "end": end,
-            "queue_seconds": started - r.created,
-            "ttft_seconds": (first - r.created) if first is not None else None,
-            "tpot_seconds": ((r.last - first) / (n - r.n_first)) if first is not None and n > r.n_first else None,
-            "e2e_seconds": end - r.created,
-            "tokens_per_second": (n / span) if span > 0 and n else None,
-            "ids": ids[:MAX_IDS] if n > MAX_IDS else ids,
-            "batch_size": _opt_int(r.batch_size),
-            "batch_capacity": _opt_int(r.batch_capacity),
-            "temperature": _opt_float(r.temperature),
-            "precision": r.precision if isinstance(r.precision, str) else None,
-        }
-        if r.loop_ngrams is not None:
-            msg["loop_min_n"], msg["loop_max_n"] = r.loop_ngrams
-        if self._record_text and r.texts:
-            msg["text"] = "".join(r.texts)[:200_000]
-        return msg
+        ng = r.loop_ngrams
+        return [
+            r.id,
+            _opt_int(r.prompt_tokens),
+            n,
+            r.created,
+            r.t_started,
+            r.first,
+            r.last if r.first is not None else None,
+            r.n_first,
+            end,
+            ids[:MAX_IDS] if n > MAX_IDS else ids,
+            _opt_int(r.batch_size),
+            _opt_int(r.batch_capacity),
+            _opt_float(r.temperature),
+            r.precision if isinstance(r.precision, str) else None,
+            ng[0] if ng else None,
+            ng[1] if ng else None,
+            "".join(r.texts)[:200_000] if self._record_text and r.texts else None,
+        ]
+
+    def _put_rows(self, rows: list[list[Any]]) -> int:
+        """Frame rows as one ``requests`` message (split when over the sidecar's limit); returns rows sent."""
+        if not rows:
+            return 0
+        msg = {"v": VERSION, "type": "requests", "rows": rows}
+        try:
+            body = _ENCODE_STRICT(msg).encode()
+        except TypeError:  # numpy / torch scalars among the ids
+            for row in rows:
+                row[ROW_IDS] = _int_ids(row[ROW_IDS])
+            try:
+                body = _ENCODE_STRICT(msg).encode()
+            except (TypeError, ValueError):
+                return 0
+        except ValueError:
+            return 0
+        if len(body) > self._max_message:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                return self._put_rows(rows[:half]) + self._put_rows(rows[half:])
+            row = list(rows[0])
+            if row[ROW_TEXT] is not None:
+                row[ROW_TEXT] = None
+            elif row[ROW_IDS]:
+                row[ROW_IDS] = row[ROW_IDS][: len(row[ROW_IDS]) // 2]
+            else:
+                return 0
+            return self._put_rows([row])
+        if len(self._out) + len(body) + 4 > OUT_BUFFER_BYTES:
+            return 0
+        self._out += _HEADER.pack(len(body))
+        self._out += body
+        return len(rows)
 
     def _parse(self) -> None:
         buf = self._in
@@ -695,16 +710,7 @@ _ENCODE_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _frame(msg: dict[str, Any]) -> bytes:
-    if "v" not in msg:
-        msg = {"v": VERSION, **msg}
-    if msg.get("type") == "request":
-        try:  # token ids are plain ints nearly always: let the C encoder find out
-            body = _ENCODE_STRICT(msg).encode()
-        except TypeError:
-            msg = {**msg, "ids": _int_ids(msg.get("ids") or [])}
-            body = _ENCODE(msg).encode()
-    else:
-        body = _ENCODE(msg).encode()
+    body = _ENCODE({"v": VERSION, **msg}).encode()
     return _HEADER.pack(len(body)) + body
 
 

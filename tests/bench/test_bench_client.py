@@ -210,14 +210,12 @@ c.close()
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("dim", [256, 2048])
-def test_decode_loop_with_client_on_vs_off(benchmark: Any, dim: int) -> None:
-    """A synthetic batched decode loop (8 sequences, a numpy step) with the client connected vs a NullClient.
-
-    dim 256: a ~10 us step — a stress case far faster than any model (thousands of requests/s);
-    dim 2048: a ~1 ms step, still faster than the demo model.  Alternating runs, median of 3 each;
-    goal for real models: slowdown <= 1% (the demo's own bench measures its model).
-    """
+def test_decode_loop_with_client_on_vs_off(benchmark: Any) -> None:
+    """A stress case: a synthetic batched decode loop (8 sequences, a ~15 us numpy step, ~2 us a token,
+    ~8000 requests/s) with the client connected to a real sidecar vs a NullClient.  Alternating runs,
+    median of 3 each.  Here the client's ~0.5 us a token is a large share; a real model spends
+    milliseconds a token (the demo's own bench measures the <= 1% goal on it)."""
+    dim = 256
     import json
     import os
     import subprocess
@@ -254,3 +252,73 @@ def test_decode_loop_with_client_on_vs_off(benchmark: Any, dim: int) -> None:
     benchmark.extra_info.update(info)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print(f"\ndecode loop, client on vs off: {info}")
+
+
+SIDECAR = """
+import sys, time
+from probes.output import OutputProbe
+from tuner.channel import ChannelServer
+s = ChannelServer(directory=sys.argv[1])
+s.start()
+p = OutputProbe(s, t0=time.monotonic())
+print("up", flush=True)
+while sys.stdin.readline():
+    pass
+"""
+
+
+@pytest.mark.bench
+def test_sender_thread_cpu_per_request(benchmark: Any, tmp_path: Any) -> None:
+    """What the background sender costs the inference process per finished request (32 token ids), measured
+    on its own thread (``/proc/self/task/TID/schedstat``) while a real sidecar in another process reads."""
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+
+    side = subprocess.Popen(
+        [sys.executable, "-c", SIDECAR, str(tmp_path)], env=tuner_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert side.stdout is not None and side.stdout.readline().strip() == b"up"
+    c = Client(str(tmp_path / "channel.sock"))
+    try:
+        time.sleep(0.3)
+        assert c.connected and c._thread is not None
+        tid = c._thread.native_id
+
+        def cpu() -> float:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                return int(f.read().split()[0]) / 1e9
+
+        n = 20_000
+        sent0 = c._sent
+        before = cpu()
+        t = time.perf_counter()
+        for i in range(n):
+            with c.request(prompt_tokens=16) as r:
+                r.token(list(range(i, i + 32)))
+            if i % 100 == 0:
+                time.sleep(0.005)  # let it send, as a model's compute would
+        deadline = time.monotonic() + 10
+        while c._queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        used = cpu() - before
+        sent = c._sent - sent0
+        info = {
+            "requests": n,
+            "sent": sent,
+            "sender_cpu_us_per_request": round(used / sent * 1e6, 2),
+            "sender_cpu_us_per_token": round(used / sent / 32 * 1e6, 3),
+            "wall_seconds": round(time.perf_counter() - t, 2),
+            "dropped": c._dropped,
+        }
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        print(f"\nsender thread: {info}")
+        assert sent > n * 0.9 and info["sender_cpu_us_per_request"] < 100
+    finally:
+        c.close()
+        assert side.stdin is not None
+        side.stdin.close()
+        side.wait(10)
