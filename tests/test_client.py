@@ -585,3 +585,42 @@ def test_numpy_and_torch_token_ids_are_accepted(server: ChannelServer) -> None:
     assert req.data["tokens"] == 11
     assert req.data["rep_32"] == 0.0 and req.data["seq_rep_4"] == 0.0  # ids 1..11 arrived as ids, all distinct
     assert server.stats()["malformed"] == 0
+
+
+def test_in_flight_requests_oom_and_allocator_figures_reach_the_probe(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        import sys, time
+        from tuner import client
+        c = client.connect()
+        held = [c.request(prompt_tokens=i) for i in range(3)]   # three requests in flight
+        for r in held:
+            r.__enter__()
+        c.report_oom(batch_size=16)
+        c.report_memory(allocated_bytes=123456789, reserved_bytes=222222222)
+        print("holding", flush=True)
+        sys.stdin.readline()
+        for r in held:
+            r.__exit__(None, None, None)
+        c.close()
+        """,
+        server.path,
+    )
+    assert p.stdout is not None and p.stdin is not None
+    assert p.stdout.readline().strip() == "holding"
+
+    def active() -> bool:
+        col.tick()
+        return col.values.get("req_active_count") == 3
+
+    wait_for(active, timeout=5)  # the client's status (every second) says three are in flight
+    (oom,) = wait_for(lambda: col.of("oom"))
+    assert oom.data == {"pid": p.pid, "batch_size": 16}
+    assert col.values["alloc_allocated_bytes"] == 123456789 and col.values["alloc_reserved_bytes"] == 222222222
+    p.stdin.write("\n")
+    p.stdin.flush()
+    p.wait(timeout=20)
+    assert p.returncode == 0
+    wait_for(lambda: (r := col.of("request")) and len(r) == 3)
+    assert col.values["req_done_count"] == 3
