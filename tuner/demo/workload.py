@@ -9,9 +9,9 @@
   samples at ``c.knobs.temperature`` (default ``--temperature``, the user's request) and
   ``c.knobs.repetition_penalty``, streams every token to the client, and between batches calls
   ``c.poll()`` (precision / cleanup commands run there) and reports the C heap's allocator figures.
-- ``--leak`` injects a realistic bug: a per-conversation prefix cache (prompt -> copies of the KV tensors of
-  prompt and response, for a follow-up turn; ~1-1.5 MB a request) that is looked up but never evicted; it
-  is registered with
+- ``--leak`` injects a realistic bug: a per-conversation prefix cache (conversation id -> copies of the KV
+  tensors of prompt and response, for a follow-up turn; ~1-1.5 MB a request) that is looked up but never
+  evicted; it is registered with
   ``c.register_cache`` so the cleanup policy can clear it.
 - ``--mirostat`` samples with Mirostat v2 (tau 5, eta 0.1) instead of temperature (a policy baseline).
 - Ends with one JSON line on stdout: its own measurements (requests, tokens/s, latencies, repetition,
@@ -47,9 +47,11 @@ from tuner.integrations.torch_loop import BatchSettings, TorchLoop, TrackedReque
 
 
 class PrefixCache:
-    """The injected leak: prompt text -> copies of its per-layer KV tensors, never evicted.
+    """The injected leak: conversation id -> copies of its per-layer KV tensors (prompt + response), kept
+    so a follow-up turn could skip prefill, and never evicted when the conversation ends.
 
-    It looks like a sensible optimization (a repeated prompt could skip prefill) but nothing bounds it.
+    It looks like a sensible optimization, but every request is a new conversation and nothing bounds it:
+    it grows by ~1-1.5 MB a request until something calls ``clear()``.
     """
 
     def __init__(self) -> None:
@@ -58,16 +60,16 @@ class PrefixCache:
         self.hits = 0
         self.lookups = 0
 
-    def lookup(self, prompt: str) -> bool:
+    def lookup(self, conversation: str) -> bool:
         self.lookups += 1
-        hit = prompt in self._entries
+        hit = conversation in self._entries
         self.hits += hit
         return hit
 
-    def put(self, prompt: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if prompt in self._entries:
+    def put(self, conversation: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if conversation in self._entries:
             return
-        self._entries[prompt] = kv
+        self._entries[conversation] = kv
         self._bytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
     def __len__(self) -> int:
@@ -83,6 +85,7 @@ class PrefixCache:
 
 @dataclass
 class Job:
+    conversation: str
     prompt: str
     ids: list[int]
     max_new_tokens: int
@@ -149,7 +152,7 @@ class Arrivals(threading.Thread):
                 self.stats.rejected += 1
             else:
                 req = self.loop.request(len(ids))
-                self.q.put(Job(prompt, ids, max_new, time.monotonic(), req))
+                self.q.put(Job(f"conv-{self.args.seed}-{self.count}", prompt, ids, max_new, time.monotonic(), req))
             next_at += self.rng.expovariate(a.rate) if a.rate > 0 else 0.0
 
 
@@ -175,7 +178,7 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
         j.started = now
         j.req.started(s, len(jobs))
         if cache is not None:
-            cache.lookup(j.prompt)
+            cache.lookup(j.conversation)
     max_new = max(j.max_new_tokens for j in jobs)
     params = SamplingParams(temperature=s.temperature, repetition_penalty=s.repetition_penalty)
     mirostat = Mirostat(len(jobs)) if args.mirostat else None
@@ -210,7 +213,7 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
         if cache is not None:  # keep each conversation's KV (prompt + response) for a follow-up turn
             for row, j in enumerate(jobs):
                 start = dec.prompt_len - len(dec.prompts[row])
-                cache.put(j.prompt, dec.cache.prefix(row, start, dec.prompt_len + len(j.out)))
+                cache.put(j.conversation, dec.cache.prefix(row, start, dec.prompt_len + len(j.out)))
     for j in jobs:
         if not j.done:
             finish(loop, j, stats, s, len(jobs))
