@@ -624,3 +624,31 @@ def test_in_flight_requests_oom_and_allocator_figures_reach_the_probe(server: Ch
     assert p.returncode == 0
     wait_for(lambda: (r := col.of("request")) and len(r) == 3)
     assert col.values["req_done_count"] == 3
+
+
+def test_inference_sigkilled_the_sidecar_records_the_disconnect_and_serves_on(server: ChannelServer) -> None:
+    col = Collector(server, time.monotonic())
+    p = child(
+        """
+        import time
+        from tuner import client
+        c = client.connect()
+        with c.request(prompt_tokens=1) as r:
+            r.token([1, 2])
+        print("sent", flush=True)
+        time.sleep(60)
+        """,
+        server.path,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "sent"
+    wait_for(lambda: col.of("request"))
+    p.kill()
+    p.wait()
+    (gone,) = wait_for(lambda: col.of("client_disconnect"))
+    assert gone.data == {"pid": p.pid, "uid": os.getuid()}
+    assert server.clients() == []
+    q = subprocess.Popen(
+        [sys.executable, "-c", RESILIENT, "3"], env=tuner_env(TUNER_SOCKET=server.path), stdout=subprocess.PIPE
+    )
+    q.communicate(timeout=30)  # the next inference is served as usual
+    assert wait_for(lambda: [e for e in col.of("request") if e.data["pid"] == q.pid])
