@@ -1,0 +1,1 @@
+"""Fakes at vendor boundaries (pynvml); everything else in the tests is real."""
