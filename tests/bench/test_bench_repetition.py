@@ -100,3 +100,54 @@ def test_repetition_throughput_byte_level(benchmark: Any) -> None:
     benchmark.pedantic(byte_range, rounds=3, iterations=1)
     print(f"\nrepetition throughput on bytes of pydoc_data/topics.py: {info}")
     assert info["loop_4_40_tokens_per_second"] >= 500_000, info
+
+
+@pytest.mark.bench
+def test_sidecar_path_throughput(benchmark: Any) -> None:
+    """Everything the sidecar does per token of a finished request: JSON frame -> validation -> row
+    expansion -> output probe (repetition, distinct-2, rolling values).  Goal >= 1M tokens/s."""
+    import json
+
+    from probes.output import OutputProbe
+    from tuner.channel import expand_rows, validate
+
+    responses = workload()
+    tokens = sum(map(len, responses))
+    bodies = []
+    for i in range(0, len(responses), 50):
+        rows = [
+            [j, 8, len(r), 1.0, None, 1.1, 2.0, 1, 2.5, r, 4, 8, 0.7, "fp32", None, None, None]
+            for j, r in enumerate(responses[i : i + 50])
+        ]
+        bodies.append(json.dumps({"v": 1, "type": "requests", "rows": rows}).encode())
+
+    class Feed:
+        def __init__(self) -> None:
+            self.pending: list[tuple[float, dict[str, Any]]] = []
+
+        def drain(self) -> list[tuple[float, dict[str, Any]]]:
+            out, self.pending = self.pending, []
+            return out
+
+        def clients(self) -> list[dict[str, Any]]:
+            return []
+
+        def stats(self) -> dict[str, int]:
+            return {}
+
+    def sidecar() -> None:
+        feed = Feed()
+        probe = OutputProbe(feed, t0=0.0)
+        for body in bodies:
+            for m in expand_rows(validate(body)):
+                m["pid"], m["conn"] = 1, 1
+                feed.pending.append((3.0, m))
+        s = probe.sample(3.0)
+        assert s.values["req_done_count"] == len(responses)
+
+    rate = best_rate(sidecar, tokens)
+    info = {"tokens": tokens, "sidecar_path_tokens_per_second": round(rate)}
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(sidecar, rounds=3, iterations=1)
+    print(f"\nsidecar path: {info}")
+    assert rate >= 1_000_000, info
