@@ -652,3 +652,22 @@ def test_inference_sigkilled_the_sidecar_records_the_disconnect_and_serves_on(se
     )
     q.communicate(timeout=30)  # the next inference is served as usual
     assert wait_for(lambda: [e for e in col.of("request") if e.data["pid"] == q.pid])
+
+
+def test_default_cleanup_without_the_integrations_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If tuner.integrations.cleanup cannot be imported, the client still clears caches and collects."""
+    from tuner.client import default_cleanup
+
+    monkeypatch.setitem(sys.modules, "tuner.integrations.cleanup", None)  # import now raises ImportError
+    cache = {1: 2}
+    out = default_cleanup(["caches", "gc", "malloc_trim"], [cache])
+    assert cache == {}
+    assert [s["step"] for s in out["steps"]] == ["caches", "gc"]  # what it cannot do it does not claim
+
+
+def test_default_cleanup_uses_the_integrations_module() -> None:
+    from tuner.client import default_cleanup
+
+    cache = {1: 2}
+    out = default_cleanup(["caches"], [cache])
+    assert cache == {} and "rss_before_bytes" in out and out["steps"][0]["step"] == "caches"

@@ -775,10 +775,12 @@ def _knobs_from(msg: dict[str, Any], old: Knobs) -> Knobs:
 
 def default_cleanup(steps: Sequence[str], caches: Sequence[object]) -> dict[str, Any]:
     """``tuner.integrations.cleanup.run_cleanup`` when it can be imported; else caches + ``gc.collect()``."""
+    import importlib
+
     try:
-        from tuner.integrations import cleanup
+        cleanup: Any = importlib.import_module("tuner.integrations.cleanup")
     except Exception:
-        cleanup = None  # type: ignore[assignment]
+        cleanup = None
     if cleanup is not None:
         result: dict[str, Any] = cleanup.run_cleanup(list(steps), list(caches))
         return result
