@@ -305,6 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-queue", type=int, default=512, help="arrivals beyond this many queued are rejected")
     ap.add_argument("--prompts", type=int, default=256, help="distinct held-out prompts to draw from")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
+                    help="precision to start in (the precision policy may change it)")
     ap.add_argument("--report", metavar="PATH", help="also write one JSON line per finished request here")
     args = ap.parse_args(argv)
     if args.duration is None and args.requests is None and not args.serve:
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     cache = PrefixCache() if args.leak else None
     loop = TorchLoop(model, client=c, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                      batch_size=args.batch_size, canary=canary, caches=[cache] if cache is not None else [])
+    start_precision = loop.precision.set(args.precision) if args.precision != "fp32" else None
     prompts = held_out_prompts(args.prompts, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     stats = Stats()
@@ -398,7 +401,9 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
                 report.write(json.dumps(rec) + "\n")
             report.close()
         connected = bool(getattr(c, "connected", False))
-        print(json.dumps(summary(stats, seconds, args, rss_start, cache, loop, connected)), file=out, flush=True)
+        result = summary(stats, seconds, args, rss_start, cache, loop, connected)
+        result["start_precision"] = start_precision
+        print(json.dumps(result), file=out, flush=True)
         loop.close()
         c.close()
     return 0
