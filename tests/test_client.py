@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from probes.output import OutputProbe
 from tests.cli import tuner_env
@@ -671,3 +673,39 @@ def test_default_cleanup_uses_the_integrations_module() -> None:
     cache = {1: 2}
     out = default_cleanup(["caches"], [cache])
     assert cache == {} and "rss_before_bytes" in out and out["steps"][0]["step"] == "caches"
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kill_after=st.floats(0.0, 1.5))
+def test_sidecar_sigkilled_at_any_moment_the_inference_finishes(tmp_path: Path, kill_after: float) -> None:
+    """Issue 7 fault: SIGKILL of the sidecar at a hypothesis-chosen moment (during connect, mid-send, ...)."""
+    d = tmp_path / f"k{time.monotonic_ns()}"
+    d.mkdir()
+    sidecar = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time\nfrom probes.output import OutputProbe\nfrom tuner.channel import ChannelServer\n"
+            "s=ChannelServer(directory=sys.argv[1]); s.start(); p=OutputProbe(s, t0=time.monotonic())\n"
+            "print('up', flush=True)\nwhile True:\n time.sleep(0.05); p.sample(1.0)",
+            str(d),
+        ],
+        env=tuner_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sidecar.stdout is not None and sidecar.stdout.readline().strip() == "up"
+    p = subprocess.Popen(
+        [sys.executable, "-c", RESILIENT, "60"],
+        env=tuner_env(TUNER_SOCKET=str(d / "channel.sock")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(kill_after)
+    sidecar.kill()
+    sidecar.wait()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert json.loads(out) == {"done": 60}
