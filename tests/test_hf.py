@@ -141,3 +141,28 @@ def test_oom_halves_the_batch_and_reports_it(monkeypatch: pytest.MonkeyPatch) ->
         gen.close()
     assert sizes == [4, 2, 2] and reported == [4]
     assert all(len(o) <= 3 for o in outs) and gen.oom_ceiling == 2
+
+
+def test_precision_round_trip_keeps_tied_embeddings_tied() -> None:
+    from tuner.integrations.precision import PrecisionManager, model_bytes
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        ref = model(x).logits
+    fp32_bytes = model_bytes(model)
+    assert fp32_bytes < sum(p.numel() * 4 for p in model.state_dict().values())  # the tied matrix counted once
+    pm = PrecisionManager(model)
+    try:
+        assert pm.set("int8")["param_bytes_after"] < fp32_bytes
+        r = pm.set("fp32")
+        m = pm.model
+        assert m.lm_head.weight is m.model.embed_tokens.weight  # one matrix again, not two copies
+        assert r["param_bytes_after"] == fp32_bytes
+        with torch.inference_mode():
+            assert torch.equal(m(x).logits, ref)
+    finally:
+        pm.close()

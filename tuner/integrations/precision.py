@@ -65,10 +65,13 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of the weights as stored: parameters, buffers and packed quantized weights."""
-    total = sum(_tensor_bytes(v) for v in model.state_dict().values())
-    seen = {id(v) for v in model.state_dict(keep_vars=True).values()}
-    total += sum(_tensor_bytes(b) for b in model.buffers() if id(b) not in seen)  # non-persistent buffers
+    """Bytes of the weights as stored: parameters, buffers and packed quantized weights (tied weights once)."""
+    seen: set[int] = set()
+    total = 0
+    for v in (*model.state_dict(keep_vars=True).values(), *model.buffers()):  # buffers: non-persistent too
+        if id(v) not in seen:
+            seen.add(id(v))
+            total += _tensor_bytes(v)
     return total
 
 
@@ -153,6 +156,7 @@ class PrecisionManager:
         self._ref_path: str | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._skeleton: nn.Module | None = None
+        self._tied: list[list[str]] = []
         self._ref_logits: torch.Tensor | None = None
         self.listeners: list[Callable[[nn.Module, str], None]] = []
         """Called with (new_model, precision) after every successful change (e.g. to swap the model)."""
@@ -164,6 +168,10 @@ class PrecisionManager:
         state = {k: v.detach().to(torch.float32).clone() for k, v in model.state_dict().items()}
         self._buffers = {k: b.detach().to(torch.float32) if b.is_floating_point() else b.detach()
                          for k, b in model.named_buffers()}
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        self._tied = [names for names in groups.values() if len(names) > 1]  # e.g. tied embedding / lm_head
         memo: dict[int, Any] = {}
         for p in model.parameters():
             memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
@@ -193,6 +201,11 @@ class PrecisionManager:
             state = torch.load(self._ref_path, map_location="cpu", weights_only=True)
         model = copy.deepcopy(self._skeleton)
         model.load_state_dict(state, assign=True)
+        for names in self._tied:  # assign=True gave each name its own tensor: share them again
+            first = model.get_parameter(names[0])
+            for name in names[1:]:
+                mod_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(mod_name) if mod_name else model, attr, first)
         for name, buf in self._buffers.items():
             mod_name, _, attr = name.rpartition(".")
             owner = model.get_submodule(mod_name) if mod_name else model
