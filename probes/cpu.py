@@ -1,0 +1,603 @@
+"""The CPU probe: a process tree's CPU, memory, threads and open files, and the machine's CPU and memory.
+
+What it watches: each root PID and every descendant (servers fork workers; children come and go).  The
+tree is discovered with psutil (``Process.children(recursive=True)``) every ``rescan_every_s``, not every
+tick, and on Linux only when ``/proc/loadavg``'s last-PID field moved (no process was created anywhere
+since the last scan means no new child), with a full rescan at least every ten cadences anyway.  A
+process once seen is watched until it exits, even if it is re-parented out of the tree (a daemonizing
+worker keeps counting).
+
+Per tick, per process (Linux): ``/proc/PID/stat`` (utime+stime, threads, state, starttime) and
+``/proc/PID/statm`` (RSS), both kept open and re-read with ``pread`` (``probes.procfs``); the machine:
+``/proc/stat`` and ``/proc/meminfo``, kept open too.  At the rescan cadence: open fds per process
+(``/proc/PID/fd``).  Every ``uss_every_s``: USS (psutil ``memory_full_info``, ~300 us a process), held
+between readings.  Elsewhere (macOS, Windows, BSD) the same values come from psutil.
+
+A process is identified by (PID, starttime): a reused PID is a new process.  A process that exits (or
+turns zombie) becomes a ``proc_exit`` event ``{pid, name, exit_after_s}``; one that appears, ``proc_start``
+``{pid, ppid, name}`` (the processes found by the first scan are the starting state, not events).
+Zombies are counted, with RSS 0.  Nothing a watched process does raises out of ``sample()``.
+
+Values (``docs/conventions.md``): ``tree_cpu_ratio`` (cores' worth; ``None`` on the first reading),
+``tree_rss_bytes``, ``tree_uss_bytes`` (sum over processes with a USS reading; ``None`` before the
+first), ``tree_threads_count``, ``tree_fds_count`` (sum over processes whose fds are readable),
+``tree_procs_count``, ``sys_cpu_ratio`` (0..1 of the machine), ``sys_core_cpu_ratio/<n>`` (0..1 of core
+n), ``sys_mem_total_bytes``, ``sys_mem_available_bytes``, ``sys_mem_used_bytes`` (total - available),
+``sys_swap_used_bytes``.  ``Sample.procs``: ``{pid: {"name", "ppid", "rss_bytes", "cpu_ratio",
+"threads_count", "fds_count", "uss_bytes"}}`` (``uss_bytes`` once measured).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psutil
+
+from probes.procfs import (
+    CLK_TCK,
+    GONE_ERRNOS,
+    CpuTimes,
+    ProcFile,
+    SysMemory,
+    parse_cpu_times,
+    parse_meminfo,
+    parse_stat,
+    parse_statm_rss,
+    ratio_between,
+    system_memory,
+)
+from tuner.records import Event, Sample, Value
+
+LINUX = sys.platform.startswith("linux")
+COMM_LEN = 15  # the kernel truncates comm to 15 characters; psutil recovers the full name from cmdline
+FULL_RESCAN_EVERY = 10  # rescans skipped on an unchanged last PID at most this many cadences in a row
+
+TREE_METRICS: dict[str, str] = {
+    "tree_cpu_ratio": "ratio",
+    "tree_rss_bytes": "bytes",
+    "tree_uss_bytes": "bytes",
+    "tree_threads_count": "count",
+    "tree_fds_count": "count",
+    "tree_procs_count": "count",
+}
+SYS_METRICS: dict[str, str] = {
+    "sys_cpu_ratio": "ratio",
+    "sys_mem_total_bytes": "bytes",
+    "sys_mem_available_bytes": "bytes",
+    "sys_mem_used_bytes": "bytes",
+    "sys_swap_used_bytes": "bytes",
+}
+
+
+class Reading:
+    """One process's per-tick figures, whichever backend read them."""
+
+    __slots__ = ("comm", "cpu_s", "ppid", "rss", "starttime", "state", "threads")
+
+    def __init__(
+        self, comm: str, state: str, ppid: int, cpu_s: float, threads: int, starttime: float, rss: int
+    ) -> None:
+        self.comm = comm
+        self.state = state
+        self.ppid = ppid
+        self.cpu_s = cpu_s
+        self.threads = threads
+        self.starttime = starttime
+        self.rss = rss
+
+
+class Gone(Exception):
+    """The process has exited (and been reaped) or its /proc entry vanished."""
+
+
+class _ProcfsReader:
+    """``/proc/PID/stat`` + ``statm`` kept open.  A descriptor stays bound to its process: never a reused PID."""
+
+    __slots__ = ("stat", "statm")
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self.stat = ProcFile(f"/proc/{pid}/stat", 1024)
+            try:
+                self.statm = ProcFile(f"/proc/{pid}/statm", 256)
+            except BaseException:
+                self.stat.close()
+                raise
+        except OSError as exc:
+            if exc.errno in GONE_ERRNOS:
+                raise Gone(str(exc)) from None
+            raise
+
+    def read(self) -> Reading:
+        try:
+            st = parse_stat(self.stat.read())
+            rss = 0 if st.state == "Z" else parse_statm_rss(self.statm.read())
+        except OSError as exc:
+            if exc.errno in GONE_ERRNOS:
+                raise Gone(str(exc)) from None
+            raise
+        return Reading(st.comm, st.state, st.ppid, (st.utime + st.stime) / CLK_TCK, st.num_threads, st.starttime, rss)
+
+    def close(self) -> None:
+        self.stat.close()
+        self.statm.close()
+
+
+class _PsutilReader:
+    """The portable fallback: one ``oneshot()`` bundle per tick."""
+
+    __slots__ = ("proc",)
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self.proc = psutil.Process(pid)
+        except psutil.NoSuchProcess as exc:
+            raise Gone(str(exc)) from None
+
+    def read(self) -> Reading:
+        p = self.proc
+        try:
+            with p.oneshot():
+                status = p.status()
+                ct = p.cpu_times()
+                zombie = status == psutil.STATUS_ZOMBIE
+                return Reading(
+                    p.name(),
+                    "Z" if zombie else status[:1].upper(),
+                    p.ppid(),
+                    ct.user + ct.system,
+                    0 if zombie else p.num_threads(),
+                    p.create_time(),
+                    0 if zombie else p.memory_info().rss,
+                )
+        except psutil.ZombieProcess:
+            return Reading("?", "Z", 0, 0.0, 0, p.create_time(), 0)
+        except psutil.NoSuchProcess as exc:
+            raise Gone(str(exc)) from None
+        except psutil.AccessDenied as exc:
+            raise PermissionError(str(exc)) from None
+
+    def close(self) -> None:
+        pass
+
+
+Reader = _ProcfsReader | _PsutilReader
+
+
+class _Proc:
+    """A watched process: its reader, identity and the figures held between ticks."""
+
+    __slots__ = (
+        "cpu_ratio",
+        "exited",
+        "fds",
+        "last_cpu",
+        "last_mono",
+        "name",
+        "pid",
+        "ppid",
+        "ps",
+        "reader",
+        "reading",
+        "starttime",
+        "uss",
+    )
+
+    def __init__(self, pid: int, reader: Reader, reading: Reading, ps: psutil.Process | None) -> None:
+        self.pid = pid
+        self.reader = reader
+        self.reading = reading
+        self.starttime = reading.starttime
+        self.ppid = reading.ppid
+        self.name = reading.comm
+        self.ps = ps
+        self.last_cpu: float | None = None
+        self.last_mono = 0.0
+        self.cpu_ratio: float | None = None
+        self.fds: int | None = None
+        self.uss: int | None = None
+        self.exited = False  # zombie already reported
+
+
+def _full_name(pid: int, comm: str, ps: psutil.Process | None) -> str:
+    """``comm`` unless the kernel truncated it, then psutil's full name (read from cmdline)."""
+    if len(comm) < COMM_LEN or ps is None:
+        return comm
+    try:
+        name = ps.name()
+    except psutil.Error:
+        return comm
+    return name if name.startswith(comm) else comm
+
+
+def _lifetime_s(starttime: float) -> float | None:
+    """Seconds since a process started (``starttime`` in clock ticks after boot, or a psutil create time)."""
+    try:
+        if LINUX and isinstance(starttime, int):
+            return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - starttime / CLK_TCK)
+        return max(0.0, time.time() - starttime)
+    except (OSError, AttributeError):
+        return None
+
+
+class CpuProbe:
+    """The ``cpu`` probe.  ``backend``: ``"procfs"`` (Linux default) or ``"psutil"`` (elsewhere; tests)."""
+
+    name = "cpu"
+
+    def __init__(
+        self,
+        roots: Sequence[int],
+        *,
+        uss_every_s: float = 5.0,
+        rescan_every_s: float = 0.5,
+        backend: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.roots = [int(r) for r in roots]
+        self.uss_every_s = uss_every_s
+        self.rescan_every_s = rescan_every_s
+        self.clock = clock
+        self.backend = backend or ("procfs" if LINUX else "psutil")
+        if self.backend not in ("procfs", "psutil"):
+            raise ValueError(f"unknown cpu probe backend {self.backend!r}")
+        self._reason: str | None = None
+        self._procs: dict[int, _Proc] = {}
+        self._pid_list: list[int] = []
+        self._started = False
+        self._last_scan = -1e18
+        self._last_uss = -1e18
+        self._scans_skipped = 0
+        self._last_pid_seen: bytes | None = None
+        self._sys_last: tuple[CpuTimes, dict[int, CpuTimes]] | None = None
+        self._stat: ProcFile | None = None
+        self._meminfo: ProcFile | None = None
+        self._loadavg: ProcFile | None = None
+        self._core_keys: dict[int, str] = {}
+        try:
+            self._open_system()
+            for pid in self.roots:
+                self._open_root(pid)
+        except Exception as exc:  # discovery must never raise: the reason says what went wrong
+            if self._reason is None:
+                self._reason = f"cpu probe failed to start: {type(exc).__name__}: {exc}"
+        self._pid_list = list(self._procs)
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _open_system(self) -> None:
+        if self.backend == "procfs":
+            try:
+                self._stat = ProcFile("/proc/stat", 8192)
+                self._meminfo = ProcFile("/proc/meminfo", 4096)
+            except OSError as exc:
+                self._reason = f"cannot read /proc: {exc.strerror or exc}"
+                return
+            try:
+                self._loadavg = ProcFile("/proc/loadavg", 128)
+            except OSError:
+                self._loadavg = None
+            _, cores = parse_cpu_times(self._stat.read())
+        else:
+            cores = {i: CpuTimes(0, 0) for i in range(len(psutil.cpu_times(percpu=True)))}
+        self._core_keys = {n: f"sys_core_cpu_ratio/{n}" for n in sorted(cores)}
+
+    def _reader(self, pid: int) -> Reader:
+        return _ProcfsReader(pid) if self.backend == "procfs" else _PsutilReader(pid)
+
+    def _open_root(self, pid: int) -> None:
+        if pid in self._procs:
+            return
+        if pid <= 0:
+            self._reason = self._reason or f"{pid} is not a valid PID"
+            return
+        try:
+            ps = psutil.Process(pid)
+            reader = self._reader(pid)
+        except (Gone, psutil.NoSuchProcess):
+            self._reason = self._reason or f"process {pid} does not exist"
+            return
+        except (PermissionError, psutil.AccessDenied):
+            self._reason = self._reason or self._denied(pid)
+            return
+        try:
+            reading = reader.read()
+            if LINUX:
+                os.listdir(f"/proc/{pid}/fd")  # open files need the same user (or root), like USS
+        except Gone:
+            reader.close()
+            self._reason = self._reason or f"process {pid} does not exist"
+            return
+        except (PermissionError, psutil.AccessDenied):
+            reader.close()
+            self._reason = self._reason or self._denied(pid)
+            return
+        except FileNotFoundError:
+            reader.close()
+            self._reason = self._reason or f"process {pid} does not exist"
+            return
+        self._procs[pid] = _Proc(pid, reader, reading, ps)
+
+    @staticmethod
+    def _denied(pid: int) -> str:
+        return f"cannot read process {pid}: access denied (run tuner as the process's user or as root)"
+
+    # -- the Probe protocol --------------------------------------------------------------------------------
+    def available(self) -> str | None:
+        return self._reason
+
+    def metrics(self) -> dict[str, str]:
+        out: dict[str, str] = dict(TREE_METRICS) if self.roots else {}
+        out.update(SYS_METRICS)
+        for key in self._core_keys.values():
+            out[key] = "ratio"
+        return out
+
+    def pids(self) -> list[int]:
+        """The processes of the watched tree right now (roots first).  Safe to call from another thread."""
+        return list(self._pid_list)
+
+    def close(self) -> None:
+        for p in self._procs.values():
+            p.reader.close()
+        self._procs.clear()
+        self._pid_list = []
+        for f in (self._stat, self._meminfo, self._loadavg):
+            if f is not None:
+                f.close()
+        self._stat = self._meminfo = self._loadavg = None
+
+    def sample(self, now: float) -> Sample:
+        mono = self.clock()
+        events: list[Event] = []
+        values: dict[str, Value] = {}
+        procs_out: dict[int, dict[str, Any]] | None = None
+        if self.roots:
+            procs_out = {}
+            first = not self._started
+            if mono - self._last_scan >= self.rescan_every_s:
+                self._rescan(now, mono, events, quiet=first)
+            self._sample_tree(now, mono, events, values, procs_out, first)
+        self._sample_system(values)
+        self._started = True
+        return Sample(self.name, now, values, procs_out, tuple(events))
+
+    # -- the tree ----------------------------------------------------------------------------------------
+    def _sample_tree(
+        self,
+        now: float,
+        mono: float,
+        events: list[Event],
+        values: dict[str, Value],
+        procs_out: dict[int, dict[str, Any]],
+        first: bool,
+    ) -> None:
+        do_uss = mono - self._last_uss >= self.uss_every_s
+        if do_uss:
+            self._last_uss = mono
+        cpu_sum = 0.0
+        rss_sum = threads_sum = fds_sum = 0
+        uss_sum = 0
+        uss_any = False
+        gone: list[_Proc] = []
+        for p in self._procs.values():
+            try:
+                r = p.reader.read()
+            except Gone:
+                gone.append(p)
+                continue
+            except (OSError, ValueError):  # unreadable this tick (permission changed, torn content)
+                continue
+            if r.starttime != p.starttime:  # a reused PID (the psutil path reads by PID): a new process
+                gone.append(p)
+                self._last_scan = -1e18  # find the newcomer at the next tick
+                self._last_pid_seen = None
+                continue
+            p.reading = r
+            p.ppid = r.ppid
+            if r.comm != p.name and not (len(r.comm) >= COMM_LEN and p.name.startswith(r.comm)):
+                p.name = _full_name(p.pid, r.comm, p.ps)  # exec changed it
+            ratio: float | None = None
+            if p.last_cpu is not None and mono > p.last_mono:
+                ratio = max(0.0, (r.cpu_s - p.last_cpu) / (mono - p.last_mono))
+                cpu_sum += ratio
+            p.last_cpu = r.cpu_s
+            p.last_mono = mono
+            p.cpu_ratio = ratio
+            zombie = r.state == "Z"
+            if zombie:
+                p.uss = 0
+                if not p.exited:
+                    p.exited = True
+                    events.append(self._exit_event(now, p, zombie=True))
+            elif do_uss and p.ps is not None:
+                try:
+                    p.uss = p.ps.memory_full_info().uss
+                except (psutil.Error, OSError, AttributeError):
+                    p.uss = None
+            rss_sum += r.rss
+            threads_sum += r.threads
+            entry: dict[str, Any] = {
+                "name": p.name,
+                "ppid": r.ppid,
+                "rss_bytes": r.rss,
+                "cpu_ratio": ratio,
+                "threads_count": r.threads,
+                "fds_count": p.fds,
+            }
+            if p.fds is not None:
+                fds_sum += p.fds
+            if p.uss is not None:
+                entry["uss_bytes"] = p.uss
+                uss_sum += p.uss
+                uss_any = True
+            procs_out[p.pid] = entry
+        for p in gone:
+            self._forget(p)
+            if not p.exited:
+                events.append(self._exit_event(now, p))
+        if gone:
+            self._pid_list = list(self._procs)
+        values["tree_cpu_ratio"] = None if first else cpu_sum
+        values["tree_rss_bytes"] = rss_sum
+        values["tree_uss_bytes"] = uss_sum if uss_any else None
+        values["tree_threads_count"] = threads_sum
+        values["tree_fds_count"] = fds_sum
+        values["tree_procs_count"] = len(procs_out)
+
+    def _exit_event(self, now: float, p: _Proc, zombie: bool = False) -> Event:
+        data: dict[str, Any] = {"pid": p.pid, "name": p.name}
+        life = _lifetime_s(p.starttime)
+        if life is not None:
+            data["exit_after_s"] = round(life, 3)
+        if zombie:
+            data["zombie"] = True
+        return Event(now, "proc_exit", data)
+
+    def _forget(self, p: _Proc) -> None:
+        p.reader.close()
+        if self._procs.get(p.pid) is p:
+            del self._procs[p.pid]
+
+    def _tree_may_have_grown(self) -> bool:
+        """Whether any process was created since the last scan (``/proc/loadavg``'s last PID moved)."""
+        if self._loadavg is None or self._scans_skipped >= FULL_RESCAN_EVERY:
+            return True
+        try:
+            last_pid = self._loadavg.read().rsplit(None, 1)[-1]
+        except (OSError, IndexError):
+            return True
+        if last_pid == self._last_pid_seen:
+            return False
+        self._last_pid_seen = last_pid
+        return True
+
+    def _rescan(self, now: float, mono: float, events: list[Event], quiet: bool) -> None:
+        """Find new descendants (psutil), retire replaced PIDs, refresh open-fd counts."""
+        self._last_scan = mono
+        if not self._tree_may_have_grown():
+            self._scans_skipped += 1
+            self._refresh_fds()
+            return
+        self._scans_skipped = 0
+        tracked = self._procs
+        anchors = [p for p in tracked.values() if p.ppid not in tracked]
+        found: dict[int, psutil.Process] = {}
+        for a in anchors:
+            if a.ps is None or a.reading.state == "Z":
+                continue
+            try:
+                for child in a.ps.children(recursive=True):
+                    found.setdefault(child.pid, child)
+            except (psutil.Error, OSError):
+                continue
+        changed = False
+        for pid, ps in found.items():
+            old = tracked.get(pid)
+            if old is not None and not self._replaced(old, ps):
+                continue
+            try:
+                reader = self._reader(pid)
+            except (Gone, OSError):
+                continue
+            try:
+                reading = reader.read()
+            except (Gone, OSError, ValueError):
+                reader.close()
+                continue
+            if old is not None:
+                if reading.starttime == old.starttime:  # same process after all
+                    reader.close()
+                    continue
+                self._forget(old)
+                if not old.exited:
+                    events.append(self._exit_event(now, old))
+            p = _Proc(pid, reader, reading, ps)
+            p.name = _full_name(pid, reading.comm, ps)
+            tracked[pid] = p
+            changed = True
+            if not quiet:
+                events.append(Event(now, "proc_start", {"pid": pid, "ppid": reading.ppid, "name": p.name}))
+        if changed:
+            self._pid_list = list(tracked)
+        self._refresh_fds()
+
+    def _replaced(self, old: _Proc, ps: psutil.Process) -> bool:
+        """Whether psutil's process for ``old.pid`` is a different one (the PID was reused)."""
+        if self.backend == "psutil":
+            try:
+                return abs(ps.create_time() - float(old.starttime)) > 0.01
+            except psutil.Error:
+                return False
+        if old.reading.state == "Z" or old.exited:
+            return False
+        # A kept-open stat fd reads ESRCH once its process is gone, so a live old entry is the same process
+        # unless its read fails; checked cheaply by reading it again.
+        try:
+            old.reader.read()
+        except (Gone, OSError, ValueError):
+            return True
+        return False
+
+    def _refresh_fds(self) -> None:
+        for p in self._procs.values():
+            if p.reading.state == "Z":
+                p.fds = 0
+                continue
+            try:
+                if self.backend == "procfs":
+                    p.fds = len(os.listdir(f"/proc/{p.pid}/fd"))
+                elif p.ps is not None and hasattr(p.ps, "num_fds"):
+                    p.fds = p.ps.num_fds()
+                else:
+                    p.fds = None
+            except (OSError, psutil.Error):
+                p.fds = None
+
+    # -- the machine --------------------------------------------------------------------------------------
+    def _sample_system(self, values: dict[str, Value]) -> None:
+        try:
+            if self.backend == "procfs" and self._stat is not None and self._meminfo is not None:
+                cpu = parse_cpu_times(self._stat.read())
+                mem = system_memory(parse_meminfo(self._meminfo.read()))
+            else:
+                cpu = self._psutil_cpu_times()
+                vm = psutil.virtual_memory()
+                swap = psutil.swap_memory()
+                avail = min(max(vm.available, 0), vm.total)
+                mem = SysMemory(vm.total, avail, vm.total - avail, swap.used)
+        except (OSError, ValueError, KeyError, psutil.Error):
+            values["sys_cpu_ratio"] = None
+            for key in self._core_keys.values():
+                values[key] = None
+            for key in ("sys_mem_total_bytes", "sys_mem_available_bytes", "sys_mem_used_bytes", "sys_swap_used_bytes"):
+                values[key] = None
+            return
+        last = self._sys_last
+        self._sys_last = cpu
+        if last is None:
+            values["sys_cpu_ratio"] = None
+            for key in self._core_keys.values():
+                values[key] = None
+        else:
+            values["sys_cpu_ratio"] = ratio_between(last[0], cpu[0])
+            prev_cores = last[1]
+            for n, key in self._core_keys.items():
+                a, b = prev_cores.get(n), cpu[1].get(n)
+                values[key] = ratio_between(a, b) if a is not None and b is not None else None
+        values["sys_mem_total_bytes"] = mem.total
+        values["sys_mem_available_bytes"] = mem.available
+        values["sys_mem_used_bytes"] = mem.used
+        values["sys_swap_used_bytes"] = mem.swap_used
+
+    @staticmethod
+    def _psutil_cpu_times() -> tuple[CpuTimes, dict[int, CpuTimes]]:
+        def conv(ct: Any) -> CpuTimes:
+            total = sum(ct) - getattr(ct, "guest", 0) - getattr(ct, "guest_nice", 0)
+            busy = total - ct.idle - getattr(ct, "iowait", 0)
+            return CpuTimes(busy, total)
+
+        return conv(psutil.cpu_times()), {i: conv(c) for i, c in enumerate(psutil.cpu_times(percpu=True))}
