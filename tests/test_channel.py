@@ -395,7 +395,7 @@ while time.monotonic() < end:
     n += 1
     time.sleep(0.01)
 c.close()
-print(n, c._dropped)
+print(n, c.dropped)
 """
 
 

@@ -65,6 +65,7 @@ __all__ = ["Client", "NullClient", "Request", "connect"]
 VERSION = 1
 _HEADER = struct.Struct(">I")
 QUEUE_REQUESTS = 4096
+QUEUE_IDS = 1_000_000  # token ids waiting to be sent, at most (~40 MB): the inference's memory is bounded too
 CONTROL_KEPT = 256
 MAX_IDS = 65536
 OUT_BUFFER_BYTES = 4 << 20
@@ -76,6 +77,7 @@ MAX_FRAME = 1 << 20
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 LOOP_MAX_N = 64
 ROWS_PER_FRAME = 256
+IDS_PER_FRAME = 8192  # one C encode call holds the GIL: keep each well under a millisecond
 ROW_IDS = 9  # positions in a ``requests`` row (tuner.channel.ROW_FIELDS)
 ROW_TEXT = 16
 
@@ -190,9 +192,12 @@ class Request:
             c._failed += 1
             return
         q = c._queue
-        if len(q) >= QUEUE_REQUESTS:
-            c._dropped += 1
-        q.append((self, end))
+        n = len(self.ids)
+        if len(q) >= QUEUE_REQUESTS or c._ids_in - c._ids_out + n > QUEUE_IDS:
+            c._dropped_hot += 1  # full (the sidecar is slow or gone): drop this one, count it
+            return
+        c._ids_in += n
+        q.append((self, end, n))
 
 
 class _NullRequest:
@@ -278,7 +283,12 @@ class Client:
 
     def _init_state(self) -> None:
         """Everything the sender thread owns or shares; rebuilt in a forked child."""
-        self._queue: deque[tuple[Request, float]] = deque(maxlen=QUEUE_REQUESTS)
+        self._queue: deque[tuple[Request, float, int]] = deque()  # bounded in Request.__exit__
+        # single-writer counters (no lost updates between threads): *_in/_hot by the inference thread,
+        # *_out and _dropped by the sender thread
+        self._ids_in = 0
+        self._ids_out = 0
+        self._dropped_hot = 0
         self._control: deque[dict[str, Any]] = deque(maxlen=CONTROL_KEPT)
         self._commands: deque[dict[str, Any]] = deque(maxlen=CONTROL_KEPT)
         self._ids = iter(range(1, 1 << 62)).__next__
@@ -298,6 +308,11 @@ class Client:
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    @property
+    def dropped(self) -> int:
+        """Finished requests that never reached a sidecar (queue full, sidecar absent or too slow)."""
+        return self._dropped + self._dropped_hot
 
     def request(
         self,
@@ -523,9 +538,10 @@ class Client:
         n = len(self._queue)
         for _ in range(n):
             try:
-                self._queue.popleft()
+                _, _, k = self._queue.popleft()
             except IndexError:
                 break
+            self._ids_out += k
             self._dropped += 1
         self._control.clear()
 
@@ -547,7 +563,7 @@ class Client:
                         {
                             "type": "status",
                             "active": max(0, self._active),
-                            "dropped": self._dropped,
+                            "dropped": self.dropped,
                             "failed": self._failed,
                             "sent": self._sent,
                         }
@@ -600,12 +616,15 @@ class Client:
         q = self._queue
         while q and len(self._out) < OUT_BUFFER_BYTES:
             rows: list[list[Any]] = []
-            while q and len(rows) < ROWS_PER_FRAME:
+            ids = 0
+            while q and len(rows) < ROWS_PER_FRAME and ids < IDS_PER_FRAME:
                 try:
-                    req, end = q.popleft()
+                    req, end, k = q.popleft()
                 except IndexError:
                     break
+                self._ids_out += k
                 rows.append(self._row(req, end))
+                ids += k
             sent = self._put_rows(rows)
             self._sent += sent
             self._dropped += len(rows) - sent

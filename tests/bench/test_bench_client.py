@@ -311,7 +311,7 @@ def test_sender_thread_cpu_per_request(benchmark: Any, tmp_path: Any) -> None:
             "sender_cpu_us_per_request": round(used / sent * 1e6, 2),
             "sender_cpu_us_per_token": round(used / sent / 32 * 1e6, 3),
             "wall_seconds": round(time.perf_counter() - t, 2),
-            "dropped": c._dropped,
+            "dropped": c.dropped,
         }
         benchmark.extra_info.update(info)
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
