@@ -19,7 +19,9 @@ Intel (``IntelNpuProbe``, name ``intel_npu``): the ``ivpu`` driver exposes
 kernels, ``npu_memory_utilization`` (bytes the NPU has allocated, from system RAM).  Utilization is
 Δbusy / Δwall (monotonic) between two samples: ``npu_util_ratio/accelN``; memory
 ``npu_mem_used_bytes/accelN``.  The files are kept open and re-read with ``pread`` (sysfs regenerates
-the value on every read from offset 0).
+the value on every read from offset 0).  Reading them takes locks the driver's job submission also takes
+(the driver's documentation recommends reading the busy time about once a second), so they are read at
+most every ``every_s`` (default 1 s) and ticks in between repeat the last reading.
 """
 
 from __future__ import annotations
@@ -428,9 +430,18 @@ class IntelNpuProbe:
 
     name = "intel_npu"
 
-    def __init__(self, sysfs_root: str = "/sys/class/accel", *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        sysfs_root: str = "/sys/class/accel",
+        *,
+        every_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sysfs_root = sysfs_root
+        self.every_s = every_s
         self.clock = clock
+        self._read_at: float | None = None
+        self._values: dict[str, float | None] = {}
         self._checked = False
         self._reason: str | None = None
         self._devices: list[_Accel] = []
@@ -478,6 +489,13 @@ class IntelNpuProbe:
     def sample(self, now: float) -> Sample:
         if self.available() is not None:
             return Sample(self.name, now, {})
+        t = self.clock()
+        if self._read_at is None or t - self._read_at >= self.every_s:
+            self._read_at = t
+            self._values = self._read()
+        return Sample(self.name, now, dict(self._values))
+
+    def _read(self) -> dict[str, float | None]:
         values: dict[str, float | None] = {}
         for d in self._devices:
             t = self.clock()
@@ -490,7 +508,7 @@ class IntelNpuProbe:
             if d.mem_fd is not None:
                 mem = _read_int(d.mem_fd)
                 values[f"npu_mem_used_bytes/{d.name}"] = None if mem is None else float(mem)
-        return Sample(self.name, now, values)
+        return values
 
     def close(self) -> None:
         for d in self._devices:

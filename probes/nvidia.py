@@ -374,7 +374,9 @@ class NvidiaProbe:
         if tree is None or dev.lost:
             return
         running = self._running_processes(dev)
+        on_device = None
         if running is not None:
+            on_device = {int(p.pid) for p in running} & tree
             total = 0
             known = True
             for p in running:
@@ -388,6 +390,9 @@ class NvidiaProbe:
                     total += int(mem)
                 procs.setdefault(pid, {})[f"gpu_mem_bytes/{i}"] = None if mem is None else float(mem)
             values[mem_key] = float(total) if known else None
+        if on_device is not None and not on_device:
+            values[sm_key] = 0.0  # none of the tree has a context here: nothing to ask NVML
+            return
         assert self._nvml is not None
         stamp = time.time_ns() // 1000 - _UTIL_WINDOW_US  # NVML takes a CPU epoch time in us (wall clock)
         samples = self._query(

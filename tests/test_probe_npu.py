@@ -361,7 +361,7 @@ def test_intel_utilization_from_busy_time_deltas(tmp_path: Path) -> None:
     d0 = _accel(tmp_path, 0, 5_000_000, mem=512 * MB)
     d1 = _accel(tmp_path, 1, 0)  # an older kernel: no memory figure
     now = [100.0]
-    p = IntelNpuProbe(str(tmp_path), clock=lambda: now[0])
+    p = IntelNpuProbe(str(tmp_path), every_s=0.0, clock=lambda: now[0])
     assert p.available() is None
     assert p.metrics() == {
         "npu_util_ratio/accel0": "ratio",
@@ -389,7 +389,7 @@ def test_intel_utilization_from_busy_time_deltas(tmp_path: Path) -> None:
 
 def test_intel_with_the_real_monotonic_clock(tmp_path: Path) -> None:
     dev = _accel(tmp_path, 0, 0)
-    p = IntelNpuProbe(str(tmp_path))
+    p = IntelNpuProbe(str(tmp_path), every_s=0.0)
     assert p.available() is None
     p.sample(0.0)
     start = time.monotonic()
@@ -397,4 +397,20 @@ def test_intel_with_the_real_monotonic_clock(tmp_path: Path) -> None:
     (dev / "npu_busy_time_us").write_text(f"{int((time.monotonic() - start) * 1e6 * 0.5)}\n")  # ~half busy
     ratio = p.sample(0.05).values["npu_util_ratio/accel0"]
     assert ratio is not None and 0.2 < ratio <= 0.51
+    p.close()
+
+
+def test_intel_reads_sysfs_at_most_every_every_s(tmp_path: Path) -> None:
+    # The driver takes its job-submission lock to answer; it asks for reads about once a second.
+    dev = _accel(tmp_path, 0, 0, mem=MB)
+    now = [10.0]
+    p = IntelNpuProbe(str(tmp_path), clock=lambda: now[0])
+    assert p.available() is None
+    p.sample(0.0)
+    (dev / "npu_busy_time_us").write_text("300000\n")
+    (dev / "npu_memory_utilization").write_text(f"{2 * MB}\n")
+    now[0] = 10.5
+    assert p.sample(0.5).values == {"npu_util_ratio/accel0": None, "npu_mem_used_bytes/accel0": MB}  # not re-read
+    now[0] = 11.0
+    assert p.sample(1.0).values == {"npu_util_ratio/accel0": pytest.approx(0.3), "npu_mem_used_bytes/accel0": 2 * MB}
     p.close()

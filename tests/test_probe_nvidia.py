@@ -209,7 +209,7 @@ def test_not_supported_is_none_with_a_reason_and_not_retried() -> None:
         assert v["gpu_util_ratio/1"] == pytest.approx(0.62)
     nvml = p._nvml
     assert nvml.calls["nvmlDeviceGetUtilizationRates"] == 1 + 5  # type: ignore[union-attr]  # GPU 0 once, GPU 1 each tick
-    assert nvml.calls["nvmlDeviceGetProcessUtilization"] == 1 + 5  # type: ignore[union-attr]
+    assert nvml.calls["nvmlDeviceGetProcessUtilization"] == 1  # type: ignore[union-attr]  # GPU 1 runs none of ours
     assert p.unsupported["gpu_util_ratio/0"] == "Not Supported (NVML, GPU 0)"
     assert p.unsupported["gpu_mem_util_ratio/0"] == "Not Supported (NVML, GPU 0)"
     assert "gpu_tree_sm_ratio/0" in p.unsupported
@@ -258,3 +258,34 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_unknown_error_on_a_handle_counts_as_lost() -> None:
+    gpu = a100_80gb()
+    p = _probe(gpu)
+    assert p.available() is None
+    assert p.sample(0.0).values["gpu_temp_celsius/0"] == 54.0
+
+    def broken(handle: object) -> int:
+        raise pynvml.NVMLError_Unknown()
+
+    p._nvml.nvmlDeviceGetPowerUsage = broken  # type: ignore[union-attr]
+    s = p.sample(0.1)
+    assert [(e.kind, e.data["error"]) for e in s.events] == [("device_lost", "Unknown Error")]
+    assert all(v is None for v in s.values.values())
+    assert p.sample(0.2).events == ()
+
+
+def test_not_supported_appearing_mid_run() -> None:
+    gpu = rtx_4090(processes=[(ME, 2 * GiB)], sm_util={ME: 30})
+    p = _probe(gpu)
+    assert p.available() is None
+    v = p.sample(0.0).values
+    assert v["gpu_util_ratio/0"] == pytest.approx(0.62) and v["gpu_tree_sm_ratio/0"] == pytest.approx(0.3)
+    gpu.mig = True  # an administrator switched MIG on under us
+    for k in range(3):
+        v = p.sample(0.1 * (k + 1)).values
+        assert v["gpu_util_ratio/0"] is None and v["gpu_tree_sm_ratio/0"] is None
+        assert v["gpu_power_watts/0"] == pytest.approx(287.12)
+    assert p.unsupported["gpu_util_ratio/0"] == "Not Supported (NVML, GPU 0)"
+    assert p._nvml.calls["nvmlDeviceGetUtilizationRates"] == 2  # type: ignore[union-attr]
