@@ -84,16 +84,18 @@ def parse_cpu_times(data: bytes) -> tuple[CpuTimes, dict[int, CpuTimes]]:
     """
     total_line: CpuTimes | None = None
     cores: dict[int, CpuTimes] = {}
-    for line in data.split(b"\n"):
-        if not line.startswith(b"cpu"):
-            if total_line is not None:
-                break  # the cpu lines come first; the rest (intr, ctxt, ...) is not ours
-            continue
-        f = line.split()
+    pos = 0
+    while data.startswith(b"cpu", pos):  # the cpu lines come first; the rest (intr, ctxt, ...) is not ours
+        end = data.find(b"\n", pos)
+        if end < 0:
+            end = len(data)
+        f = data[pos:end].split()
+        pos = end + 1
         vals = [int(x) for x in f[1:9]]
+        if len(vals) < 4:
+            raise ValueError("not /proc/stat: a cpu line with fewer than 4 fields")
         total = sum(vals)
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        t = CpuTimes(total - idle, total)
+        t = CpuTimes(total - vals[3] - (vals[4] if len(vals) > 4 else 0), total)
         name = f[0]
         if name == b"cpu":
             total_line = t

@@ -532,3 +532,38 @@ def test_close_releases_every_descriptor(child: Child) -> None:
     p.close()
     assert set(os.listdir("/proc/self/fd")) - before == set()  # nothing left open
     assert p.pids() == []
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/loadavg")
+def test_rescan_skipped_while_no_process_was_created(
+    child: Child, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tree discovery (~2 ms of psutil) runs only when /proc/loadavg's last PID moved, or every 10th cadence."""
+    scans = []
+    real = psutil.Process.children
+
+    def counting(self: psutil.Process, recursive: bool = False) -> Any:
+        scans.append(self.pid)
+        return real(self, recursive=recursive)
+
+    monkeypatch.setattr(psutil.Process, "children", counting)
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_bytes(b"0.50 0.40 0.30 2/345 1000\n")
+    p = CpuProbe([child.pid], rescan_every_s=0.0)
+    try:
+        assert p._loadavg is not None
+        p._loadavg.close()
+        p._loadavg = ProcFile(str(loadavg))
+        p.sample(0.0)
+        assert len(scans) == 1
+        for i in range(cpu_mod.FULL_RESCAN_EVERY):
+            p.sample(0.1 * i)
+        assert len(scans) == 1  # nothing was forked anywhere: nothing new to find
+        p.sample(2.0)
+        assert len(scans) == 2  # the periodic full rescan
+        loadavg.write_bytes(b"0.50 0.40 0.30 2/345 1001\n")  # a fork happened somewhere
+        p.sample(2.1)
+        p.sample(2.2)
+        assert len(scans) == 3
+    finally:
+        p.close()
