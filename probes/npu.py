@@ -372,7 +372,7 @@ class AscendNpuProbe:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join(timeout=RUN_TIMEOUT_S + 1.0)
+            thread.join(timeout=1.0)  # a daemon: if npu-smi hangs, its own timeout ends the run later
 
     # -- the reader thread --------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:

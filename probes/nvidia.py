@@ -8,7 +8,8 @@ Per device ``i`` (NVML index):
 
 - ``gpu_mem_used_bytes/i``, ``gpu_mem_total_bytes/i``, ``gpu_mem_reserved_bytes/i`` —
   ``nvmlDeviceGetMemoryInfo_v2`` when the driver has it, else v1 (no reserved figure: ``None``);
-- ``gpu_util_ratio/i``, ``gpu_mem_util_ratio/i`` (0..1), ``gpu_temp_celsius/i``, ``gpu_power_watts/i``,
+- ``gpu_util_ratio/i`` (share of time a kernel ran), ``gpu_mem_util_ratio/i`` (share of time device memory
+  was read or written — bandwidth, not capacity), both 0..1, ``gpu_temp_celsius/i``, ``gpu_power_watts/i``,
   ``gpu_sm_clock_hertz/i``;
 - with a process tree: ``gpu_tree_mem_bytes/i`` (the tree's compute processes' memory, summed) and
   ``gpu_tree_sm_ratio/i`` (their SM utilization, summed, 0..1); per process
@@ -298,7 +299,7 @@ class NvidiaProbe:
         assert nvml is not None and self._err is not None
         keys = (f"gpu_mem_used_bytes/{dev.index}", f"gpu_mem_total_bytes/{dev.index}")
         version = getattr(nvml, "nvmlMemory_v2", None)
-        if dev.mem_v2 and version is not None and not dev.lost:
+        if dev.mem_v2 and version is not None and not dev.lost and "mem" not in dev.skip:
             try:
                 return nvml.nvmlDeviceGetMemoryInfo(dev.handle, version=version)
             except (self._err.function_not_found, self._err.not_supported, TypeError) as exc:

@@ -289,3 +289,23 @@ def test_not_supported_appearing_mid_run() -> None:
         assert v["gpu_power_watts/0"] == pytest.approx(287.12)
     assert p.unsupported["gpu_util_ratio/0"] == "Not Supported (NVML, GPU 0)"
     assert p._nvml.calls["nvmlDeviceGetUtilizationRates"] == 2  # type: ignore[union-attr]
+
+
+def test_memory_info_without_permission_is_not_retried() -> None:
+    gpu = a100_80gb()
+    p = _probe(gpu)
+    assert p.available() is None
+
+    asked: list[int | None] = []
+
+    def denied(handle: object, version: int | None = None) -> object:
+        asked.append(version)
+        raise pynvml.NVMLError_NoPermission()
+
+    p._nvml.nvmlDeviceGetMemoryInfo = denied  # type: ignore[union-attr]
+    for k in range(3):
+        v = p.sample(0.1 * k).values
+        assert v["gpu_mem_used_bytes/0"] is None and v["gpu_mem_total_bytes/0"] is None
+        assert v["gpu_temp_celsius/0"] == 54.0
+    assert p.unsupported["gpu_mem_used_bytes/0"] == "Insufficient Permissions (NVML, GPU 0)"
+    assert asked == [pynvml.nvmlMemory_v2]  # asked once (v2), then skipped
