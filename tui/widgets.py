@@ -1,0 +1,312 @@
+"""Widgets: a braille line chart (several series, step lines, trend line, target band) and device panels.
+
+The chart draws into a braille grid (2x4 dots per cell) with numpy for the point mapping and one Python
+pass over the occupied dot columns; the lines are cached as ``Strip``s and rebuilt only on new data.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.strip import Strip
+from textual.widget import Widget
+from textual.widgets import Sparkline, Static
+
+from tui.model import ChartSpec, Device, Model, fmt_value
+
+PALETTE = ("#5fafff", "#ffaf5f", "#87d75f", "#d787d7", "#5fd7d7", "#d7d75f")
+TREND_COLOR = "#ff5f5f"
+BAND_BG = "#1f3a24"
+AXIS = Style(color="#808080")
+DIM = Style(color="#909090", italic=True)
+# braille bit for (sub-row 0..3 from the top, sub-column 0..1)
+_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint8)
+LABEL_W = 7
+
+
+def _series_dots(
+    ts: np.ndarray, vs: np.ndarray, t0: float, t1: float, lo: float, hi: float, xd: int, yd: int, step: bool
+) -> tuple[list[int], list[int]]:
+    """Dot coordinates (x from the left, y from the bottom) of a connected line through the points."""
+    ok = np.isfinite(vs)
+    if not ok.any() or t1 <= t0 or hi <= lo:
+        return [], []
+    ts, vs = ts[ok], vs[ok]
+    xs = np.clip(((ts - t0) / (t1 - t0) * (xd - 1)).round().astype(np.int64), 0, xd - 1)
+    ys = np.clip(((vs - lo) / (hi - lo) * (yd - 1)).round().astype(np.int64), 0, yd - 1)
+    ends = np.r_[np.flatnonzero(np.diff(xs)), len(xs) - 1]
+    starts = np.r_[0, ends[:-1] + 1]
+    gmin = np.minimum.reduceat(ys, starts)
+    gmax = np.maximum.reduceat(ys, starts)
+    cols = xs[starts].tolist()
+    firsts = ys[starts].tolist()
+    lasts = ys[ends].tolist()
+    mins, maxs = gmin.tolist(), gmax.tolist()
+    # a gap wider than 3 sampling intervals is a hole in the data: do not bridge it
+    dt = float(np.median(np.diff(ts))) if len(ts) > 2 else (t1 - t0)
+    max_gap = max(2, math.ceil(4 * dt / (t1 - t0) * (xd - 1))) if t1 > t0 else 2
+    ox: list[int] = []
+    oy: list[int] = []
+    px = py = None
+    for x, f, la, mn, mx in zip(cols, firsts, lasts, mins, maxs, strict=True):
+        a, b = mn, mx
+        if px is not None and py is not None and x - px <= max_gap:
+            for c in range(px + 1, x):  # bridge skipped dot columns
+                y = py if step else round(py + (f - py) * (c - px) / (x - px))
+                ox.append(c)
+                oy.append(y)
+            a, b = min(a, py), max(b, py)
+        for y in range(a, b + 1):
+            ox.append(x)
+            oy.append(y)
+        px, py = x, la
+    return ox, oy
+
+
+def y_range(spec: ChartSpec, arrays: Sequence[np.ndarray]) -> tuple[float, float] | None:
+    finite = [a[np.isfinite(a)] for a in arrays]
+    finite = [a for a in finite if len(a)]
+    if not finite:
+        return None
+    lo = min(float(a.min()) for a in finite)
+    hi = max(float(a.max()) for a in finite)
+    if spec.unit in ("seconds", "ratio") or spec.id == "tps":
+        lo = min(0.0, lo)
+    if spec.unit == "ratio" and spec.id == "util":
+        hi = max(hi, 1.0)
+    if spec.band is not None:
+        hi = max(hi, spec.band[1] * 1.25)
+        lo = min(lo, spec.band[0])
+    if hi - lo < 1e-12:
+        pad = abs(hi) * 0.1 or 1.0
+        return lo - pad, hi + pad
+    pad = (hi - lo) * 0.08
+    return (lo - pad if lo != 0.0 else lo), hi + pad
+
+
+class Chart(Widget):
+    """A titled braille chart of one ``ChartSpec`` over a time window."""
+
+    DEFAULT_CSS = """
+    Chart { height: 7; min-width: 30; }
+    """
+
+    def __init__(self, spec: ChartSpec, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.spec = spec
+        self._lines: list[Strip] = []
+        self._data: tuple[Model, float, float] | None = None
+        self._drawn_for: tuple[int, int, int, float, float] | None = None
+        self.latest: dict[str, float | None] = {}
+        self.empty_reason: str | None = None
+
+    def set_data(self, model: Model, t0: float, t1: float, spec: ChartSpec | None = None) -> None:
+        if spec is not None:
+            self.spec = spec
+        self._data = (model, t0, t1)
+        key = (model.version, self.size.width, self.size.height, t0, t1)
+        if key != self._drawn_for:
+            self._drawn_for = key
+            self._lines = self.draw(model, t0, t1, self.size.width, self.size.height)
+            self.refresh()
+
+    def on_resize(self) -> None:
+        if self._data is not None:
+            m, t0, t1 = self._data
+            self._drawn_for = None
+            self.set_data(m, t0, t1)
+
+    def render_line(self, y: int) -> Strip:
+        if y < len(self._lines):
+            return self._lines[y]
+        return Strip.blank(self.size.width)
+
+    # -- drawing ------------------------------------------------------------------------------------
+    def draw(self, model: Model, t0: float, t1: float, width: int, height: int) -> list[Strip]:
+        spec = self.spec
+        if width < 12 or height < 2:
+            return []
+        data = [model.cols.window(k, t0, t1) for k, _ in spec.series]
+        self.latest = {k: model.cols.latest(k, t1) for k, _ in spec.series}
+        trend = model.trend(spec.trend, t0, t1) if spec.trend else None
+        title = Text(spec.title, style="bold")
+        for i, (key, label) in enumerate(spec.series):
+            v = self.latest[key]
+            if v is None and not np.isfinite(data[i][1]).any():
+                continue
+            title.append(f"  {label} ", style=PALETTE[i % len(PALETTE)])
+            title.append(fmt_value(v, "bits" if key == "knob_precision_bits" else spec.unit))
+        if trend is not None:
+            per_min = trend[0] * 60
+            title.append(f"  trend {'+' if per_min >= 0 else ''}{fmt_value(per_min, spec.unit)}/min", TREND_COLOR)
+        if spec.band is not None:
+            band_txt = f"  target {fmt_value(spec.band[0], spec.unit)}-{fmt_value(spec.band[1], spec.unit)}"
+            title.append(band_txt, "#87af87")
+        title.truncate(width, overflow="ellipsis")
+        lines = [Strip(list(title.render(self.app.console)) if self.is_attached else [Segment(title.plain)])]
+        lines[0] = lines[0].adjust_cell_length(width)
+        rows = height - 1
+        pw = width - LABEL_W
+        rng = y_range(spec, [v for _, v in data])
+        if rng is None:
+            self.empty_reason = model.why_empty(spec)
+            wrapped = textwrap.wrap(self.empty_reason, max(8, width - 2))[:rows]
+            first = max(0, (rows - len(wrapped)) // 2)
+            for r in range(rows):
+                j = r - first
+                if 0 <= j < len(wrapped):
+                    msg = wrapped[j]
+                    pad = max(0, (width - len(msg)) // 2)
+                    lines.append(Strip([Segment(" " * pad), Segment(msg, DIM)]).adjust_cell_length(width))
+                else:
+                    lines.append(Strip.blank(width))
+            return lines
+        self.empty_reason = None
+        lo, hi = rng
+        xd, yd = pw * 2, rows * 4
+        bits = np.zeros((rows, pw), dtype=np.uint8)
+        color = np.full((rows, pw), -1, dtype=np.int16)
+
+        def plot(ox: list[int], oy: list[int], ci: int) -> None:
+            if not ox:
+                return
+            x = np.asarray(ox)
+            yy = (yd - 1) - np.asarray(oy)
+            r, sub = yy // 4, yy % 4
+            c = x // 2
+            np.bitwise_or.at(bits, (r, c), _BITS[sub, x % 2])
+            color[r, c] = ci
+
+        for i, (ts, vs) in enumerate(data):
+            plot(*_series_dots(ts, vs, t0, t1, lo, hi, xd, yd, spec.step), i)
+        if trend is not None:
+            tt = np.linspace(t0, t1, xd)
+            tv = trend[0] * tt + trend[1]
+            ox, oy = _series_dots(tt, tv, t0, t1, lo, hi, xd, yd, False)
+            keep = [j for j in range(len(ox)) if (ox[j] // 2) % 2 == 0]  # dashed
+            plot([ox[j] for j in keep], [oy[j] for j in keep], 99)
+        band_rows: set[int] = set()
+        if spec.band is not None:
+            b0 = (spec.band[0] - lo) / (hi - lo) * (yd - 1)
+            b1 = (spec.band[1] - lo) / (hi - lo) * (yd - 1)
+            for r in range(rows):
+                cell_lo = (rows - 1 - r) * 4
+                if cell_lo + 3 >= b0 and cell_lo <= b1:
+                    band_rows.add(r)
+        styles = {i: Style(color=PALETTE[i % len(PALETTE)]) for i in range(len(spec.series))}
+        styles[99] = Style(color=TREND_COLOR)
+        unit = "bits" if spec.series[0][0] == "knob_precision_bits" else spec.unit
+        top, bottom = fmt_value(hi, unit), fmt_value(lo, unit)
+        for r in range(rows):
+            label = top if r == 0 else bottom if r == rows - 1 else ""
+            segs = [Segment(f"{label:>{LABEL_W - 1}}│", AXIS)]
+            bg = Style(bgcolor=BAND_BG) if r in band_rows else None
+            row_bits = bits[r].tolist()
+            row_col = color[r].tolist()
+            run: list[str] = []
+            run_c = row_col[0] if row_bits[0] else -1
+            for b, c in zip(row_bits, row_col, strict=True):
+                ci = c if b else -1
+                if ci != run_c and run:
+                    st = styles.get(run_c)
+                    segs.append(Segment("".join(run), (st + bg) if st and bg else (st or bg)))
+                    run = []
+                run_c = ci
+                run.append(chr(0x2800 + b) if b else " ")
+            if run:
+                st = styles.get(run_c)
+                segs.append(Segment("".join(run), (st + bg) if st and bg else (st or bg)))
+            lines.append(Strip(segs, width))
+        return lines
+
+
+def bar(frac: float | None, width: int) -> Text:
+    if frac is None or not math.isfinite(frac) or width <= 0:
+        return Text("░" * max(0, width), style="#505050")
+    frac = min(1.0, max(0.0, frac))
+    full = round(frac * width)
+    color = "#87d75f" if frac < 0.7 else "#ffaf5f" if frac < 0.9 else "#ff5f5f"
+    t = Text("█" * full, style=color)
+    t.append("░" * (width - full), style="#505050")
+    return t
+
+
+class DevicePanel(Vertical):
+    """CPU / RAM / one accelerator: numbers, a bar, a sparkline."""
+
+    DEFAULT_CSS = """
+    DevicePanel { height: 3; width: 1fr; min-width: 22; padding: 0 1 0 0; }
+    DevicePanel > Static { height: 1; }
+    DevicePanel > Sparkline { height: 1; }
+    """
+
+    def __init__(self, device: Device, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.device = device
+        self.info = Static("", classes="info")
+        self.meter = Static("", classes="meter")
+        self.spark = Sparkline([], summary_function=max)
+
+    def compose(self) -> ComposeResult:
+        yield self.info
+        yield self.meter
+        yield self.spark
+
+    def update_from(self, model: Model, t0: float, t1: float) -> None:
+        d = self.device
+        cols = model.cols
+        w = max(4, self.size.width - 12)
+        if d.kind == "cpu":
+            tree = cols.latest("tree_cpu_ratio", t1)
+            sysr = cols.latest("sys_cpu_ratio", t1)
+            self.info.update(
+                Text.assemble(("CPU ", "bold"), f"tree {fmt_value(tree, 'cores')}  sys {fmt_value(sysr, 'ratio')}")
+            )
+            self.meter.update(bar(sysr, w) + Text(f" {fmt_value(sysr, 'ratio')}"))
+            spark_key = "tree_cpu_ratio"
+        elif d.kind == "ram":
+            used = cols.latest("sys_mem_used_bytes", t1)
+            total = cols.latest("sys_mem_total_bytes", t1)
+            rss = cols.latest("tree_rss_bytes", t1)
+            frac = used / total if used is not None and total else None
+            self.info.update(
+                Text.assemble(
+                    ("RAM ", "bold"),
+                    f"rss {fmt_value(rss, 'bytes')}  {fmt_value(used, 'bytes')}/{fmt_value(total, 'bytes')}",
+                )
+            )
+            self.meter.update(bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
+            spark_key = "tree_rss_bytes"
+        else:
+            k, i = d.kind, d.index
+            used = cols.latest(f"{k}_mem_used_bytes/{i}", t1)
+            total = cols.latest(f"{k}_mem_total_bytes/{i}", t1)
+            util = cols.latest(f"{k}_util_ratio/{i}", t1)
+            frac = used / total if used is not None and total else None
+            self.info.update(
+                Text.assemble(
+                    (f"{d.title} ", "bold"),
+                    f"util {fmt_value(util, 'ratio')}  {fmt_value(used, 'bytes')}/{fmt_value(total, 'bytes')}",
+                )
+            )
+            self.meter.update(bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
+            spark_key = f"{k}_util_ratio/{i}"
+        _, vs = cols.window(spark_key, t0, t1)
+        vals = vs[np.isfinite(vs)]
+        self.spark.data = vals[-2000:].tolist() if len(vals) else [0.0]
+
+
+class MissingPanel(Static):
+    """Says why an accelerator has no panel (``no GPU: <reason>``)."""
+
+    DEFAULT_CSS = """
+    MissingPanel { height: 3; width: 1fr; min-width: 22; color: $text-muted; }
+    """
