@@ -263,8 +263,6 @@ class OutputProbe:
                 v["req_tokens_per_second"] = sum(d.tokens for d in win) / span
                 v["req_requests_per_second"] = len(win) / span
         v["req_done_count"] = float(self._done_count) if self._done_count or self._first_t is not None else None
-        if self._status:
-            v["req_active_count"] = float(sum(int(s.get("active", 0)) for s in self._status.values()))
         for key, name in (
             ("req_batch_occupancy_ratio", "occupancy"),
             ("req_seq_rep_4_ratio", "seq_rep_4"),
@@ -274,12 +272,19 @@ class OutputProbe:
             v[key] = sum(xs) / len(xs) if xs else None
         v["req_loop_ratio"] = sum(1 for d in win if d.loop) / len(win) if win else None
         v["req_distinct_2_ratio"] = self._distinct.value
+        live: set[int] | None = None
         try:
-            v["chan_clients_count"] = float(len(self.channel.clients()))
+            clients = self.channel.clients()
+            v["chan_clients_count"] = float(len(clients))
+            if all("conn" in c for c in clients):  # the status of a client already gone does not count
+                live = {int(c["conn"]) for c in clients}
             st = self.channel.stats()
             server_lost = int(st.get("malformed", 0)) + int(st.get("dropped", 0))
         except Exception:
             server_lost = 0
+        active = [int(s.get("active", 0)) for conn, s in self._status.items() if live is None or conn in live]
+        if active:
+            v["req_active_count"] = float(sum(active))
         client_lost = self._dropped_gone + sum(int(s.get("dropped", 0)) for s in self._status.values())
         v["chan_dropped_count"] = float(server_lost + client_lost)
         v.update(self._alloc)
