@@ -69,10 +69,9 @@ def test_demo_bad_input_is_one_line(args: list[str], message: str, tmp_path: Pat
 
 
 def test_demo_leak_grows_a_registered_cache(tmp_path: Path) -> None:
-    trace = tmp_path / "leak.jsonl"
-    cp = tuner("demo", "--headless", "--requests", "24", "--rate", "50", "--leak", "--trace", str(trace),
-               timeout=180)
+    cp = tuner("demo", "--headless", "--requests", "24", "--rate", "50", "--leak", timeout=180, cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
+    (trace,) = (tmp_path / "traces").glob("*-demo.jsonl")  # the default trace name says what ran
     own = workload_summary(cp.stdout)
     assert own["leak_entries"] == 24  # one entry per request (conversation), never evicted
     per_request = own["leak_bytes"] / own["leak_entries"]

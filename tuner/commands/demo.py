@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("tuner demo needs torch: pip install 'inference-tuner[torch]'")
     cmd = workload_command(args)
     opts = session_options(args)  # validates --policy before anything starts
+    if not opts.trace:
+        from tuner.trace import default_trace_path
+
+        opts.trace = str(default_trace_path(["demo"]))  # traces/<UTC time>-demo.jsonl
     opts.extra_header["demo"] = {
         "workload": "tuner.demo.workload",
         "argv": cmd[3:],
