@@ -535,10 +535,9 @@ def test_close_releases_every_descriptor(child: Child) -> None:
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/loadavg")
-def test_rescan_skipped_while_no_process_was_created(
-    child: Child, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Tree discovery (~2 ms of psutil) runs only when /proc/loadavg's last PID moved, or every 10th cadence."""
+def test_rescan_reads_only_new_pids(child: Child, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full psutil walk (~2 ms) runs first and every 10th cadence; between, only PIDs handed out since
+    the last scan (/proc/loadavg's last PID) are read, and none at all when it did not move."""
     scans = []
     real = psutil.Process.children
 
@@ -547,6 +546,15 @@ def test_rescan_skipped_while_no_process_was_created(
         return real(self, recursive=recursive)
 
     monkeypatch.setattr(psutil.Process, "children", counting)
+    listings = []
+    real_listdir = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        if path == "/proc":
+            listings.append(path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(cpu_mod.os, "listdir", listdir)
     loadavg = tmp_path / "loadavg"
     loadavg.write_bytes(b"0.50 0.40 0.30 2/345 1000\n")
     p = CpuProbe([child.pid], rescan_every_s=0.0)
@@ -558,12 +566,44 @@ def test_rescan_skipped_while_no_process_was_created(
         assert len(scans) == 1
         for i in range(cpu_mod.FULL_RESCAN_EVERY):
             p.sample(0.1 * i)
-        assert len(scans) == 1  # nothing was forked anywhere: nothing new to find
+        # no PID handed out anywhere: nothing new to find (the last few PIDs are read once more, then never)
+        assert len(scans) == 1 and len(listings) == 1
         p.sample(2.0)
-        assert len(scans) == 2  # the periodic full rescan
-        loadavg.write_bytes(b"0.50 0.40 0.30 2/345 1001\n")  # a fork happened somewhere
-        p.sample(2.1)
-        p.sample(2.2)
-        assert len(scans) == 3
+        assert len(scans) == 2  # the periodic full scan
+        loadavg.write_bytes(b"0.50 0.40 0.30 2/345 1001\n")  # a process was created somewhere
+        for t in (2.1, 2.2, 2.3, 2.4):
+            p.sample(t)
+        assert len(scans) == 2 and len(listings) == 3  # the new PIDs read, once more, then settled
+    finally:
+        p.close()
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/loadavg")
+def test_new_descendants_found_without_a_full_scan(child: Child, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child and a grandchild created between scans are adopted by reading only the new PIDs."""
+    monkeypatch.setattr(cpu_mod, "FULL_RESCAN_EVERY", 10**6)
+    scans = []
+    real = psutil.Process.children
+
+    def counting(self: psutil.Process, recursive: bool = False) -> Any:
+        scans.append(self.pid)
+        return real(self, recursive=recursive)
+
+    monkeypatch.setattr(psutil.Process, "children", counting)
+    p = CpuProbe([child.pid], rescan_every_s=0.0)
+    try:
+        samples = [p.sample(0.0)]
+        assert len(scans) == 1
+        out = child.do(
+            "g = subprocess.Popen(['sh', '-c', 'sleep 60 & echo $!; wait'], stdout=subprocess.PIPE, text=True); "
+            "out = f'{g.pid} {g.stdout.readline().strip()}'"
+        )
+        gpid, ggpid = map(int, out.split())
+        samples.append(p.sample(0.1))
+        assert len(scans) == 1  # no psutil walk
+        assert sorted(p.pids()) == sorted([child.pid, gpid, ggpid])
+        procs = samples[-1].procs or {}
+        assert procs[gpid]["ppid"] == child.pid and procs[ggpid]["ppid"] == gpid
+        assert sorted(e["pid"] for e in events_of(samples, "proc_start")) == sorted([gpid, ggpid])
     finally:
         p.close()

@@ -138,3 +138,42 @@ def test_cpu_probe_tick_vs_psutil_and_nvitop(benchmark: Any, tree: list[int]) ->
         probe.close()
         if collector is not None:
             collector.deactivate()
+
+
+@pytest.mark.bench
+def test_tree_rescan_cost(benchmark: Any, tree: list[int]) -> None:
+    """Tree discovery: psutil's full walk vs reading only newly handed-out PIDs vs nothing new."""
+    seconds = float(os.environ.get("TUNER_BENCH_SECONDS", "0.6"))
+    probe = CpuProbe([tree[0]], rescan_every_s=1e9)
+    try:
+        probe.sample(0.0)
+        assert sorted(probe.pids()) == sorted(tree)
+        last = probe._read_last_pid()
+        assert last is not None
+
+        def full_walk() -> None:
+            probe._full_scan()
+
+        def new_pids_only() -> None:  # the range a fork-light server sees between two scans
+            probe._new_descendants(last - 8, last)
+
+        def nothing_new() -> None:
+            probe._settled, probe._since_full, probe._last_pid_seen = True, 0, probe._read_last_pid()
+            probe._discover()
+
+        info: dict[str, Any] = {"procs": len(tree)}
+        for name, fn in (
+            ("psutil_full_walk", full_walk),
+            ("new_pids_only", new_pids_only),
+            ("no_new_pid", nothing_new),
+        ):
+            info[name] = stats(timed(fn, seconds / 3))
+        info["full_over_new_pids"] = round(
+            info["psutil_full_walk"]["median_us"] / info["new_pids_only"]["median_us"], 1
+        )
+        benchmark.extra_info.update(info)
+        benchmark.pedantic(new_pids_only, rounds=50, iterations=1)
+        print(f"\ntree rescan, {len(tree)} process(es): {info}")
+        assert info["new_pids_only"]["median_us"] < info["psutil_full_walk"]["median_us"]
+    finally:
+        probe.close()
