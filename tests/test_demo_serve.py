@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import IO
 
 import httpx
 import openai
@@ -17,6 +18,19 @@ from tests.cli import ROOT, tuner_env
 
 MODEL = "tuner-demo"
 PROMPT = "The with statement"
+
+
+def line_queue(stream: IO[str] | None) -> queue.Queue[str]:
+    """Lines of a child's pipe, read by a thread (so the pipe never fills and a wait can time out)."""
+    q: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert stream is not None
+        for line in stream:
+            q.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
 
 
 class DemoServer:
@@ -31,9 +45,7 @@ class DemoServer:
             env=tuner_env(),
             cwd=ROOT,
         )
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stderr is not None
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+        lines = line_queue(self.proc.stderr)
         while True:
             try:
                 line = lines.get(timeout=60)

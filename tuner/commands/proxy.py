@@ -1,0 +1,195 @@
+"""``tuner proxy --upstream URL``: measure and tune an OpenAI-compatible server from in front of it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from tuner.commands._common import add_session_options, session_options
+from tuner.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "proxy",
+        help="measure and tune an OpenAI-compatible server (vLLM, llama.cpp, TGI, Ollama) as a proxy",
+        description="Serve an OpenAI-compatible API on --listen that forwards to --upstream, records every "
+        "request (queue time, TTFT, TPOT, tokens, repetition) into a trace and, with --policy, tunes "
+        "temperature, concurrency and cleanup. Stop it with Ctrl-C.",
+    )
+    p.add_argument("--upstream", required=True, metavar="URL", help="the server's root URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--listen", default="127.0.0.1:8100", metavar="HOST:PORT",
+                   help="where clients connect (default 127.0.0.1:8100; port 0 = any free port)")
+    p.add_argument("--public", action="store_true", help="allow --listen on a non-loopback address")
+    p.add_argument("--pid", type=int, metavar="PID", help="also sample the server's process tree (else system-wide)")
+    p.add_argument("--tui", action="store_true", help="show the live dashboard; q stops the proxy")
+    k = p.add_argument_group("knobs")
+    k.add_argument("--temperature-mode", choices=("unset", "always"), default="unset",
+                   help="temperature knob: only requests that set none (unset, default) or every request (always)")
+    k.add_argument("--temperature-bounds", default="0:2", metavar="LO:HI",
+                   help="the temperature the proxy sends stays within LO..HI (default 0:2)")
+    k.add_argument("--max-concurrency", type=int, metavar="N",
+                   help="at most N generation requests upstream at once (FIFO queue); the batch-size knob "
+                   "may lower it, never raise it (default: unlimited)")
+    k.add_argument("--cleanup-url", action="append", default=[], metavar="[METHOD ]PATH",
+                   help="admin call the cleanup policy may make, e.g. /reset_prefix_cache (vLLM); repeatable; "
+                   "default POST; off unless given")
+    u = p.add_argument_group("upstream")
+    u.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="seconds without a byte from the upstream before 504 (default 600)")
+    u.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="default 5")
+    u.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="N",
+                   help="larger request bodies get 413 (default 8 MiB)")
+    add_session_options(p)
+    p.set_defaults(func=run)
+
+
+def _bounds(text: str) -> tuple[float, float]:
+    lo_s, sep, hi_s = text.partition(":")
+    try:
+        lo, hi = float(lo_s), float(hi_s)
+    except ValueError:
+        raise UserError(f"--temperature-bounds {text!r}: use LO:HI, e.g. 0.2:1.2") from None
+    if not sep or not (0.0 <= lo <= hi) or hi > 100:
+        raise UserError(f"--temperature-bounds {text!r}: need 0 <= LO <= HI")
+    return lo, hi
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from tuner.proxy import ProxyConfig, parse_cleanup, parse_upstream
+
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise UserError("--max-concurrency must be at least 1")
+    if args.timeout <= 0 or args.connect_timeout <= 0:
+        raise UserError("--timeout and --connect-timeout must be positive")
+    if args.max_body_bytes < 1024:
+        raise UserError("--max-body-bytes must be at least 1024")
+    return ProxyConfig(
+        upstream=parse_upstream(args.upstream),
+        temperature_mode=args.temperature_mode,
+        temperature_bounds=_bounds(args.temperature_bounds),
+        max_concurrency=args.max_concurrency,
+        cleanup_urls=[parse_cleanup(s) for s in args.cleanup_url],
+        max_body_bytes=args.max_body_bytes,
+        timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+        sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(infos[0][4])
+        sock.listen(2048)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tuner.commands.run import print_brief_summary, want_tui
+    from tuner.proxy import Proxy, ProxyChannel, parse_listen
+    from tuner.session import Session, pid_exists_or_error
+
+    host, port = parse_listen(args.listen, args.public)
+    config = build_config(args)
+    if args.tui and args.headless:
+        raise UserError("--tui and --headless contradict each other: choose one")
+    tui = want_tui(args.tui)
+    if args.pid is not None:
+        pid_exists_or_error(args.pid)
+    opts = session_options(args)
+    sock = bind(host, port)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    listen_url = f"http://{shown}:{bound[1]}"
+    opts.extra_header = {
+        "proxy": {
+            "upstream": config.upstream,
+            "listen": listen_url,
+            "temperature_mode": config.temperature_mode,
+            "temperature_bounds": list(config.temperature_bounds),
+            "max_concurrency": config.max_concurrency,
+            "cleanup": [f"{m} {t}" for m, t in config.cleanup_urls],
+            "token_unit": "usage.completion_tokens, else one per SSE chunk with text",
+            "repetition_unit": "whitespace-separated words",
+        }
+    }
+    channel = ProxyChannel()
+    try:
+        session = Session(opts, command=["proxy", config.upstream], roots=[args.pid] if args.pid else [],
+                          channel=channel)
+    except BaseException:
+        sock.close()
+        raise
+    proxy = Proxy(config, channel, log=session.log)
+    server = _server_class()(
+        uvicorn.Config(proxy.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                       timeout_keep_alive=30)
+    )
+    session.start()
+    session.log(f"proxy listening on {listen_url}/v1 -> {config.upstream}")
+    try:
+        if tui:
+            thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tuner-proxy", daemon=True)
+            thread.start()
+            _dashboard(session)
+            server.should_exit = True
+            thread.join(timeout=10)
+        else:
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+        path = session.finish(upstream=config.upstream, failed_requests=channel.failed)
+    if not opts.quiet:
+        print(f"tuner: proxy stopped; trace written to {path}", file=sys.stderr)
+        if args.headless:
+            print_brief_summary(path)
+    return 0
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's, except that Ctrl-C / SIGTERM only stop serving: uvicorn would re-raise the signal after
+        shutdown, killing the process before the session writes the end of the trace."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return Server
+
+
+def _dashboard(session: Any) -> None:
+    path = session.observer_path
+    if path is None:
+        session.log("no live feed for the dashboard; proxying headless until Ctrl-C")
+        threading.Event().wait()
+    from tui.app import run_live
+
+    try:
+        run_live(path)
+    except Exception as exc:
+        session.log(f"dashboard stopped: {type(exc).__name__}: {exc}; stopping the proxy")

@@ -1,0 +1,742 @@
+"""``tuner proxy``: an HTTP proxy in front of any OpenAI-compatible server that measures and tunes it.
+
+Starlette (routing, requests) on uvicorn, httpx to the upstream.  ``/v1/chat/completions`` and
+``/v1/completions`` are measured and may be rewritten; ``/v1/models`` and every other path pass through
+untouched.  Responses are forwarded chunk by chunk as they arrive (never buffered whole); a client that
+goes away cancels the upstream request.
+
+How the proxy reaches the trace: it is an in-process client of the session.  ``ProxyChannel`` has the
+channel API the output probe and the actuator use (``drain``, ``clients``, ``stats``, ``set_welcome``,
+``broadcast_knobs``, ``send_command``), so ``Session(channel=ProxyChannel())`` records exactly the
+``request`` events and ``req_*`` columns ``tuner run`` records, and an agent (``--policy``) drives the
+proxy through the same actuator it uses for a socket client.  Each finished request becomes a row in
+``tuner.channel.ROW_FIELDS`` order, expanded with ``tuner.channel.expand_rows`` — the same formulas as
+``tuner.client``:
+
+- ``created`` = the request reached the proxy; ``started`` = it got a concurrency slot, so
+  ``queue_seconds`` is the wait in the proxy's queue;
+- ``first`` / ``last`` = arrival of the first / last chunk holding generated text, so TTFT (queue
+  included) and TPOT = (last - first) / (tokens - tokens in the first chunk);
+- ``tokens`` = ``usage.completion_tokens`` when the server reports it, else one per SSE chunk holding
+  text (vLLM, llama.cpp and TGI send one token a chunk; a server that packs several under-counts);
+  non-streaming responses have no TTFT/TPOT (one piece of text arrives at once);
+- repetition (seq-rep-4, rep-32, loop, distinct-2, computed by the output probe) is measured on *words*:
+  the generated text split on whitespace, each word identified by its CRC-32, whatever the chunking
+  (a word split across chunks is one word).  The server's own token ids are not in the stream, and words
+  make the figures comparable across servers with different tokenizers.
+
+Knobs (from the agent through ``broadcast_knobs``): ``temperature`` rewrites the request JSON (mode
+``unset``: only when the client set none; ``always``: every request, the client's own value replaced);
+either way the value sent is clamped into ``temperature_bounds``.  ``batch_size`` is a concurrency limit
+on measured requests with a FIFO queue (also capped by ``max_concurrency``).  ``cleanup`` runs the
+configured admin calls against the upstream (e.g. ``POST /reset_prefix_cache`` on vLLM), off unless
+``--cleanup-url`` is given.  ``precision`` cannot be changed over HTTP: the command is answered with a
+refusal.  ``repetition_penalty`` is not applied (servers spell it differently).
+
+Errors (JSON bodies ``{"error": {"message", "type"}}``): upstream unreachable 502
+``upstream_unavailable``; upstream timeout 504 ``upstream_timeout``; malformed JSON 400; a body over
+``max_body_bytes`` 413.  A stream the upstream breaks off after it started ends with an SSE ``error``
+event (the status line is already sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from tuner.channel import ROW_FIELDS, expand_rows
+from tuner.errors import UserError
+from tuner.records import Knobs
+
+MEASURED = ("/v1/chat/completions", "/v1/completions")
+DEFAULT_MAX_BODY = 8 << 20
+TEXT_KEPT = 1 << 20  # characters of a response kept for repetition; past that only counting goes on
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_ROW_INDEX = {name: i for i, (name, _) in enumerate(ROW_FIELDS)}
+
+
+# -- addresses -----------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(text: str, public: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); a non-loopback host needs ``public``."""
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not host:
+        raise UserError(f"--listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:8100")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise UserError(f"--listen {text!r}: the port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise UserError(f"--listen {text!r}: the port must be 0-65535")
+    host = host.strip("[]")
+    if not public and not is_loopback(host):
+        raise UserError(f"--listen {text}: not a loopback address; add --public to accept other machines")
+    return host, port
+
+
+def parse_upstream(url: str) -> str:
+    """The upstream server's root URL (a trailing ``/v1`` is dropped: request paths already carry it)."""
+    try:
+        u = httpx.URL(url)
+    except Exception:
+        raise UserError(f"--upstream {url!r} is not a URL") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise UserError(f"--upstream {url!r}: use http://HOST:PORT (or https://)")
+    base = str(u.copy_with(query=None, fragment=None)).rstrip("/")
+    if base.endswith("/v1"):
+        base = base[:-3]
+    return base
+
+
+# -- the fair concurrency limit ----------------------------------------------------------------------
+class FairLimiter:
+    """A semaphore whose waiters are served first come, first served, and whose limit can change.
+
+    Loop thread only.  ``limit=None``: unlimited.  Lowering the limit lets running requests finish; new
+    ones wait until ``active`` falls under it.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _free(self) -> bool:
+        return self.limit is None or self.active < self.limit
+
+    async def acquire(self) -> None:
+        if self._free() and not self._waiters:
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as we were cancelled: hand the slot on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    def set_limit(self, limit: int | None) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._free():
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.active += 1
+                fut.set_result(None)
+
+
+# -- words for repetition ----------------------------------------------------------------------------
+def word_ids(text: str) -> list[int]:
+    """The repetition "tokens" of a text stream: whitespace-separated words, as CRC-32 ids."""
+    return [zlib.crc32(w.encode("utf-8", "replace")) for w in text.split()]
+
+
+# -- the in-process channel the session reads ---------------------------------------------------------
+class ProxyChannel:
+    """The channel API (``tuner.channel.ChannelServer``'s) for a client living in this process: the proxy.
+
+    Any thread may call it: the loop thread posts finished requests, the sampler thread drains them and
+    pushes knobs and commands.
+    """
+
+    def __init__(self) -> None:
+        # No socket listens here: the path only gives the session a private 0700 directory for its observer
+        # socket (it puts that next to the channel's), removed again by close().
+        self.directory = tempfile.mkdtemp(prefix="tuner-proxy-")
+        self.path = os.path.join(self.directory, "in-process")
+        self._lock = threading.Lock()
+        self._rows: list[tuple[float, list[Any]]] = []
+        self._control: list[tuple[float, dict[str, Any]]] = []
+        self._connected = time.monotonic()
+        self._announced = False
+        self._received = 0
+        self.record_text = False
+        self.knobs = Knobs()
+        self.failed = 0
+        self.active = 0
+        self.proxy: Proxy | None = None  # set by the app at start-up (knobs and commands go there)
+
+    # channel side (sampler thread)
+    def drain(self) -> list[tuple[float, dict[str, Any]]]:
+        with self._lock:
+            rows, self._rows = self._rows, []
+            control, self._control = self._control, []
+        out: list[tuple[float, dict[str, Any]]] = []
+        if not self._announced:
+            self._announced = True
+            out.append((self._connected, {"type": "client_connect", "pid": os.getpid(), "uid": os.getuid(),
+                                          "conn": 0}))
+        for arrived, row in rows:
+            text = row[_ROW_INDEX["text"]]
+            row[_ROW_INDEX["ids"]] = word_ids(text) if text else []  # here, off the proxy's event loop
+            if not self.record_text:
+                row[_ROW_INDEX["text"]] = None
+            for msg in expand_rows({"rows": [row]}):
+                msg["pid"] = os.getpid()
+                out.append((arrived, msg))
+        out.extend(control)
+        now = time.monotonic()
+        out.append((now, {"type": "status", "conn": 0, "pid": os.getpid(), "active": self.active,
+                          "dropped": 0, "failed": self.failed, "sent": self._received}))
+        return out
+
+    def clients(self) -> list[dict[str, Any]]:
+        return [{"pid": os.getpid(), "uid": os.getuid(), "connected_at": self._connected, "conn": 0}]
+
+    def stats(self) -> dict[str, int]:
+        return {"malformed": 0, "rejected_peers": 0, "clients": 1, "received": self._received, "dropped": 0}
+
+    def set_welcome(self, **options: Any) -> None:
+        if "record_text" in options:
+            self.record_text = bool(options["record_text"])
+
+    def broadcast_knobs(self, knobs: Knobs) -> None:
+        self.knobs = knobs  # one assignment: the loop reads it per request
+        if self.proxy is not None:
+            self.proxy.knobs_changed()
+
+    def send_command(self, cmd: str, args: dict[str, Any]) -> str | None:
+        cid = uuid.uuid4().hex[:12]
+        proxy = self.proxy
+        if cmd == "cleanup" and proxy is not None and proxy.config.cleanup_urls:
+            proxy.run_command(cid, cmd, args)
+            return cid
+        if cmd == "cleanup":
+            error = "no cleanup calls configured (tuner proxy --cleanup-url PATH)"
+        elif cmd == "precision":
+            error = "the proxy cannot change the server's precision (no such call in the OpenAI API)"
+        else:
+            error = f"the proxy does not support {cmd!r}"
+        self.post_result(cid, cmd, False, None, error)
+        return cid
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    # proxy side (loop thread)
+    def post_row(self, row: list[Any]) -> None:
+        with self._lock:
+            self._rows.append((time.monotonic(), row))
+            self._received += 1
+
+    def post_result(self, cid: str, cmd: str, ok: bool, result: dict[str, Any] | None, error: str | None) -> None:
+        msg = {"type": "command_result", "pid": os.getpid(), "conn": 0, "id": cid, "cmd": cmd, "ok": ok,
+               "result": result, "error": error}
+        with self._lock:
+            self._control.append((time.monotonic(), msg))
+
+
+# -- configuration -------------------------------------------------------------------------------------
+@dataclass
+class ProxyConfig:
+    upstream: str
+    temperature_mode: str = "unset"  # or "always"
+    temperature_bounds: tuple[float, float] = (0.0, 2.0)
+    max_concurrency: int | None = None
+    cleanup_urls: list[tuple[str, str]] = field(default_factory=list)  # (METHOD, path or URL)
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    timeout: float = 600.0
+    connect_timeout: float = 5.0
+
+
+def parse_cleanup(spec: str) -> tuple[str, str]:
+    """``[METHOD ]PATH`` (default POST), e.g. ``/reset_prefix_cache`` or ``"POST /sleep?level=1"``."""
+    parts = spec.split()
+    if len(parts) == 1:
+        method, target = "POST", parts[0]
+    elif len(parts) == 2:
+        method, target = parts[0].upper(), parts[1]
+    else:
+        raise UserError(f"--cleanup-url {spec!r}: use [METHOD ]PATH, e.g. /reset_prefix_cache")
+    if method not in ("GET", "POST", "PUT", "DELETE"):
+        raise UserError(f"--cleanup-url {spec!r}: method must be GET, POST, PUT or DELETE")
+    if not (target.startswith("/") or target.startswith(("http://", "https://"))):
+        raise UserError(f"--cleanup-url {spec!r}: give a path starting with / (or a full URL)")
+    return method, target
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# -- per request measurement ---------------------------------------------------------------------------
+class _Measure:
+    """What one measured request saw.  Loop thread; a few attribute writes per chunk."""
+
+    __slots__ = ("buf", "completion_tokens", "created", "first", "is_sse", "kept", "last", "n", "n_first", "nonsse",
+                 "prompt_tokens", "started", "texts")
+
+    def __init__(self, created: float) -> None:
+        self.created = created
+        self.started: float | None = None
+        self.first: float | None = None
+        self.last: float | None = None
+        self.n = 0
+        self.n_first = 0
+        self.texts: list[str] = []
+        self.kept = 0
+        self.buf = b""
+        self.is_sse = False
+        self.nonsse: list[bytes] | None = None
+        self.completion_tokens: int | None = None
+        self.prompt_tokens: int | None = None
+
+    def feed_sse(self, chunk: bytes, now: float) -> None:
+        data = self.buf + chunk if self.buf else chunk
+        lines = data.split(b"\n")
+        self.buf = lines.pop()
+        before = self.n
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if not payload or payload == b"[DONE]":
+                continue
+            try:
+                ev = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(ev, dict):
+                self._event(ev)
+        if self.n > before:
+            if self.first is None:
+                self.first = now
+                self.n_first = self.n
+            self.last = now
+
+    def _event(self, ev: dict[str, Any]) -> None:
+        for c in ev.get("choices") or ():
+            if not isinstance(c, dict):
+                continue
+            text = c.get("text")
+            if text is None:
+                delta = c.get("delta")
+                text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and text:
+                self.n += 1
+                self._keep(text)
+        self._usage(ev.get("usage"))
+
+    def _usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            ct, pt = usage.get("completion_tokens"), usage.get("prompt_tokens")
+            if isinstance(ct, int) and not isinstance(ct, bool):
+                self.completion_tokens = ct
+            if isinstance(pt, int) and not isinstance(pt, bool):
+                self.prompt_tokens = pt
+
+    def _keep(self, text: str) -> None:
+        if self.kept < TEXT_KEPT:
+            self.texts.append(text)
+            self.kept += len(text)
+
+    def feed_body(self, chunk: bytes) -> None:
+        if self.nonsse is not None and self.kept < TEXT_KEPT * 4:
+            self.nonsse.append(chunk)
+            self.kept += len(chunk)
+
+    def finish_body(self) -> None:
+        """A whole (non-streamed) response: its text and usage."""
+        if not self.nonsse:
+            return
+        try:
+            obj = json.loads(b"".join(self.nonsse))
+        except ValueError:
+            return
+        self.nonsse, self.kept = None, 0
+        if not isinstance(obj, dict):
+            return
+        for c in obj.get("choices") or ():
+            if isinstance(c, dict):
+                text = c.get("text")
+                if text is None:
+                    msg = c.get("message")
+                    text = msg.get("content") if isinstance(msg, dict) else None
+                if isinstance(text, str):
+                    self._keep(text)
+        self._usage(obj.get("usage"))
+
+
+# -- the proxy -----------------------------------------------------------------------------------------
+class Proxy:
+    """Holds the upstream client, the limiter and the channel; ``app`` is the ASGI application."""
+
+    def __init__(self, config: ProxyConfig, channel: ProxyChannel | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.channel = channel if channel is not None else ProxyChannel()
+        self.channel.proxy = self
+        self.log = log or (lambda msg: print(f"tuner: {msg}", file=sys.stderr, flush=True))
+        self.limiter = FairLimiter(config.max_concurrency)
+        self.client: httpx.AsyncClient | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._next_id = 0
+        self._errors_logged: set[str] = set()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._measured, methods=["POST"]),
+                Route("/v1/completions", self._measured, methods=["POST"]),
+                Route("/{path:path}", self._passthrough,
+                      methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    @asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        c = self.config
+        self.loop = asyncio.get_running_loop()
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
+            trust_env=False,
+            follow_redirects=False,
+        )
+        self.knobs_changed()
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    # -- knobs and commands (called from the sampler thread) ----------------------------------------------
+    def effective_limit(self) -> int | None:
+        knob, cap = self.channel.knobs.batch_size, self.config.max_concurrency
+        if knob is not None and knob >= 1:
+            return min(knob, cap) if cap is not None else knob
+        return cap
+
+    def knobs_changed(self) -> None:
+        loop = self.loop
+        if loop is None:
+            return
+        limit = self.effective_limit()
+        if limit != self.limiter.limit:
+            loop.call_soon_threadsafe(self.limiter.set_limit, limit)
+
+    def run_command(self, cid: str, cmd: str, args: dict[str, Any]) -> None:
+        if self.loop is None:
+            self.channel.post_result(cid, cmd, False, None, "the proxy is not running")
+            return
+        asyncio.run_coroutine_threadsafe(self._cleanup(cid), self.loop)
+
+    async def _cleanup(self, cid: str) -> None:
+        assert self.client is not None
+        calls, ok = [], True
+        for method, target in self.config.cleanup_urls:
+            url = target if target.startswith(("http://", "https://")) else self.config.upstream + target
+            t = time.monotonic()
+            entry: dict[str, Any] = {"method": method, "url": url}
+            try:
+                r = await self.client.request(method, url)
+                entry["status"] = r.status_code
+                entry["ok"] = r.is_success
+            except httpx.HTTPError as exc:
+                entry["status"] = None
+                entry["ok"] = False
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["seconds"] = time.monotonic() - t
+            ok = ok and bool(entry["ok"])
+            calls.append(entry)
+        failed = [f"{c['method']} {c['url']} -> {c.get('status') or c.get('error')}" for c in calls if not c["ok"]]
+        self.channel.post_result(cid, "cleanup", ok, {"calls": calls}, "; ".join(failed) or None)
+
+    # -- request handling ----------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyTooLarge
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _too_large(self) -> Response:
+        return _error(413, f"request body over {self.config.max_body_bytes} bytes", "request_too_large")
+
+    def _headers(self, request: Request, identity: bool) -> list[tuple[bytes, bytes]]:
+        out = [(k, v) for k, v in request.headers.raw if k.lower().decode("latin-1") not in HOP_BY_HOP]
+        if identity:  # the proxy reads the stream: ask for it uncompressed
+            out = [(k, v) for k, v in out if k.lower() != b"accept-encoding"]
+            out.append((b"accept-encoding", b"identity"))
+        return out
+
+    def _url(self, request: Request) -> str:
+        q = request.url.query
+        return self.config.upstream + request.url.path + (f"?{q}" if q else "")
+
+    async def _passthrough(self, request: Request) -> Response:
+        try:
+            body = await self._read_body(request)
+        except _BodyTooLarge:
+            return self._too_large()
+        assert self.client is not None
+        req = self.client.build_request(request.method, self._url(request), headers=self._headers(request, False),
+                                        content=body)
+        return _Forward(self, req, None)
+
+    async def _measured(self, request: Request) -> Response:
+        created = time.monotonic()
+        try:
+            body = await self._read_body(request)
+        except _BodyTooLarge:
+            return self._too_large()
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(obj, dict):
+            return _error(400, "the request body must be a JSON object", "invalid_request_error")
+        temperature = self._apply_temperature(obj)
+        if temperature is not None:
+            body = json.dumps(obj, separators=(",", ":")).encode()
+        sent = obj.get("temperature")
+        assert self.client is not None
+        headers = self._headers(request, True)
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-type"] + [(b"content-type",
+                                                                                   b"application/json")]
+        req = self.client.build_request("POST", self._url(request), headers=headers, content=body)
+        m = _Measure(created)
+        return _Forward(self, req, m, temperature=_float_or_none(sent))
+
+    def _apply_temperature(self, obj: dict[str, Any]) -> float | None:
+        """Rewrite ``obj["temperature"]`` per the mode; returns the new value when the body changed."""
+        knob = self.channel.knobs.temperature
+        lo, hi = self.config.temperature_bounds
+        have = obj.get("temperature")
+        if self.config.temperature_mode == "always":
+            value = knob if knob is not None else (have if _float_or_none(have) is not None else None)
+        else:
+            value = knob if knob is not None and have is None else None
+        if value is None:
+            return None
+        value = min(max(float(value), lo), hi)
+        if have == value and type(have) is float:
+            return None
+        obj["temperature"] = value
+        return value
+
+    def note_error(self, kind: str, message: str) -> None:
+        if kind not in self._errors_logged:  # once per kind: a dead upstream must not flood the terminal
+            self._errors_logged.add(kind)
+            self.log(f"{message} (further {kind} errors are counted, not printed)")
+
+    def record(self, m: _Measure, end: float, temperature: float | None, batch_size: int,
+               capacity: int | None) -> None:
+        tokens = m.completion_tokens if m.completion_tokens is not None else m.n
+        if m.n == 0 and m.completion_tokens is None:
+            tokens = len(word_ids("".join(m.texts)))
+        self._next_id += 1
+        row: list[Any] = [None] * len(ROW_FIELDS)
+        row[_ROW_INDEX["id"]] = self._next_id
+        row[_ROW_INDEX["prompt_tokens"]] = m.prompt_tokens
+        row[_ROW_INDEX["tokens"]] = tokens
+        row[_ROW_INDEX["created"]] = m.created
+        row[_ROW_INDEX["started"]] = m.started
+        row[_ROW_INDEX["first"]] = m.first
+        row[_ROW_INDEX["last"]] = m.last if m.first is not None else None
+        # TPOT counts the tokens after the first chunk; with usage the total is the server's count
+        row[_ROW_INDEX["n_first"]] = min(m.n_first, tokens)
+        row[_ROW_INDEX["end"]] = end
+        row[_ROW_INDEX["ids"]] = []
+        row[_ROW_INDEX["batch_size"]] = batch_size
+        row[_ROW_INDEX["batch_capacity"]] = capacity
+        row[_ROW_INDEX["temperature"]] = temperature
+        row[_ROW_INDEX["text"]] = "".join(m.texts)
+        self.channel.post_row(row)
+
+
+def _float_or_none(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+class _Forward(Response):
+    """Sends one request upstream and streams the answer back; measures it when ``m`` is given.
+
+    Runs inside the ASGI call with a watcher on ``receive``: a client that disconnects — while queued for
+    a slot or mid-stream — cancels everything, which closes the upstream connection.
+    """
+
+    def __init__(self, proxy: Proxy, req: httpx.Request, m: _Measure | None, temperature: float | None = None):
+        self.proxy = proxy
+        self.req = req
+        self.m = m
+        self.temperature = temperature
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                try:
+                    await self._run(send)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(run)
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    tg.cancel_scope.cancel()
+                    break
+
+    async def _run(self, send: Send) -> None:
+        proxy, m = self.proxy, self.m
+        limiter = proxy.limiter
+        if m is not None:
+            await limiter.acquire()
+        batch = limiter.active
+        try:
+            if m is not None:
+                m.started = time.monotonic()
+                proxy.channel.active += 1
+            await self._exchange(send, batch)
+        finally:
+            if m is not None:
+                proxy.channel.active -= 1
+                limiter.release()
+
+    async def _exchange(self, send: Send, batch: int) -> None:
+        proxy, m = self.proxy, self.m
+        assert proxy.client is not None
+        try:
+            resp = await proxy.client.send(self.req, stream=True)
+        except httpx.TimeoutException as exc:
+            proxy.channel.failed += m is not None
+            proxy.note_error("timeout", f"upstream {proxy.config.upstream} timed out: {type(exc).__name__}")
+            await _send_json(send, 504, "upstream_timeout", f"the upstream server did not answer in time ({exc})")
+            return
+        except httpx.HTTPError as exc:
+            proxy.channel.failed += m is not None
+            proxy.note_error("unavailable", f"upstream {proxy.config.upstream} unavailable: {exc}")
+            await _send_json(send, 502, "upstream_unavailable",
+                             f"cannot reach the upstream server {proxy.config.upstream}: {exc}")
+            return
+        completed = False
+        try:
+            headers = [(k.lower(), v) for k, v in resp.headers.raw if k.lower().decode("latin-1") not in HOP_BY_HOP
+                       or k.lower() == b"content-length"]
+            measuring = m is not None and resp.status_code < 400
+            if measuring and m is not None:
+                ctype = resp.headers.get("content-type", "")
+                m.is_sse = ctype.startswith("text/event-stream")
+                if not m.is_sse:
+                    m.nonsse = []
+                headers = [(k, v) for k, v in headers if k != b"content-length"] if m.is_sse else headers
+            await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
+            try:
+                async for chunk in resp.aiter_raw():
+                    now = time.monotonic()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if measuring and m is not None:
+                        if m.is_sse:
+                            m.feed_sse(chunk, now)
+                        else:
+                            m.feed_body(chunk)
+            except httpx.HTTPError as exc:
+                kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "broken"
+                proxy.note_error(kind, f"upstream stream ended early: {type(exc).__name__}: {exc}")
+                if m is not None and m.is_sse:
+                    err = {"error": {"message": f"upstream stream ended early: {exc}",
+                                     "type": "upstream_timeout" if kind == "timeout" else "upstream_unavailable"}}
+                    await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n",
+                                "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            completed = True
+        finally:
+            with anyio.CancelScope(shield=True):  # cancelled by a disconnect: still close the upstream
+                await resp.aclose()
+            if m is not None:
+                if completed and resp.status_code < 400:
+                    end = time.monotonic()
+                    if not m.is_sse:
+                        m.finish_body()
+                    proxy.record(m, end, self.temperature, batch, proxy.limiter.limit)
+                else:
+                    proxy.channel.failed += 1
+
+
+async def _send_json(send: Send, status: int, kind: str, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
