@@ -103,3 +103,56 @@ def test_follow_growing_trace_in_tmux(tmux: Tmux, tmp_path: Path) -> None:
     finally:
         writer.kill()
         writer.wait()
+
+
+@pytest.mark.slow
+def test_connect_to_running_demo_in_tmux(tmux: Tmux, tmp_path: Path) -> None:
+    """Against a real ``tuner demo`` session: its observer socket feeds the TUI; q leaves the demo running."""
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tuner",
+            "demo",
+            "--headless",
+            "--duration",
+            "60",
+            "--rate",
+            "2",
+            "--trace",
+            str(tmp_path / "demo.jsonl"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tmux.env,
+        cwd=tmp_path,
+    )
+    try:
+        assert demo.stderr is not None
+        sock = None
+        deadline = time.monotonic() + 60
+        while sock is None and time.monotonic() < deadline:
+            line = demo.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"tuner tui --connect (\S+)", line)
+            sock = m.group(1) if m else None
+        assert sock, "the demo did not print its live-view socket"
+        tmux.send(f"cd {ROOT} && {sys.executable} -m tuner tui --connect {sock}; echo TUI-EXIT=$?", "Enter")
+        first = tmux.wait(lambda s: "LIVE" in s and "CPU tree" in s and re.search(r"up \d\d:\d\d", s) is not None)
+        up1 = re.search(r"up (\d\d:\d\d)", first)
+        assert up1 and "no GPU:" in first
+        tmux.wait(lambda s: (m := re.search(r"up (\d\d:\d\d)", s)) is not None and m.group(1) > up1.group(1))
+        tmux.wait(lambda s: "TTFT  p50" in s, timeout=60)  # requests measured by the demo's client
+        tmux.send("q")
+        final = tmux.wait(lambda s: re.search(r"^TUI-EXIT=\d+", s, re.M) is not None, timeout=20)
+        assert re.search(r"^TUI-EXIT=0$", final, re.M), final
+        assert demo.poll() is None  # the viewer leaving does not disturb the session
+    finally:
+        demo.terminate()
+        try:
+            demo.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait()
