@@ -252,3 +252,41 @@ def test_torch_loop_without_sidecar_uses_the_users_settings() -> None:
         assert loop.handle_oom(ValueError("x"), 2) is False
     finally:
         loop.close()
+
+
+def test_memory_reports_are_paced_by_their_own_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.client import NullClient
+
+    class Connected(NullClient):
+        connected = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.reports: list[tuple[int | None, int | None]] = []
+
+        def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None) -> None:
+            self.reports.append((allocated_bytes, reserved_bytes))
+
+    c = Connected()
+    loop = TorchLoop(torch.nn.Sequential(torch.nn.Linear(4, 4)), client=c)
+    try:
+        def slow_memory() -> tuple[int, int]:
+            time.sleep(0.005)  # a heap so fragmented that reading it costs 5 ms
+            return 1, 2
+
+        monkeypatch.setattr(loop, "memory", slow_memory)
+        for _ in range(20):
+            loop.between_batches()
+        assert c.reports == [(1, 2)]
+        assert loop.memory_read_seconds is not None and loop._next_memory - time.monotonic() > 3.0  # ~1000x cost
+        loop._next_memory = 0.0
+        monkeypatch.setattr(loop, "memory", lambda: (3, 4))  # cheap again: back to once a second
+        loop.between_batches()
+        loop.between_batches()
+        assert c.reports == [(1, 2), (3, 4)] and loop._next_memory - time.monotonic() <= 1.0
+        nobody = TorchLoop(torch.nn.Linear(2, 2), client=NullClient())
+        monkeypatch.setattr(nobody, "memory", lambda: pytest.fail("read memory with no sidecar to tell"))
+        nobody.between_batches()
+        nobody.close()
+    finally:
+        loop.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,9 @@ class TorchLoop:
         self.max_batch_size = max_batch_size
         self.precision = PrecisionManager(model, reference=reference, canary=canary, max_kl=max_kl, min_top1=min_top1)
         self.precision_changes: list[dict[str, Any]] = []
+        self.memory_interval = 1.0
+        self.memory_read_seconds: float | None = None
+        self._next_memory = 0.0
         client.on_precision(self._on_precision)
         for cache in caches:
             client.register_cache(cache)
@@ -156,9 +160,20 @@ class TorchLoop:
         return stats["allocated_bytes"], stats["reserved_bytes"]
 
     def between_batches(self) -> None:
-        """Run the sidecar's pending commands here (never mid-batch) and report allocator figures."""
+        """Run the sidecar's pending commands here (never mid-batch) and report allocator figures.
+
+        The figures go at most every ``memory_interval`` seconds, and only to a connected sidecar; reading
+        them is paced by its own cost (glibc's ``mallinfo2`` walks every free chunk: ~2 us on a tidy heap,
+        ~100 ms on one with 100k free chunks) so it never takes more than 0.1% of the loop's time.
+        """
         self.client.poll()
+        now = time.monotonic()
+        if now < self._next_memory or not getattr(self.client, "connected", False):
+            return
         allocated, reserved = self.memory()
+        cost = time.monotonic() - now
+        self.memory_read_seconds = cost
+        self._next_memory = now + max(self.memory_interval, 1000.0 * cost)
         if allocated is not None:
             self.client.report_memory(allocated, reserved)
 
