@@ -89,3 +89,16 @@ def test_workload_runs_without_a_sidecar() -> None:
     assert cp.returncode == 0, cp.stderr
     own = workload_summary(cp.stdout)
     assert own["client_connected"] is False and own["requests_done"] == 6 and own["tokens"] > 0
+
+
+def test_workload_bounds_the_drain_and_closes_the_rest_as_failed() -> None:
+    import subprocess
+
+    from tests.cli import tuner_env
+
+    cp = subprocess.run([sys.executable, "-m", "tuner.demo.workload", "--requests", "40", "--rate", "0",
+                         "--batch-size", "4", "--max-new-tokens", "16", "--drain-seconds", "0"],
+                        capture_output=True, text=True, env=tuner_env(), timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    own = workload_summary(cp.stdout)
+    assert own["requests_done"] < 40 and own["requests_done"] + own["requests_failed"] == 40, own

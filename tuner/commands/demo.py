@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--leak", action="store_true",
                    help="inject a memory leak: a per-request prefix cache that is never evicted (~1 MB a request)")
     w.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompts and sampling (default 0)")
-    w.add_argument("--rate", type=float, default=8.0, metavar="R", help="mean requests per second (default 8)")
+    w.add_argument("--rate", type=float, default=5.0, metavar="R", help="mean requests per second (default 5)")
     w.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="batch size while the batch policy has not set one (default 8)")
     w.add_argument("--temperature", type=float, default=0.8, metavar="T",
