@@ -60,6 +60,7 @@ def test_demo_headless_records_every_request_with_latency_repetition_and_memory(
         (["--rate", "-1"], "--rate -1 must be more than 0"),
         (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
         (["--observe-only"], "--observe-only needs --policy"),
+        (["--mirostat", "--mirostat-tau", "0"], "--mirostat-tau 0 must be more than 0 bits"),
     ],
 )
 def test_demo_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:

@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batch size while the batch policy has not set one (default 8)")
     w.add_argument("--temperature", type=float, default=0.8, metavar="T",
                    help="the temperature the user asks for (default 0.8)")
-    w.add_argument("--mirostat", action="store_true", help="sample with Mirostat v2 (tau 5, eta 0.1) instead")
+    w.add_argument("--mirostat", action="store_true", help="sample with Mirostat v2 (eta 0.1) instead")
+    w.add_argument("--mirostat-tau", type=float, default=5.0, metavar="BITS",
+                   help="Mirostat's target surprise (default 5 as llama.cpp; this byte model needs ~0.5-1)")
     p.set_defaults(func=run)
 
 
@@ -65,7 +67,9 @@ def workload_command(args: argparse.Namespace) -> list[str]:
     if args.leak:
         cmd.append("--leak")
     if args.mirostat:
-        cmd.append("--mirostat")
+        if args.mirostat_tau <= 0:
+            raise UserError(f"--mirostat-tau {args.mirostat_tau:g} must be more than 0 bits")
+        cmd += ["--mirostat", "--mirostat-tau", f"{args.mirostat_tau:g}"]
     return cmd
 
 

@@ -183,7 +183,7 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
             cache.lookup(j.conversation)
     max_new = max(j.max_new_tokens for j in jobs)
     params = SamplingParams(temperature=s.temperature, repetition_penalty=s.repetition_penalty)
-    mirostat = Mirostat(len(jobs)) if args.mirostat else None
+    mirostat = Mirostat(len(jobs), tau=args.mirostat_tau, eta=args.mirostat_eta) if args.mirostat else None
     t_batch = time.monotonic()
     with torch.inference_mode():
         dec = BatchDecoder(model, [j.ids for j in jobs], max_new)
@@ -303,7 +303,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8, help="batch size when the knob is unset")
     ap.add_argument("--temperature", type=float, default=0.8, help="the requested temperature (knob default)")
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
-    ap.add_argument("--mirostat", action="store_true", help="sample with Mirostat v2 (tau 5, eta 0.1)")
+    ap.add_argument("--mirostat", action="store_true", help="sample with Mirostat v2 instead of temperature")
+    ap.add_argument("--mirostat-tau", type=float, default=5.0,
+                    help="target surprise in bits per token (llama.cpp's default 5 is above this byte model's "
+                    "own ~1.1 bits, so nothing is truncated: try 0.5-1)")
+    ap.add_argument("--mirostat-eta", type=float, default=0.1)
     ap.add_argument("--min-new-tokens", type=int, help="shortest response asked for (default min(32, max))")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="longest response asked for (default 96)")
     ap.add_argument("--max-queue", type=int, default=512, help="arrivals beyond this many queued are rejected")
