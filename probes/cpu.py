@@ -20,7 +20,12 @@ turns zombie) becomes a ``proc_exit`` event ``{pid, name, exit_after_s}``; one t
 ``{pid, ppid, name}`` (the processes found by the first scan are the starting state, not events).
 Zombies are counted, with RSS 0.  Nothing a watched process does raises out of ``sample()``.
 
-Values (``docs/conventions.md``): ``tree_cpu_ratio`` (cores' worth; ``None`` on the first reading),
+CPU ratios (per process, tree, machine) are measured over at least ``min_window_s`` (0.05 s: the kernel's
+CPU counters move in 10 ms steps, so a 100 Hz tick-to-tick delta would read 0 or 1 core); a faster tick
+repeats the last ratio, and the machine's values (``/proc/stat``, ``/proc/meminfo``) are read on that
+cadence too.  The tree's RSS, threads and process count are read every tick.
+
+Values (``docs/conventions.md``): ``tree_cpu_ratio`` (cores' worth; ``None`` until a first window),
 ``tree_rss_bytes``, ``tree_uss_bytes`` (sum over processes with a USS reading; ``None`` before the
 first), ``tree_threads_count``, ``tree_fds_count`` (sum over processes whose fds are readable),
 ``tree_procs_count``, ``sys_cpu_ratio`` (0..1 of the machine), ``sys_core_cpu_ratio/<n>`` (0..1 of core
@@ -239,12 +244,14 @@ class CpuProbe:
         *,
         uss_every_s: float = 5.0,
         rescan_every_s: float = 0.5,
+        min_window_s: float = 0.05,
         backend: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.roots = [int(r) for r in roots]
         self.uss_every_s = uss_every_s
         self.rescan_every_s = rescan_every_s
+        self.min_window_s = min_window_s
         self.clock = clock
         self.backend = backend or ("procfs" if LINUX else "psutil")
         if self.backend not in ("procfs", "psutil"):
@@ -259,6 +266,8 @@ class CpuProbe:
         self._settled = False
         self._last_pid_seen: int | None = None
         self._sys_last: tuple[CpuTimes, dict[int, CpuTimes]] | None = None
+        self._sys_values: dict[str, Value] = {}
+        self._sys_mono = -1e18
         self._stat: ProcFile | None = None
         self._meminfo: ProcFile | None = None
         self._loadavg: ProcFile | None = None
@@ -366,7 +375,11 @@ class CpuProbe:
             if mono - self._last_scan >= self.rescan_every_s:
                 self._rescan(now, mono, events, quiet=first)
             self._sample_tree(now, mono, events, values, procs_out, first)
-        self._sample_system(values)
+        if mono - self._sys_mono >= self.min_window_s:
+            self._sys_mono = mono
+            self._sys_values = {}
+            self._sample_system(self._sys_values)
+        values.update(self._sys_values)
         self._started = True
         return Sample(self.name, now, values, procs_out, tuple(events))
 
@@ -384,6 +397,8 @@ class CpuProbe:
         if do_uss:
             self._last_uss = mono
         cpu_sum = 0.0
+        cpu_any = False
+        window = self.min_window_s
         rss_sum = threads_sum = fds_sum = 0
         uss_sum = 0
         uss_any = False
@@ -405,13 +420,15 @@ class CpuProbe:
             p.ppid = r.ppid
             if r.comm != p.name and not (len(r.comm) >= COMM_LEN and p.name.startswith(r.comm)):
                 p.name = _full_name(p.pid, r.comm, p.ps)  # exec changed it
-            ratio: float | None = None
-            if p.last_cpu is not None and mono > p.last_mono:
-                ratio = max(0.0, (r.cpu_s - p.last_cpu) / (mono - p.last_mono))
+            if p.last_cpu is None:
+                p.last_cpu, p.last_mono = r.cpu_s, mono
+            elif mono - p.last_mono >= window:  # else the last ratio holds: CPU time ticks at 10 ms
+                p.cpu_ratio = max(0.0, (r.cpu_s - p.last_cpu) / (mono - p.last_mono))
+                p.last_cpu, p.last_mono = r.cpu_s, mono
+            ratio = p.cpu_ratio
+            if ratio is not None:
                 cpu_sum += ratio
-            p.last_cpu = r.cpu_s
-            p.last_mono = mono
-            p.cpu_ratio = ratio
+                cpu_any = True
             zombie = r.state == "Z"
             if zombie:
                 p.uss = 0
@@ -446,7 +463,7 @@ class CpuProbe:
                 events.append(self._exit_event(now, p))
         if gone:
             self._pid_list = list(self._procs)
-        values["tree_cpu_ratio"] = None if first else cpu_sum
+        values["tree_cpu_ratio"] = cpu_sum if cpu_any or (not procs_out and not first) else None
         values["tree_rss_bytes"] = rss_sum
         values["tree_uss_bytes"] = uss_sum if uss_any else None
         values["tree_threads_count"] = threads_sum

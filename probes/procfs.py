@@ -46,7 +46,7 @@ def parse_stat(data: bytes) -> ProcStat:
     rpar = data.rfind(b")")
     if lpar < 0 or rpar < lpar:
         raise ValueError("not a /proc/PID/stat line: no (comm)")
-    f = data[rpar + 2 :].split()
+    f = data[rpar + 2 :].split(None, 20)
     if len(f) < 20:
         raise ValueError(f"not a /proc/PID/stat line: {len(f)} fields after comm")
     return ProcStat(

@@ -607,3 +607,33 @@ def test_new_descendants_found_without_a_full_scan(child: Child, monkeypatch: py
         assert sorted(e["pid"] for e in events_of(samples, "proc_start")) == sorted([gpid, ggpid])
     finally:
         p.close()
+
+
+def test_fast_ticks_hold_cpu_ratios_and_system_values(child: Child, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 100 Hz the 10 ms CPU counters would read 0 or 1 core: ratios span >= min_window_s and hold between."""
+    system_reads = []
+    real = cpu_mod.CpuProbe._sample_system
+
+    def counting(self: CpuProbe, values: dict[str, Any]) -> None:
+        system_reads.append(1)
+        real(self, values)
+
+    monkeypatch.setattr(cpu_mod.CpuProbe, "_sample_system", counting)
+    clock = [50.0]
+    p = CpuProbe([child.pid], min_window_s=1.0, clock=lambda: clock[0])  # scaled by 20 for exact floats
+    try:
+        first = p.sample(0.0)
+        assert first.values["tree_cpu_ratio"] is None and first.values["sys_mem_total_bytes"]
+        ratios, sys_ratios = [], []
+        for i in range(1, 11):  # 10 ticks 4 to a window (100 Hz with the 0.05 s default)
+            clock[0] += 0.25
+            s = p.sample(i * 0.25)
+            ratios.append(s.values["tree_cpu_ratio"])
+            sys_ratios.append(s.values["sys_cpu_ratio"])
+            assert s.values["tree_rss_bytes"] and s.values["sys_mem_total_bytes"]  # every tick
+        assert len(system_reads) == 3  # t = 0, 1, 2
+        assert ratios[:3] == [None] * 3 and all(r is not None for r in ratios[3:])  # the first window at t = 1
+        assert ratios[3] == ratios[4] == ratios[6]  # held for t = 1 .. 1.75
+        assert sys_ratios[:3] == [None] * 3  # the machine's first window: no ratio yet, values held
+    finally:
+        p.close()

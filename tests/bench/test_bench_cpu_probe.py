@@ -1,7 +1,10 @@
 """The CPU probe's tick against the ways others read the same figures, in the same run.
 
-- ``cpu_probe``: ``CpuProbe.sample()`` with its default cadences (tree rescan every 0.5 s — skipped while
-  no process was created —, open fds at the rescan, USS every 5 s): kept-open ``/proc`` files.
+- ``cpu_probe``: ``CpuProbe.sample()`` reading everything every call (``min_window_s=0``: per process
+  stat+statm, and ``/proc/stat`` + ``/proc/meminfo``), with its default slow cadences (tree rescan every
+  0.5 s, open fds at the rescan, USS every 5 s): kept-open ``/proc`` files.
+- ``cpu_probe_default``: the same with the default ``min_window_s`` (0.05 s): calls closer together than
+  that hold the machine's values and CPU ratios (as at 100 Hz) — shown for information, not compared.
 - ``psutil_bundle``: the naive per-tick psutil calls — per process ``memory_info``, ``cpu_percent``,
   ``num_threads``; then ``virtual_memory`` and ``cpu_percent(percpu=True)`` — without any tree discovery.
 - ``nvitop``: ``ResourceMetricCollector(devices=[], root_pids={root}).collect()`` (CPU-only: host CPU,
@@ -80,14 +83,19 @@ def stats(xs: list[float]) -> dict[str, float]:
 def test_cpu_probe_tick_vs_psutil_and_nvitop(benchmark: Any, tree: list[int]) -> None:
     seconds = float(os.environ.get("TUNER_BENCH_SECONDS", "0.6"))
     rounds = 3
-    probe = CpuProbe([tree[0]])
+    probe = CpuProbe([tree[0]], min_window_s=0.0)
+    held = CpuProbe([tree[0]])
     assert probe.available() is None
     t0 = time.monotonic()
     probe.sample(0.0)
+    held.sample(0.0)
     assert sorted(probe.pids()) == sorted(tree)
 
     def cpu_probe() -> None:
         probe.sample(time.monotonic() - t0)
+
+    def cpu_probe_default() -> None:
+        held.sample(time.monotonic() - t0)
 
     procs = [psutil.Process(p) for p in tree]
     for p in procs:
@@ -102,7 +110,11 @@ def test_cpu_probe_tick_vs_psutil_and_nvitop(benchmark: Any, tree: list[int]) ->
         psutil.virtual_memory()
         psutil.cpu_percent(percpu=True)
 
-    variants: dict[str, Callable[[], None]] = {"cpu_probe": cpu_probe, "psutil_bundle": psutil_bundle}
+    variants: dict[str, Callable[[], None]] = {
+        "cpu_probe": cpu_probe,
+        "psutil_bundle": psutil_bundle,
+        "cpu_probe_default": cpu_probe_default,
+    }
     collector = None
     try:
         from nvitop import ResourceMetricCollector
@@ -136,6 +148,7 @@ def test_cpu_probe_tick_vs_psutil_and_nvitop(benchmark: Any, tree: list[int]) ->
         assert base < info["psutil_bundle"]["median_us"], info
     finally:
         probe.close()
+        held.close()
         if collector is not None:
             collector.deactivate()
 
