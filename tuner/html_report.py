@@ -34,6 +34,8 @@ MAX_LINE_POINTS = 1500
 MAX_SCATTER_POINTS = 3000
 WINDOW_S = 10.0
 """Length of the windows the batch/temperature figures are built from."""
+MAX_ACTION_LABELS = 30
+"""Above this many actions the knob plot marks them without numbers (the table still lists each)."""
 SAME_WITHIN = 0.05
 """Compare: a ratio within 5% of 1 is "about the same"."""
 
@@ -156,7 +158,11 @@ _SVG_SIZE = re.compile(r'<svg([^>]*?)\s+width="[^"]*"\s+height="[^"]*"')
 def _new_figure(rows: int = 1, height: float = 2.6, sharex: bool = True) -> tuple[Any, list[Any]]:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, height * rows if rows > 1 else height), layout="constrained")
+    total = height * rows if rows > 1 else height
+    fig = Figure(figsize=(8.0, total))
+    # fixed margins (in inches, turned into fractions): constrained layout measured every text twice and
+    # cost more than the drawing itself on long traces
+    fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.12 / total, bottom=0.45 / total, hspace=0.12 * rows)
     axes = fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0].tolist()
     for ax in axes:
         ax.grid(True, alpha=0.3, linewidth=0.6)
@@ -392,13 +398,19 @@ def fig_knobs(data: TraceData, summary: Mapping[str, Any]) -> FigureResult:
             ok = np.isfinite(y)
             ax.step(t[ok], y[ok], where="post", linewidth=1.2)
         ax.set_ylabel(k.removeprefix("knob_"), fontsize=7)
-    for n, a in enumerate(acts, start=1):
-        at = _num(a.get("t")) or 0.0
-        ax = axes[by_knob.get(f"knob_{a.get('knob')}", 0)]
+    marks: dict[tuple[int, str], list[float]] = {}
+    for a in acts:
+        row = by_knob.get(f"knob_{a.get('knob')}", 0)
         color = "tab:red" if a.get("outcome") in ("rejected", "failed") else "tab:green"
-        ax.axvline(at, color=color, linestyle=":", linewidth=0.9)
-        ax.annotate(str(n), (at, 1.0), xycoords=("data", "axes fraction"), fontsize=6, color=color,
-                    ha="left", va="top")  # fmt: skip
+        marks.setdefault((row, color), []).append(_num(a.get("t")) or 0.0)
+    for (row, color), ts in marks.items():  # one artist per knob and colour, however many actions
+        axes[row].vlines(ts, 0, 1, transform=axes[row].get_xaxis_transform(), colors=color, linestyles=":",
+                         linewidth=0.9)  # fmt: skip
+    if len(acts) <= MAX_ACTION_LABELS:  # numbers matching the action table, while they stay readable
+        for n, a in enumerate(acts, start=1):
+            ax = axes[by_knob.get(f"knob_{a.get('knob')}", 0)]
+            ax.annotate(str(n), (_num(a.get("t")) or 0.0, 1.0), xycoords=("data", "axes fraction"), fontsize=6,
+                        ha="left", va="top")  # fmt: skip
     axes[-1].set_xlabel("seconds")
     return FigureResult("knobs", title, _svg(fig, "knobs"), extra_html=table,
                         numbers=[Number("actions", float(len(acts)), "count")])  # fmt: skip
@@ -416,7 +428,20 @@ def _action_table(acts: Sequence[Mapping[str, Any]]) -> str:
     return f'<table class="actions"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+_windows_cache: list[tuple[TraceData, float, dict[str, np.ndarray]]] = []
+
+
 def trace_windows(data: TraceData, window_s: float = WINDOW_S) -> dict[str, np.ndarray]:
+    """See ``compute_windows``; the last result is kept, since four figures ask for the same trace's windows."""
+    for d, w, res in _windows_cache:
+        if d is data and w == window_s:
+            return res
+    res = compute_windows(data, window_s)
+    _windows_cache[:] = [(data, window_s, res)]
+    return res
+
+
+def compute_windows(data: TraceData, window_s: float = WINDOW_S) -> dict[str, np.ndarray]:
     """Cut the trace into ``window_s`` windows; per window: requests finished in it, tokens/s (their tokens
     / the window), repetition (mean and quartiles of seq_rep_4), and the batch size and temperature in
     force — NaN where the setting changed within the window (mixed windows are left out of the
