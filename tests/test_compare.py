@@ -107,3 +107,39 @@ def test_single_tick_traces_compare_without_errors(tmp_path: Path) -> None:
     mem = {n["label"]: n for n in figs["memory"]["numbers"]}
     assert mem["RSS floor slope per minute"]["verdict"] == "missing in both"
     assert np.isfinite(mem["peak tree RSS"]["ratio"])
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "better", "ratio", "verdict"),
+    [
+        (100.0, 50.0, "lower", 0.5, "better in B"),
+        (100.0, 200.0, "higher", 2.0, "better in B"),
+        (100.0, 103.0, "lower", 1.03, "about the same"),
+        (100.0, 50.0, None, 0.5, "lower in B"),
+        (-2.0, -1.0, "lower", 0.5, "worse in B"),  # a falling slope that falls less: higher, so worse
+        (59.0, -1.8, "lower", None, "better in B"),  # sign change: no ratio, judged by value
+        (0.0, 0.0, "lower", None, "about the same"),
+        (None, 1.0, "lower", None, "missing in A"),
+        (1.0, None, "lower", None, "missing in B"),
+    ],
+)
+def test_verdict_rules(a: float | None, b: float | None, better: str | None, ratio: float | None, verdict: str) -> None:
+    from tuner.html_report import _verdict
+
+    got_ratio, got_verdict = _verdict(a, b, better)
+    assert got_verdict == verdict
+    assert got_ratio == (pytest.approx(ratio) if ratio is not None else None)
+
+
+def test_numbers_do_not_depend_on_drawing(pair: tuple[Path, Path]) -> None:
+    from tuner.html_report import compare
+    from tuner.report import summarize
+    from tuner.trace import read_trace
+
+    a, b = (read_trace(p) for p in pair)
+    sa, sb = summarize(a), summarize(b)
+    drawn, pairs = compare(a, sa, b, sb, draw=True)
+    quick, qpairs = compare(a, sa, b, sb, draw=False)
+    assert drawn == quick
+    assert all(x.svg == "" or x.svg is None for x, _ in qpairs)
+    assert all(x.svg for x, _ in pairs if x.missing is None)

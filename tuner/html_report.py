@@ -14,6 +14,7 @@ sets side by side with ratios B/A and a verdict.
 
 from __future__ import annotations
 
+import contextvars
 import html
 import io
 import math
@@ -170,9 +171,15 @@ def _new_figure(rows: int = 1, height: float = 2.6, sharex: bool = True) -> tupl
     return fig, axes
 
 
+_DRAW: contextvars.ContextVar[bool] = contextvars.ContextVar("tuner_html_draw", default=True)
+"""False while only the figures' numbers are wanted (``tuner compare`` without ``--html``): no SVG is rendered."""
+
+
 def _svg(fig: Any, fig_id: str) -> str:
     import matplotlib
 
+    if not _DRAW.get():
+        return ""  # present, not rendered
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": fig_id, "svg.fonttype": "path", "font.size": 8}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
@@ -551,8 +558,17 @@ FIGURES: tuple[Callable[[TraceData, Mapping[str, Any]], FigureResult], ...] = (
 )
 
 
-def build_figures(data: TraceData, summary: Mapping[str, Any]) -> list[FigureResult]:
-    """Every figure, in order; a figure that fails to draw becomes a "missing" with the error, never a crash."""
+def build_figures(data: TraceData, summary: Mapping[str, Any], *, draw: bool = True) -> list[FigureResult]:
+    """Every figure, in order; a figure that fails to draw becomes a "missing" with the error, never a crash.
+    ``draw=False``: numbers and missing reasons only (``svg`` is ``""`` for a figure that exists)."""
+    token = _DRAW.set(draw)
+    try:
+        return _build_figures(data, summary)
+    finally:
+        _DRAW.reset(token)
+
+
+def _build_figures(data: TraceData, summary: Mapping[str, Any]) -> list[FigureResult]:
     out = []
     for fn in FIGURES:
         try:
@@ -676,25 +692,29 @@ def _verdict(a: float | None, b: float | None, better: str | None) -> tuple[floa
         return None, "missing in A"
     if b is None:
         return None, "missing in B"
-    if a == 0:
-        return None, "same" if b == 0 else "changed (A is 0)"
+    if a == 0 or (a < 0) != (b < 0):  # no meaningful ratio (a slope that changed sign): compare directly
+        if a == b:
+            return None, "about the same"
+        if better is None:
+            return None, "higher in B" if b > a else "lower in B"
+        return None, "better in B" if (b < a) == (better == "lower") else "worse in B"
     ratio = b / a
     if abs(ratio - 1.0) <= SAME_WITHIN:
         return ratio, "about the same"
     if better is None:
         return ratio, "higher in B" if ratio > 1 else "lower in B"
-    improved = (ratio < 1) == (better == "lower")
+    improved = (b < a) == (better == "lower")  # by the values: with negative values (slopes) ratio < 1 is higher
     return ratio, "better in B" if improved else "worse in B"
 
 
 def compare(
-    a_data: TraceData, a_sum: Mapping[str, Any], b_data: TraceData, b_sum: Mapping[str, Any]
+    a_data: TraceData, a_sum: Mapping[str, Any], b_data: TraceData, b_sum: Mapping[str, Any], *, draw: bool = True
 ) -> tuple[dict[str, Any], list[tuple[FigureResult, FigureResult]]]:
     """The comparison (JSON-ready) and the figure pairs.  Keys: ``a``, ``b`` (trace paths), ``figures``:
     list of ``{"id", "title", "a_missing", "b_missing", "numbers": [{"label", "unit", "better", "a", "b",
     "ratio", "verdict"}], "verdict"}`` where the figure's verdict is ``better in B`` / ``worse in B`` when its
     judged numbers agree, ``mixed`` when they disagree, else ``about the same`` or what is missing."""
-    fa, fb = build_figures(a_data, a_sum), build_figures(b_data, b_sum)
+    fa, fb = build_figures(a_data, a_sum, draw=draw), build_figures(b_data, b_sum, draw=draw)
     figures = []
     for x, y in zip(fa, fb, strict=True):
         labels = list(dict.fromkeys([n.label for n in x.numbers] + [n.label for n in y.numbers]))

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.html)
     a_data, a_sum = load(args.a, skip_bad=args.skip_bad)
     b_data, b_sum = load(args.b, skip_bad=args.skip_bad)
-    result, pairs = compare(a_data, a_sum, b_data, b_sum)
+    result, pairs = compare(a_data, a_sum, b_data, b_sum, draw=bool(args.html))
     if args.html:
         write_text(args.html, render_compare(result, pairs, a_sum, b_sum))
         print(f"tuner: wrote {args.html}", file=sys.stderr)
