@@ -139,9 +139,10 @@ class _ProcfsReader:
 class _PsutilReader:
     """The portable fallback: one ``oneshot()`` bundle per tick."""
 
-    __slots__ = ("proc",)
+    __slots__ = ("last", "proc")
 
     def __init__(self, pid: int) -> None:
+        self.last: Reading | None = None
         try:
             self.proc = psutil.Process(pid)
         except psutil.NoSuchProcess as exc:
@@ -154,7 +155,7 @@ class _PsutilReader:
                 status = p.status()
                 ct = p.cpu_times()
                 zombie = status == psutil.STATUS_ZOMBIE
-                return Reading(
+                self.last = Reading(
                     p.name(),
                     "Z" if zombie else status[:1].upper(),
                     p.ppid(),
@@ -163,8 +164,11 @@ class _PsutilReader:
                     p.create_time(),
                     0 if zombie else p.memory_info().rss,
                 )
-        except psutil.ZombieProcess:
-            return Reading("?", "Z", 0, 0.0, 0, p.create_time(), 0)
+                return self.last
+        except psutil.ZombieProcess:  # macOS and BSD refuse most calls on a zombie: keep what was known
+            last = self.last
+            name, ppid, cpu = (last.comm, last.ppid, last.cpu_s) if last is not None else ("", -1, 0.0)
+            return Reading(name, "Z", ppid, cpu, 0, p.create_time(), 0)
         except psutil.NoSuchProcess as exc:
             raise Gone(str(exc)) from None
         except psutil.AccessDenied as exc:
@@ -411,14 +415,14 @@ class CpuProbe:
                 continue
             except (OSError, ValueError):  # unreadable this tick (permission changed, torn content)
                 continue
-            if r.starttime != p.starttime:  # a reused PID (the psutil path reads by PID): a new process
+            if r.starttime != p.starttime:  # a reused PID (psutil and the fd-less fallback read by PID)
                 gone.append(p)
                 self._last_scan = -1e18  # find the newcomer at the next tick
                 self._last_pid_seen = None
                 continue
             p.reading = r
             p.ppid = r.ppid
-            if r.comm != p.name and not (len(r.comm) >= COMM_LEN and p.name.startswith(r.comm)):
+            if r.comm and r.comm != p.name and not (len(r.comm) >= COMM_LEN and p.name.startswith(r.comm)):
                 p.name = _full_name(p.pid, r.comm, p.ps)  # exec changed it
             if p.last_cpu is None:
                 p.last_cpu, p.last_mono = r.cpu_s, mono

@@ -292,8 +292,9 @@ def test_grandchild_is_watched_summed_and_its_exit_is_an_event(child: Child, bac
         p.close()
 
 
-def test_zombie_is_counted_with_zero_rss_and_reported_once(child: Child) -> None:
-    p = CpuProbe([child.pid], rescan_every_s=0.0)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zombie_is_counted_with_zero_rss_and_reported_once(child: Child, backend: str) -> None:
+    p = CpuProbe([child.pid], rescan_every_s=0.0, backend=backend)
     try:
         p.sample(0.0)
         gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
@@ -317,9 +318,10 @@ def test_zombie_is_counted_with_zero_rss_and_reported_once(child: Child) -> None
         p.close()
 
 
-def test_root_exit_is_an_event_not_an_error() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_root_exit_is_an_event_not_an_error(backend: str) -> None:
     c = Child()
-    p = CpuProbe([c.pid])
+    p = CpuProbe([c.pid], backend=backend)
     try:
         p.sample(0.0)
         c.close()
@@ -635,5 +637,32 @@ def test_fast_ticks_hold_cpu_ratios_and_system_values(child: Child, monkeypatch:
         assert ratios[:3] == [None] * 3 and all(r is not None for r in ratios[3:])  # the first window at t = 1
         assert ratios[3] == ratios[4] == ratios[6]  # held for t = 1 .. 1.75
         assert sys_ratios[:3] == [None] * 3  # the machine's first window: no ratio yet, values held
+    finally:
+        p.close()
+
+
+def test_psutil_backend_zombie_refusing_calls_keeps_its_name(child: Child, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS/BSD psutil raises ZombieProcess for a zombie: it is still counted, named, and reported once."""
+    p = CpuProbe([child.pid], rescan_every_s=0.0, backend="psutil")
+    try:
+        p.sample(0.0)
+        gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
+        for _ in range(200):
+            s = p.sample(0.1)
+            if s.procs and gpid in s.procs:
+                break
+            time.sleep(0.01)
+        real = psutil.Process.status
+
+        def status(self: psutil.Process) -> str:
+            if self.pid == gpid:
+                raise psutil.ZombieProcess(gpid)
+            return real(self)
+
+        monkeypatch.setattr(psutil.Process, "status", status)
+        s = p.sample(0.2)
+        assert s.procs is not None and s.procs[gpid]["name"] == "sleep" and s.procs[gpid]["rss_bytes"] == 0
+        assert s.procs[gpid]["ppid"] == child.pid and s.values["tree_procs_count"] == 2
+        assert [e["pid"] for e in events_of([s, p.sample(0.3)], "proc_exit")] == [gpid]
     finally:
         p.close()
