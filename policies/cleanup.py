@@ -1,0 +1,219 @@
+"""Memory cleanup: periodic, and triggered by a measured leak; cheapest steps first; backs off when
+nothing comes back.
+
+- **Periodic**: every ``every_requests`` finished requests or ``every_s`` seconds (either may be off).
+- **Leak-triggered**: a memory series is kept against the cumulative request count (one point per
+  ``sample_every_s``, bounded), and every ``check_every_s`` the leak test of ``tuner.stats``
+  (Mann-Kendall significance + Theil-Sen slope on the lower envelope, per 1,000 requests) runs on it
+  once the window holds ``min_requests`` requests.  Allocator figures separate the two causes:
+  *growth* (``alloc_allocated_bytes`` rising: live objects pile up -> caches and gc first) from
+  *fragmentation* (``reserved - allocated`` rising while allocated is flat -> ``empty_cache`` and
+  ``malloc_trim`` only).  Without allocator figures the process tree's RSS is tested.
+- Each cleanup's result (``reclaimed_bytes``, per step) comes back from the client.  A cleanup that
+  reclaims less than ``min_reclaim_bytes`` doubles the interval (up to ``max_backoff``x); one that
+  reclaims resets it.  The series restarts after every cleanup, so one rise is acted on once.
+
+The command runs in the inference process between batches (``c.poll()``), never mid-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from policies.base import Policy
+from tuner.records import Action, Applied, Knobs
+from tuner.stats import leak_verdict
+from tuner.window import Window
+
+STEPS: tuple[str, ...] = ("caches", "gc", "empty_cache", "malloc_trim")
+
+
+@dataclass(frozen=True)
+class CleanupConfig:
+    every_requests: int | None = None
+    every_s: float | None = None
+    steps: tuple[str, ...] = STEPS
+    leak_watch: bool = True
+    min_requests: int = 1000
+    sample_every_s: float = 1.0
+    check_every_s: float = 10.0
+    max_points: int = 3600
+    alpha: float = 0.01
+    min_rel_growth: float = 0.03
+    min_reclaim_bytes: float = 1 << 20
+    max_backoff: int = 32
+    result_timeout_s: float = 120.0
+
+
+class CleanupPolicy(Policy):
+    name = "cleanup"
+    knobs = ("cleanup",)
+    keys = ("tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_count")
+
+    def __init__(self, cfg: CleanupConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.phase = "watch"
+        self.backoff = 1
+        self.last_at: float | None = None
+        self.last_requests = 0
+        self.last_sample = -1e18
+        self.last_check = -1e18
+        self.points: deque[tuple[float, float, float, float]] = deque(maxlen=cfg.max_points)
+        """(requests, rss, allocated, reserved) — NaN where missing."""
+        self.reclaimed_total = 0.0
+        self.last_result: dict[str, Any] = {}
+        self.waiting = False
+        self.reqs_now = 0.0
+        self.go_requests = 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {"phase": self.phase, "backoff": self.backoff, "reclaimed_bytes": self.reclaimed_total}
+
+    def _requests(self, w: Window) -> float:
+        done = w.latest("req_done_count")
+        return float(done) if done is not None else float(w.request_count)
+
+    def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+        c = self.cfg
+        w = window
+        if self.last_at is None:
+            self.last_at = w.t
+            self.last_requests = int(self._requests(w))
+        reqs = self._requests(w)
+        if w.t - self.last_sample >= c.sample_every_s:
+            self.last_sample = w.t
+            rss = w.current("tree_rss_bytes")
+            al = w.current("alloc_allocated_bytes")
+            rs = w.current("alloc_reserved_bytes")
+            nan = float("nan")
+            if rss is not None or al is not None:
+                self.points.append(
+                    (
+                        reqs,
+                        rss if rss is not None else nan,
+                        al if al is not None else nan,
+                        rs if rs is not None else nan,
+                    )
+                )
+        self.reqs_now = reqs
+        if self.waiting:
+            if w.t - (self.last_at or 0.0) <= c.result_timeout_s:
+                return []
+            self._done(w.t, 0.0)  # no answer (client gone or busy): count it as nothing reclaimed
+        since = w.t - self.last_at
+        done_since = reqs - self.last_requests
+        if c.every_s is not None and since >= c.every_s * self.backoff:
+            return [self._go(w, list(c.steps), "periodic", f"periodic: {since:.0f} s since the last cleanup")]
+        if c.every_requests is not None and done_since >= c.every_requests * self.backoff:
+            return [
+                self._go(w, list(c.steps), "periodic", f"periodic: {done_since:.0f} requests since the last cleanup")
+            ]
+        if c.leak_watch and w.t - self.last_check >= c.check_every_s * self.backoff:
+            self.last_check = w.t
+            return self._leak(w)
+        return []
+
+    def _leak(self, w: Window) -> list[Action]:
+        c = self.cfg
+        if len(self.points) < 20:
+            return []
+        a = np.asarray(self.points, dtype=np.float64)
+        x = a[:, 0] / 1000.0
+        if x[-1] - x[0] < c.min_requests / 1000.0:
+            self.phase = "watch"
+            return []
+        self.phase = "leak-check"
+        kw: dict[str, Any] = {
+            "min_points": 20,
+            "alpha": c.alpha,
+            "min_rel_growth": c.min_rel_growth,
+            "unit": "bytes/1000 requests",
+        }
+        rss_v = leak_verdict(x, a[:, 1], **kw)
+        has_alloc = bool(np.isfinite(a[:, 2]).sum() >= 20)
+        ev: dict[str, Any] = {"rss": rss_v.as_dict(), "requests": float(x[-1] - x[0]) * 1000.0}
+        if has_alloc:
+            alloc_v = leak_verdict(x, a[:, 2], **kw)
+            # fragmentation counts against the whole reservation, not against its own (small) level
+            reserved = a[:, 3][np.isfinite(a[:, 3])]
+            level = float(np.median(reserved)) if reserved.size else 0.0
+            frag_kw = {**kw, "min_rel_growth": math.inf, "min_abs_growth": c.min_rel_growth * level}
+            frag_v = leak_verdict(x, a[:, 3] - a[:, 2], **frag_kw)
+            ev["allocated"], ev["fragmentation"] = alloc_v.as_dict(), frag_v.as_dict()
+            if alloc_v.verdict == "leak":
+                return [
+                    self._go(
+                        w,
+                        list(c.steps),
+                        "growth",
+                        f"allocated memory grows {alloc_v.slope / 1e6:.2f} MB per 1,000 requests "
+                        f"(p = {alloc_v.p_value:.2g}): clearing caches first",
+                        **ev,
+                    )
+                ]
+            if frag_v.verdict == "leak":
+                steps = [s for s in c.steps if s in ("empty_cache", "malloc_trim")] or list(c.steps)
+                return [
+                    self._go(
+                        w,
+                        steps,
+                        "fragmentation",
+                        f"reserved - allocated grows {frag_v.slope / 1e6:.2f} MB per 1,000 requests "
+                        f"(p = {frag_v.p_value:.2g}) while allocated does not: returning free memory",
+                        **ev,
+                    )
+                ]
+        if rss_v.verdict == "leak":
+            return [
+                self._go(
+                    w,
+                    list(c.steps),
+                    "growth",
+                    f"RSS grows {rss_v.slope / 1e6:.2f} MB per 1,000 requests (p = {rss_v.p_value:.2g})",
+                    **ev,
+                )
+            ]
+        self.phase = "watch"
+        return []
+
+    def _go(self, w: Window, steps: list[str], trigger: str, reason: str, **ev: Any) -> Action:
+        self.phase = trigger
+        self.go_requests = self.reqs_now
+        return self.act("cleanup", steps, reason, trigger=trigger, backoff=self.backoff, **ev)
+
+    def _done(self, t: float, reclaimed: float | None) -> None:
+        self.waiting = False
+        self.last_at = t
+        self.last_requests = int(self.go_requests)
+        self.points.clear()
+        if reclaimed is None:
+            return
+        self.reclaimed_total += max(0.0, reclaimed)
+        if reclaimed < self.cfg.min_reclaim_bytes:
+            self.backoff = min(self.cfg.max_backoff, self.backoff * 2)
+        else:
+            self.backoff = 1
+        self.phase = "watch"
+
+    def feedback(self, applied: Applied) -> None:
+        if applied.action.knob != "cleanup":
+            return
+        if applied.outcome == "dry-run":
+            self._done(applied.t, None)
+        elif applied.outcome in ("applied", "clamped"):
+            self.waiting = True
+            self.last_at = applied.t
+        elif applied.outcome == "failed":
+            self._done(applied.t, 0.0)
+
+    def on_result(self, t: float, action: Action, ok: bool, result: Mapping[str, Any], error: str | None) -> None:
+        got = result.get("reclaimed_bytes") if ok else 0.0
+        self.last_result = dict(result)
+        self._done(t, float(got) if isinstance(got, (int, float)) else 0.0)

@@ -1,0 +1,269 @@
+"""Temperature: keep repetition (seq-rep-4 of the responses) inside a band, as close as possible to the
+temperature the user asked for — with the *measured* sign of d(repetition)/d(temperature).
+
+Why measured: the literature (Holtzman et al. 2020, Table 1) finds repetition falls as temperature
+rises; field reports claim it rises again above ~0.9 on some models.  The policy assumes neither.
+Every response arrives with the temperature it was sampled at (the ``request`` event), so the policy
+fits repetition against temperature over the recent responses (least squares on per-response points,
+weighted toward the present by the window) and acts only on a slope whose sign is significant
+(|slope| > ``sign_z`` standard errors).  Without one it *probes*: one step of ``probe_step`` and a
+dwell at the new temperature until ``min_requests`` responses came back from it.
+
+State machine: ``warmup`` (responses at the starting temperature) -> ``track`` (in band: drift back
+toward the requested temperature when the fitted line says the band holds there) / ``probe`` (out of
+band, sign unknown) / ``correct`` (out of band, sign known: a Newton step toward the band centre,
+at most ``max_step``) -> ``dwell`` after every move (wait for responses at the new temperature).
+At a temperature bound with repetition still too high, ``repetition_penalty`` goes up by
+``penalty_step`` (and back down once repetition is low again).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from policies.base import Bounds, Policy
+from tuner.records import Action, Applied, Knobs
+from tuner.window import Window
+
+
+@dataclass(frozen=True)
+class TemperatureConfig:
+    requested: float | None = None
+    """The user's temperature; None: the temperature the first responses report."""
+    min: float = 0.1
+    max: float = 1.5
+    band_low: float = 0.02
+    band_high: float = 0.10
+    hysteresis: float = 0.01
+    max_step: float = 0.2
+    probe_step: float = 0.1
+    min_requests: int = 8
+    memory_s: float = 600.0
+    sign_z: float = 2.0
+    penalty_min: float = 1.0
+    penalty_max: float = 1.3
+    penalty_step: float = 0.05
+    dwell_min_s: float = 10.0
+    """Stay at least this long at a new temperature before judging it."""
+    local_span: float = 0.4
+    """The slope is fitted on temperatures within this distance of the current one (a local sign)."""
+    dwell_s: float = 60.0
+    """Give up waiting for responses at a new temperature after this long (then re-evaluate)."""
+
+
+class TemperaturePolicy(Policy):
+    name = "temperature"
+    knobs = ("temperature", "repetition_penalty")
+    keys = ("req_seq_rep_4_ratio",)
+
+    def __init__(self, cfg: TemperatureConfig) -> None:
+        super().__init__(
+            {
+                "temperature": Bounds(cfg.min, cfg.max),
+                "repetition_penalty": Bounds(cfg.penalty_min, cfg.penalty_max),
+            }
+        )
+        self.cfg = cfg
+        self.requested = cfg.requested
+        self.moved_at: float | None = None
+        self.moved_to: float | None = None
+        self.slope: float | None = None
+        self.slope_se: float | None = None
+        self.last_fit_count = -1
+        self.sign = 0
+        self.probe_dir = 1.0
+        self.groups: dict[float, list[float]] = {}
+        """temperature -> [responses (decayed), sum of seq-rep-4, sum of squares, last seen]"""
+        self._seen = 0
+        self.current: float | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {"phase": self.phase, "requested": self.requested, "slope": self.slope, "sign": self.sign}
+
+    # -- measurement --------------------------------------------------------------------------------
+    def _ingest(self, w: Window) -> None:
+        """Fold the responses that arrived since the last look into per-temperature sums."""
+        new = min(w.request_count - self._seen, len(w.requests["t"]))
+        self._seen = w.request_count
+        if new <= 0:
+            return
+        ts = w.requests["t"].last(new).tolist()
+        xs = w.requests["temperature"].last(new).tolist()
+        ys = w.requests["seq_rep_4"].last(new).tolist()
+        cap = 4 * self.cfg.min_requests + 32
+        groups = self.groups
+        for t, x, y in zip(ts, xs, ys, strict=True):
+            if x != x or y != y:
+                continue
+            key = round(x, 4)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = [0.0, 0.0, 0.0, t]
+            if g[0] >= cap:  # forget old responses geometrically: the plant may drift
+                g[0] *= 0.5
+                g[1] *= 0.5
+                g[2] *= 0.5
+            g[0] += 1.0
+            g[1] += y
+            g[2] += y * y
+            g[3] = t
+        horizon = w.t - self.cfg.memory_s
+        for key in [k for k, g in groups.items() if g[3] < horizon]:
+            del groups[key]
+        while len(groups) > 32:
+            del groups[min(groups, key=lambda k: groups[k][3])]
+        self._fit(w)
+
+    def _fit(self, w: Window) -> None:
+        """Weighted least squares of mean repetition on temperature over the groups near the current
+        temperature (``local_span``), with the pooled within-group variance for the slope's error."""
+        cfg = self.cfg
+        self.slope = self.slope_se = None
+        self.sign = 0
+        cur = self.current
+        pts = [
+            (x, g[0], g[1], g[2])
+            for x, g in self.groups.items()
+            if g[0] >= cfg.min_requests and (cur is None or abs(x - cur) <= cfg.local_span + 1e-9)
+        ]
+        if len(pts) < 2:
+            return
+        n = sum(p[1] for p in pts)
+        xw = sum(p[0] * p[1] for p in pts) / n
+        yw = sum(p[2] for p in pts) / n
+        sxx = sum(p[1] * (p[0] - xw) ** 2 for p in pts)
+        if sxx <= 1e-12:
+            return
+        sxy = sum((p[0] - xw) * (p[2] - p[1] * yw) for p in pts)
+        slope = sxy / sxx
+        within = sum(max(0.0, p[3] - p[2] * p[2] / p[1]) for p in pts)
+        dof = max(1.0, n - len(pts))
+        se = math.sqrt(max(within / dof, 1e-8) / sxx)
+        self.slope, self.slope_se = slope, se
+        if abs(slope) > cfg.sign_z * se:
+            self.sign = 1 if slope > 0 else -1
+
+    def _rep_se(self, temp: float) -> float:
+        g = self.groups.get(round(temp, 4))
+        if g is None or g[0] < 2:
+            return 0.0
+        var = max(0.0, g[2] / g[0] - (g[1] / g[0]) ** 2)
+        return math.sqrt(var / g[0])
+
+    def _rep_at(self, temp: float) -> tuple[float | None, int]:
+        g = self.groups.get(round(temp, 4))
+        if g is None or g[0] <= 0:
+            return None, 0
+        return g[1] / g[0], int(g[0])
+
+    # -- decisions ----------------------------------------------------------------------------------
+    def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+        cfg = self.cfg
+        temp = knobs.temperature
+        if temp is None:
+            return []  # no response has told us the temperature yet
+        if self.requested is None:
+            self.requested = min(max(temp, cfg.min), cfg.max)
+        self.current = temp
+        self._ingest(window)
+        if not cfg.min <= temp <= cfg.max:  # the user's own setting is outside the configured bounds
+            return [self._move(window, _clip(temp, cfg.min, cfg.max), "outside the configured bounds", {})]
+        rep, n = self._rep_at(temp)
+        if self.phase == "dwell" and self.moved_at is not None:
+            waited = window.t - self.moved_at
+            if waited < cfg.dwell_min_s or (n < cfg.min_requests and waited < cfg.dwell_s):
+                return []
+            self.phase = "track"
+        if rep is None or n < cfg.min_requests:
+            self.phase = "warmup"
+            return []
+        if self.phase == "warmup":
+            self.phase = "track"
+        ev: dict[str, Any] = {
+            "seq_rep_4": rep,
+            "responses": n,
+            "band": [cfg.band_low, cfg.band_high],
+            "slope": self.slope,
+            "slope_se": self.slope_se,
+            "requested": self.requested,
+        }
+        penalty = knobs.repetition_penalty if knobs.repetition_penalty is not None else cfg.penalty_min
+        high, low = cfg.band_high + cfg.hysteresis, cfg.band_low - cfg.hysteresis
+        if rep > high or rep < low:
+            target = (cfg.band_low + cfg.band_high) / 2
+            if self.sign == 0:
+                self.phase = "probe"
+                step = cfg.probe_step * self.probe_dir
+                new = _clip(temp + step, cfg.min, cfg.max)
+                if abs(new - temp) < 1e-9:
+                    self.probe_dir = -self.probe_dir
+                    new = _clip(temp - step, cfg.min, cfg.max)
+                if abs(new - temp) < 1e-9:
+                    return self._penalty(rep, penalty, ev)
+                return [self._move(window, new, f"probe: repetition {rep:.3f} outside the band, sign unknown", ev)]
+            self.phase = "correct"
+            assert self.slope is not None
+            delta = (target - rep) / self.slope
+            delta = max(-cfg.max_step, min(cfg.max_step, delta))
+            new = _clip(temp + delta, cfg.min, cfg.max)
+            if abs(new - temp) < 1e-3:
+                return self._penalty(rep, penalty, ev)  # at a bound: the penalty is all that is left
+            return [
+                self._move(
+                    window,
+                    new,
+                    f"repetition {rep:.3f} {'above' if rep > high else 'below'} the band; "
+                    f"measured slope {self.slope:+.3f}/unit",
+                    ev,
+                )
+            ]
+        # inside the band (with hysteresis)
+        self.phase = "track"
+        if rep < cfg.band_low + cfg.hysteresis and penalty > cfg.penalty_min + 1e-9:
+            new_p = max(cfg.penalty_min, penalty - cfg.penalty_step)
+            return [self.act("repetition_penalty", round(new_p, 4), "repetition low again: easing the penalty", **ev)]
+        gap = self.requested - temp
+        if abs(gap) > 1e-3:
+            step = max(-cfg.max_step, min(cfg.max_step, gap))
+            if self.sign != 0 and self.slope is not None:
+                # the fitted line is uncertain: keep two standard errors of the prediction from the edges
+                margin = cfg.hysteresis + 2.0 * self._rep_se(temp)
+                shrink = abs(self.slope) / (abs(self.slope) + 2.0 * (self.slope_se or 0.0))
+                lo_edge, hi_edge = cfg.band_low + margin, cfg.band_high - margin
+                predicted = rep + self.slope * step
+                if not (lo_edge <= predicted <= hi_edge):
+                    # go only as far as the fitted line keeps the band
+                    edge = hi_edge if self.slope * step > 0 else lo_edge
+                    step = (edge - rep) / self.slope * shrink
+                    if step * gap <= 0 or abs(step) < 0.01:
+                        return []
+                ev["predicted_seq_rep_4"] = rep + self.slope * step
+            new = _clip(temp + step, cfg.min, cfg.max)
+            if abs(new - temp) >= 1e-3:
+                return [self._move(window, new, "in band: back toward the requested temperature", ev)]
+        return []
+
+    def _penalty(self, rep: float, penalty: float, ev: dict[str, Any]) -> list[Action]:
+        cfg = self.cfg
+        if rep > cfg.band_high and penalty < cfg.penalty_max - 1e-9:
+            new_p = min(cfg.penalty_max, penalty + cfg.penalty_step)
+            return [
+                self.act("repetition_penalty", round(new_p, 4), "temperature at its bound: raising the penalty", **ev)
+            ]
+        return []
+
+    def _move(self, w: Window, new: float, reason: str, ev: dict[str, Any]) -> Action:
+        return self.act("temperature", round(new, 4), reason, **ev)
+
+    def feedback(self, applied: Applied) -> None:
+        if applied.action.knob == "temperature" and applied.outcome in ("applied", "clamped", "dry-run"):
+            self.phase = "dwell"
+            self.moved_at = applied.t
+            self.moved_to = float(applied.action.value)
+            self.groups.pop(round(self.moved_to, 4), None)  # a fresh measurement at the new temperature
+
+
+def _clip(v: float, lo: float, hi: float) -> float:
+    return min(max(v, lo), hi)

@@ -1,0 +1,274 @@
+"""The agent loop: safety properties over random sample streams (hypothesis), a raising or misbehaving
+policy is disabled and reported while the agent runs on, knob columns, command results, the channel."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policies.base import Policy
+from tuner.actuator import ChannelActuator, DryRunActuator
+from tuner.agent import Agent
+from tuner.policy_config import build_agent, load_policy
+from tuner.records import Action, Event, Knobs
+from tuner.window import Window
+
+
+class Tick:
+    def __init__(self, t: float, values: dict[str, Any], events: list[Event] | None = None) -> None:
+        self.t, self.values, self.events = t, values, events or []
+
+
+class Notes:
+    def __init__(self) -> None:
+        self.actions: list[Any] = []
+        self.notes: list[tuple[float, str, str]] = []
+
+    def action(self, a: Any) -> None:
+        self.actions.append(a)
+
+    def note(self, t: float, msg: str, level: str = "info", **data: Any) -> None:
+        self.notes.append((t, msg, level))
+
+
+finite = st.floats(0, 1e12, allow_nan=False)
+maybe = st.one_of(st.none(), finite)
+tick_values = st.fixed_dictionaries(
+    {
+        "req_seq_rep_4_ratio": st.one_of(st.none(), st.floats(0, 1)),
+        "req_ttft_p95_seconds": st.one_of(st.none(), st.floats(0, 20)),
+        "req_tpot_p95_seconds": st.one_of(st.none(), st.floats(0, 2)),
+        "req_tokens_per_second": st.one_of(st.none(), st.floats(0, 2000)),
+        "req_done_count": maybe,
+        "tree_rss_bytes": maybe,
+        "alloc_allocated_bytes": maybe,
+        "alloc_reserved_bytes": maybe,
+        "sys_mem_available_bytes": st.floats(0, 8e9),
+        "sys_mem_total_bytes": st.just(8e9),
+    }
+)
+request = st.fixed_dictionaries(
+    {
+        "temperature": st.one_of(st.none(), st.floats(0, 2)),
+        "seq_rep_4": st.one_of(st.none(), st.floats(0, 1)),
+        "tokens": st.integers(0, 500),
+        "prompt_tokens": st.integers(0, 2000),
+        "ttft_seconds": st.one_of(st.none(), st.floats(0, 10)),
+        "tpot_seconds": st.one_of(st.none(), st.floats(0, 1)),
+        "batch_size": st.integers(1, 64),
+        "precision": st.sampled_from(["fp32", "bf16", "int8"]),
+    }
+)
+extra_event = st.one_of(
+    st.builds(lambda b: ("oom", {"pid": 1, "batch_size": b}), st.one_of(st.none(), st.integers(-3, 300))),
+    st.builds(
+        lambda ok, kl: (
+            "command_result",
+            {"id": "c1", "cmd": "precision", "ok": ok, "result": {"kl": kl}, "error": None},
+        ),
+        st.booleans(),
+        st.floats(0, 1),
+    ),
+)
+stream = st.lists(
+    st.tuples(st.floats(0.05, 3.0), tick_values, st.lists(request, max_size=3), st.lists(extra_event, max_size=1)),
+    min_size=1,
+    max_size=80,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(preset=st.sampled_from(["interactive", "offline", "edge"]), ticks=stream)
+def test_knobs_stay_in_bounds_and_respect_cooldowns(preset: str, ticks: list) -> None:
+    config = load_policy(preset)
+    notes = Notes()
+    agent = build_agent(config, DryRunActuator(), notes)
+    bounds = config.bounds()
+    cooldown = config.agent.cooldown_s
+    t = 0.0
+    for dt, values, reqs, extra in ticks:
+        t += dt
+        events = [Event(t, "request", r) for r in reqs] + [Event(t, k, d) for k, d in extra]
+        agent.step(Tick(t, dict(values), events))
+        for knob, b in bounds.items():
+            v = getattr(agent.knobs, knob)
+            if v is not None and knob != "temperature" and knob != "precision":  # those two are learned too
+                assert b.contains(v), (knob, v)
+    assert not [n for n in notes.notes if "disabled" in n[1]], notes.notes  # no policy crashed on the stream
+    last: dict[str, float] = {}
+    for a in notes.actions:
+        if a.outcome not in ("dry-run", "applied", "clamped"):
+            continue
+        kb = bounds.get(a.action.knob)
+        if kb is not None:
+            assert kb.contains(a.action.value), (a.action.knob, a.action.value)
+        urgent = a.action.evidence.get("urgent") is True
+        if a.action.knob in last and not urgent:
+            assert a.t - last[a.action.knob] >= cooldown.get(a.action.knob, 0.0) - 1e-9, a
+        last[a.action.knob] = a.t
+
+
+class Boom(Policy):
+    name = "boom"
+    knobs = ("temperature",)
+
+    def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+        if window.t > 1.0:
+            raise RuntimeError("kaput")
+        return []
+
+
+class Wild(Policy):
+    name = "wild"
+    knobs = ("batch_size",)
+
+    def __init__(self) -> None:
+        from policies.base import Bounds
+
+        super().__init__({"batch_size": Bounds(1, 16)})
+
+    def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+        return [self.act("batch_size", 4096, "more!")] if window.t > 2.0 else []
+
+
+class Steady(Policy):
+    name = "steady"
+    knobs = ("temperature",)
+
+    n = 0
+
+    def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+        self.n += 1
+        return [self.act("temperature", round(0.5 + (self.n % 2) * 0.1, 2), "flip")]
+
+
+@given(st.lists(st.floats(0.05, 0.5), min_size=60, max_size=120))
+@settings(max_examples=20, deadline=None)
+def test_a_raising_or_out_of_bounds_policy_is_disabled_and_reported_and_the_agent_runs_on(dts: list[float]) -> None:
+    from tuner.arbiter import Arbiter
+
+    notes = Notes()
+    agent = Agent([Boom(), Wild(), Steady()], Arbiter(cooldown_s={"temperature": 1.0}), DryRunActuator(), notes)
+    t = 0.0
+    for dt in dts:
+        t += dt
+        agent.step(Tick(t, {}))
+    assert agent.enabled == {"boom": False, "wild": False, "steady": True}
+    assert "RuntimeError: kaput" in (agent.disabled_reason["boom"] or "")
+    assert "outside its bounds" in (agent.disabled_reason["wild"] or "")
+    warned = [m for _, m, lv in notes.notes if lv == "warn"]
+    assert any(m.startswith("policy boom disabled") for m in warned)
+    assert any(m.startswith("policy wild disabled") for m in warned)
+    flips = [a for a in notes.actions if a.outcome == "dry-run"]
+    assert len(flips) >= 2  # the healthy policy kept acting
+    assert all(b.t - a.t >= 1.0 for a, b in itertools.pairwise(flips))  # within its cooldown
+    assert all(a.action.value != 4096 for a in notes.actions)
+    # and it can be switched back on from the live view
+    agent.set_enabled("boom", True)
+    assert agent.enabled["boom"] and "boom" not in agent.disabled_reason
+
+
+def test_set_enabled_unknown_policy_is_a_key_error() -> None:
+    agent = build_agent(load_policy("interactive"), DryRunActuator(), None)
+    try:
+        agent.set_enabled("nope", False)
+    except KeyError as exc:
+        assert "nope" in str(exc)
+    else:
+        raise AssertionError("no KeyError")
+    agent.set_enabled("temperature", False)
+    assert agent.status()["temperature"]["enabled"] is False
+
+
+def test_knob_columns_are_added_to_the_tick_before_it_is_recorded() -> None:
+    agent = build_agent(load_policy("interactive"), DryRunActuator(), None)
+    tk = Tick(
+        0.1,
+        {"sys_mem_available_bytes": 4e9, "sys_mem_total_bytes": 8e9},
+        [Event(0.05, "request", {"temperature": 0.7, "precision": "int8", "seq_rep_4": 0.0, "tokens": 3})],
+    )
+    agent.step(tk)
+    assert tk.values["knob_batch_size"] == 8  # the batch policy's start
+    assert tk.values["knob_temperature"] == 0.7  # learned from what the inference side reported
+    assert tk.values["knob_precision_bits"] == 8
+
+
+def test_command_results_reach_the_policy_and_are_recorded() -> None:
+    from tuner.arbiter import Arbiter
+
+    seen: list[tuple[bool, dict]] = []
+
+    class Asker(Policy):
+        name = "asker"
+        knobs = ("cleanup",)
+
+        def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+            return [self.act("cleanup", ["gc"], "why not")] if window.ticks == 1 else []
+
+        def on_result(self, t: float, action: Action, ok: bool, result: Any, error: str | None) -> None:
+            seen.append((ok, dict(result)))
+
+    class Fixed:
+        def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict]:
+            return "applied", {"command_id": "abc"}
+
+    notes = Notes()
+    agent = Agent([Asker()], Arbiter(), Fixed(), notes)
+    agent.step(Tick(0.1, {}))
+    res = {"reclaimed_bytes": 12345, "steps": [{"step": "gc", "reclaimed_bytes": 12345, "seconds": 0.1}]}
+    agent.step(Tick(0.2, {}, [Event(0.2, "command_result", {"id": "other", "ok": True, "result": {}})]))
+    agent.step(
+        Tick(0.3, {}, [Event(0.3, "command_result", {"id": "abc", "cmd": "cleanup", "ok": True, "result": res})])
+    )
+    assert seen == [(True, res)]
+    assert [(a.outcome, a.result.get("reclaimed_bytes")) for a in notes.actions] == [("applied", None), ("done", 12345)]
+
+
+def test_channel_actuator_reaches_a_real_client(tmp_path: Any) -> None:
+    from tuner import client
+    from tuner.channel import ChannelServer
+
+    server = ChannelServer(str(tmp_path))
+    server.start()
+    c = client.connect(server.path)
+    try:
+        act = ChannelActuator(server)
+        if not server.clients():
+            assert act.apply(Action("p", "cleanup", ["gc"], "r"), Knobs()) == (
+                "failed",
+                {"error": "no client connected to run the command"},
+            )
+        with c.request(prompt_tokens=1) as r:  # the client connects lazily on its first report
+            r.token(1)
+        deadline = time.monotonic() + 5
+        while not server.clients() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert act.apply(Action("p", "batch_size", 4, "r"), Knobs(temperature=0.5, batch_size=4)) == ("applied", {})
+        while c.knobs.batch_size != 4 and time.monotonic() < deadline:
+            c.poll()
+            time.sleep(0.02)
+        assert c.knobs.batch_size == 4 and c.knobs.temperature == 0.5
+        outcome, res = act.apply(Action("p", "cleanup", ["gc"], "r"), Knobs())
+        assert outcome == "applied" and res["command_id"]
+    finally:
+        c.close()
+        server.close()
+
+
+def test_observe_only_never_actuates() -> None:
+    class Spy:
+        calls = 0
+
+        def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict]:
+            Spy.calls += 1
+            return "applied", {}
+
+    agent = build_agent(load_policy("interactive"), Spy(), None, observe_only=True)
+    for i in range(30):
+        agent.step(Tick(i * 0.5, {"sys_mem_available_bytes": 1e8, "sys_mem_total_bytes": 8e9}))
+    assert Spy.calls == 0
+    assert agent.applied and all(a.outcome == "dry-run" for a in agent.applied if a.outcome != "rejected")

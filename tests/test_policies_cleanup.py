@@ -1,0 +1,96 @@
+"""Cleanup policy: a measured leak triggers a cleanup (cheapest steps first), a sawtooth does not,
+fragmentation gets only the steps that return free memory, nothing reclaimed -> exponential back-off."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
+from tuner.records import Action, Applied, Knobs
+from tuner.window import Window
+
+KEYS = ["tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_count"]
+
+
+def feed(
+    pol: CleanupPolicy,
+    seconds: int,
+    rate: float,
+    alloc: Callable[[float], float],
+    reserved: Callable[[float], float] | None = None,
+    rss: Callable[[float], float] | None = None,
+    t0: float = 0.0,
+    w: Window | None = None,
+    done0: float = 0.0,
+) -> tuple[list[Action], Window]:
+    """One tick a second; ``alloc(requests)`` etc. give the memory figures."""
+    w = w or Window(keys=KEYS)
+    out: list[Action] = []
+    for i in range(seconds):
+        t = t0 + i
+        done = done0 + rate * i
+        v = {"req_done_count": done, "alloc_allocated_bytes": alloc(done)}
+        v["alloc_reserved_bytes"] = reserved(done) if reserved else alloc(done) * 1.1
+        v["tree_rss_bytes"] = rss(done) if rss else v["alloc_reserved_bytes"] + 5e8
+        w.update(t, v)
+        acts = pol.decide(w, Knobs())
+        for a in acts:
+            pol.feedback(Applied(t, a, "applied", None, {"command_id": "c"}))
+        out += acts
+    return out, w
+
+
+def test_a_leak_triggers_a_cleanup_with_the_evidence() -> None:
+    pol = CleanupPolicy(CleanupConfig(min_requests=1000))
+    acts, _ = feed(pol, 600, 5.0, lambda n: 1e9 + 2e6 * n + 5e7 * np.sin(n / 40))  # 2 MB per request
+    assert acts  # (no answer ever comes here, so after the result timeout it looks again)
+    a = acts[0]
+    assert a.value == list(STEPS) and a.evidence["trigger"] == "growth"
+    assert a.evidence["allocated"]["verdict"] == "leak"
+    assert a.evidence["requests"] >= 1000  # gated by the minimum window
+
+
+def test_a_sawtooth_without_growth_is_left_alone() -> None:
+    pol = CleanupPolicy(CleanupConfig(min_requests=1000))
+    saw = lambda n: 1e9 + 3e8 * ((n % 400) / 400)  # noqa: E731 - allocate/free cycles, flat floor
+    acts, _ = feed(pol, 1200, 5.0, saw)
+    assert acts == []
+
+
+def test_fragmentation_gets_only_the_steps_that_return_free_memory() -> None:
+    pol = CleanupPolicy(CleanupConfig(min_requests=1000))
+    acts, _ = feed(pol, 600, 5.0, lambda n: 1e9 + 1e6 * np.sin(n / 30), reserved=lambda n: 1.2e9 + 1e6 * n)
+    assert acts
+    assert acts[0].value == ["empty_cache", "malloc_trim"] and acts[0].evidence["trigger"] == "fragmentation"
+
+
+def test_nothing_reclaimed_backs_off_exponentially_and_a_reclaim_resets() -> None:
+    pol = CleanupPolicy(CleanupConfig(every_requests=100, leak_watch=False, min_reclaim_bytes=1e6))
+    w = Window(keys=KEYS)
+    times: list[float] = []
+    done = 0.0
+    for t in range(2000):
+        done += 1.0
+        w.update(float(t), {"req_done_count": done, "tree_rss_bytes": 1e9})
+        for a in pol.decide(w, Knobs()):
+            times.append(done)
+            pol.feedback(Applied(float(t), a, "applied", None, {"command_id": "c"}))
+            reclaimed = 0.0 if len(times) < 4 else 5e6
+            pol.on_result(float(t) + 0.5, a, True, {"reclaimed_bytes": reclaimed}, None)
+    gaps = np.diff(times).tolist()
+    assert gaps[:4] == [200.0, 400.0, 800.0, 100.0]  # x2, x2, x2, then reset by a real reclaim
+
+
+def test_periodic_by_seconds_and_a_missing_answer_counts_as_nothing() -> None:
+    pol = CleanupPolicy(CleanupConfig(every_s=10.0, leak_watch=False, result_timeout_s=5.0))
+    w = Window(keys=KEYS)
+    sent: list[float] = []
+    for t in range(60):
+        w.update(float(t), {"tree_rss_bytes": 1e9})
+        for a in pol.decide(w, Knobs()):
+            sent.append(float(t))
+            pol.feedback(Applied(float(t), a, "applied", None, {"command_id": "c"}))  # no result ever comes
+    assert sent[:2] == [10.0, 36.0]  # 10 s, then more than 5 s waiting for the answer + 2x10 s of back-off
+    assert pol.backoff >= 2

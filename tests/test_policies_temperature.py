@@ -1,0 +1,94 @@
+"""Temperature policy, closed loop on the simulator: it measures the sign of d(repetition)/d(temperature)
+and keeps repetition in the band, close to the requested temperature — whichever way the model goes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policies.temperature import TemperatureConfig, TemperaturePolicy
+from tests.replay.sim import Sim, SimActuator
+from tuner.agent import Agent
+from tuner.arbiter import Arbiter
+from tuner.records import Knobs
+
+CFG = TemperatureConfig(
+    min=0.1, max=1.5, band_low=0.03, band_high=0.10, hysteresis=0.01, max_step=0.2, probe_step=0.1, min_requests=8
+)
+
+
+def run(sim: Sim, cfg: TemperatureConfig = CFG, ticks: int = 3000, cooldown: float = 5.0) -> tuple[Agent, list[float]]:
+    pol = TemperaturePolicy(cfg)
+    agent = Agent(
+        [pol],
+        Arbiter(bounds=pol.bounds, cooldown_s={"temperature": cooldown, "repetition_penalty": cooldown}),
+        SimActuator(sim),
+        None,
+    )
+    reps: list[float] = []
+    for _ in range(ticks):
+        tk = sim.tick()
+        agent.step(tk)
+        reps.extend(e.data["seq_rep_4"] for e in tk.events if e.kind == "request")
+    return agent, reps
+
+
+def band_share(reps: list[float], lo: float = 0.03, hi: float = 0.10, per: int = 20) -> float:
+    """Share of windows of ``per`` responses whose mean repetition is inside the band."""
+    ws = [float(np.mean(reps[i : i + per])) for i in range(0, len(reps) - per + 1, per)]
+    return sum(lo <= x <= hi for x in ws) / len(ws)
+
+
+def test_repetition_falls_with_temperature_policy_goes_up_and_stays_in_band() -> None:
+    # seq-rep-4 0.06 at 0.7 and falling 0.25 per unit: at 0.3 it is 0.16 (too repetitive)
+    sim = Sim(seed=1, temperature=0.3, slope_sign=-1.0, tokens_per_request=64)
+    agent, reps = run(sim)
+    pol = agent.policies[0]
+    assert isinstance(pol, TemperaturePolicy)
+    assert pol.sign == -1  # measured, from its own probes
+    assert 0.5 <= sim.temperature <= 0.95  # 0.03..0.10 band <=> 0.54..0.82 on this plant
+    assert band_share(reps[len(reps) // 3 :]) >= 0.9
+    assert abs(sim.temperature - 0.3) < 0.55  # as close to the request as the band allows: not the maximum
+    acts = [a for a in agent.applied if a.outcome == "applied"]
+    assert acts[0].action.reason.startswith("probe")  # it probed first: it did not know the sign
+
+
+def test_repetition_rises_with_temperature_policy_goes_down() -> None:
+    # a model where repetition RISES with temperature (the field report): the policy must go the other way
+    sim = Sim(seed=2, temperature=1.2, slope_sign=+1.0, rep_at_07=0.0, rep_slope=0.25, tokens_per_request=64)
+    agent, reps = run(sim)
+    pol = agent.policies[0]
+    assert isinstance(pol, TemperaturePolicy)
+    assert pol.sign == +1
+    assert sim.temperature < 1.2
+    assert band_share(reps[len(reps) // 2 :]) >= 0.9
+
+
+def test_in_band_it_returns_toward_the_requested_temperature() -> None:
+    # requested 0.5, currently 1.0; repetition is flat-low everywhere: in band at any temperature
+    sim = Sim(seed=3, temperature=1.0, slope_sign=-1.0, rep_at_07=0.06, rep_slope=0.0, tokens_per_request=64)
+    cfg = TemperatureConfig(requested=0.5, min=0.1, max=1.5, band_low=0.03, band_high=0.10, min_requests=8)
+    run(sim, cfg, ticks=2000)
+    assert abs(sim.temperature - 0.5) < 1e-6
+
+
+def test_at_the_bound_the_repetition_penalty_goes_up_within_its_bounds() -> None:
+    # repetition too high everywhere the temperature may go (cap 0.4): only the penalty is left
+    sim = Sim(seed=4, temperature=0.3, slope_sign=-1.0, rep_at_07=0.25, rep_slope=0.25, tokens_per_request=64)
+    cfg = TemperatureConfig(
+        min=0.1, max=0.4, band_low=0.03, band_high=0.10, min_requests=8, penalty_max=1.2, penalty_step=0.05
+    )
+    agent, _ = run(sim, cfg, ticks=3000)
+    assert sim.temperature == 0.4
+    assert 1.0 < sim.repetition_penalty <= 1.2
+    assert all(a.action.value <= 1.2 for a in agent.applied if a.action.knob == "repetition_penalty")
+
+
+def test_decide_is_quiet_without_responses() -> None:
+    from tuner.window import Window
+
+    pol = TemperaturePolicy(CFG)
+    w = Window(keys=[])
+    for i in range(50):
+        w.update(i * 0.1, {})
+        assert pol.decide(w, Knobs(temperature=0.7)) == []
+        assert pol.decide(w, Knobs()) == []

@@ -1,0 +1,241 @@
+"""The agent loop, one tick at a time: window -> policies -> arbiter -> actuator -> trace.
+
+``Agent.step(tick)`` is a sampler hook.  The session calls it *before* the recorder, so the knob
+columns it adds to ``tick.values`` (``knob_temperature``, ``knob_repetition_penalty``,
+``knob_batch_size``, ``knob_precision_bits``) are written with the tick.  Replay feeds it the recorded
+ticks the same way; the agent cannot tell the two apart.
+
+Safety: a policy that raises, or proposes an action outside its knobs/bounds, is disabled with a
+warning note in the trace; the other policies and the recording go on.  Policies can be switched off
+and on while running (``set_enabled``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from policies.base import BITS, COMMAND_KNOBS, Policy
+from tuner.actuator import Actuator
+from tuner.arbiter import Arbiter
+from tuner.records import Action, Applied, Event, Knobs
+from tuner.window import Window
+
+KNOB_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("temperature", "knob_temperature"),
+    ("repetition_penalty", "knob_repetition_penalty"),
+    ("batch_size", "knob_batch_size"),
+)
+PENDING_LIMIT = 64
+
+
+class TickLike(Protocol):
+    t: float
+    values: dict[str, Any]
+    events: list[Event]
+
+
+class Writer(Protocol):
+    def action(self, a: Applied) -> None: ...
+    def note(self, t: float, msg: str, level: str = "info", **data: Any) -> None: ...
+
+
+class Agent:
+    def __init__(
+        self,
+        policies: Sequence[Policy],
+        arbiter: Arbiter,
+        actuator: Actuator,
+        writer: Writer | None,
+        clock: Callable[[], float] | None = None,
+        *,
+        knobs: Knobs | None = None,
+        window: Window | None = None,
+        observe_only: bool = False,
+    ) -> None:
+        names = [p.name for p in policies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"policy names must be unique: {names}")
+        self.policies = list(policies)
+        self.arbiter = arbiter
+        self.actuator = actuator
+        self.writer = writer
+        self.clock = clock
+        """Optional: the time of actions; by default the tick's own time (trace time, live or replayed)."""
+        self.knobs = knobs or Knobs()
+        self.observe_only = observe_only
+        keys: set[str] = {"sys_mem_available_bytes", "sys_mem_total_bytes"}
+        prefixes: set[str] = {"gpu_mem_", "npu_mem_"}
+        for p in self.policies:
+            keys.update(p.keys)
+            prefixes.update(p.prefixes)
+        self.window = window or Window(keys=keys, prefixes=tuple(sorted(prefixes)))
+        self.enabled: dict[str, bool] = dict.fromkeys(names, True)
+        self.disabled_reason: dict[str, str] = {}
+        self.pending: dict[str, tuple[Policy, Action, Any]] = {}
+        """Commands sent and not answered yet: command id -> (policy, action, previous value)."""
+        self.applied: list[Applied] = []
+        """Every decision carried out or rejected this run (bounded); replay reads it."""
+        self.errors = 0
+        self.steps = 0
+        self._last_rejected: dict[tuple[str, str], Any] = {}
+        self.step_seconds = 0.0
+        self._due: dict[str, float] = {}
+
+    # -- control ------------------------------------------------------------------------------------
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        if name not in self.enabled:
+            raise KeyError(f"no policy named {name!r} (running: {', '.join(self.enabled) or 'none'})")
+        self.enabled[name] = bool(enabled)
+        if enabled:
+            self.disabled_reason.pop(name, None)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            p.name: {"enabled": self.enabled[p.name], "reason": self.disabled_reason.get(p.name), **p.status()}
+            for p in self.policies
+        }
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def step(self, tick: TickLike) -> None:
+        start = time.perf_counter()
+        t = tick.t if self.clock is None else self.clock()
+        w = self.window
+        w.update(tick.t, tick.values, tick.events)
+        if w.new_requests:
+            self._learn_from_requests(tick.events)
+        for e in w.events:
+            if e.kind == "command_result":
+                self._command_result(t, e)
+        proposals: list[Action] = []
+        urgent = bool(w.events)
+        due = self._due
+        for p in self.policies:
+            if not self.enabled[p.name]:
+                continue
+            if not urgent and t < due.get(p.name, -1e18):
+                continue
+            due[p.name] = t + p.interval_s
+            try:
+                acts = p.decide(w, self.knobs)
+                for a in acts:
+                    bad = p.allows(a) if isinstance(a, Action) else f"returned {type(a).__name__}, not an Action"
+                    if bad:
+                        raise _OutOfBounds(bad)
+            except Exception as exc:
+                self._disable(t, p, exc)
+                continue
+            proposals.extend(acts)
+        if proposals:
+            headroom, _ = w.headroom()
+            for d in self.arbiter.resolve(t, proposals, self.knobs, headroom):
+                self._carry_out(t, d.action, d.outcome, d.why)
+        self._write_knobs(tick.values)
+        self.steps += 1
+        self.step_seconds = time.perf_counter() - start
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _learn_from_requests(self, events: Sequence[Event]) -> None:
+        """Knobs the agent has not set yet take the values the inference side reports using, so the
+        policies start from the truth (the user's own temperature and precision)."""
+        k = self.knobs
+        if k.temperature is not None and k.precision is not None:
+            return
+        for e in events:
+            if e.kind != "request":
+                continue
+            tv, pv = e.data.get("temperature"), e.data.get("precision")
+            if k.temperature is None and isinstance(tv, (int, float)) and not isinstance(tv, bool) and tv == tv:
+                k = replace(k, temperature=float(tv))
+            if k.precision is None and pv in BITS:
+                k = replace(k, precision=str(pv))
+        self.knobs = k
+
+    def _disable(self, t: float, p: Policy, exc: Exception) -> None:
+        self.enabled[p.name] = False
+        self.errors += 1
+        why = str(exc) if isinstance(exc, _OutOfBounds) else f"{type(exc).__name__}: {exc}"
+        self.disabled_reason[p.name] = why
+        if self.writer is not None:
+            self.writer.note(t, f"policy {p.name} disabled: {why}", "warn", policy=p.name)
+
+    def _policy(self, name: str) -> Policy | None:
+        for p in self.policies:
+            if p.name == name:
+                return p
+        return None
+
+    def _carry_out(self, t: float, action: Action, verdict: str, why: str) -> None:
+        policy = self._policy(action.policy)
+        previous = getattr(self.knobs, action.knob, None) if action.knob != "cleanup" else None
+        if verdict == "rejected":
+            applied = Applied(t, action, "rejected", previous, {"why": why})
+            key = (action.policy, action.knob)
+            if self._last_rejected.get(key) != (action.value, why.split(":")[0]):
+                self._last_rejected[key] = (action.value, why.split(":")[0])
+                self._record(applied)
+            if policy is not None:
+                policy.feedback(applied)
+            return
+        self._last_rejected.pop((action.policy, action.knob), None)
+        new_knobs = self.knobs
+        if action.knob != "cleanup":
+            new_knobs = replace(self.knobs, **{action.knob: action.value})
+        outcome, result = self.actuator.apply(action, new_knobs)
+        if verdict == "clamped" and outcome == "applied":
+            outcome = "clamped"
+        if why:
+            result = {**result, "why": why}
+        if outcome in ("applied", "clamped", "dry-run"):
+            self.knobs = new_knobs
+            cid = result.get("command_id")
+            if cid and action.knob in COMMAND_KNOBS and policy is not None:
+                if len(self.pending) >= PENDING_LIMIT:
+                    self.pending.pop(next(iter(self.pending)))
+                self.pending[str(cid)] = (policy, action, previous)
+        applied = Applied(t, action, outcome, previous, result)
+        self._record(applied)
+        self.window.add_action(applied)
+        if policy is not None:
+            policy.feedback(applied)
+
+    def _command_result(self, t: float, e: Event) -> None:
+        d = e.data
+        entry = self.pending.pop(str(d.get("id")), None)
+        if entry is None:
+            return
+        policy, action, previous = entry
+        ok = bool(d.get("ok"))
+        result: Mapping[str, Any] = d.get("result") or {}
+        error = d.get("error")
+        if not ok and action.knob == "precision":
+            self.knobs = replace(self.knobs, precision=previous)  # the client refused: nothing changed
+        out = dict(result)
+        if error:
+            out["error"] = error
+        self._record(Applied(t, action, "done" if ok else "refused", previous, out))
+        try:
+            policy.on_result(t, action, ok, result, error if isinstance(error, str) else None)
+        except Exception as exc:
+            self._disable(t, policy, exc)
+
+    def _record(self, a: Applied) -> None:
+        if len(self.applied) < 100_000:
+            self.applied.append(a)
+        if self.writer is not None:
+            self.writer.action(a)
+
+    def _write_knobs(self, values: dict[str, Any]) -> None:
+        k = self.knobs
+        for name, col in KNOB_COLUMNS:
+            v = getattr(k, name)
+            if v is not None:
+                values[col] = v
+        if k.precision is not None:
+            values["knob_precision_bits"] = BITS.get(k.precision)
+
+
+class _OutOfBounds(Exception):
+    pass

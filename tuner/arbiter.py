@@ -1,0 +1,126 @@
+"""The arbiter: turns the policies' proposals of one tick into decisions.
+
+In order:
+1. **bounds** — a value outside the knob's configured bounds is clamped (outcome ``clamped``);
+2. **no-ops** — setting a knob to the value it already has is dropped silently;
+3. **conflicts** — under memory pressure (a precision step-down proposed this tick, or headroom below
+   the pressure threshold) a batch-size *increase* is rejected: less memory first, more work later;
+4. **priority** — one decision per knob per tick: the proposal of the policy listed first in
+   ``priority`` wins, the others are rejected;
+5. **cooldown** — a knob changed less than its cooldown ago is not changed again (rejected).
+   Commands (cleanup) have a cooldown too.  The exceptions, marked ``urgent`` by their policy: a
+   batch-size *decrease* answering an out-of-memory report (waiting would mean more OOMs) and a
+   precision step back *up* undoing a change the quality guard failed.
+
+The arbiter is deterministic and keeps only the time each knob last changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.base import PRECISIONS, Bounds
+from tuner.records import Action, Knobs
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    outcome: str
+    """``accept``, ``clamped`` (accepted with ``action.value`` changed) or ``rejected``."""
+    why: str = ""
+
+
+@dataclass
+class Arbiter:
+    bounds: Mapping[str, Bounds] = field(default_factory=dict)
+    cooldown_s: Mapping[str, float] = field(default_factory=dict)
+    priority: Sequence[str] = ("cleanup", "precision", "batch_size", "temperature")
+    pressure_headroom: float | None = None
+    """Headroom ratio under which memory counts as under pressure (batch increases are refused)."""
+    last_change: dict[str, float] = field(default_factory=dict)
+
+    def _rank(self, policy: str) -> int:
+        try:
+            return list(self.priority).index(policy)
+        except ValueError:
+            return len(self.priority)
+
+    def resolve(
+        self, t: float, proposals: Sequence[Action], knobs: Knobs, headroom: float | None = None
+    ) -> list[Decision]:
+        out: list[Decision] = []
+        by_knob: dict[str, list[Action]] = {}
+        for a in proposals:
+            by_knob.setdefault(a.knob, []).append(a)
+        step_down = any(
+            a.knob == "precision"
+            and isinstance(a.value, str)
+            and a.value in PRECISIONS
+            and _bits(a.value) < _bits(knobs.precision)
+            for a in proposals
+        )
+        pressure = step_down or (
+            self.pressure_headroom is not None and headroom is not None and headroom < self.pressure_headroom
+        )
+        for knob in sorted(by_knob, key=lambda k: min(self._rank(a.policy) for a in by_knob[k])):
+            cands = sorted(by_knob[knob], key=lambda a: self._rank(a.policy))
+            winner: Decision | None = None
+            for a in cands:
+                if winner is not None:
+                    out.append(Decision(a, "rejected", f"{winner.action.policy} has priority on {knob}"))
+                    continue
+                winner = self._one(t, a, knobs, pressure, step_down)
+                if winner is not None:  # None: a no-op, let a lower-priority proposal be heard
+                    out.append(winner)
+        for d in out:
+            if d.outcome in ("accept", "clamped"):
+                self.last_change[d.action.knob] = t
+        return out
+
+    def _one(self, t: float, a: Action, knobs: Knobs, pressure: bool, step_down: bool) -> Decision | None:
+        outcome = "accept"
+        why = ""
+        b = self.bounds.get(a.knob)
+        value: Any = a.value
+        if b is not None and a.knob != "cleanup":
+            if b.choices is not None:
+                if value not in b.choices:
+                    return Decision(a, "rejected", f"{value!r} is not one of the allowed {a.knob} values")
+            else:
+                clamped = b.clamp(value)
+                if clamped != value:
+                    outcome, why, value = "clamped", f"clamped from {value!r} to bounds", clamped
+                    a = Action(a.policy, a.knob, value, a.reason, a.evidence)
+        if a.knob != "cleanup" and getattr(knobs, a.knob, None) == value:
+            return None
+        if a.knob == "batch_size" and pressure:
+            cur = knobs.batch_size
+            if cur is not None and isinstance(value, (int, float)) and value > cur:
+                why = (
+                    "a precision step-down outranks a batch increase under memory pressure"
+                    if step_down
+                    else "memory headroom is under the pressure threshold: no batch increase"
+                )
+                return Decision(a, "rejected", why)
+        cool = self.cooldown_s.get(a.knob, 0.0)
+        last = self.last_change.get(a.knob)
+        urgent = a.evidence.get("urgent") is True and (
+            # an OOM response cannot wait, nor can undoing a precision the quality guard failed
+            (
+                a.knob == "batch_size"
+                and knobs.batch_size is not None
+                and isinstance(value, (int, float))
+                and value < knobs.batch_size
+            )
+            or (a.knob == "precision" and _bits(str(value)) > _bits(knobs.precision))
+        )
+        if last is not None and t - last < cool and not urgent:
+            return Decision(a, "rejected", f"cooldown: {a.knob} changed {t - last:.2f} s ago (cooldown {cool:g} s)")
+        return Decision(a, outcome, why)
+
+
+def _bits(p: str | None) -> int:
+    return {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}.get(p or "fp32", 32)

@@ -1,0 +1,252 @@
+"""The agent's view of the recent past: bounded numpy ring buffers fed one tick at a time.
+
+- Metric values: one ring per tracked key, aligned with a shared ring of tick times (NaN where a tick
+  had no value), so "the last S seconds of key k" is one ``searchsorted`` and a slice.
+- Finished requests (``request`` events): columns of the fields policies use (temperature, seq-rep-4,
+  tokens, TTFT, batch size ...), in their own rings.
+- The current tick's other events (``oom``, ``command_result``, ...) and the recent applied actions.
+
+Appends are O(1) (each ring is stored twice over, ``[0, cap)`` and ``[cap, 2 cap)``, so the last ``n``
+entries are always one contiguous view, no copy, no wrap-around arithmetic in the readers).  Nothing
+grows: every buffer has a fixed capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tuner.records import Applied, Event
+
+REQUEST_FIELDS: tuple[str, ...] = (
+    "t",
+    "temperature",
+    "seq_rep_4",
+    "tokens",
+    "prompt_tokens",
+    "ttft_seconds",
+    "tpot_seconds",
+    "e2e_seconds",
+    "batch_size",
+)
+
+_NAN = math.nan
+
+
+class Ring:
+    """A fixed-capacity float64 ring; ``last(n)`` gives the newest ``n`` values oldest first (a view when
+    they do not wrap around the end of the buffer, a copy when they do)."""
+
+    __slots__ = ("buf", "cap", "count")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.cap = capacity
+        self.buf = np.full(capacity, np.nan)
+        self.count = 0
+
+    def append(self, v: float) -> None:
+        self.buf[self.count % self.cap] = v
+        self.count += 1
+
+    def __len__(self) -> int:
+        return min(self.count, self.cap)
+
+    def last(self, n: int | None = None) -> np.ndarray:
+        size = min(self.count, self.cap)
+        n = size if n is None or n > size else n
+        if n <= 0:
+            return self.buf[:0]
+        end = self.count % self.cap or (self.cap if self.count else 0)
+        if n <= end:
+            return self.buf[end - n : end]
+        return np.concatenate((self.buf[self.cap - (n - end) :], self.buf[:end]))
+
+    def latest(self) -> float:
+        return float(self.buf[(self.count - 1) % self.cap]) if self.count else _NAN
+
+
+def _num(x: Any) -> float:
+    if x is None or isinstance(x, bool):
+        return _NAN
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return _NAN
+
+
+class Window:
+    """Recent metric values, requests, events and actions.
+
+    ``keys``: exact metric keys to keep; ``prefixes``: keep any key starting with one of these too (device
+    keys like ``gpu_mem_used_bytes/0``).  ``keys=None`` keeps every numeric key seen (handy in tests, a
+    little slower).
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: int = 3000,
+        request_capacity: int = 4096,
+        action_capacity: int = 256,
+        keys: Iterable[str] | None = None,
+        prefixes: Sequence[str] = (),
+    ) -> None:
+        self.capacity = capacity
+        self.times = Ring(capacity)
+        self.series: dict[str, Ring] = {}
+        self._all = keys is None
+        self._keys = set(keys or ())
+        self._prefixes = tuple(prefixes)
+        self.requests: dict[str, Ring] = {f: Ring(request_capacity) for f in REQUEST_FIELDS}
+        self.request_count = 0
+        """Requests seen since the start (not bounded)."""
+        self.events: list[Event] = []
+        """This tick's events other than ``request``."""
+        self.new_requests = 0
+        """How many requests this tick brought."""
+        self.actions: deque[Applied] = deque(maxlen=action_capacity)
+        self.t = 0.0
+        self.ticks = 0
+        self._latest: dict[str, float] = {}
+        self._nvalues = -1
+        for key in self._keys:
+            self.series[key] = Ring(capacity)
+
+    # -- feeding ------------------------------------------------------------------------------------
+    def _tracked(self, key: str) -> bool:
+        if self._all or key in self._keys:
+            return True
+        return bool(self._prefixes) and key.startswith(self._prefixes)
+
+    def update(self, t: float, values: Mapping[str, Any], events: Iterable[Event] = ()) -> None:
+        """Add one tick: its time, values and events.  Cost: one store per tracked key."""
+        self.t = t
+        self.ticks += 1
+        times = self.times
+        i = times.count % times.cap
+        times.buf[i] = t
+        times.count += 1
+        if self._all or (self._prefixes and len(values) != self._nvalues):
+            self._discover(values)
+        latest = self._latest
+        for key, ring in self.series.items():
+            v = values.get(key)
+            if v is None:
+                ring.buf[i] = _NAN
+            else:
+                if type(v) is not float:
+                    v = _num(v)
+                ring.buf[i] = v
+                if v == v:
+                    latest[key] = v
+            ring.count = times.count
+        if self.events:
+            self.events = []
+        self.new_requests = 0
+        for e in events:
+            if e.kind == "request":
+                self.add_request(e)
+            else:
+                self.events.append(e)
+
+    def _discover(self, values: Mapping[str, Any]) -> None:
+        self._nvalues = len(values)
+        for key, v in values.items():
+            if key in self.series or not self._tracked(key) or math.isnan(_num(v)):
+                continue
+            ring = self.series[key] = Ring(self.capacity)
+            ring.count = self.times.count - 1  # the past of a new key is missing (NaN)
+
+    def add_request(self, e: Event) -> None:
+        d = e.data
+        rq = self.requests
+        rq["t"].append(e.t)
+        for f in REQUEST_FIELDS[1:]:
+            rq[f].append(_num(d.get(f)))
+        self.request_count += 1
+        self.new_requests += 1
+
+    def add_action(self, a: Applied) -> None:
+        self.actions.append(a)
+
+    # -- reading ------------------------------------------------------------------------------------
+    def latest(self, key: str) -> float | None:
+        """The newest non-missing value of ``key`` (however old), or None."""
+        return self._latest.get(key)
+
+    def current(self, key: str) -> float | None:
+        """This tick's value of ``key``, or None when this tick did not have it."""
+        ring = self.series.get(key)
+        if ring is None or ring.count < self.times.count:
+            return None
+        x = ring.latest()
+        return None if math.isnan(x) else x
+
+    def _span(self, seconds: float | None) -> int:
+        n = len(self.times)
+        if seconds is None:
+            return n
+        ts = self.times.last(n)
+        return n - int(np.searchsorted(ts, self.t - seconds, side="left"))
+
+    def values(self, key: str, seconds: float | None = None) -> np.ndarray:
+        """Finite values of ``key`` over the last ``seconds`` (all kept when None), oldest first."""
+        ring = self.series.get(key)
+        if ring is None:
+            return np.empty(0)
+        v = ring.last(self._span(seconds))
+        return v[~np.isnan(v)]
+
+    def pairs(self, key: str, seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(times, values)`` of ``key`` over the last ``seconds`` where it was present."""
+        ring = self.series.get(key)
+        if ring is None:
+            return np.empty(0), np.empty(0)
+        n = self._span(seconds)
+        v = ring.last(n)
+        ts = self.times.last(n)
+        ok = ~np.isnan(v)
+        return ts[ok], v[ok]
+
+    def mean(self, key: str, seconds: float | None = None) -> float | None:
+        v = self.values(key, seconds)
+        return float(v.mean()) if v.size else None
+
+    def percentile(self, key: str, q: float, seconds: float | None = None) -> float | None:
+        v = self.values(key, seconds)
+        if not v.size:
+            return None
+        return float(np.percentile(v, q))
+
+    def request_columns(
+        self, since: float | None = None, fields: Sequence[str] = REQUEST_FIELDS
+    ) -> dict[str, np.ndarray]:
+        """Columns of the kept requests that ended after ``since`` (all kept when None), oldest first."""
+        ts = self.requests["t"].last()
+        n = ts.size if since is None else ts.size - int(np.searchsorted(ts, since, side="right"))
+        return {f: self.requests[f].last(n) for f in fields}
+
+    def headroom(self) -> tuple[float | None, str | None]:
+        """Free memory on the binding device: ``(free / total, which)``, the smallest over the host
+        (``sys_mem_available_bytes``) and every GPU/NPU with used and total figures; ``(None, None)``
+        when nothing reports memory."""
+        best: tuple[float | None, str | None] = (None, None)
+        avail, total = self._latest.get("sys_mem_available_bytes"), self._latest.get("sys_mem_total_bytes")
+        if avail is not None and total:
+            best = (avail / total, "host")
+        for key, used in self._latest.items():
+            if key.startswith(("gpu_mem_used_bytes/", "npu_mem_used_bytes/")):
+                dev = key.split("/", 1)[1]
+                kind = key.split("_", 1)[0]
+                tot = self._latest.get(f"{kind}_mem_total_bytes/{dev}")
+                if tot:
+                    h = 1.0 - used / tot
+                    if best[0] is None or h < best[0]:
+                        best = (h, f"{kind}/{dev}")
+        return best
