@@ -103,3 +103,52 @@ def test_workload_bounds_the_drain_and_closes_the_rest_as_failed() -> None:
     assert cp.returncode == 0, cp.stderr
     own = workload_summary(cp.stdout)
     assert own["requests_done"] < 40 and own["requests_done"] + own["requests_failed"] == 40, own
+
+
+def test_workload_carries_out_precision_and_cleanup_commands_from_a_real_channel() -> None:
+    """What the policies will do to the demo: switch it to int8 and clean its leak, mid-run."""
+    import subprocess
+    import time
+
+    from tests.cli import tuner_env
+    from tuner.channel import ChannelServer
+    from tuner.records import Knobs
+
+    server = ChannelServer()
+    server.start()
+    msgs: list[dict] = []
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "tuner.demo.workload", "--requests", "60", "--rate", "30",
+                              "--leak", "--max-new-tokens", "48"],
+                             env=tuner_env(TUNER_SOCKET=server.path), stdout=subprocess.PIPE, text=True)
+        sent: dict[str, str | None] = {}
+        deadline = time.monotonic() + 170
+        while p.poll() is None and time.monotonic() < deadline:
+            msgs += [m for _, m in server.drain()]
+            done = sum(m.get("type") == "request" for m in msgs)
+            if "knobs" not in sent and server.clients():
+                server.broadcast_knobs(Knobs(temperature=0.3, batch_size=4))
+                sent["knobs"] = "sent"
+            if "precision" not in sent and done >= 10:
+                sent["precision"] = server.send_command("precision", {"precision": "int8"})
+            if "cleanup" not in sent and done >= 30:
+                sent["cleanup"] = server.send_command("cleanup", {"steps": ["caches", "gc", "malloc_trim"]})
+            time.sleep(0.05)
+        out, _ = p.communicate(timeout=30)
+        time.sleep(0.3)
+        msgs += [m for _, m in server.drain()]
+    finally:
+        server.close()
+    own = workload_summary(out)
+    results = {m["cmd"]: m for m in msgs if m.get("type") == "command_result"}
+    prec = results["precision"]
+    assert prec["ok"] and prec["id"] == sent["precision"], prec
+    assert prec["result"]["param_bytes_after"] < 0.4 * prec["result"]["param_bytes_before"]
+    assert prec["result"]["top1"] >= 0.75 and prec["result"]["kl"] < 0.1  # the canary guard's figures
+    clean = results["cleanup"]
+    assert clean["ok"] and clean["result"]["steps"][0]["entries"] >= 30, clean
+    assert clean["result"]["reclaimed_bytes"] > 10 << 20, clean  # the cleared leak came back as RSS
+    assert own["leak_entries"] < 60 and own["precision"] == "int8"
+    reqs = [m for m in msgs if m.get("type") == "request"]
+    assert len(reqs) == 60
+    assert reqs[-1]["precision"] == "int8" and reqs[-1]["temperature"] == 0.3 and reqs[-1]["batch_size"] <= 4
