@@ -188,6 +188,18 @@ def test_sawtooth_trace_is_no_leak(tmp_path: Path) -> None:
     assert s["memory_trend"]["per_1k_requests"]["tree_rss_bytes"]["verdict"] == "no leak"
 
 
+def test_trailing_zero_rss_after_exit_does_not_hide_a_leak(tmp_path: Path) -> None:
+    """The CPU probe reads 0 for a tree whose process exited (or is a zombie); the floor must not drop to it."""
+    path = make_trace(tmp_path / "t.jsonl", seconds=60, leak_bytes_per_s=2 * MiB, requests=False, end=False)
+    with open(path, "a") as f:
+        for i in range(80):  # a zombie its parent did not reap for 8 s
+            f.write(json.dumps({"k": "tick", "t": 60.0 + i * 0.1, "m": {"tree_rss_bytes": 0, "tree_procs_count": 1}}))
+            f.write("\n")
+    s = summarize(read_trace(path))
+    assert s["metrics"]["tree_rss_bytes"]["min"] == 0  # the table still shows what was recorded
+    assert s["memory_trend"]["per_minute"]["tree_rss_bytes"]["verdict"] == "leak"
+
+
 def test_missing_parts_are_said_not_crashed(tmp_path: Path) -> None:
     s = summarize(
         read_trace(

@@ -169,6 +169,9 @@ def summarize(data: TraceData) -> dict[str, Any]:
                 "reason": "no samples of this metric in the trace",
             }
             continue
+        if key.startswith("tree_"):
+            # A tree with no live process (after exit; a zombie not yet reaped) reads 0: nothing to judge.
+            col = np.where(col > 0, col, np.nan)
         per_minute[key] = leak_verdict(
             minutes, col, min_span=TIME_MIN_SPAN_MIN, min_abs_growth=MIN_LEAK_BYTES, unit=f"{unit_of(key)}/min"
         ).as_dict()
