@@ -39,7 +39,7 @@ class AppServer:
     """A Starlette app served by uvicorn in a thread of the test process, on a free loopback port."""
 
     def __init__(self, app: Any) -> None:
-        self.sock = socket.socket()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets NODELAY
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1024)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
