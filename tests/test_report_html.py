@@ -240,3 +240,19 @@ def test_headless_chromium_renders_every_plot(full: tuple[Path, Path, Page], tmp
     browse(out, "shot", "--window-size=1300,3000", f"--screenshot={png}")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000
+
+
+def test_decimate_keeps_extremes_and_order() -> None:
+    from tuner.html_report import decimate
+
+    rng = np.random.default_rng(0)
+    x = np.arange(100_000) * 0.1
+    y = np.cumsum(rng.normal(size=x.size))
+    y[12_345] = 1e6  # a one-sample spike must survive
+    y[777] = np.nan
+    dx, dy = decimate(x, y, 500)
+    assert dx.size <= 1000
+    assert np.all(np.diff(dx) >= 0)
+    assert dy.max() == 1e6 and dy.min() == np.nanmin(y)
+    sx, sy = decimate(x[:50], y[:50], 500)  # short series pass through (finite points only)
+    assert sx.size == 50 and np.array_equal(sy, y[:50])

@@ -309,7 +309,10 @@ def fig_latency(data: TraceData, summary: Mapping[str, Any]) -> FigureResult:
         ax.plot(*decimate(t, data.columns[k] * 1e3), linewidth=1.0, label=k)
     ax.set_ylabel("ms")
     ax.set_xlabel("seconds")
-    ax.set_yscale("log") if np.nanmax(np.concatenate([ttft, tpot, [np.nan]])) > 0 else None
+    shown = np.concatenate([ttft, tpot, *(data.columns[k] for k in cols)])
+    shown = shown[np.isfinite(shown)]
+    if shown.size and shown.min() > 0:  # TTFT and TPOT differ by orders of magnitude
+        ax.set_yscale("log")
     _legend(ax)
     req = summary.get("requests") or {}
     return FigureResult("latency", title, _svg(fig, "latency"), numbers=[
