@@ -61,7 +61,7 @@ from tuner.records import Event, Sample, Value
 
 LINUX = sys.platform.startswith("linux")
 COMM_LEN = 15  # the kernel truncates comm to 15 characters; psutil recovers the full name from cmdline
-FULL_RESCAN_EVERY = 10  # a full (psutil) tree scan at least every this many rescan cadences
+FULL_RESCAN_EVERY = 20  # a full (psutil) tree scan at least every this many rescan cadences (10 s)
 MAX_INCREMENTAL = 256  # more new PIDs than this since the last scan: a full scan instead
 PID_MARGIN = 8  # PIDs before the last scan's last PID read again (mid-fork processes are not yet in /proc)
 

@@ -538,7 +538,7 @@ def test_close_releases_every_descriptor(child: Child) -> None:
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/loadavg")
 def test_rescan_reads_only_new_pids(child: Child, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The full psutil walk (~2 ms) runs first and every 10th cadence; between, only PIDs handed out since
+    """The full psutil walk (~2 ms) runs first and every FULL_RESCAN_EVERY cadences; between, only PIDs handed out since
     the last scan (/proc/loadavg's last PID) are read, and none at all when it did not move."""
     scans = []
     real = psutil.Process.children
