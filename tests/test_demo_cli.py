@@ -97,12 +97,12 @@ def test_workload_bounds_the_drain_and_closes_the_rest_as_failed() -> None:
 
     from tests.cli import tuner_env
 
-    cp = subprocess.run([sys.executable, "-m", "tuner.demo.workload", "--requests", "40", "--rate", "0",
+    cp = subprocess.run([sys.executable, "-m", "tuner.demo.workload", "--duration", "1", "--rate", "200",
                          "--batch-size", "4", "--max-new-tokens", "16", "--drain-seconds", "0"],
                         capture_output=True, text=True, env=tuner_env(), timeout=120)
     assert cp.returncode == 0, cp.stderr
     own = workload_summary(cp.stdout)
-    assert own["requests_done"] < 40 and own["requests_done"] + own["requests_failed"] == 40, own
+    assert own["requests_failed"] > 50 and own["requests_done"] < 100, own
 
 
 def test_workload_carries_out_precision_and_cleanup_commands_from_a_real_channel() -> None:

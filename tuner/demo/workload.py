@@ -14,8 +14,9 @@
   evicted; it is registered with
   ``c.register_cache`` so the cleanup policy can clear it.
 - ``--mirostat`` samples with Mirostat v2 (tau 5, eta 0.1) instead of temperature (a policy baseline).
-- After the last arrival the queue is served for at most ``--drain-seconds``; what is left is closed as
-  failed (an overloaded machine must not turn a 20 s demo into minutes).
+- With ``--duration``, after the last arrival the queue is served for at most ``--drain-seconds``; what is
+  left is closed as failed (an overloaded machine must not turn a 20 s demo into minutes).  ``--requests N``
+  serves all N.
 - Ends with one JSON line on stdout: its own measurements (requests, tokens/s, latencies, repetition,
   RSS, leak size); ``--report PATH`` also writes one JSON line per finished request.
 
@@ -299,7 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate", type=float, default=5.0, help="mean arrivals per second (0 = all at once)")
     ap.add_argument("--drain-seconds", type=float, default=60.0,
-                    help="after the last arrival, serve the queue for at most this long (default 60)")
+                    help="with --duration: after the last arrival, serve the queue for at most this long "
+                    "(default 60); --requests N always serves all N")
     ap.add_argument("--batch-size", type=int, default=8, help="batch size when the knob is unset")
     ap.add_argument("--temperature", type=float, default=0.8, help="the requested temperature (knob default)")
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         while True:
             if stop.is_set():
                 break
-            if arrivals.finished.is_set() and drain_until is None:
+            if args.duration is not None and arrivals.finished.is_set() and drain_until is None:
                 drain_until = time.monotonic() + args.drain_seconds
             if drain_until is not None and time.monotonic() > drain_until:
                 break  # an overloaded machine: what is still queued is closed as failed below
