@@ -19,6 +19,7 @@ import html
 import io
 import math
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,7 +176,8 @@ _DRAW: contextvars.ContextVar[bool] = contextvars.ContextVar("tuner_html_draw", 
 """False while only the figures' numbers are wanted (``tuner compare`` without ``--html``): no SVG is rendered."""
 
 
-def _svg(fig: Any, fig_id: str) -> str:
+def _svg(fig: Any, fig_id: str, titles: Mapping[str, str] | None = None) -> str:
+    """The figure as inline SVG; ``titles`` maps an artist's gid to a hover text (an SVG ``<title>``)."""
     import matplotlib
 
     if not _DRAW.get():
@@ -186,6 +188,8 @@ def _svg(fig: Any, fig_id: str) -> str:
     s = _SVG_PROLOGUE.sub("", buf.getvalue(), count=1)
     s = _SVG_NS.sub("", s)
     s = _SVG_SIZE.sub(r'<svg\1 class="plot" role="img"', s, count=1)
+    for gid, text in (titles or {}).items():
+        s = s.replace(f'<g id="{gid}">', f'<g id="{gid}"><title>{html.escape(text)}</title>', 1)
     return f'<figure class="plot-wrap" data-figure="{fig_id}">{s}</figure>'
 
 
@@ -416,13 +420,18 @@ def fig_knobs(data: TraceData, summary: Mapping[str, Any]) -> FigureResult:
     for (row, color), ts in marks.items():  # one artist per knob and colour, however many actions
         axes[row].vlines(ts, 0, 1, transform=axes[row].get_xaxis_transform(), colors=color, linestyles=":",
                          linewidth=0.9)  # fmt: skip
-    if len(acts) <= MAX_ACTION_LABELS:  # numbers matching the action table, while they stay readable
+    titles: dict[str, str] = {}
+    if len(acts) <= MAX_ACTION_LABELS:  # numbers matching the action table (reason on hover), while readable
+        prefix = f"act{zlib.crc32(str(data.path).encode()):08x}-"
         for n, a in enumerate(acts, start=1):
             ax = axes[by_knob.get(f"knob_{a.get('knob')}", 0)]
-            ax.annotate(str(n), (_num(a.get("t")) or 0.0, 1.0), xycoords=("data", "axes fraction"), fontsize=6,
-                        ha="left", va="top")  # fmt: skip
+            ann = ax.annotate(str(n), (_num(a.get("t")) or 0.0, 1.0), xycoords=("data", "axes fraction"),
+                              fontsize=7, ha="left", va="top")  # fmt: skip
+            ann.set_gid(prefix + str(n))
+            titles[prefix + str(n)] = (f"#{n} {a.get('policy')}: {a.get('knob')} {a.get('previous')} -> "
+                                       f"{a.get('value')} ({a.get('outcome')}): {a.get('reason')}")  # fmt: skip
     axes[-1].set_xlabel("seconds")
-    return FigureResult("knobs", title, _svg(fig, "knobs"), extra_html=table,
+    return FigureResult("knobs", title, _svg(fig, "knobs", titles), extra_html=table,
                         numbers=[Number("actions", float(len(acts)), "count")])  # fmt: skip
 
 
