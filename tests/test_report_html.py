@@ -158,6 +158,8 @@ def test_every_figure_is_drawn_and_the_page_needs_no_network(full: tuple[Path, P
     assert not ({"script", "img", "link", "iframe", "object", "embed"} & page.tags)
     assert all(u.startswith("#") for u in page.urls), page.urls  # only in-page SVG references
     assert '<table class="actions">' in text and "queue grew at 30 s" in text
+    hovers = re.findall(r"<title>(#\d+ [^<]*)</title>", text)  # each action's reason on hover in the knob plot
+    assert len(hovers) == 6 and "#1 batch: batch_size 4 -&gt; 8 (applied): queue grew at 30 s" in hovers
 
 
 @pytest.mark.parametrize(
