@@ -23,7 +23,7 @@ from textual.worker import get_current_worker
 
 from tui.model import SPEEDS, WINDOWS, Model, clock, fmt_value, nice_window
 from tui.source import RecordSource
-from tui.widgets import Chart, DevicePanel, MissingPanel
+from tui.widgets import Chart, DevicePanel, MissingPanel, _set
 
 HELP = """\
 [b]Keys[/b]
@@ -122,7 +122,7 @@ class TunerApp(App[None]):
         source: RecordSource,
         *,
         clock: Callable[[], float] = time.monotonic,
-        redraw_interval: float = 0.25,
+        redraw_interval: float = 0.5,
         window: float = 60.0,
     ) -> None:
         super().__init__()
@@ -268,7 +268,7 @@ class TunerApp(App[None]):
     def _draw_header(self, now: float) -> None:
         m = self.model
         if m.header is None:
-            self.query_one("#hdr", Static).update(Text("waiting for the trace header…", style="italic"))
+            _set(self.query_one("#hdr", Static), Text("waiting for the trace header…", style="italic"))
             return
         mode = "REPLAY" if self.replay else ("LIVE" if not self.source.describe.startswith("follow") else "FOLLOW")
         line1 = Text.assemble(
@@ -290,7 +290,7 @@ class TunerApp(App[None]):
         width = max(10, self.size.width - 2)
         line1.truncate(width, overflow="ellipsis")
         parts.truncate(width, overflow="ellipsis")
-        self.query_one("#hdr", Static).update(Text("\n").join([line1, parts]))
+        _set(self.query_one("#hdr", Static), Text("\n").join([line1, parts]))
 
     def _draw_devices(self, t0: float, t1: float) -> None:
         devices = self.model.devices()
@@ -359,7 +359,7 @@ class TunerApp(App[None]):
         bits.append(f"focus: {focused}")
         if self.message:
             bits.append(self.message)
-        self.query_one("#status", Static).update(Text("  │  ".join(bits), style="#a0a0a0"))
+        _set(self.query_one("#status", Static), Text("  │  ".join(bits), style="#a0a0a0"))
         if self.replay:
             dur = max(m.last_t, 1e-9)
             w = max(10, self.size.width - 40)
@@ -374,7 +374,7 @@ class TunerApp(App[None]):
                 track,
                 f"  next action {clock(nxt) if nxt is not None else '-'}",
             )
-            self.query_one("#scrubber", Static).update(scrub)
+            _set(self.query_one("#scrubber", Static), scrub)
 
     # -- keys ----------------------------------------------------------------------------------------
     def action_pause(self) -> None:

@@ -6,9 +6,11 @@ pass over the occupied dot columns; the lines are cached as ``Strip``s and rebui
 
 from __future__ import annotations
 
+import itertools
 import math
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from rich.segment import Segment
@@ -30,44 +32,51 @@ DIM = Style(color="#909090", italic=True)
 # braille bit for (sub-row 0..3 from the top, sub-column 0..1)
 _BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint8)
 LABEL_W = 7
+_GLYPHS = [" "] + [chr(0x2800 + b) for b in range(1, 256)]
 
 
 def _series_dots(
     ts: np.ndarray, vs: np.ndarray, t0: float, t1: float, lo: float, hi: float, xd: int, yd: int, step: bool
-) -> tuple[list[int], list[int]]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Dot coordinates (x from the left, y from the bottom) of a connected line through the points."""
+    empty = np.zeros(0, dtype=np.int64)
     ok = np.isfinite(vs)
     if not ok.any() or t1 <= t0 or hi <= lo:
-        return [], []
+        return empty, empty
     ts, vs = ts[ok], vs[ok]
     xs = np.clip(((ts - t0) / (t1 - t0) * (xd - 1)).round().astype(np.int64), 0, xd - 1)
     ys = np.clip(((vs - lo) / (hi - lo) * (yd - 1)).round().astype(np.int64), 0, yd - 1)
     ends = np.r_[np.flatnonzero(np.diff(xs)), len(xs) - 1]
     starts = np.r_[0, ends[:-1] + 1]
-    gmin = np.minimum.reduceat(ys, starts)
-    gmax = np.maximum.reduceat(ys, starts)
-    cols = xs[starts].tolist()
-    firsts = ys[starts].tolist()
-    lasts = ys[ends].tolist()
-    mins, maxs = gmin.tolist(), gmax.tolist()
-    # a gap wider than 3 sampling intervals is a hole in the data: do not bridge it
-    dt = float(np.median(np.diff(ts))) if len(ts) > 2 else (t1 - t0)
-    max_gap = max(2, math.ceil(4 * dt / (t1 - t0) * (xd - 1))) if t1 > t0 else 2
-    ox: list[int] = []
-    oy: list[int] = []
-    px = py = None
-    for x, f, la, mn, mx in zip(cols, firsts, lasts, mins, maxs, strict=True):
-        a, b = mn, mx
-        if px is not None and py is not None and x - px <= max_gap:
-            for c in range(px + 1, x):  # bridge skipped dot columns
-                y = py if step else round(py + (f - py) * (c - px) / (x - px))
-                ox.append(c)
-                oy.append(y)
-            a, b = min(a, py), max(b, py)
-        for y in range(a, b + 1):
-            ox.append(x)
-            oy.append(y)
-        px, py = x, la
+    cols = xs[starts]
+    mins = np.minimum.reduceat(ys, starts)
+    maxs = np.maximum.reduceat(ys, starts)
+    lasts = ys[ends]
+    # a gap wider than 4 sampling intervals is a hole in the data: do not bridge it
+    dt = float(ts[-1] - ts[0]) / (len(ts) - 1) if len(ts) > 2 else (t1 - t0)
+    max_gap = max(2, math.ceil(4 * dt / (t1 - t0) * (xd - 1)))
+    gap = np.r_[xd + max_gap, np.diff(cols)]
+    prev = np.r_[0, lasts[:-1]]
+    joined = gap <= max_gap
+    a = np.where(joined, np.minimum(mins, prev), mins)
+    b = np.where(joined, np.maximum(maxs, prev), maxs)
+    n = b - a + 1
+    offs = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    ox = np.repeat(cols, n)
+    oy = np.repeat(a, n) + offs
+    bridge = np.flatnonzero(joined & (gap > 1))
+    if len(bridge):  # dot columns between two points: step (hold) or straight line
+        bx: list[int] = []
+        by: list[int] = []
+        firsts = ys[starts]
+        for g in bridge.tolist():
+            px, x = int(cols[g - 1]), int(cols[g])
+            py, f = int(lasts[g - 1]), int(firsts[g])
+            for c in range(px + 1, x):
+                bx.append(c)
+                by.append(py if step else round(py + (f - py) * (c - px) / (x - px)))
+        ox = np.r_[ox, np.asarray(bx, dtype=np.int64)]
+        oy = np.r_[oy, np.asarray(by, dtype=np.int64)]
     return ox, oy
 
 
@@ -104,24 +113,32 @@ class Chart(Widget):
         self.spec = spec
         self._lines: list[Strip] = []
         self._data: tuple[Model, float, float] | None = None
-        self._drawn_for: tuple[int, int, int, float, float] | None = None
+        self._drawn_for: tuple[Any, ...] | None = None
+        self._drawn_t1 = math.nan
         self.latest: dict[str, float | None] = {}
         self.empty_reason: str | None = None
 
     def set_data(self, model: Model, t0: float, t1: float, spec: ChartSpec | None = None) -> None:
+        """Redraw when the size, window or series changed, or the view time moved by one dot column
+        (new data inside the newest dot column waits for the next one: at most window/plot-dots late)."""
         if spec is not None:
             self.spec = spec
         self._data = (model, t0, t1)
-        key = (model.version, self.size.width, self.size.height, t0, t1)
-        if key != self._drawn_for:
+        w, h = self.size.width, self.size.height
+        key = (w, h, round(t1 - t0, 6), self.spec, id(model))
+        dot = (t1 - t0) / max(1, 2 * (w - LABEL_W))
+        moved = abs(t1 - self._drawn_t1) >= dot if math.isfinite(self._drawn_t1) else True
+        if key != self._drawn_for or moved:
             self._drawn_for = key
-            self._lines = self.draw(model, t0, t1, self.size.width, self.size.height)
+            self._drawn_t1 = t1
+            self._lines = self.draw(model, t0, t1, w, h)
             self.refresh()
 
     def on_resize(self) -> None:
         if self._data is not None:
             m, t0, t1 = self._data
             self._drawn_for = None
+            self._drawn_t1 = math.nan
             self.set_data(m, t0, t1)
 
     def render_line(self, y: int) -> Strip:
@@ -175,11 +192,10 @@ class Chart(Widget):
         bits = np.zeros((rows, pw), dtype=np.uint8)
         color = np.full((rows, pw), -1, dtype=np.int16)
 
-        def plot(ox: list[int], oy: list[int], ci: int) -> None:
-            if not ox:
+        def plot(x: np.ndarray, oy: np.ndarray, ci: int) -> None:
+            if not len(x):
                 return
-            x = np.asarray(ox)
-            yy = (yd - 1) - np.asarray(oy)
+            yy = (yd - 1) - oy
             r, sub = yy // 4, yy % 4
             c = x // 2
             np.bitwise_or.at(bits, (r, c), _BITS[sub, x % 2])
@@ -191,8 +207,8 @@ class Chart(Widget):
             tt = np.linspace(t0, t1, xd)
             tv = trend[0] * tt + trend[1]
             ox, oy = _series_dots(tt, tv, t0, t1, lo, hi, xd, yd, False)
-            keep = [j for j in range(len(ox)) if (ox[j] // 2) % 2 == 0]  # dashed
-            plot([ox[j] for j in keep], [oy[j] for j in keep], 99)
+            keep = (ox // 2) % 2 == 0  # dashed
+            plot(ox[keep], oy[keep], 99)
         band_rows: set[int] = set()
         if spec.band is not None:
             b0 = (spec.band[0] - lo) / (hi - lo) * (yd - 1)
@@ -209,23 +225,23 @@ class Chart(Widget):
             label = top if r == 0 else bottom if r == rows - 1 else ""
             segs = [Segment(f"{label:>{LABEL_W - 1}}│", AXIS)]
             bg = Style(bgcolor=BAND_BG) if r in band_rows else None
-            row_bits = bits[r].tolist()
-            row_col = color[r].tolist()
-            run: list[str] = []
-            run_c = row_col[0] if row_bits[0] else -1
-            for b, c in zip(row_bits, row_col, strict=True):
-                ci = c if b else -1
-                if ci != run_c and run:
-                    st = styles.get(run_c)
-                    segs.append(Segment("".join(run), (st + bg) if st and bg else (st or bg)))
-                    run = []
-                run_c = ci
-                run.append(chr(0x2800 + b) if b else " ")
-            if run:
-                st = styles.get(run_c)
-                segs.append(Segment("".join(run), (st + bg) if st and bg else (st or bg)))
+            row_bits = bits[r]
+            row_col = np.where(row_bits != 0, color[r], -1)
+            text = "".join(_GLYPHS[b] for b in row_bits.tolist())
+            cuts = np.flatnonzero(np.diff(row_col)) + 1
+            edges = [0, *cuts.tolist(), len(text)]
+            for a, b in itertools.pairwise(edges):
+                st = styles.get(int(row_col[a]))
+                segs.append(Segment(text[a:b], (st + bg) if st and bg else (st or bg)))
             lines.append(Strip(segs, width))
         return lines
+
+
+def _set(widget: Static, content: Text) -> None:
+    """Update a Static only when its content changed (an update costs a layout pass)."""
+    if getattr(widget, "_tuner_last", None) != content:
+        widget._tuner_last = content  # type: ignore[attr-defined]
+        widget.update(content)
 
 
 def bar(frac: float | None, width: int) -> Text:
@@ -267,23 +283,25 @@ class DevicePanel(Vertical):
         if d.kind == "cpu":
             tree = cols.latest("tree_cpu_ratio", t1)
             sysr = cols.latest("sys_cpu_ratio", t1)
-            self.info.update(
-                Text.assemble(("CPU ", "bold"), f"tree {fmt_value(tree, 'cores')}  sys {fmt_value(sysr, 'ratio')}")
+            _set(
+                self.info,
+                Text.assemble(("CPU ", "bold"), f"tree {fmt_value(tree, 'cores')}  sys {fmt_value(sysr, 'ratio')}"),
             )
-            self.meter.update(bar(sysr, w) + Text(f" {fmt_value(sysr, 'ratio')}"))
+            _set(self.meter, bar(sysr, w) + Text(f" {fmt_value(sysr, 'ratio')}"))
             spark_key = "tree_cpu_ratio"
         elif d.kind == "ram":
             used = cols.latest("sys_mem_used_bytes", t1)
             total = cols.latest("sys_mem_total_bytes", t1)
             rss = cols.latest("tree_rss_bytes", t1)
             frac = used / total if used is not None and total else None
-            self.info.update(
+            _set(
+                self.info,
                 Text.assemble(
                     ("RAM ", "bold"),
                     f"rss {fmt_value(rss, 'bytes')}  {fmt_value(used, 'bytes')}/{fmt_value(total, 'bytes')}",
-                )
+                ),
             )
-            self.meter.update(bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
+            _set(self.meter, bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
             spark_key = "tree_rss_bytes"
         else:
             k, i = d.kind, d.index
@@ -291,17 +309,20 @@ class DevicePanel(Vertical):
             total = cols.latest(f"{k}_mem_total_bytes/{i}", t1)
             util = cols.latest(f"{k}_util_ratio/{i}", t1)
             frac = used / total if used is not None and total else None
-            self.info.update(
+            _set(
+                self.info,
                 Text.assemble(
                     (f"{d.title} ", "bold"),
                     f"util {fmt_value(util, 'ratio')}  {fmt_value(used, 'bytes')}/{fmt_value(total, 'bytes')}",
-                )
+                ),
             )
-            self.meter.update(bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
+            _set(self.meter, bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
             spark_key = f"{k}_util_ratio/{i}"
         _, vs = cols.window(spark_key, t0, t1)
         vals = vs[np.isfinite(vs)]
-        self.spark.data = vals[-2000:].tolist() if len(vals) else [0.0]
+        data = vals[-2000:].tolist() if len(vals) else [0.0]
+        if data != self.spark.data:
+            self.spark.data = data
 
 
 class MissingPanel(Static):
