@@ -87,6 +87,7 @@ class BatchSizePolicy(Policy):
         self.hold_ref: Measurement | None = None
         self.slo_bad_since: float | None = None
         self.refine_lo: int | None = None
+        self.next_shift_check = 0.0
 
     def status(self) -> dict[str, Any]:
         return {
@@ -269,7 +270,8 @@ class BatchSizePolicy(Policy):
             self.slo_bad_since = None
         # load or prompt mix shifted: re-tune
         ref = self.hold_ref
-        if ref is not None and w.new_requests:
+        if ref is not None and w.t >= self.next_shift_check:
+            self.next_shift_check = w.t + c.measure_s / 2
             since = w.t - c.measure_s * 2
             cols = w.request_columns(since, ("tokens", "prompt_tokens"))
             n = cols["tokens"].size

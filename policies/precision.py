@@ -128,19 +128,7 @@ class PrecisionPolicy(Policy):
         ttft = w.current("req_ttft_p95_seconds")
         low_mem = headroom is not None and headroom < c.min_headroom
         slo_missed = c.slo_ttft_p95_s is not None and ttft is not None and ttft > c.slo_ttft_p95_s
-        batch_tried = any(
-            a.action.knob == "batch_size"
-            and a.outcome in ("applied", "clamped", "dry-run")
-            and isinstance(a.previous, (int, float))
-            and a.action.value < a.previous
-            and w.t - a.t <= c.batch_tried_s
-            for a in w.actions
-        )
-        batch_at_min = any(
-            a.action.knob == "batch_size" and a.outcome == "rejected" and a.action.value < (a.previous or 0)
-            for a in list(w.actions)[-8:]
-        )
-        pressure = low_mem or (slo_missed and (batch_tried or batch_at_min))
+        pressure = low_mem or (slo_missed and self._batch_tried(w))
         level = self._level(knobs)
         if pressure:
             self.calm_since = None
@@ -167,6 +155,21 @@ class PrecisionPolicy(Policy):
         elif not calm:
             self.calm_since = None
         return []
+
+    def _batch_tried(self, w: Window) -> bool:
+        """Did a smaller batch get a chance: the batch size went down lately, or a decrease was refused
+        (already at its minimum)?"""
+        recent = list(w.actions)[-16:]
+        for a in recent:
+            if a.action.knob != "batch_size" or not isinstance(a.previous, (int, float)):
+                continue
+            if not isinstance(a.action.value, (int, float)) or a.action.value >= a.previous:
+                continue
+            if a.outcome in ("applied", "clamped", "dry-run") and w.t - a.t <= self.cfg.batch_tried_s:
+                return True
+            if a.outcome == "rejected":
+                return True
+        return False
 
     def _step(self, w: Window, knobs: Knobs, to: str, reason: str) -> Action:
         self.before = self._snapshot(w)

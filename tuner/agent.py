@@ -12,6 +12,7 @@ and on while running (``set_enabled``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -83,12 +84,17 @@ class Agent:
         self._last_rejected: dict[tuple[str, str], Any] = {}
         self.step_seconds = 0.0
         self._due: dict[str, float] = {}
+        self._next_due = -math.inf
+        self._cols: dict[str, Any] = {}
+        self._cols_for: Knobs | None = None
 
     # -- control ------------------------------------------------------------------------------------
     def set_enabled(self, name: str, enabled: bool) -> None:
         if name not in self.enabled:
             raise KeyError(f"no policy named {name!r} (running: {', '.join(self.enabled) or 'none'})")
         self.enabled[name] = bool(enabled)
+        self._due.pop(name, None)
+        self._next_due = -math.inf
         if enabled:
             self.disabled_reason.pop(name, None)
 
@@ -109,6 +115,11 @@ class Agent:
         for e in w.events:
             if e.kind == "command_result":
                 self._command_result(t, e)
+        if not w.events and t < self._next_due:  # the fast path: no event, no policy due
+            self._write_knobs(tick.values)
+            self.steps += 1
+            self.step_seconds = time.perf_counter() - start
+            return
         proposals: list[Action] = []
         urgent = bool(w.events)
         due = self._due
@@ -128,6 +139,7 @@ class Agent:
                 self._disable(t, p, exc)
                 continue
             proposals.extend(acts)
+        self._next_due = min(due.values(), default=t)
         if proposals:
             headroom, _ = w.headroom()
             for d in self.arbiter.resolve(t, proposals, self.knobs, headroom):
@@ -155,6 +167,7 @@ class Agent:
 
     def _disable(self, t: float, p: Policy, exc: Exception) -> None:
         self.enabled[p.name] = False
+        self._due.pop(p.name, None)
         self.errors += 1
         why = str(exc) if isinstance(exc, _OutOfBounds) else f"{type(exc).__name__}: {exc}"
         self.disabled_reason[p.name] = why
@@ -176,6 +189,7 @@ class Agent:
             if self._last_rejected.get(key) != (action.value, why.split(":")[0]):
                 self._last_rejected[key] = (action.value, why.split(":")[0])
                 self._record(applied)
+                self.window.add_action(applied)
             if policy is not None:
                 policy.feedback(applied)
             return
@@ -229,12 +243,16 @@ class Agent:
 
     def _write_knobs(self, values: dict[str, Any]) -> None:
         k = self.knobs
-        for name, col in KNOB_COLUMNS:
-            v = getattr(k, name)
-            if v is not None:
-                values[col] = v
-        if k.precision is not None:
-            values["knob_precision_bits"] = BITS.get(k.precision)
+        if k is not self._cols_for:  # Knobs is frozen: a new object is a change
+            cols: dict[str, Any] = {}
+            for name, col in KNOB_COLUMNS:
+                v = getattr(k, name)
+                if v is not None:
+                    cols[col] = v
+            if k.precision is not None:
+                cols["knob_precision_bits"] = BITS.get(k.precision)
+            self._cols, self._cols_for = cols, k
+        values.update(self._cols)
 
 
 class _OutOfBounds(Exception):

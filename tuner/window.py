@@ -99,7 +99,8 @@ class Window:
     ) -> None:
         self.capacity = capacity
         self.times = Ring(capacity)
-        self.series: dict[str, Ring] = {}
+        self.series: dict[str, np.ndarray] = {}
+        """Key -> its values, a ring aligned with ``times`` (same slot, same count; NaN = missing)."""
         self._all = keys is None
         self._keys = set(keys or ())
         self._prefixes = tuple(prefixes)
@@ -115,8 +116,10 @@ class Window:
         self.ticks = 0
         self._latest: dict[str, float] = {}
         self._nvalues = -1
+        self._headroom: tuple[float | None, str | None] = (None, None)
+        self._headroom_at = -1
         for key in self._keys:
-            self.series[key] = Ring(capacity)
+            self.series[key] = np.full(capacity, np.nan)
 
     # -- feeding ------------------------------------------------------------------------------------
     def _tracked(self, key: str) -> bool:
@@ -135,17 +138,17 @@ class Window:
         if self._all or (self._prefixes and len(values) != self._nvalues):
             self._discover(values)
         latest = self._latest
-        for key, ring in self.series.items():
-            v = values.get(key)
+        get = values.get
+        for key, buf in self.series.items():
+            v = get(key)
             if v is None:
-                ring.buf[i] = _NAN
+                buf[i] = _NAN
             else:
                 if type(v) is not float:
                     v = _num(v)
-                ring.buf[i] = v
+                buf[i] = v
                 if v == v:
                     latest[key] = v
-            ring.count = times.count
         if self.events:
             self.events = []
         self.new_requests = 0
@@ -160,8 +163,7 @@ class Window:
         for key, v in values.items():
             if key in self.series or not self._tracked(key) or math.isnan(_num(v)):
                 continue
-            ring = self.series[key] = Ring(self.capacity)
-            ring.count = self.times.count - 1  # the past of a new key is missing (NaN)
+            self.series[key] = np.full(self.capacity, np.nan)  # the past of a new key is missing (NaN)
 
     def add_request(self, e: Event) -> None:
         d = e.data
@@ -182,11 +184,21 @@ class Window:
 
     def current(self, key: str) -> float | None:
         """This tick's value of ``key``, or None when this tick did not have it."""
-        ring = self.series.get(key)
-        if ring is None or ring.count < self.times.count:
+        buf = self.series.get(key)
+        if buf is None or not self.times.count:
             return None
-        x = ring.latest()
+        x = float(buf[(self.times.count - 1) % self.capacity])
         return None if math.isnan(x) else x
+
+    def _view(self, buf: np.ndarray, n: int) -> np.ndarray:
+        """The newest ``n`` entries of a series ring, oldest first."""
+        count, cap = self.times.count, self.capacity
+        if n <= 0:
+            return buf[:0]
+        end = count % cap or (cap if count else 0)
+        if n <= end:
+            return buf[end - n : end]
+        return np.concatenate((buf[cap - (n - end) :], buf[:end]))
 
     def _span(self, seconds: float | None) -> int:
         n = len(self.times)
@@ -197,19 +209,19 @@ class Window:
 
     def values(self, key: str, seconds: float | None = None) -> np.ndarray:
         """Finite values of ``key`` over the last ``seconds`` (all kept when None), oldest first."""
-        ring = self.series.get(key)
-        if ring is None:
+        buf = self.series.get(key)
+        if buf is None:
             return np.empty(0)
-        v = ring.last(self._span(seconds))
+        v = self._view(buf, self._span(seconds))
         return v[~np.isnan(v)]
 
     def pairs(self, key: str, seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(times, values)`` of ``key`` over the last ``seconds`` where it was present."""
-        ring = self.series.get(key)
-        if ring is None:
+        buf = self.series.get(key)
+        if buf is None:
             return np.empty(0), np.empty(0)
         n = self._span(seconds)
-        v = ring.last(n)
+        v = self._view(buf, n)
         ts = self.times.last(n)
         ok = ~np.isnan(v)
         return ts[ok], v[ok]
@@ -233,6 +245,13 @@ class Window:
         return {f: self.requests[f].last(n) for f in fields}
 
     def headroom(self) -> tuple[float | None, str | None]:
+        """Free memory on the binding device (computed once per tick)."""
+        if self._headroom_at != self.ticks:
+            self._headroom = self._compute_headroom()
+            self._headroom_at = self.ticks
+        return self._headroom
+
+    def _compute_headroom(self) -> tuple[float | None, str | None]:
         """Free memory on the binding device: ``(free / total, which)``, the smallest over the host
         (``sys_mem_available_bytes``) and every GPU/NPU with used and total figures; ``(None, None)``
         when nothing reports memory."""

@@ -122,9 +122,12 @@ def replay(
 
     writer = _Collector(out)
     agent = build_agent(config, DryRunActuator(), writer, observe_only=True)
+    tk = ReplayTick(0.0, {}, [])  # one object, refilled: the agent keeps nothing of it
     for tick in rec.ticks:
-        values = {k: v for k, v in tick.values.items() if k not in KNOB_COLUMNS}
-        tk = ReplayTick(tick.t, values, tick.events)
+        values = dict(tick.values)  # a copy: the agent adds its own knob columns
+        for k in KNOB_COLUMNS:
+            values.pop(k, None)
+        tk.t, tk.values, tk.events = tick.t, values, tick.events
         agent.step(tk)
         if out is not None:
             out.tick(tick.t, tk.values)
