@@ -109,7 +109,11 @@ def test_perfetto_file_is_a_valid_chrome_trace(trace: Path, tmp_path: Path) -> N
     # actions as instants with their reasons; names for process and threads
     acts = [e for e in by_ph["i"] if e.get("cat") == "action"]
     assert len(acts) == len(data.actions) and acts[0]["args"]["reason"]
+    proc = [e for e in by_ph["C"] if e["pid"] == 4242]
+    assert {e["name"] for e in proc} == {"rss_bytes"} and len(proc) == len(data.times)
+    assert proc[3]["args"]["value"] == data.procs[3][1]["4242"]["rss_bytes"]
     names = {e["args"]["name"] for e in by_ph["M"]}
+    assert "python (4242)" in names
     assert "metrics" in names and "actions" in names and any(n.startswith("requests") for n in names)
 
 

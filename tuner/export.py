@@ -8,7 +8,8 @@
   chrome://tracing open.  Counters (``"ph":"C"``) grouped into one track per metric name with one series
   per device; requests as complete slices (``"ph":"X"``, from start to end, TTFT and tokens in ``args``) on
   one thread per concurrent lane so overlapping requests do not nest wrongly; actions and notes as instants
-  (``"ph":"i"``); process and thread names as metadata (``"ph":"M"``).  ``ts`` is in microseconds.
+  (``"ph":"i"``); each watched process's own values (RSS, CPU) as counters on a track named after it;
+  process and thread names as metadata (``"ph":"M"``).  ``ts`` is in microseconds.
 """
 
 from __future__ import annotations
@@ -141,6 +142,29 @@ def _counter_events(data: TraceData) -> Iterable[dict[str, Any]]:
                 }
 
 
+def _process_events(data: TraceData) -> Iterable[dict[str, Any]]:
+    """Per-process counters (RSS, CPU, ...) on each watched process's own track, named after it."""
+    named: set[int] = set()
+    for t, procs in data.procs:
+        if not isinstance(procs, dict):
+            continue
+        for pid_s, fields in procs.items():
+            try:
+                pid = int(pid_s)
+            except ValueError:
+                continue
+            if pid == PID_TUNER or not isinstance(fields, dict):
+                continue  # pid 1 would share the tuner's own track
+            if pid not in named:
+                named.add(pid)
+                yield {"ph": "M", "name": "process_name", "ts": 0, "pid": pid, "tid": 0,
+                       "args": {"name": f"{fields.get('name', 'process')} ({pid})"}}  # fmt: skip
+            for fld, v in fields.items():
+                num = _num(v)
+                if num is not None and fld != "pid":
+                    yield {"ph": "C", "name": fld, "ts": _us(t), "pid": pid, "tid": 0, "args": {"value": num}}
+
+
 def _request_events(data: TraceData) -> tuple[list[dict[str, Any]], int]:
     """Requests as complete slices, each on the first free lane (thread) so concurrent requests show side
     by side.  Returns the events and the number of lanes used."""
@@ -223,6 +247,7 @@ def perfetto_events(data: TraceData) -> list[dict[str, Any]]:
         {"ph": "M", "name": "thread_name", "ts": 0, "pid": PID_TUNER, "tid": TID_NOTES, "args": {"name": "notes"}},
     ]
     evs.extend(_counter_events(data))
+    evs.extend(_process_events(data))
     reqs, lanes = _request_events(data)
     for lane in range(lanes):
         evs.append(
