@@ -96,7 +96,7 @@ def test_metrics_names_labels_and_counters(exporter: PrometheusExporter) -> None
             "req_ttft_p50_seconds": None,  # missing: left out
         },
         {
-            101: {"name": "python", "rss_bytes": 200.0 * MiB, "cpu_ratio": 0.5},
+            101: {"name": "python", "ppid": 1, "rss_bytes": 200.0 * MiB, "cpu_ratio": 0.5},
             102: {"name": "worker", "rss_bytes": 1.0},
         },
     )
@@ -118,6 +118,7 @@ def test_metrics_names_labels_and_counters(exporter: PrometheusExporter) -> None
     assert ({"pid": "101", "name": "python"}, 200.0 * MiB) in got["tuner_process_rss_bytes"]
     assert ({"pid": "102", "name": "worker"}, 1.0) in got["tuner_process_rss_bytes"]
     assert got["tuner_process_cpu_ratio"] == [({"pid": "101", "name": "python"}, 0.5)]
+    assert "tuner_process_ppid" not in got
     assert got["tuner_ticks_total"] == [({}, 3.0)]
     assert got["tuner_skipped_ticks_total"] == [({}, 2.0)]
     assert sorted(got["tuner_events_total"], key=lambda s: s[0]["kind"]) == [

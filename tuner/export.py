@@ -161,7 +161,7 @@ def _process_events(data: TraceData) -> Iterable[dict[str, Any]]:
                        "args": {"name": f"{fields.get('name', 'process')} ({pid})"}}  # fmt: skip
             for fld, v in fields.items():
                 num = _num(v)
-                if num is not None and fld != "pid":
+                if num is not None and fld not in ("pid", "ppid"):  # ids are not measurements
                     yield {"ph": "C", "name": fld, "ts": _us(t), "pid": pid, "tid": 0, "args": {"value": num}}
 
 

@@ -157,7 +157,7 @@ class TunerCollector:
         for pid, fields in sorted(snap.procs.items()):
             pname = str(fields.get("name", ""))
             for fld, raw in fields.items():
-                if fld == "name":
+                if fld in ("name", "pid", "ppid"):  # labels and ids, not measurements
                     continue
                 v = _finite(raw)
                 if v is None:
