@@ -175,11 +175,11 @@ def need_probes() -> None:
     pytest.importorskip("probes.npu", reason="the NPU probe (probes/npu.py) is not in this tree yet")
 
 
-def test_cli_refuses_public_address_with_one_line() -> None:
+def test_cli_refuses_public_address_with_one_line(tmp_path: Path) -> None:
     need_probes()
-    cp = tuner("run", "--prometheus", "0.0.0.0:9464", "--", sys.executable, "-c", "pass")
+    cp = tuner("run", "--prometheus", "0.0.0.0:9464", "--", sys.executable, "-c", "pass", cwd=tmp_path)
     assert "--prometheus-public" in assert_one_line_error(cp)
-    cp = tuner("run", "--prometheus", "127.0.0.1:70000", "--", sys.executable, "-c", "pass")
+    cp = tuner("run", "--prometheus", "127.0.0.1:70000", "--", sys.executable, "-c", "pass", cwd=tmp_path)
     assert "port must be" in assert_one_line_error(cp)
 
 
