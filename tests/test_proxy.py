@@ -105,7 +105,7 @@ def demo() -> Iterator[DemoServer]:
 
 def test_answers_pass_through_intact_and_are_measured(demo: DemoServer, tmp_path: Path) -> None:
     trace = tmp_path / "proxy.jsonl"
-    p = ProxyProcess(demo.root, trace)
+    p = ProxyProcess(demo.root, trace, "--pid", str(demo.proc.pid))  # the server's process tree is sampled too
     direct = openai.OpenAI(base_url=demo.url, api_key="k")
     via = openai.OpenAI(base_url=p.url, api_key="k")
     try:
@@ -148,6 +148,9 @@ def test_answers_pass_through_intact_and_are_measured(demo: DemoServer, tmp_path
     rep = td.column("req_seq_rep_4_ratio")
     assert any(v == v and v is not None for v in ttft) and any(v == v and v is not None for v in rep)
     assert td.column("req_done_count")[-1] == 4
+    rss = [v for v in td.column("tree_rss_bytes") if v == v and v is not None]
+    assert rss and min(rss) > 10e6  # the demo server holds torch and a 13 MB model
+    assert td.header["pid"] == demo.proc.pid
     # the tools read the trace unchanged
     cp = tuner("report", str(trace))
     assert cp.returncode == 0, cp.stderr
@@ -266,6 +269,44 @@ def test_concurrency_limit_holds_under_50_streaming_clients(tmp_path: Path) -> N
     queued = sorted(r["queue_seconds"] for r in reqs)
     assert queued[-1] > 0.2  # the last ones waited for ~11 rounds of 4 streams of 0.2 s
     assert all(r["tokens"] == 10 and r["ttft_seconds"] >= r["queue_seconds"] for r in reqs)
+
+
+def test_a_policy_drives_the_concurrency_limit(tmp_path: Path) -> None:
+    """--policy through the real CLI: the agent's batch-size decision (start 3, bounds 3..3) reaches the
+    proxy's limiter through the same actuator a socket client gets its knobs from."""
+    policy = tmp_path / "b3.toml"
+    policy.write_text("[batch_size]\nmin = 3\nmax = 3\nstart = 3\n")
+    f = Fake(chunks=5, delay=0.05)
+    up = AppServer(f.app)
+    trace = tmp_path / "pol.jsonl"
+    p = ProxyProcess(up.url, trace, "--policy", str(policy))
+    try:
+        deadline = time.monotonic() + 10
+        while '"k":"action"' not in trace.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        async def main() -> list[str]:
+            c = openai.AsyncOpenAI(base_url=p.url, api_key="k", max_retries=0, timeout=60)
+
+            async def one() -> str:
+                s = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                    stream=True)
+                return "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
+
+            return await asyncio.gather(*(one() for _ in range(12)))
+
+        texts = asyncio.run(main())
+    finally:
+        p.stop()
+        up.close()
+    assert texts == ["w0 w1 w2 w3 w4 "] * 12 and f.max_active == 3
+    td = read_trace(trace)
+    (act,) = [a for a in td.actions if a["knob"] == "batch_size"]
+    assert act["value"] == 3 and act["outcome"] == "applied"
+    assert {e.data["batch_size"] for e in td.events if e.kind == "request"} <= {1, 2, 3}
+    assert [v for v in td.column("knob_batch_size") if v == v and v is not None][-1] == 3
+    cp = tuner("replay", str(trace))  # the offline tools take the proxy's trace as any other
+    assert cp.returncode == 0 and "1 the same" in cp.stdout + cp.stderr, cp.stdout + cp.stderr
 
 
 def test_fair_limiter_is_fifo_and_follows_its_limit() -> None:
@@ -504,6 +545,10 @@ def test_listen_address_checks() -> None:
         s.listen(1)
         cp = tuner("proxy", "--upstream", "http://127.0.0.1:9", "--listen", f"127.0.0.1:{s.getsockname()[1]}")
         assert "cannot listen" in assert_one_line_error(cp)
+    cp = tuner("proxy", "--upstream", "http://127.0.0.1:9", "--tui")
+    assert "--tui needs a terminal" in assert_one_line_error(cp)
+    cp = tuner("proxy", "--upstream", "http://127.0.0.1:9", "--policy", "no-such-policy")
+    assert_one_line_error(cp)
     assert parse_listen("[::1]:80") == ("::1", 80)
     assert parse_listen("10.0.0.1:80", public=True) == ("10.0.0.1", 80)
 
