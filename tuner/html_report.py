@@ -414,7 +414,7 @@ def fig_knobs(data: TraceData, summary: Mapping[str, Any]) -> FigureResult:
         ax.set_ylabel(k.removeprefix("knob_"), fontsize=7)
     marks: dict[tuple[int, str], list[float]] = {}
     for a in acts:
-        row = by_knob.get(f"knob_{a.get('knob')}", 0)
+        row = _knob_row(by_knob, a)
         color = "tab:red" if a.get("outcome") in ("rejected", "failed") else "tab:green"
         marks.setdefault((row, color), []).append(_num(a.get("t")) or 0.0)
     for (row, color), ts in marks.items():  # one artist per knob and colour, however many actions
@@ -424,7 +424,7 @@ def fig_knobs(data: TraceData, summary: Mapping[str, Any]) -> FigureResult:
     if len(acts) <= MAX_ACTION_LABELS:  # numbers matching the action table (reason on hover), while readable
         prefix = f"act{zlib.crc32(str(data.path).encode()):08x}-"
         for n, a in enumerate(acts, start=1):
-            ax = axes[by_knob.get(f"knob_{a.get('knob')}", 0)]
+            ax = axes[_knob_row(by_knob, a)]
             ann = ax.annotate(str(n), (_num(a.get("t")) or 0.0, 1.0), xycoords=("data", "axes fraction"),
                               fontsize=7, ha="left", va="top")  # fmt: skip
             ann.set_gid(prefix + str(n))
@@ -433,6 +433,13 @@ def fig_knobs(data: TraceData, summary: Mapping[str, Any]) -> FigureResult:
     axes[-1].set_xlabel("seconds")
     return FigureResult("knobs", title, _svg(fig, "knobs", titles), extra_html=table,
                         numbers=[Number("actions", float(len(acts)), "count")])  # fmt: skip
+
+
+def _knob_row(by_knob: Mapping[str, int], action: Mapping[str, Any]) -> int:
+    """The subplot of the knob an action moved (``precision`` is plotted as ``knob_precision_bits``); commands
+    such as ``cleanup`` go on the first."""
+    knob = str(action.get("knob"))
+    return by_knob.get(f"knob_{knob}", by_knob.get(f"knob_{knob}_bits", 0))
 
 
 def _action_table(acts: Sequence[Mapping[str, Any]]) -> str:
