@@ -184,7 +184,7 @@ class Fake:
         self.bodies: list[dict[str, Any]] = []
         self.active = 0
         self.max_active = 0
-        self.started: list[int] = []
+        self.started: list[str] = []
         self.cancelled = 0
         self.finished = 0
         self.calls: list[tuple[str, str, bytes]] = []
@@ -202,6 +202,9 @@ class Fake:
     async def chat(self, request: Request) -> Response:
         body = json.loads(await request.body())
         self.bodies.append(body)
+        if body.get("user") == "busy":
+            return JSONResponse({"error": {"message": "slow down", "type": "rate_limit"}}, status_code=429,
+                                headers={"retry-after": "7"})
         if self.stall:
             await asyncio.sleep(self.stall)
         if not body.get("stream"):
@@ -216,9 +219,11 @@ class Fake:
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
-        self.started.append(int(body.get("user", "0") or 0))
+        self.started.append(str(body.get("user")))
         try:
             for i in range(self.chunks):
+                if body.get("user") == "die" and i == 2:
+                    raise RuntimeError("upstream crashed mid-stream")
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 ev = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake",
@@ -476,8 +481,18 @@ def test_error_paths(tmp_path: Path, fake: tuple[Fake, AppServer]) -> None:
         r = httpx.put(p.root + "/admin/thing?x=1&y=2", content=b"\x00\xffbody", timeout=10)
         assert r.status_code == 201 and r.content == b"raw:\x00\xffbody" and r.headers["x-upstream"] == "yes"
         assert f.calls[-1] == ("PUT", "/admin/thing?x=1&y=2", b"\x00\xffbody")
+        # the upstream's own errors pass through as they are
+        r = httpx.post(p.url + "/chat/completions", json={"model": "m", "messages": [], "user": "busy"}, timeout=10)
+        assert r.status_code == 429 and r.json()["error"]["message"] == "slow down" and r.headers["retry-after"] == "7"
+        # an upstream that dies mid-stream: the client gets what came, then an SSE error event, then the end
+        body = {"model": "m", "messages": [], "user": "die", "stream": True}
+        with httpx.stream("POST", p.url + "/chat/completions", json=body, timeout=10) as r:
+            lines = [x for x in r.iter_lines() if x.startswith("data:")]
+        assert r.status_code == 200 and len(lines) == 3, lines
+        assert json.loads(lines[-1][5:])["error"]["type"] == "upstream_unavailable"
     finally:
         p.stop()
+    assert not [e for e in read_trace(tmp_path / "e.jsonl").events if e.kind == "request"]  # none finished
 
     # upstream down -> 502
     with socket.socket() as s:
