@@ -284,9 +284,12 @@ def fig_utilization(data: TraceData, summary: Mapping[str, Any]) -> FigureResult
     t = np.asarray(data.times, dtype=float)
     fig, (ax,) = _new_figure()
     for k in keys:
-        scale = 100.0
-        ax.plot(*decimate(t, data.columns[k] * scale), label=k, linewidth=0.9)
-    ax.set_ylabel("% (CPU: of one core)")
+        name = split_key(k)[0]
+        # conventions: a tree's CPU ratio counts cores (150% = one and a half), the others are 0..1 shares
+        whole = {"tree_cpu_ratio": "one core", "sys_cpu_ratio": "the machine"}.get(name, "the device")
+        label = f"{k} (% of {whole})"
+        ax.plot(*decimate(t, data.columns[k] * 100.0), label=label, linewidth=0.9)
+    ax.set_ylabel("%")
     ax.set_xlabel("seconds")
     _legend(ax)
     metrics = summary.get("metrics") or {}
