@@ -6,7 +6,9 @@ measurement: generated tokens / elapsed time, p95 TTFT and TPOT, how many respon
 
 State machine (the Zeus power-limit optimizer's shape: each state knows what it waits for):
 
-- ``measure``  waiting for the current batch size's measurement;
+- ``measure``  waiting for the current batch size's measurement (TTFT there is *service* time: the
+  request's time to first token minus its time in the queue, since under overload a smaller batch
+  only makes the queue longer);
 - ``explore``  doubling while throughput still rises by ``min_gain``, the SLO holds and memory has
   ``min_headroom``; then ``refine``: the midpoint between the best and its next-larger neighbour,
   while the gap is over ``refine_min_gap`` (a golden-section-like shrink on measured windows);
@@ -70,10 +72,17 @@ class Measurement:
         }
 
 
+def _service_ttft(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Time to first token without the time spent queued (what the batch size itself costs)."""
+    ttft, queue = cols["ttft_seconds"], cols["queue_seconds"]
+    service = ttft - np.where(np.isnan(queue), 0.0, queue)
+    return np.maximum(service[~np.isnan(service)], 0.0)
+
+
 class BatchSizePolicy(Policy):
     name = "batch_size"
     knobs = ("batch_size", "cleanup")
-    keys = ("req_ttft_p95_seconds", "req_tpot_p95_seconds")
+    keys = ("req_tpot_p95_seconds",)
 
     def __init__(self, cfg: BatchConfig) -> None:
         super().__init__({"batch_size": Bounds(cfg.min, cfg.max)})
@@ -88,6 +97,7 @@ class BatchSizePolicy(Policy):
         self.slo_bad_since: float | None = None
         self.refine_lo: int | None = None
         self.next_shift_check = 0.0
+        self.last_service_ttft: float | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -122,13 +132,13 @@ class BatchSizePolicy(Policy):
         elapsed = w.t - start
         if elapsed < c.measure_s:
             return None
-        cols = w.request_columns(start, ("tokens", "ttft_seconds", "tpot_seconds", "prompt_tokens"))
+        cols = w.request_columns(start, ("tokens", "ttft_seconds", "queue_seconds", "tpot_seconds", "prompt_tokens"))
         n = int(cols["tokens"].size)
         if n < c.min_requests and elapsed < c.max_wait_s:
             return None
         tok = cols["tokens"]
-        ttft, tpot = cols["ttft_seconds"], cols["tpot_seconds"]
-        ttft, tpot = ttft[~np.isnan(ttft)], tpot[~np.isnan(tpot)]
+        ttft, tpot = _service_ttft(cols), cols["tpot_seconds"]
+        tpot = tpot[~np.isnan(tpot)]
         prompt = cols["prompt_tokens"][~np.isnan(cols["prompt_tokens"])]
         return Measurement(
             batch=batch,
@@ -248,10 +258,19 @@ class BatchSizePolicy(Policy):
         c = self.cfg
         if self.hold_ref is None:
             self.hold_ref = self.measured.get(cur)
-        # SLO missed for a whole measurement window: halve
+        # SLO missed for a whole measurement window: halve.  TTFT is judged without the queueing: under
+        # overload a smaller batch only lengthens the queue (the precision policy and the user own that).
         slo_missed = False
-        ttft = w.current("req_ttft_p95_seconds")
+        ttft: float | None = None
         tpot = w.current("req_tpot_p95_seconds")
+        if c.slo_ttft_p95_s is not None and w.new_requests:
+            cols = w.request_columns(w.t - c.measure_s, ("ttft_seconds", "queue_seconds"))
+            service = _service_ttft(cols)
+            if service.size >= c.min_requests:
+                ttft = float(np.percentile(service, 95))
+                self.last_service_ttft = ttft
+        elif c.slo_ttft_p95_s is not None:
+            ttft = self.last_service_ttft
         if c.slo_ttft_p95_s is not None and ttft is not None and ttft > c.slo_ttft_p95_s:
             slo_missed = True
         if c.slo_tpot_p95_s is not None and tpot is not None and tpot > c.slo_tpot_p95_s:

@@ -240,7 +240,12 @@ class TemperaturePolicy(Policy):
                     if step * gap <= 0 or abs(step) < 0.01:
                         return []
                 ev["predicted_seq_rep_4"] = rep + self.slope * step
-            new = _clip(temp + step, cfg.min, cfg.max)
+            else:  # no measured slope: small steps, the dwell at each one is the measurement
+                step = max(-cfg.probe_step, min(cfg.probe_step, step))
+            new = round(_clip(temp + step, cfg.min, cfg.max), 4)
+            seen, n_seen = self._rep_at(new)
+            if seen is not None and n_seen >= cfg.min_requests and not (low <= seen <= high):
+                return []  # measured there lately, and it was out of the band: stay
             if abs(new - temp) >= 1e-3:
                 return [self._move(window, new, "in band: back toward the requested temperature", ev)]
         return []

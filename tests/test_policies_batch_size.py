@@ -98,3 +98,23 @@ def test_retunes_when_the_load_shifts() -> None:
     run(sim, cfg, 1500, agent)
     assert any("re-tuning" in a.action.reason for a in batch_moves(agent))
     assert sim.batch_size < knee
+
+
+def test_queueing_is_not_counted_against_the_batch_size() -> None:
+    """Under overload TTFT is mostly queue: a smaller batch would only lengthen it.  The SLO is judged on
+    service time (TTFT minus queue), so an overloaded but fast batch stays feasible."""
+    from tuner.records import Event
+    from tuner.window import Window
+
+    pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0, slo_ttft_p95_s=0.5))
+    w = Window(keys=[])
+    pol.changed_at = 0.0
+    for i in range(1, 60):
+        t = i * 0.1
+        reqs = [Event(t, "request", {"tokens": 32, "ttft_seconds": 5.0 + 0.01 * i, "queue_seconds": 4.8 + 0.01 * i})]
+        w.update(t, {}, reqs)
+        m = pol._measure(w, 16)
+        if m is not None:
+            break
+    assert m is not None and m.ttft_p95 is not None
+    assert abs(m.ttft_p95 - 0.2) < 1e-6 and pol._feasible(m)

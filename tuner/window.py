@@ -31,6 +31,7 @@ REQUEST_FIELDS: tuple[str, ...] = (
     "ttft_seconds",
     "tpot_seconds",
     "e2e_seconds",
+    "queue_seconds",
     "batch_size",
 )
 
