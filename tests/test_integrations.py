@@ -290,3 +290,17 @@ def test_memory_reports_are_paced_by_their_own_cost(monkeypatch: pytest.MonkeyPa
         nobody.close()
     finally:
         loop.close()
+
+
+def test_disk_reference_leaves_no_file_behind(canary_ids: list[list[int]]) -> None:
+    import glob
+    import tempfile
+
+    pattern = f"{tempfile.gettempdir()}/tuner-precision-*"
+    before = set(glob.glob(pattern))
+    pm = PrecisionManager(load())  # reference="disk"
+    assert set(glob.glob(pattern)) == before  # unlinked from the start: a SIGKILL leaves nothing either
+    pm.set("int8")
+    pm.set("fp32")
+    assert current_precision(pm.model) == "fp32"
+    pm.close()

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -153,7 +152,7 @@ class PrecisionManager:
         self.max_kl = max_kl
         self.min_top1 = min_top1
         self._ref_state: dict[str, torch.Tensor] | None = None
-        self._ref_path: str | None = None
+        self._ref_file: IO[bytes] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._skeleton: nn.Module | None = None
         self._tied: list[list[str]] = []
@@ -184,10 +183,11 @@ class PrecisionManager:
         if self.reference == "memory":
             self._ref_state = state
         else:
-            fd, path = tempfile.mkstemp(prefix="tuner-precision-", suffix=".pt")
-            os.close(fd)
-            torch.save(state, path)
-            self._ref_path = path
+            # an unlinked temporary file: nothing is left behind even if the process is killed
+            f = tempfile.TemporaryFile(prefix="tuner-precision-")  # noqa: SIM115 - lives as long as the manager
+            torch.save(state, f)
+            f.flush()
+            self._ref_file = f
             del state
 
     def _full_precision(self) -> nn.Module:
@@ -197,8 +197,9 @@ class PrecisionManager:
         if self._ref_state is not None:
             state = {k: v.clone() for k, v in self._ref_state.items()}
         else:
-            assert self._ref_path is not None
-            state = torch.load(self._ref_path, map_location="cpu", weights_only=True)
+            assert self._ref_file is not None
+            self._ref_file.seek(0)
+            state = torch.load(self._ref_file, map_location="cpu", weights_only=True)
         model = copy.deepcopy(self._skeleton)
         model.load_state_dict(state, assign=True)
         for names in self._tied:  # assign=True gave each name its own tensor: share them again
@@ -282,12 +283,12 @@ class PrecisionManager:
             fn(self.model, precision)
 
     def close(self) -> None:
-        if self._ref_path is not None:
+        f, self._ref_file = getattr(self, "_ref_file", None), None
+        if f is not None:
             try:
-                os.unlink(self._ref_path)
+                f.close()
             except OSError:
                 pass
-            self._ref_path = None
 
     def __del__(self) -> None:
         self.close()
