@@ -181,6 +181,12 @@ def test_cli_refuses_public_address_with_one_line(tmp_path: Path) -> None:
     assert "--prometheus-public" in assert_one_line_error(cp)
     cp = tuner("run", "--prometheus", "127.0.0.1:70000", "--", sys.executable, "-c", "pass", cwd=tmp_path)
     assert "port must be" in assert_one_line_error(cp)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        cp = tuner("run", "--prometheus", addr, "--", sys.executable, "-c", "pass", cwd=tmp_path)
+    assert f"cannot serve Prometheus metrics on {addr}" in assert_one_line_error(cp)
 
 
 # -- a real Prometheus server --------------------------------------------------------------------
