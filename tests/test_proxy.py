@@ -597,3 +597,18 @@ def test_sse_measurement_does_not_depend_on_how_the_stream_is_cut(texts: list[st
     assert m.completion_tokens == usage
     assert word_ids("".join(m.texts)) == word_ids(" ".join("".join(texts).split()))
     assert m.first is not None and m.last is not None and m.first <= m.last
+
+
+def test_record_text_puts_the_answer_in_the_trace(fake: tuple[Fake, AppServer], tmp_path: Path) -> None:
+    _, up = fake
+    for flag, want in (("--record-text", "w0 w1 w2 w3 w4 "), (None, None)):
+        trace = tmp_path / f"text{bool(flag)}.jsonl"
+        p = ProxyProcess(up.url, trace, *([flag] if flag else []))
+        try:
+            c = openai.OpenAI(base_url=p.url, api_key="k")
+            chat_text(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True))
+        finally:
+            p.stop()
+        (r,) = [e.data for e in read_trace(trace).events if e.kind == "request"]
+        assert r.get("text") == want  # numbers only unless asked
+        assert r["tokens"] == 5 and r["seq_rep_4"] == 0.0
