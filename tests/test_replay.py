@@ -86,3 +86,37 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert "recorded without a policy" in err
     err = assert_one_line_error(tuner("replay", str(HERE / "edge_oom.jsonl"), "--out", str(HERE / "edge_oom.jsonl")))
     assert "must not be the trace" in err
+
+
+@pytest.mark.slow
+def test_replay_of_a_live_demo_run_makes_the_live_decisions(tmp_path: Path) -> None:
+    """The agent cannot tell live from replay: the decisions a live `tuner demo --policy` took (knobs over
+    the real channel to the real model) come out of `tuner replay` of its trace, one for one."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        "[temperature]\nmin = 0.2\nmax = 1.0\nmin_requests = 4\n"
+        "[batch_size]\nmin = 1\nmax = 32\nmeasure_s = 5.0\nsettle_s = 1.0\nmin_requests = 4\n"
+    )
+    trace = tmp_path / "live.jsonl"
+    cp = tuner(
+        "demo",
+        "--headless",
+        "--quiet",
+        "--duration",
+        "25",
+        "--policy",
+        str(policy),
+        "--trace",
+        str(trace),
+        "--temperature",
+        "0.3",
+        timeout=300,
+    )
+    assert cp.returncode == 0, cp.stderr
+    live = read_trace(trace)
+    carried = [a for a in live.actions if a["outcome"] in ("applied", "clamped")]
+    assert carried, "the live run took no decision"
+    assert "knob_batch_size" in live.columns and not all(v != v for v in live.column("knob_batch_size"))
+    doc = json.loads(tuner("replay", str(trace), "--json").stdout)
+    assert doc["diff"]["recorded"] == len(carried)
+    assert doc["diff"]["same"] == doc["diff"]["recorded"] == doc["diff"]["replayed"], doc["diff"]

@@ -107,9 +107,11 @@ class Agent:
     # -- the loop -----------------------------------------------------------------------------------
     def step(self, tick: TickLike) -> None:
         start = time.perf_counter()
-        t = tick.t if self.clock is None else self.clock()
+        # trace time as the trace stores it (microseconds): live and replay then see the very same numbers
+        tt = round(tick.t, 6)
+        t = tt if self.clock is None else self.clock()
         w = self.window
-        w.update(tick.t, tick.values, tick.events)
+        w.update(tt, tick.values, tick.events)
         if w.new_requests:
             self._learn_from_requests(tick.events)
         for e in w.events:

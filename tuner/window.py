@@ -169,7 +169,7 @@ class Window:
     def add_request(self, e: Event) -> None:
         d = e.data
         rq = self.requests
-        rq["t"].append(e.t)
+        rq["t"].append(round(e.t, 6))  # as the trace stores it
         for f in REQUEST_FIELDS[1:]:
             rq[f].append(_num(d.get(f)))
         self.request_count += 1
