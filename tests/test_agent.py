@@ -272,3 +272,25 @@ def test_observe_only_never_actuates() -> None:
         agent.step(Tick(i * 0.5, {"sys_mem_available_bytes": 1e8, "sys_mem_total_bytes": 8e9}))
     assert Spy.calls == 0
     assert agent.applied and all(a.outcome == "dry-run" for a in agent.applied if a.outcome != "rejected")
+
+
+def test_a_policy_raising_in_feedback_or_on_result_is_disabled_too() -> None:
+    from tuner.arbiter import Arbiter
+
+    class Fragile(Policy):
+        name = "fragile"
+        knobs = ("batch_size", "cleanup")
+
+        def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+            return [self.act("batch_size", 2, "go")]
+
+        def feedback(self, applied: Any) -> None:
+            raise ValueError("feedback bug")
+
+    notes = Notes()
+    agent = Agent([Fragile(), Steady()], Arbiter(), DryRunActuator(), notes)
+    for i in range(30):
+        agent.step(Tick(i * 0.5, {}))
+    assert agent.enabled == {"fragile": False, "steady": True}
+    assert "ValueError: feedback bug" in agent.disabled_reason["fragile"]
+    assert agent.knobs.batch_size == 2  # what was carried out stays carried out

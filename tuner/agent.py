@@ -144,7 +144,14 @@ class Agent:
         self._next_due = min(due.values(), default=t)
         if proposals:
             headroom, _ = w.headroom()
-            for d in self.arbiter.resolve(t, proposals, self.knobs, headroom):
+            try:
+                decisions = self.arbiter.resolve(t, proposals, self.knobs, headroom)
+            except Exception as exc:  # never expected; if it happens, act on nothing this tick and say so
+                decisions = []
+                self.errors += 1
+                if self.writer is not None:
+                    self.writer.note(t, f"arbiter failed, no action this tick: {type(exc).__name__}: {exc}", "warn")
+            for d in decisions:
                 self._carry_out(t, d.action, d.outcome, d.why)
         self._write_knobs(tick.values)
         self.steps += 1
@@ -192,8 +199,7 @@ class Agent:
                 self._last_rejected[key] = (action.value, why.split(":")[0])
                 self._record(applied)
                 self.window.add_action(applied)
-            if policy is not None:
-                policy.feedback(applied)
+            self._feedback(policy, applied)
             return
         self._last_rejected.pop((action.policy, action.knob), None)
         new_knobs = self.knobs
@@ -214,8 +220,15 @@ class Agent:
         applied = Applied(t, action, outcome, previous, result)
         self._record(applied)
         self.window.add_action(applied)
-        if policy is not None:
+        self._feedback(policy, applied)
+
+    def _feedback(self, policy: Policy | None, applied: Applied) -> None:
+        if policy is None or not self.enabled.get(policy.name, False):
+            return
+        try:
             policy.feedback(applied)
+        except Exception as exc:  # a policy's bug never stops the agent
+            self._disable(applied.t, policy, exc)
 
     def _command_result(self, t: float, e: Event) -> None:
         d = e.data
