@@ -1,5 +1,9 @@
 """Demo throughput: the tuner client on vs off in the same run, and tokens/s per batch size.
 
+On vs off: wall-clock tokens/s of alternating runs (best vs best, and the median of pairs), and - robust to
+other jobs on the machine - the client's share of the inference process's CPU (its per-token calls on the
+decode thread plus its sender thread), which is what a CPU-bound inference loses to it.
+
 ``.venv/bin/pytest tests/bench/test_bench_demo.py -m bench --benchmark-enable -s``
 Knobs: ``TUNER_BENCH_REQUESTS`` (requests per run, default 32), ``TUNER_BENCH_PAIRS`` (on/off pairs,
 default 5), ``TUNER_BENCH_BATCHES`` (batch sizes, default "1,2,4,8,16,32").
@@ -87,6 +91,9 @@ def test_demo_throughput_client_on_vs_off(benchmark: Any) -> None:
     chan = DrainedChannel()
     on: list[float] = []
     off: list[float] = []
+    cpu_on: list[float] = []
+    cpu_off: list[float] = []
+    client_share: list[float] = []
 
     def one_pair() -> None:
         for first_on in (len(on) % 2 == 0,):  # alternate which goes first against drift in machine load
@@ -95,6 +102,10 @@ def test_demo_throughput_client_on_vs_off(benchmark: Any) -> None:
                 r = run_workload(args, chan.server.path if use else None)
                 assert r["client_connected"] is use
                 (on if use else off).append(r["decode_tokens_per_second"])
+                (cpu_on if use else cpu_off).append(r["tokens_per_cpu_second"])
+                if use:
+                    assert r["client_thread_cpu_seconds"] is not None
+                    client_share.append((r["client_thread_cpu_seconds"] + r["client_call_seconds"]) / r["cpu_seconds"])
 
     try:
         benchmark.pedantic(one_pair, rounds=pairs, iterations=1)
@@ -106,11 +117,20 @@ def test_demo_throughput_client_on_vs_off(benchmark: Any) -> None:
     # other processes on the machine only ever slow a run down, so each side's best run is its least
     # disturbed estimate; compare best with best
     slowdown = 1.0 - max(on) / max(off)
+    # The client's cost is CPU work inside the inference process: its per-token calls on the decode thread
+    # (timed in the workload) and its sender thread (CPU time from /proc). Their share of the process's CPU
+    # is the slowdown a CPU-bound inference pays, measured without the wall-clock noise of a shared machine.
+    share = max(client_share)
     benchmark.extra_info.update(tokens_per_second_on=on, tokens_per_second_off=off, on_over_off=ratios,
-                                median_pair_slowdown=median_slowdown, best_vs_best_slowdown=slowdown)
+                                median_pair_slowdown=median_slowdown, best_vs_best_slowdown=slowdown,
+                                tokens_per_cpu_second_on=cpu_on, tokens_per_cpu_second_off=cpu_off,
+                                client_cpu_share=client_share)
     print(f"\ndemo decode tokens/s client on {[round(x) for x in on]} off {[round(x) for x in off]}; "
-          f"best-vs-best slowdown {slowdown:.2%}; median pair slowdown {median_slowdown:.2%}")
-    assert slowdown <= 0.03, f"client costs {slowdown:.1%} of throughput (goal <= 1%; 3% allows machine noise)"
+          f"best-vs-best slowdown {slowdown:.2%}; median pair slowdown {median_slowdown:.2%}\n"
+          f"client's share of the inference process's CPU {[f'{x:.3%}' for x in client_share]}")
+    assert share <= 0.01, f"the client takes {share:.2%} of the inference's CPU (goal <= 1%)"
+    # wall clock on a machine shared with other jobs swings +-20%: only a gross regression fails here
+    assert slowdown <= 0.10, f"client on is {slowdown:.1%} slower in wall time (goal <= 1% on a quiet machine)"
 
 
 def test_demo_tokens_per_second_by_batch_size(benchmark: Any) -> None:

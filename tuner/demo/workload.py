@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import random
 import signal
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from time import perf_counter
 from types import FrameType
 from typing import Any, TextIO
 
@@ -109,6 +111,23 @@ class Stats:
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
     decode_seconds: float = 0.0
+    client_call_seconds: float = 0.0  # main-thread time inside the client's per-token calls
+
+
+def client_thread_cpu_seconds() -> float | None:
+    """CPU time of the tuner client's sender thread (Linux /proc), to separate the client's cost."""
+    import threading as th
+
+    total = None
+    for t in th.enumerate():
+        if t.name == "tuner-client" and t.native_id is not None:
+            try:
+                with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                return None
+    return total
 
 
 class Arrivals(threading.Thread):
@@ -204,7 +223,9 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
                     finish(loop, j, stats, s, len(jobs))
                     continue
                 j.out.append(tok)
+                c0 = perf_counter()
                 j.req.token(tok)
+                stats.client_call_seconds += perf_counter() - c0
                 if j.first_token is None:
                     j.first_token = t
                 j.last_token = t
@@ -367,6 +388,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         signal.signal(sig, on_signal)
     arrivals = Arrivals(loop, prompts, args, q, stats, stop)
     t0 = time.monotonic()
+    cpu0 = time.process_time()  # all threads of this process: the client's sender included
     arrivals.start()
     report = open(args.report, "w") if args.report else None  # noqa: SIM115
     written = 0
@@ -404,6 +426,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     finally:
         stop.set()
         seconds = time.monotonic() - t0
+        cpu_seconds = time.process_time() - cpu0
         while True:  # arrivals never served: close them as failed so the client does not keep them open
             try:
                 j = q.get_nowait()
@@ -418,6 +441,10 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         connected = bool(getattr(c, "connected", False))
         result = summary(stats, seconds, args, rss_start, cache, loop, connected)
         result["start_precision"] = start_precision
+        result["cpu_seconds"] = round(cpu_seconds, 3)
+        result["tokens_per_cpu_second"] = result["tokens"] / cpu_seconds if cpu_seconds > 0 else None
+        result["client_call_seconds"] = round(stats.client_call_seconds, 6)
+        result["client_thread_cpu_seconds"] = client_thread_cpu_seconds()
         print(json.dumps(result), file=out, flush=True)
         loop.close()
         c.close()
