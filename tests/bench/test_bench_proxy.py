@@ -108,14 +108,14 @@ async def _stream(c: httpx.AsyncClient, url: str) -> int:
     return n
 
 
-async def _throughput(c: httpx.AsyncClient, url: str, seconds: float) -> float:
-    """Tokens/s over rounds of STREAMS concurrent streams, for about ``seconds``."""
+async def _throughput(c: httpx.AsyncClient, url: str, seconds: float) -> tuple[int, float]:
+    """(tokens, seconds) over rounds of STREAMS concurrent streams, for at least ``seconds`` (whole rounds)."""
     tokens, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         counts = await asyncio.gather(*(_stream(c, url) for _ in range(STREAMS)))
         assert counts == [TOKENS] * STREAMS
         tokens += sum(counts)
-    return tokens / (time.perf_counter() - t0)
+    return tokens, time.perf_counter() - t0
 
 
 @pytest.mark.bench
@@ -173,14 +173,20 @@ def test_proxy_overhead(benchmark: Any, tmp_path: Path) -> None:
                     await _first_chunk(c, proxy_url)
                 cpu_req = (cpu() - c0) / TTFT_ROUNDS
                 tput_d, tput_p = [], []
-                cpu_tok = cpu_up_tok = 0.0
+                cpu_p = cpu_u = 0.0
+                tok_d = tok_p = 0
                 for _ in range(2):
                     u0 = cpu(up_ps)
-                    tput_d.append(await _throughput(c, direct_url, seconds / 2))
-                    cpu_up_tok += (cpu(up_ps) - u0) / (tput_d[-1] * seconds / 2) / 2
+                    n, dt = await _throughput(c, direct_url, seconds / 2)
+                    cpu_u += cpu(up_ps) - u0
+                    tok_d += n
+                    tput_d.append(n / dt)
                     c0 = cpu()
-                    tput_p.append(await _throughput(c, proxy_url, seconds / 2))
-                    cpu_tok += (cpu() - c0) / (tput_p[-1] * seconds / 2) / 2
+                    n, dt = await _throughput(c, proxy_url, seconds / 2)
+                    cpu_p += cpu() - c0
+                    tok_p += n
+                    tput_p.append(n / dt)
+                cpu_tok, cpu_up_tok = cpu_p / tok_p, cpu_u / tok_d
             return {"d": d, "p": p, "b": b, "tput_d": tput_d, "tput_p": tput_p, "cpu_req": cpu_req, "cpu_tok": cpu_tok,
                     "cpu_up_tok": cpu_up_tok}
 
