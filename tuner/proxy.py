@@ -38,10 +38,10 @@ Errors (JSON bodies ``{"error": {"message", "type"}}``): upstream unreachable 50
 ``max_body_bytes`` 413.  A stream the upstream breaks off after it started ends with an SSE ``error``
 event (the status line is already sent).
 
-Cost (tests/bench/test_bench_proxy.py, this 2-core nested VM under load ~4-5): ~2.8 ms added to TTFT at
-p50 (a bare TCP relay process adds ~0.7 ms here), 2.7-6.9 % fewer tokens/s at 32 streams paced 50 ms;
-the proxy's event loop spends ~270 us of CPU a streamed token against ~105 us in the (uvicorn) upstream,
-spread over h11 parsing (httpcore), h11 encoding (uvicorn) and the per-event JSON parse here.  uvicorn
+Cost (tests/bench/test_bench_proxy.py, this 2-core nested VM under load ~4-5): 2.8-4.4 ms added to TTFT
+at p50 (a bare TCP relay process adds 0.7-1.1 ms here), 2.2-6.9 % fewer tokens/s at 32 streams paced 50 ms;
+the proxy spends ~300-360 us of CPU a streamed token against ~105-120 us in the (uvicorn) upstream, spread
+over h11 parsing (httpcore), h11 encoding (uvicorn), anyio and the per-event JSON parse here.  uvicorn
 picks the C parser ``httptools`` (and ``uvloop``) automatically when they are installed.
 """
 
