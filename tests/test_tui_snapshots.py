@@ -26,7 +26,12 @@ async def loaded(pilot: Any, *keys: str) -> None:
         assert time.monotonic() < deadline, "trace did not load"
         await pilot.pause(0.05)
     await pilot.press(*keys)
-    await pilot.pause(0.3)
+    # settle: no redraw for two consecutive looks (a loaded machine can be slow to lay out)
+    seen = -1
+    while seen != pilot.app.redraws:
+        seen = pilot.app.redraws
+        await pilot.pause(0.4)
+    await pilot.wait_for_scheduled_animations()
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])

@@ -145,6 +145,8 @@ class TunerApp(App[None]):
         self._devices_sig: tuple[Any, ...] | None = None
         self._actions_sig: tuple[int, int] | None = None
         self._requests_sig: tuple[int, int] | None = None
+        self._requests_at = 0.0
+        self._tables_stale = False
         self.redraws = 0
 
     # -- layout ---------------------------------------------------------------------------------------
@@ -165,10 +167,23 @@ class TunerApp(App[None]):
     def on_mount(self) -> None:
         acts = self.query_one("#actions", DataTable)
         acts.border_title = "Actions"
-        acts.add_columns("time", "policy", "action", "reason", "result")
+        # fixed widths: stable layout (no re-measuring on every rebuild) and deterministic snapshots
+        for label, width in (("time", 5), ("policy", 10), ("action", 26), ("reason", 44), ("result", 8)):
+            acts.add_column(label, width=width, key=label)
         reqs = self.query_one("#requests", DataTable)
         reqs.border_title = "Recent requests"
-        reqs.add_columns("time", "id", "TTFT", "TPOT", "tokens", "tok/s", "rep4", "loop")
+        req_cols = (
+            ("time", 5),
+            ("id", 6),
+            ("TTFT", 5),
+            ("TPOT", 5),
+            ("toks", 4),
+            ("tok/s", 5),
+            ("rep4", 4),
+            ("loop", 4),
+        )
+        for label, width in req_cols:
+            reqs.add_column(label, width=width, key=label)
         self.query_one("#scrubber").display = self.replay
         self._layout_grid(self.size.width)
         self._read_source()
@@ -248,7 +263,7 @@ class TunerApp(App[None]):
             self.loaded,
             self.done_reason,
         )
-        if sig == self._drawn and not force:
+        if sig == self._drawn and not force and not self._tables_stale:
             return
         self._drawn = sig
         self.redraws += 1
@@ -326,10 +341,15 @@ class TunerApp(App[None]):
                 )
             if table.row_count:
                 table.move_cursor(row=min(row, table.row_count - 1))
-        reqs = m.requests_until(now, 50)
+        reqs = m.requests_until(now, 30)
         rsig = (len(m.req_t), id(reqs[-1]) if reqs else 0)
-        if rsig != self._requests_sig:
+        # rebuilt at most once a second: a table rebuild is the dearest thing on screen (~2.5 requests/s)
+        self._tables_stale = rsig != self._requests_sig
+        due = self.replay or self._requests_sig is None or time.monotonic() - self._requests_at >= 1.0
+        if self._tables_stale and due:
+            self._tables_stale = False
             self._requests_sig = rsig
+            self._requests_at = time.monotonic()
             table = self.query_one("#requests", DataTable)
             table.clear()
             for r in reversed(reqs):

@@ -30,13 +30,20 @@ class Columns:
 
     def __init__(self, capacity: int = 36_000) -> None:
         self.capacity = max(16, capacity)
-        self._size = 2 * self.capacity
+        self._size = min(2 * self.capacity, 4096)  # grows by doubling up to 2 x capacity
         self.times = np.empty(self._size, dtype=np.float64)
         self.cols: dict[str, np.ndarray] = {}
         self.n = 0
         self.total = 0
 
     def append(self, t: float, values: Mapping[str, Any]) -> None:
+        if self.n == self._size and self._size < 2 * self.capacity:
+            self._size = min(2 * self.capacity, 2 * self._size)
+            self.times = np.resize(self.times, self._size)
+            for key, arr in self.cols.items():
+                grown = np.full(self._size, np.nan)
+                grown[: self.n] = arr[: self.n]
+                self.cols[key] = grown
         if self.n == self._size:
             keep = self.capacity
             self.times[:keep] = self.times[self.n - keep : self.n]
