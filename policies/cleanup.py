@@ -210,8 +210,8 @@ class CleanupPolicy(Policy):
         elif applied.outcome in ("applied", "clamped"):
             self.waiting = True
             self.last_at = applied.t
-        elif applied.outcome == "failed":
-            self._done(applied.t, 0.0)
+        elif applied.outcome == "failed":  # not sent (no client): try again after the interval, no back-off
+            self._done(applied.t, None)
 
     def on_result(self, t: float, action: Action, ok: bool, result: Mapping[str, Any], error: str | None) -> None:
         got = result.get("reclaimed_bytes") if ok else 0.0

@@ -38,6 +38,8 @@ class PrecisionConfig:
     min_top1: float = 0.9
     max_slowdown: float = 0.2
     """A step made for latency that lowers tokens/s by more than this share is rolled back."""
+    retry_s: float = 10.0
+    """After a command that could not be sent (no client connected), wait this long before trying again."""
     batch_tried_s: float = 30.0
     """The SLO counts as "not fixed by a smaller batch" when the batch went down within this long."""
 
@@ -196,8 +198,8 @@ class PrecisionPolicy(Policy):
                 self.phase, self.rolling_back = "rollback", False
                 return
             self.phase = "watch" if applied.outcome == "rejected" else "hold"
-            if applied.outcome == "failed":
-                self.hold_until = applied.t + self.cfg.hold_s
+            if applied.outcome == "failed":  # e.g. no client connected yet: look again soon
+                self.hold_until = applied.t + self.cfg.retry_s
 
     def on_result(self, t: float, action: Action, ok: bool, result: Mapping[str, Any], error: str | None) -> None:
         c = self.cfg
