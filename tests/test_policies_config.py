@@ -42,6 +42,7 @@ BAD = [
     ("[agent]\npriority = ['cleanup']\n", "no policy table"),
     ("[batch_size\n", "invalid TOML"),
     ("[cleanup]\nenabled = 'yes'\n", "cleanup.enabled must be true or false"),
+    ("[cleanup]\nevery_s = 8\n", "cleanup.every_s = 8 is shorter than the cleanup cooldown"),
 ]
 
 
@@ -65,6 +66,9 @@ def test_missing_file_and_unknown_name(tmp_path: Path) -> None:
 def test_optional_settings_turn_off_with_false(tmp_path: Path) -> None:
     f = tmp_path / "p.toml"
     f.write_text("[batch_size]\nslo_ttft_p95_s = false\n[cleanup]\nevery_s = 60\nleak_watch = false\n")
+    g = tmp_path / "q.toml"
+    g.write_text("[agent]\ncooldown_s = { cleanup = 5 }\n[cleanup]\nevery_s = 8\n")
+    assert load_policy(str(g)).policies["cleanup"].every_s == 8.0
     cfg = load_policy(str(f))
     assert cfg.policies["batch_size"].slo_ttft_p95_s is None
     assert cfg.policies["cleanup"].every_s == 60.0 and not cfg.policies["cleanup"].leak_watch

@@ -150,6 +150,12 @@ def parse_policy(data: dict[str, Any], *, name: str = "custom", source: str = "<
         enabled[pname] = en
     if not policies:
         raise fail("no policy table (add at least one of [temperature], [batch_size], [precision], [cleanup])")
+    cl = policies.get("cleanup")
+    if cl is not None and cl.every_s is not None and cl.every_s < cool["cleanup"]:
+        raise fail(
+            f"cleanup.every_s = {cl.every_s:g} is shorter than the cleanup cooldown (agent.cooldown_s.cleanup = "
+            f"{cool['cleanup']:g}): lower the cooldown or lengthen the interval"
+        )
     return PolicyConfig(name=name, source=source, agent=agent, policies=policies, enabled=enabled)
 
 
