@@ -72,6 +72,16 @@ class Measurement:
         }
 
 
+def _p95(x: np.ndarray) -> float:
+    """The 95th percentile with linear interpolation (numpy's default), without ``np.percentile``'s
+    overhead (~30 us a call; this is a sort and two reads)."""
+    s = np.sort(x)
+    pos = 0.95 * (s.size - 1)
+    lo = int(pos)
+    hi = min(lo + 1, s.size - 1)
+    return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+
 def _service_ttft(cols: dict[str, np.ndarray]) -> np.ndarray:
     """Time to first token without the time spent queued (what the batch size itself costs)."""
     ttft, queue = cols["ttft_seconds"], cols["queue_seconds"]
@@ -98,6 +108,7 @@ class BatchSizePolicy(Policy):
         self.refine_lo: int | None = None
         self.next_shift_check = 0.0
         self.last_service_ttft: float | None = None
+        self.next_slo_check = 0.0
 
     def status(self) -> dict[str, Any]:
         return {
@@ -143,8 +154,8 @@ class BatchSizePolicy(Policy):
         return Measurement(
             batch=batch,
             tokens_per_second=float(np.nansum(tok)) / elapsed,
-            ttft_p95=float(np.percentile(ttft, 95)) if ttft.size else None,
-            tpot_p95=float(np.percentile(tpot, 95)) if tpot.size else None,
+            ttft_p95=_p95(ttft) if ttft.size else None,
+            tpot_p95=_p95(tpot) if tpot.size else None,
             requests=n,
             rate=n / elapsed,
             prompt_mean=float(prompt.mean()) if prompt.size else None,
@@ -263,13 +274,12 @@ class BatchSizePolicy(Policy):
         slo_missed = False
         ttft: float | None = None
         tpot = w.current("req_tpot_p95_seconds")
-        if c.slo_ttft_p95_s is not None and w.new_requests:
+        if c.slo_ttft_p95_s is not None and w.t >= self.next_slo_check:
+            self.next_slo_check = w.t + c.measure_s / 4
             cols = w.request_columns(w.t - c.measure_s, ("ttft_seconds", "queue_seconds"))
             service = _service_ttft(cols)
-            if service.size >= c.min_requests:
-                ttft = float(np.percentile(service, 95))
-                self.last_service_ttft = ttft
-        elif c.slo_ttft_p95_s is not None:
+            self.last_service_ttft = _p95(service) if service.size >= c.min_requests else None
+        if c.slo_ttft_p95_s is not None:
             ttft = self.last_service_ttft
         if c.slo_ttft_p95_s is not None and ttft is not None and ttft > c.slo_ttft_p95_s:
             slo_missed = True

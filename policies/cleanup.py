@@ -42,7 +42,7 @@ class CleanupConfig:
     leak_watch: bool = True
     min_requests: int = 1000
     sample_every_s: float = 1.0
-    check_every_s: float = 30.0
+    check_every_s: float = 60.0
     max_points: int = 3600
     alpha: float = 0.01
     min_rel_growth: float = 0.03

@@ -1,14 +1,15 @@
 """The agent's view of the recent past: bounded numpy ring buffers fed one tick at a time.
 
-- Metric values: one ring per tracked key, aligned with a shared ring of tick times (NaN where a tick
-  had no value), so "the last S seconds of key k" is one ``searchsorted`` and a slice.
+- Metric values: a ring of rows, one row per tick (aligned with a ring of tick times), one column per
+  tracked key (NaN where a tick had no value), so "the last S seconds of key k" is one
+  ``searchsorted`` and a slice.  A tick costs one list of the tracked values; rows are copied into the
+  numpy block in bulk (every 64 ticks, or when something reads), which is what keeps a tick at a few
+  microseconds.
 - Finished requests (``request`` events): columns of the fields policies use (temperature, seq-rep-4,
-  tokens, TTFT, batch size ...), in their own rings.
+  tokens, TTFT, queue time, batch size ...), in their own rings.
 - The current tick's other events (``oom``, ``command_result``, ...) and the recent applied actions.
 
-Appends are O(1) (each ring is stored twice over, ``[0, cap)`` and ``[cap, 2 cap)``, so the last ``n``
-entries are always one contiguous view, no copy, no wrap-around arithmetic in the readers).  Nothing
-grows: every buffer has a fixed capacity.
+Appends are O(1) and nothing grows: every buffer has a fixed capacity.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ REQUEST_FIELDS: tuple[str, ...] = (
 )
 
 _NAN = math.nan
+_FLUSH_ROWS = 64
 
 
 class Ring:
@@ -100,8 +102,14 @@ class Window:
     ) -> None:
         self.capacity = capacity
         self.times = Ring(capacity)
-        self.series: dict[str, np.ndarray] = {}
-        """Key -> its values, a ring aligned with ``times`` (same slot, same count; NaN = missing)."""
+        self._order: list[str] = []
+        """Tracked keys, in column order of ``_block``."""
+        self._block = np.full((capacity, 0), np.nan)
+        """Row = a tick slot (aligned with ``times``), column = a key; NaN = missing."""
+        self._pending: list[list[Any]] = []
+        """Rows of the latest ticks not yet copied into ``_block`` (copied in bulk when read or every
+        ``_FLUSH_ROWS`` ticks: one ``np.array`` call for many ticks instead of one store per value)."""
+        self._pending_start = 0
         self._all = keys is None
         self._keys = set(keys or ())
         self._prefixes = tuple(prefixes)
@@ -115,12 +123,11 @@ class Window:
         self.actions: deque[Applied] = deque(maxlen=action_capacity)
         self.t = 0.0
         self.ticks = 0
-        self._latest: dict[str, float] = {}
         self._nvalues = -1
+        self._index: dict[str, int] = {}
         self._headroom: tuple[float | None, str | None] = (None, None)
         self._headroom_at = -1
-        for key in self._keys:
-            self.series[key] = np.full(capacity, np.nan)
+        self._add_columns(sorted(self._keys))
 
     # -- feeding ------------------------------------------------------------------------------------
     def _tracked(self, key: str) -> bool:
@@ -138,18 +145,12 @@ class Window:
         times.count += 1
         if self._all or (self._prefixes and len(values) != self._nvalues):
             self._discover(values)
-        latest = self._latest
         get = values.get
-        for key, buf in self.series.items():
-            v = get(key)
-            if v is None:
-                buf[i] = _NAN
-            else:
-                if type(v) is not float:
-                    v = _num(v)
-                buf[i] = v
-                if v == v:
-                    latest[key] = v
+        if not self._pending:
+            self._pending_start = times.count - 1
+        self._pending.append([get(k) for k in self._order])
+        if len(self._pending) >= _FLUSH_ROWS:
+            self._flush()
         if self.events:
             self.events = []
         self.new_requests = 0
@@ -162,9 +163,40 @@ class Window:
     def _discover(self, values: Mapping[str, Any]) -> None:
         self._nvalues = len(values)
         for key, v in values.items():
-            if key in self.series or not self._tracked(key) or math.isnan(_num(v)):
+            if key in self._index or not self._tracked(key) or math.isnan(_num(v)):
                 continue
-            self.series[key] = np.full(self.capacity, np.nan)  # the past of a new key is missing (NaN)
+            self._add_columns([key])  # the past of a new key is missing (NaN)
+
+    def _add_columns(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        self._flush()
+        self._block = np.hstack((self._block, np.full((self.capacity, len(keys)), np.nan)))
+        self._order.extend(keys)
+        self._index = {k: j for j, k in enumerate(self._order)}
+        if self._pending:  # rows staged before the discovery lack the new columns
+            for row in self._pending:
+                row.extend([None] * len(keys))
+
+    def _flush(self) -> None:
+        rows = self._pending
+        if not rows:
+            return
+        self._pending = []
+        width = len(self._order)
+        for row in rows:
+            if len(row) < width:
+                row.extend([None] * (width - len(row)))
+        try:
+            arr = np.array(rows, dtype=np.float64)
+        except (TypeError, ValueError):  # something that is not a number in there: slot by slot
+            arr = np.array([[_num(x) for x in row] for row in rows], dtype=np.float64)
+        start = self._pending_start
+        if len(rows) > self.capacity:
+            arr = arr[-self.capacity :]
+            start += len(rows) - self.capacity
+        idx = (start + np.arange(arr.shape[0])) % self.capacity
+        self._block[idx] = arr
 
     def add_request(self, e: Event) -> None:
         d = e.data
@@ -179,16 +211,45 @@ class Window:
         self.actions.append(a)
 
     # -- reading ------------------------------------------------------------------------------------
+    @property
+    def series(self) -> dict[str, np.ndarray]:
+        """Key -> its ring of values (a column of the block, aligned with ``times``)."""
+        self._flush()
+        return {k: self._block[:, j] for j, k in enumerate(self._order)}
+
+    def _column(self, key: str) -> np.ndarray | None:
+        j = self._index.get(key)
+        if j is None:
+            return None
+        self._flush()
+        return self._block[:, j]
+
     def latest(self, key: str) -> float | None:
-        """The newest non-missing value of ``key`` (however old), or None."""
-        return self._latest.get(key)
+        """The newest non-missing value of ``key`` among the kept ticks, or None."""
+        if self._pending:
+            j = self._index.get(key)
+            if j is not None:
+                for row in reversed(self._pending):
+                    x = _num(row[j]) if j < len(row) else _NAN
+                    if x == x:
+                        return x
+        col = self._column(key)
+        if col is None:
+            return None
+        v = self._view(col, len(self.times))
+        ok = np.flatnonzero(~np.isnan(v))
+        return float(v[ok[-1]]) if ok.size else None
 
     def current(self, key: str) -> float | None:
         """This tick's value of ``key``, or None when this tick did not have it."""
-        buf = self.series.get(key)
-        if buf is None or not self.times.count:
+        j = self._index.get(key)
+        if j is None or not self.times.count:
             return None
-        x = float(buf[(self.times.count - 1) % self.capacity])
+        if self._pending:
+            row = self._pending[-1]
+            x = _num(row[j]) if j < len(row) else _NAN
+        else:
+            x = float(self._block[(self.times.count - 1) % self.capacity, j])
         return None if math.isnan(x) else x
 
     def _view(self, buf: np.ndarray, n: int) -> np.ndarray:
@@ -210,7 +271,7 @@ class Window:
 
     def values(self, key: str, seconds: float | None = None) -> np.ndarray:
         """Finite values of ``key`` over the last ``seconds`` (all kept when None), oldest first."""
-        buf = self.series.get(key)
+        buf = self._column(key)
         if buf is None:
             return np.empty(0)
         v = self._view(buf, self._span(seconds))
@@ -218,7 +279,7 @@ class Window:
 
     def pairs(self, key: str, seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(times, values)`` of ``key`` over the last ``seconds`` where it was present."""
-        buf = self.series.get(key)
+        buf = self._column(key)
         if buf is None:
             return np.empty(0), np.empty(0)
         n = self._span(seconds)
@@ -257,14 +318,17 @@ class Window:
         (``sys_mem_available_bytes``) and every GPU/NPU with used and total figures; ``(None, None)``
         when nothing reports memory."""
         best: tuple[float | None, str | None] = (None, None)
-        avail, total = self._latest.get("sys_mem_available_bytes"), self._latest.get("sys_mem_total_bytes")
+        avail, total = self.latest("sys_mem_available_bytes"), self.latest("sys_mem_total_bytes")
         if avail is not None and total:
             best = (avail / total, "host")
-        for key, used in self._latest.items():
+        for key in self._order:
             if key.startswith(("gpu_mem_used_bytes/", "npu_mem_used_bytes/")):
+                used = self.latest(key)
+                if used is None:
+                    continue
                 dev = key.split("/", 1)[1]
                 kind = key.split("_", 1)[0]
-                tot = self._latest.get(f"{kind}_mem_total_bytes/{dev}")
+                tot = self.latest(f"{kind}_mem_total_bytes/{dev}")
                 if tot:
                     h = 1.0 - used / tot
                     if best[0] is None or h < best[0]:
