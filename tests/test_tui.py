@@ -334,7 +334,8 @@ def test_live_numbers_pause_and_policy_command() -> None:
         await pilot.press("d")
         await pilot.pause(0.1)
         assert src.sent == [{"cmd": "policy", "name": "temperature", "enabled": False}]
-        assert "sent: disable policy temperature" in screen_text(app)
+        s = screen_text(app)
+        assert "sent: disable policy temperature" in s and "policies: temperature off" in s
         await pilot.press("d")
         assert src.sent[-1] == {"cmd": "policy", "name": "temperature", "enabled": True}
         for key in ("n", "left_square_bracket"):

@@ -366,19 +366,21 @@ class TunerApp(App[None]):
 
     def _draw_status(self, now: float) -> None:
         m = self.model
-        bits = [self.source.describe]
+        bits = [self.source.describe]  # most important first: the line is cut at the terminal's width
+        if self.message:
+            bits.append(self.message)
         if not self.loaded and self.replay:
             bits.append(f"loading… {m.records} records")
         if self.done_reason:
             bits.append(self.done_reason)
+        focused = self.focused.id if self.focused is not None and self.focused.id else "-"
+        bits.append(f"focus: {focused}")
         if m.skipped:
             bits.append(f"{m.skipped} ticks skipped")
         if m.dropped:
             bits.append(f"viewer dropped {m.dropped} records")
-        focused = self.focused.id if self.focused is not None and self.focused.id else "-"
-        bits.append(f"focus: {focused}")
-        if self.message:
-            bits.append(self.message)
+        if m.policies:
+            bits.append("policies: " + " ".join(f"{n} {'on' if on else 'off'}" for n, on in m.policies.items()))
         _set(self.query_one("#status", Static), Text("  │  ".join(bits), style="#a0a0a0"))
         if self.replay:
             dur = max(m.last_t, 1e-9)
