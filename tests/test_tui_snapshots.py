@@ -48,9 +48,3 @@ def test_dashboard_at_first_action_160x48(snap_compare: Any) -> None:
 
     assert snap_compare(frozen_app(), terminal_size=(160, 48), run_before=before)
 
-
-def test_help_80x24(snap_compare: Any) -> None:
-    async def before(pilot: Any) -> None:
-        await loaded(pilot, "question_mark")
-
-    assert snap_compare(frozen_app(), terminal_size=(80, 24), run_before=before)

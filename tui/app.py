@@ -175,7 +175,7 @@ class TunerApp(App[None]):
         req_cols = (
             ("time", 5),
             ("id", 6),
-            ("TTFT", 5),
+            ("TTFT", 6),
             ("TPOT", 5),
             ("toks", 4),
             ("tok/s", 5),
