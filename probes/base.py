@@ -54,12 +54,11 @@ def discover(
     from probes.npu import AscendNpuProbe, IntelNpuProbe
     from probes.nvidia import NvidiaProbe
 
-    candidates: list[Probe] = [
-        CpuProbe(list(pids or [])),
-        NvidiaProbe(list(pids or [])),
-        AscendNpuProbe(),
-        IntelNpuProbe(),
-    ]
+    cpu = CpuProbe(list(pids or []))
+    # the device probes attribute per-process figures to the live tree the CPU probe tracks (servers
+    # fork workers after start); without target PIDs they report devices only
+    tree = cpu.pids if pids else None
+    candidates: list[Probe] = [cpu, NvidiaProbe(tree), AscendNpuProbe(tree), IntelNpuProbe()]
     if include is not None:
         candidates = [p for p in candidates if p.name in include]
     usable: list[Probe] = []

@@ -213,5 +213,5 @@ def test_probes_lists_every_probe_and_why(tmp_path: Path) -> None:
     by = {p["name"]: p for p in data["probes"]}
     assert by["cpu"]["available"] and by["cpu"]["values"]["sys_mem_total_bytes"] > 0
     assert not by["nvidia"]["available"] and by["nvidia"]["reason"]
-    for name in ("npu-ascend", "npu-intel"):
+    for name in ("npu", "intel_npu"):
         assert not by[name]["available"] and by[name]["reason"]

@@ -6,6 +6,7 @@ path a user's own command takes.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,24 @@ class SessionOptions:
     prometheus_public: bool = False
     quiet: bool = False
     extra_header: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None
+    """Preset name or TOML path; ``policy_config`` holds it loaded (validated before anything starts)."""
+    policy_config: Any = None
+    observe_only: bool = False
+    record_text: bool = False
+    observer: bool = True
+    """Serve the live feed ``tuner tui --connect`` reads (a Unix socket next to the channel's)."""
+
+
+def _policy_header(config: Any) -> dict[str, Any]:
+    """What the live view shows about the policy: its members (what ``d`` toggles) and target bands."""
+    if config is None:
+        return {}
+    out: dict[str, Any] = {"policies": list(config.policies)}
+    t = config.policies.get("temperature")
+    if t is not None:
+        out["targets"] = {"req_seq_rep_4_ratio": [t.band_low, t.band_high]}
+    return out
 
 
 def check_interval(interval: float) -> float:
@@ -48,6 +67,7 @@ class Session:
         command: list[str] | None,
         roots: list[int],
         extra_probes: list[Probe] | None = None,
+        channel: Any = None,
         t0: float | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -57,27 +77,49 @@ class Session:
         self.t0 = time.monotonic() if t0 is None else t0
         self.log = log or (lambda msg: None if opts.quiet else print(f"tuner: {msg}", file=sys.stderr, flush=True))
         self.exporter: Any = None
+        self.channel = channel
+        self.observer: Any = None
+        self.agent: Any = None
+        self._own_dir: str | None = None
         self._write_error_reported = False
 
         probes, statuses = discover(roots)
         self.statuses: list[ProbeStatus] = statuses
-        for p in extra_probes or []:
+        extra = list(extra_probes or [])
+        if channel is not None:
+            from probes.output import OutputProbe
+
+            extra.append(OutputProbe(channel, t0=self.t0, record_text=opts.record_text))
+        for p in extra:
             probes.append(p)
             self.statuses.append(ProbeStatus(p.name, None))
         self.probes = probes
 
         self.trace_path = Path(opts.trace) if opts.trace else default_trace_path(command)
+        observer_path = self._open_observer() if opts.observer else None
         header = make_header(
             probes=self._probe_table(),
             interval_s=opts.interval,
             command=command,
             pid=roots[0] if roots else None,
-            extra={"started_mono": self.t0, **opts.extra_header},
+            extra={
+                "started_mono": self.t0,
+                "channel_socket": getattr(channel, "path", None),
+                "observer_socket": observer_path,
+                "policy": opts.policy,
+                "observe_only": opts.observe_only,
+                **_policy_header(opts.policy_config),
+                **opts.extra_header,
+            },
         )
         try:
             self.writer = TraceWriter(self.trace_path, header)
         except OSError as exc:
+            self._close_observer()
             raise UserError(f"cannot write trace {self.trace_path}: {exc.strerror or exc}") from None
+        if self.observer is not None:
+            self.observer.publish(self.writer.header)
+            self.writer.add_listener(self.observer.publish)
 
         if opts.prometheus:
             from tuner.prometheus import PrometheusExporter, parse_listen
@@ -87,18 +129,87 @@ class Session:
                 self.exporter = PrometheusExporter(addr)
             except OSError as exc:
                 self.writer.close()
+                self._close_observer()
                 raise UserError(
                     f"cannot serve Prometheus metrics on {opts.prometheus}: {exc.strerror or exc}"
                 ) from None
 
+        hooks: list[Callable[[Tick], None]] = []
+        if opts.policy_config is not None:
+            self.agent = self._build_agent(opts.policy_config)
+            hooks.append(self.agent.step)  # first: it adds the knob_* columns the recorder writes
+        hooks.append(self._record)
         self.sampler = Sampler(
             probes,
             interval=opts.interval,
             t0=self.t0,
-            hooks=[self._record],
+            hooks=hooks,
             on_skip=self._on_skip,
             on_note=self._on_note,
         )
+
+    def _open_observer(self) -> str | None:
+        """The live feed for ``tuner tui --connect``; the session records without it if it cannot open."""
+        import tempfile
+
+        try:
+            from tuner.observe import ObserverServer
+
+            chan_path = getattr(self.channel, "path", None)
+            if isinstance(chan_path, str) and os.path.isdir(os.path.dirname(chan_path)):
+                base = os.path.dirname(chan_path)  # the channel's private 0700 directory
+            else:
+                base = self._own_dir = tempfile.mkdtemp(prefix="tuner-")
+            path = os.path.join(base, "observer.sock")
+            self.observer = ObserverServer(path)
+            self.observer.start()
+        except (OSError, ImportError) as exc:
+            self.observer = None
+            self.log(f"live view unavailable ({getattr(exc, 'strerror', None) or exc}); recording goes on")
+            return None
+        return path
+
+    def _close_observer(self) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.close()
+            finally:
+                self.observer = None
+        if self._own_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
+
+    def _build_agent(self, config: Any) -> Any:
+        from tuner.actuator import ChannelActuator, DryRunActuator
+        from tuner.policy_config import build_agent
+
+        actuator: Any
+        if self.opts.observe_only:
+            actuator = DryRunActuator()
+        elif self.channel is None:
+            actuator = DryRunActuator()
+            self.log("no client channel to this process (attach): policy decisions are recorded as dry-run")
+        else:
+            actuator = ChannelActuator(self.channel)
+        return build_agent(config, actuator, self.writer, observe_only=self.opts.observe_only)
+
+    def _handle_viewer_commands(self, t: float) -> None:
+        for cmd in self.observer.drain_commands():
+            if cmd.get("cmd") != "policy":
+                continue
+            name, enabled = str(cmd.get("name")), bool(cmd.get("enabled"))
+            if self.agent is None:
+                self.writer.note(t, f"viewer asked to {'enable' if enabled else 'disable'} policy {name}, "
+                                 "but no policy runs (--policy not given)", "warn")
+                continue
+            try:
+                self.agent.set_enabled(name, enabled)
+            except (KeyError, ValueError) as exc:
+                self.writer.note(t, f"viewer command ignored: {exc}", "warn")
+            else:
+                self.writer.note(t, f"policy {name} {'enabled' if enabled else 'disabled'} from the live view")
 
     def _probe_table(self) -> dict[str, dict[str, Any]]:
         table: dict[str, dict[str, Any]] = {}
@@ -116,6 +227,8 @@ class Session:
 
     # -- per tick (sampler thread) --------------------------------------------------------------------
     def _record(self, tick: Tick) -> None:
+        if self.observer is not None:
+            self._handle_viewer_commands(tick.t)
         self.writer.tick(tick.t, tick.values, tick.procs)
         for e in tick.events:
             self.writer.event(e)
@@ -144,12 +257,18 @@ class Session:
         self.writer.note(t, msg, level)
 
     # -- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def observer_path(self) -> str | None:
+        return self.writer.header.get("observer_socket")
+
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     def start(self) -> None:
         unavailable = [f"{s.name} ({s.reason})" for s in self.statuses if not s.available]
         self.log(f"recording to {self.trace_path} every {self.opts.interval:g} s")
+        if self.observer is not None:
+            self.log(f"live view: tuner tui --connect {self.observer_path}")
         if unavailable:
             self.log("not sampled: " + "; ".join(unavailable))
         self.sampler.start()
@@ -170,6 +289,9 @@ class Session:
         self.sampler.close()
         if self.exporter is not None:
             self.exporter.close()
+        if self.channel is not None:
+            self.channel.close()
+        self._close_observer()
         if self.writer.error:
             self.log(self.writer.error)
         return self.trace_path

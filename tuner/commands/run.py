@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from tuner.commands._common import add_session_options, session_options
 from tuner.errors import UserError
-from tuner.session import Session
+from tuner.session import Session, SessionOptions
+from tuner.trace import default_trace_path
 
 GRACE_S = 5.0
 
@@ -25,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and exit with CMD's exit code.",
     )
     add_session_options(p)
+    p.add_argument(
+        "--tui",
+        action="store_true",
+        help="show the live dashboard while CMD runs (CMD's own output goes to TRACE.log); q closes the view",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command to run")
     p.set_defaults(func=run)
 
@@ -73,9 +81,13 @@ class ChildStopper:
             self._send(signal.SIGKILL)
 
 
-def start_child(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_child(cmd: list[str], env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
     try:
-        return subprocess.Popen(cmd, env=env)
+        if log_path is None:
+            return subprocess.Popen(cmd, env=env)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:  # the TUI owns the terminal: the command writes here instead
+            return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     except FileNotFoundError:
         raise UserError(f"command not found: {cmd[0]}", code=127) from None
     except PermissionError:
@@ -91,27 +103,65 @@ def run(args: argparse.Namespace) -> int:
     if not cmd:
         raise UserError("no command given: use 'tuner run [options] -- CMD ...'")
     opts = session_options(args)
-    return supervise(cmd, opts, headless=args.headless)
+    if args.tui and args.headless:
+        raise UserError("--tui and --headless contradict each other: choose one")
+    return supervise(cmd, opts, headless=args.headless, tui=args.tui)
 
 
-def supervise(cmd: list[str], opts: object, *, headless: bool = True, env: dict[str, str] | None = None) -> int:
-    from tuner.session import SessionOptions
+def want_tui(tui: bool) -> bool:
+    """The dashboard needs a terminal on both ends; refuse clearly rather than draw into a pipe."""
+    if tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError("--tui needs a terminal (stdin and stdout are not a tty): use --headless")
+    return tui
 
-    assert isinstance(opts, SessionOptions)
+
+def supervise(
+    cmd: list[str],
+    opts: SessionOptions,
+    *,
+    headless: bool = True,
+    tui: bool = False,
+    stop_on_quit: bool = False,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Start ``cmd`` beside a recording session and wait for it; returns its exit code.
+
+    With ``tui`` the dashboard runs in the foreground while the child's output goes to ``TRACE.log``;
+    quitting the dashboard stops the child when ``stop_on_quit`` (the demo), else recording goes on
+    headless until the command exits (``tuner run --tui``).
+    """
+    tui = want_tui(tui)
     child_env = dict(os.environ if env is None else env)
     t0 = time.monotonic()
-    child = start_child(cmd, child_env)
+    log_path: Path | None = None
+    if tui:
+        trace_path = Path(opts.trace) if opts.trace else default_trace_path(cmd)
+        opts.trace = str(trace_path)
+        log_path = trace_path.with_suffix(".log")
+    channel = open_channel()
+    if channel is not None:
+        child_env["TUNER_SOCKET"] = channel.path
+    try:
+        child = start_child(cmd, child_env, log_path)
+    except BaseException:
+        if channel is not None:
+            channel.close()
+        raise
     stopper = ChildStopper(child)
     old = {s: signal.signal(s, stopper.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     session: Session | None = None
     try:
         try:
-            session = Session(opts, command=cmd, roots=[child.pid], t0=t0)
+            session = Session(opts, command=cmd, roots=[child.pid], t0=t0, channel=channel)
         except BaseException:
             child.terminate()
             child.wait()
+            if channel is not None:
+                channel.close()
             raise
         session.start()
+        if tui:
+            run_dashboard(session, child, stopper, stop_on_quit=stop_on_quit, log_path=log_path)
         while True:
             try:
                 rc = child.wait(timeout=0.2)
@@ -128,6 +178,46 @@ def supervise(cmd: list[str], opts: object, *, headless: bool = True, env: dict[
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def run_dashboard(
+    session: Session,
+    child: subprocess.Popen[bytes],
+    stopper: ChildStopper,
+    *,
+    stop_on_quit: bool,
+    log_path: Path | None,
+) -> None:
+    """The TUI in the foreground, fed by the session's live feed (the same one ``tuner tui --connect`` reads)."""
+    path = session.observer_path
+    if path is None:
+        session.log("no live feed for the dashboard; recording headless")
+        return
+    from tui.app import run_live
+
+    try:
+        run_live(path)
+    except Exception as exc:  # the dashboard failing must not lose the recording or the child
+        session.log(f"dashboard stopped: {type(exc).__name__}: {exc}; recording goes on")
+    if child.poll() is None:
+        if stop_on_quit:
+            stopper.handler(signal.SIGTERM, None)
+        else:
+            session.log("view closed; still recording until the command exits (Ctrl-C stops it)")
+    if log_path is not None:
+        session.log(f"the command's output is in {log_path}")
+
+
+def open_channel() -> Any:
+    """The socket the inference's ``tuner.client`` talks to (its path goes into ``TUNER_SOCKET``)."""
+    from tuner.channel import ChannelServer
+
+    try:
+        server = ChannelServer()
+        server.start()
+    except OSError as exc:
+        raise UserError(f"cannot open the client channel socket: {exc.strerror or exc}") from None
+    return server
 
 
 def print_brief_summary(path: object) -> None:
