@@ -18,7 +18,10 @@ between readings.  Elsewhere (macOS, Windows, BSD) the same values come from psu
 A process is identified by (PID, starttime): a reused PID is a new process.  A process that exits (or
 turns zombie) becomes a ``proc_exit`` event ``{pid, name, exit_after_s}``; one that appears, ``proc_start``
 ``{pid, ppid, name}`` (the processes found by the first scan are the starting state, not events).
-Zombies are counted, with RSS 0.  Nothing a watched process does raises out of ``sample()``.
+Zombies (dead, not yet reaped) are reported once as an exit and never counted: not in ``procs``, not in
+the tree's sums or ``tree_procs_count``.  With no live process left the tree's values are ``None``
+(``tree_procs_count`` 0), never a 0 that would read as a measurement.  Nothing a watched process does
+raises out of ``sample()``.
 
 CPU ratios (per process, tree, machine) are measured over at least ``min_window_s`` (0.05 s: the kernel's
 CPU counters move in 10 ms steps, so a 100 Hz tick-to-tick delta would read 0 or 1 core); a faster tick
@@ -429,17 +432,18 @@ class CpuProbe:
             elif mono - p.last_mono >= window:  # else the last ratio holds: CPU time ticks at 10 ms
                 p.cpu_ratio = max(0.0, (r.cpu_s - p.last_cpu) / (mono - p.last_mono))
                 p.last_cpu, p.last_mono = r.cpu_s, mono
+            if r.state == "Z":  # dead, not yet reaped: reported once as an exit, never counted
+                p.uss = None
+                p.cpu_ratio = None
+                if not p.exited:
+                    p.exited = True
+                    events.append(self._exit_event(now, p, zombie=True))
+                continue
             ratio = p.cpu_ratio
             if ratio is not None:
                 cpu_sum += ratio
                 cpu_any = True
-            zombie = r.state == "Z"
-            if zombie:
-                p.uss = 0
-                if not p.exited:
-                    p.exited = True
-                    events.append(self._exit_event(now, p, zombie=True))
-            elif do_uss and p.ps is not None:
+            if do_uss and p.ps is not None:
                 try:
                     p.uss = p.ps.memory_full_info().uss
                 except (psutil.Error, OSError, AttributeError):
@@ -467,12 +471,16 @@ class CpuProbe:
                 events.append(self._exit_event(now, p))
         if gone:
             self._pid_list = list(self._procs)
-        values["tree_cpu_ratio"] = cpu_sum if cpu_any or (not procs_out and not first) else None
+        values["tree_procs_count"] = len(procs_out)
+        if not procs_out:  # no live process left (all exited or zombies): nothing to measure, not zeros
+            for key in ("tree_cpu_ratio", "tree_rss_bytes", "tree_uss_bytes", "tree_threads_count", "tree_fds_count"):
+                values[key] = None
+            return
+        values["tree_cpu_ratio"] = cpu_sum if cpu_any else None
         values["tree_rss_bytes"] = rss_sum
         values["tree_uss_bytes"] = uss_sum if uss_any else None
         values["tree_threads_count"] = threads_sum
         values["tree_fds_count"] = fds_sum
-        values["tree_procs_count"] = len(procs_out)
 
     def _exit_event(self, now: float, p: _Proc, zombie: bool = False) -> Event:
         data: dict[str, Any] = {"pid": p.pid, "name": p.name}
