@@ -90,6 +90,7 @@ class Request:
 
     __slots__ = (
         "_client",
+        "_gen",
         "batch_capacity",
         "batch_size",
         "created",
@@ -117,6 +118,7 @@ class Request:
         precision: str | None,
     ) -> None:
         self._client = client
+        self._gen = client._gen
         self.id = rid
         self.prompt_tokens = prompt_tokens
         self.batch_size = batch_size
@@ -187,17 +189,20 @@ class Request:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         end = _monotonic()
         c = self._client
-        c._active -= 1
-        if exc_type is not None:
-            c._failed += 1
-            return
-        q = c._queue
-        n = len(self.ids)
-        if len(q) >= QUEUE_REQUESTS or c._ids_in - c._ids_out + n > QUEUE_IDS:
-            c._dropped_hot += 1  # full (the sidecar is slow or gone): drop this one, count it
-            return
-        c._ids_in += n
-        q.append((self, end, n))
+        if self._gen is not c._gen:
+            return  # begun before a fork, ended in the child: the parent's request, not this process's
+        with c._lock:
+            c._active -= 1
+            if exc_type is not None:
+                c._failed += 1
+                return
+            q = c._queue
+            n = len(self.ids)
+            if len(q) >= QUEUE_REQUESTS or c._ids_in - c._ids_out + n > QUEUE_IDS:
+                c._dropped_hot += 1  # full (the sidecar is slow or gone): drop this one, count it
+                return
+            c._ids_in += n
+            q.append((self, end, n))
 
 
 class _NullRequest:
@@ -283,6 +288,14 @@ class Client:
 
     def _init_state(self) -> None:
         """Everything the sender thread owns or shares; rebuilt in a forked child."""
+        # Request bookkeeping shared by the inference threads and the sender: ``_active``/``_failed``/
+        # ``_dropped_hot``/``_ids_in`` and the queue append change together under ``_lock`` (the status the
+        # sender snapshots under it is consistent, and no count is lost whatever the interpreter's thread
+        # switching); starting the sender is under it too (two threads' first request() after a fork
+        # started two senders on one socket).  ``_gen`` is new in a forked child: a request begun before
+        # the fork and ended after it is the parent's and leaves the child's counts alone (it made them -1).
+        self._lock = threading.Lock()
+        self._gen = object()
         self._queue: deque[tuple[Request, float, int]] = deque()  # bounded in Request.__exit__
         # single-writer counters (no lost updates between threads): *_in/_hot by the inference thread,
         # *_out and _dropped by the sender thread
@@ -329,7 +342,8 @@ class Client:
         if self._thread is None and self._start and not self._closing:
             self._restart_thread()
         k = self.knobs
-        self._active += 1
+        with self._lock:
+            self._active += 1
         return Request(
             self,
             self._ids(),
@@ -468,8 +482,11 @@ class Client:
                 os.close(sock.detach())  # the parent's connection stays the parent's: no shutdown() here
 
     def _restart_thread(self) -> None:
-        self._thread = threading.Thread(target=self._sender, name="tuner-client", daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self._thread is not None:
+                return  # another inference thread got here first: one sender per client
+            self._thread = threading.Thread(target=self._sender, name="tuner-client", daemon=True)
+            self._thread.start()
 
     # -- the sender thread -----------------------------------------------------------------------------
     def _sender(self) -> None:
@@ -559,12 +576,14 @@ class Client:
                 now = _monotonic()
                 if now - last_status >= STATUS_EVERY_S or closing:
                     last_status = now
+                    with self._lock:
+                        active, failed, dropped_hot = self._active, self._failed, self._dropped_hot
                     self._put(
                         {
                             "type": "status",
-                            "active": max(0, self._active),
-                            "dropped": self.dropped,
-                            "failed": self._failed,
+                            "active": active,
+                            "dropped": self._dropped + dropped_hot,
+                            "failed": failed,
                             "sent": self._sent,
                         }
                     )
