@@ -1,7 +1,12 @@
 """The arbiter: turns the policies' proposals of one tick into decisions.
 
 In order:
-1. **bounds** — a value outside the knob's configured bounds is clamped (outcome ``clamped``);
+0. **validity** — an unknown knob, or a value the knob cannot hold (a number that is not finite, a bool or
+   a string for a numeric knob, a fractional batch size, a precision not in ``PRECISIONS``, a negative
+   temperature, a batch size under 1) is rejected: whatever a policy returns, no knob is ever set
+   outside its bounds (property-tested in ``tests/test_faults_policy.py``);
+1. **bounds** — a value outside the knob's configured bounds is clamped (outcome ``clamped``); one that
+   cannot be brought inside them (an integer knob between two integers) is rejected;
 2. **no-ops** — setting a knob to the value it already has is dropped silently;
 3. **conflicts** — under memory pressure (a precision step-down proposed this tick, or headroom below
    the pressure threshold) a batch-size *increase* is rejected: less memory first, more work later;
@@ -17,6 +22,7 @@ The arbiter is deterministic and keeps only the time each knob last changed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,14 +89,22 @@ class Arbiter:
     def _one(self, t: float, a: Action, knobs: Knobs, pressure: bool, step_down: bool) -> Decision | None:
         outcome = "accept"
         why = ""
+        bad = _invalid(a.knob, a.value)
+        if bad:
+            return Decision(a, "rejected", bad)
         b = self.bounds.get(a.knob)
         value: Any = a.value
+        if a.knob == "batch_size" and type(value) is not int:
+            value = int(value)  # an integral float (checked by _invalid)
+            a = Action(a.policy, a.knob, value, a.reason, a.evidence)
         if b is not None and a.knob != "cleanup":
             if b.choices is not None:
                 if value not in b.choices:
                     return Decision(a, "rejected", f"{value!r} is not one of the allowed {a.knob} values")
             else:
-                clamped = b.clamp(value)
+                clamped = _clamp(b, value, integer=a.knob == "batch_size")
+                if clamped is None:
+                    return Decision(a, "rejected", f"{value!r} cannot be brought inside the {a.knob} bounds")
                 if clamped != value:
                     outcome, why, value = "clamped", f"clamped from {value!r} to bounds", clamped
                     a = Action(a.policy, a.knob, value, a.reason, a.evidence)
@@ -117,9 +131,52 @@ class Arbiter:
             )
             or (a.knob == "precision" and _bits(str(value)) > _bits(knobs.precision))
         )
-        if last is not None and t - last < cool and not urgent:
+        # times are trace times to the microsecond: 1.336658 - 0.336658 is 0.99999999..., which is 1 s
+        if last is not None and round(t - last, 6) < cool and not urgent:
             return Decision(a, "rejected", f"cooldown: {a.knob} changed {t - last:.2f} s ago (cooldown {cool:g} s)")
         return Decision(a, outcome, why)
+
+
+NUMERIC_KNOBS: tuple[str, ...] = ("temperature", "repetition_penalty", "batch_size")
+
+
+def _invalid(knob: str, value: Any) -> str | None:
+    """Why ``value`` can never be set on ``knob`` (None when it can); what the client would refuse too."""
+    if knob == "cleanup":
+        return None
+    if knob == "precision":
+        if isinstance(value, str) and value in PRECISIONS:
+            return None
+        return f"precision {value!r} is not one of {', '.join(PRECISIONS)}"
+    if knob not in NUMERIC_KNOBS:
+        return f"unknown knob {knob!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{knob} = {value!r} is not a finite number"
+    if knob == "batch_size":
+        if value != int(value):
+            return f"batch_size = {value!r} is not a whole number"
+        if value < 1:
+            return f"batch_size = {value!r} is under 1"
+    elif knob == "temperature" and value < 0:
+        return f"temperature = {value!r} is negative"
+    elif knob == "repetition_penalty" and value <= 0:
+        return f"repetition_penalty = {value!r} is not positive"
+    return None
+
+
+def _clamp(b: Bounds, value: float, *, integer: bool) -> float | None:
+    """``value`` brought inside ``[b.lo, b.hi]`` (whole numbers for an integer knob), None if impossible."""
+    lo, hi = b.lo, b.hi
+    if integer:
+        lo = None if lo is None else math.ceil(lo)
+        hi = None if hi is None else math.floor(hi)
+    if lo is not None and hi is not None and lo > hi:
+        return None
+    if lo is not None and value < lo:
+        value = int(lo) if integer else float(lo)
+    if hi is not None and value > hi:
+        value = int(hi) if integer else float(hi)
+    return value if b.contains(value) else None
 
 
 def _bits(p: str | None) -> int:
