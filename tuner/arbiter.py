@@ -103,7 +103,7 @@ class Arbiter:
                     return Decision(a, "rejected", f"{value!r} is not one of the allowed {a.knob} values")
             else:
                 clamped = _clamp(b, value, integer=a.knob == "batch_size")
-                if clamped is None:
+                if clamped is None or _invalid(a.knob, clamped):  # bounds with no valid value (a config slip)
                     return Decision(a, "rejected", f"{value!r} cannot be brought inside the {a.knob} bounds")
                 if clamped != value:
                     outcome, why, value = "clamped", f"clamped from {value!r} to bounds", clamped
