@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tuner.trace as trace_mod
 from tuner.records import Action, Applied, Event
 from tuner.trace import (
     SCHEMA_VERSION,
@@ -21,6 +23,7 @@ from tuner.trace import (
     TraceFollower,
     TraceWriter,
     default_trace_path,
+    encode_record,
     make_header,
     read_trace,
 )
@@ -235,3 +238,193 @@ def test_disk_full_keeps_records_and_resumes(tmp_path: Path) -> None:
     d = read_trace(p)
     assert d.column("v_bytes").tolist() == [float(i) for i in range(51)]
     assert os.path.getsize(p) > 300
+
+
+# -- encoding: orjson lines are the same JSON as the standard library's --------------------------------------
+
+_json_value = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["\ud800", "é€😀", "a\nb", '"\\']),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=20,
+)
+
+
+def _stdlib_line(rec: dict) -> bytes:
+    """What the writer produced before orjson: json.dumps, compact, NaN/inf as null."""
+    text = json.dumps(rec, default=str)
+    return json.dumps(json.loads(text, parse_constant=lambda _: None), separators=(",", ":")).encode()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.text(max_size=10), _json_value, max_size=6))
+def test_encoded_lines_parse_to_what_the_stdlib_encoding_parses_to(data: dict) -> None:
+    rec = {"k": "note", "t": 1.5, **data}
+    line = encode_record(rec)
+    assert b"\n" not in line
+    assert json.loads(line) == json.loads(_stdlib_line(rec))
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_a_trace_written_by_the_stdlib_encoder_reads_the_same(tmp_path: Path) -> None:
+    """Older traces (json.dumps: \\u escapes, escaped lone surrogates) read exactly as before."""
+    p = tmp_path / "old.jsonl"
+    recs = [
+        header(),
+        {"k": "tick", "t": 0.0, "m": {"a_bytes": 1.0, "b_ratio": None}, "p": {"7": {"name": "caf\u00e9"}}},
+        {"k": "event", "t": 0.05, "kind": "request", "data": {"text": "\ud800 and \u20ac", "n": 2**70}},
+        {"k": "tick", "t": 0.1, "m": {"a_bytes": 2.5e-7, "b_ratio": 1e16}},
+        {"k": "end", "t": 0.2, "exit_code": 0},
+    ]
+    p.write_bytes(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in recs))
+    d = read_trace(p)
+    assert d.column("a_bytes").tolist() == [1.0, 2.5e-7]
+    assert d.column("b_ratio")[1] == 1e16
+    assert d.procs[0][1]["7"]["name"] == "café"
+    assert d.events[0].data == {"text": "\ud800 and €", "n": 2**70}
+    assert d.end == recs[-1]
+
+
+def test_columns_with_changing_key_layouts(tmp_path: Path) -> None:
+    """Keys that come and go (USS every few ticks, a device that appears) land in the right rows."""
+    p = tmp_path / "t.jsonl"
+    with TraceWriter(p, header()) as w:
+        for i in range(12):
+            m: dict = {"a_bytes": float(i)}
+            if i % 3 == 0:
+                m["uss_bytes"] = float(10 * i)
+            if i >= 8:
+                m = {"gpu_ratio/0": 0.5, **m}
+            if i == 5:
+                m["a_bytes"] = "oops"  # not a number: NaN, like a missing value
+            w.tick(i * 0.1, m)
+    d = read_trace(p)
+    a = d.column("a_bytes")
+    assert np.isnan(a[5]) and [a[i] for i in range(12) if i != 5] == [float(i) for i in range(12) if i != 5]
+    uss = d.column("uss_bytes")
+    assert [i for i in range(12) if not np.isnan(uss[i])] == [0, 3, 6, 9] and uss[9] == 90.0
+    assert np.isnan(d.column("gpu_ratio/0")[:8]).all() and (d.column("gpu_ratio/0")[8:] == 0.5).all()
+
+
+def test_numpy_values_and_int_pids_are_written_as_plain_json(tmp_path: Path) -> None:
+    p = tmp_path / "t.jsonl"
+    with TraceWriter(p, header()) as w:
+        w.tick(0.0, {"a_bytes": np.float64(3.5), "n_count": np.int64(4)}, {99: {"rss_bytes": np.int64(7)}})
+    rec = json.loads(p.read_bytes().splitlines()[1])
+    assert rec == {"k": "tick", "t": 0.0, "m": {"a_bytes": 3.5, "n_count": 4}, "p": {"99": {"rss_bytes": 7}}}
+
+
+# -- privacy -----------------------------------------------------------------------------------------------
+
+
+def test_existing_file_becomes_private_and_new_directories_are_0700(tmp_path: Path) -> None:
+    old = tmp_path / "old.jsonl"
+    old.write_text("x")
+    old.chmod(0o644)
+    TraceWriter(old, header()).close()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    deep = tmp_path / "a" / "b" / "t.jsonl"
+    TraceWriter(deep, header()).close()
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    assert stat.S_IMODE(deep.stat().st_mode) == 0o600
+
+
+# -- a failing disk, a removed file -----------------------------------------------------------------------
+
+
+class FlakyDisk:
+    """Stands in for ``os.write``: takes ``room`` more bytes (a partial write at the edge), then ENOSPC."""
+
+    def __init__(self, room: int | None = None) -> None:
+        self.room = room
+
+    def __call__(self, fd: int, data: object) -> int:
+        view = memoryview(data)  # type: ignore[arg-type]
+        if self.room is None:
+            return os.write(fd, view)
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = os.write(fd, view[: self.room])
+        self.room -= n
+        return n
+
+
+def test_full_disk_half_written_line_is_completed_when_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = FlakyDisk()
+    monkeypatch.setattr(trace_mod, "_os_write", disk)
+    p = tmp_path / "t.jsonl"
+    w = TraceWriter(p, header())
+    w.tick(0.0, {"a_bytes": 0.0})
+    assert w.flush()
+    disk.room = 25  # the next line is cut in the middle
+    results = []
+    for i in range(1, 6):
+        w.tick(i * 0.1, {"a_bytes": float(i)})
+        results.append(w.flush())
+    assert results == [False] * 5 and w.error and "No space left on device" in w.error
+    d = read_trace(p)  # meanwhile: readable, the torn last line skipped with a warning
+    assert d.column("a_bytes").tolist() == [0.0] and any("incomplete" in x for x in d.warnings)
+    disk.room = None
+    w.tick(0.6, {"a_bytes": 6.0})
+    assert w.flush() and w.error is None
+    w.close()
+    d = read_trace(p)
+    assert d.column("a_bytes").tolist() == [float(i) for i in range(7)] and not d.warnings
+
+
+def test_full_disk_buffer_is_bounded_oldest_dropped_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = FlakyDisk()
+    monkeypatch.setattr(trace_mod, "_os_write", disk)
+    monkeypatch.setattr(trace_mod, "BUFFER_LIMIT", 2000)
+    p = tmp_path / "t.jsonl"
+    w = TraceWriter(p, header())
+    disk.room = 10  # part of the first tick goes out, then the disk is full
+    for i in range(300):
+        w.tick(i * 0.1, {"a_bytes": float(i)})
+        assert not w.flush()
+        assert w.buffered_bytes <= 2000 + 100
+    assert w.dropped > 200
+    disk.room = None
+    w.close()
+    d = read_trace(p)
+    a = d.column("a_bytes").tolist()
+    assert not d.warnings and a[0] == 0.0  # the half-written first tick was completed, not torn
+    assert a[1:] == [float(i) for i in range(300 - len(a) + 1, 300)]  # then the newest ones, in order
+    assert len(a) - 1 + w.dropped == 299
+
+
+def test_unwritable_header_is_an_error_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace_mod, "_os_write", FlakyDisk(room=0))
+    with pytest.raises(OSError):
+        TraceWriter(tmp_path / "t.jsonl", header())
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_trace_removed_while_recording_is_created_again(tmp_path: Path) -> None:
+    d = tmp_path / "traces"
+    p = d / "t.jsonl"
+    w = TraceWriter(p, header())
+    w.tick(0.0, {"a_bytes": 0.0})
+    assert w.flush()
+    p.unlink()
+    d.rmdir()
+    d.write_text("now a file")  # the directory cannot come back yet
+    w.tick(0.1, {"a_bytes": 1.0})
+    assert not w.flush() and w.error and "t.jsonl" in w.error
+    d.unlink()
+    w.tick(0.2, {"a_bytes": 2.0})
+    assert w.flush() and w.reopened == 1
+    w.close()
+    data = read_trace(p)
+    assert data.column("a_bytes").tolist() == [1.0, 2.0]
+    assert "removed while recording" in data.notes[0]["msg"]
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE(p.stat().st_mode) == 0o600

@@ -1,7 +1,11 @@
 """Trace I/O: goal >= 200k records/s written, >= 5M metric values/s read into numpy (issue: Foundation).
 
 Baselines in the same run: writing the same records with plain ``json.dumps`` + one ``f.write`` per
-batch, and reading the same file with plain ``json.loads`` per line (no columns built).  The writer's
+batch, and reading the same file with plain ``json.loads`` per line (no columns built).  The trace module
+encodes and parses with orjson (bytes straight to ``os.write``, no per-record dict copies; reading groups
+ticks by key layout and converts each group to numpy in one call), so both ratios are below 1 now:
+measured here 0.30x the time of json.dumps for writing (was 1.17x) and 0.7-0.8x the time of json.loads
+alone for reading into numpy (was 2.05x).  The writer's
 figure is records per second with a flush every 100 records (the sampler flushes once per tick; the
 per-tick flush cost is measured separately).  Records: CPU-probe-sized ticks (14 metrics, 2 processes).
 
@@ -92,8 +96,8 @@ def test_trace_write_rate(benchmark: Any, tmp_path: Path) -> None:
           f"{N / t_plain:,.0f}/s, TraceWriter at {t_plain / t_tuner:.2f}x its speed); a tick with its own flush: "
           f"{t_flush * 1e6:.1f} us CPU")  # fmt: skip
     benchmark.extra_info.update(records_per_s=rate, plain_per_s=N / t_plain, flush_per_tick_us=t_flush * 1e6)
-    # What the writer controls: its overhead over encoding the same records with json.dumps.
-    assert t_tuner <= 1.5 * t_plain, f"TraceWriter takes {t_tuner / t_plain:.2f}x plain json.dumps+write"
+    # What the writer controls: its cost against encoding the same records with json.dumps (0.30x here).
+    assert t_tuner <= 0.8 * t_plain, f"TraceWriter takes {t_tuner / t_plain:.2f}x plain json.dumps+write"
 
 
 @pytest.mark.bench
@@ -121,5 +125,5 @@ def test_trace_read_rate(benchmark: Any, tmp_path: Path) -> None:
           f"{goal(rate >= 5_000_000)}; plain json.loads per line alone {n_values / t_plain:,.0f} values/s; "
           f"read_trace takes {t_tuner / t_plain:.2f}x the time of json.loads alone")  # fmt: skip
     benchmark.extra_info.update(values_per_s=rate, plain_values_per_s=n_values / t_plain)
-    # What the reader controls beyond parsing JSON (2.3x measured here; building the columns is the rest).
-    assert t_tuner <= 3.0 * t_plain, f"read_trace takes {t_tuner / t_plain:.2f}x json.loads alone"
+    # Parsing with orjson and building the columns in bulk beats json.loads alone (0.7-0.8x here).
+    assert t_tuner <= 1.2 * t_plain, f"read_trace takes {t_tuner / t_plain:.2f}x json.loads alone"
