@@ -1,8 +1,14 @@
-"""``tuner`` command line: argparse front end; each subcommand lives in ``tuner.commands``."""
+"""``tuner`` command line: argparse front end; each subcommand lives in ``tuner.commands``.
+
+Whatever goes wrong reaches the user as one ``tuner: ...`` line on stderr and a non-zero exit code:
+usage errors exit 2, a ``UserError`` with its own code, an unexpected exception 70 (``EX_SOFTWARE``)
+with its type and message — the traceback only with ``TUNER_DEBUG=1``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,11 +16,22 @@ from tuner import __version__
 from tuner.errors import UserError
 from tuner.trace import TraceError
 
+INTERNAL_ERROR = 70
+"""Exit code of an unexpected exception (a bug): ``EX_SOFTWARE`` from sysexits.h."""
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a newline in user input (a file name, an option value) must not split
+    the error, so line breaks and other control characters are shown escaped."""
+    if message.isprintable():
+        return message
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in message)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, exit 2, like every other bad input.
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_broken_pipe() -> None:
+    """The reader of our output went away (``tuner report T | head``): stop without a second error when
+    Python flushes stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,12 +64,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, TraceError) as exc:
-        print(f"tuner: {exc}", file=sys.stderr)
-        return getattr(exc, "code", 2)
+        print(f"tuner: {one_line(str(exc))}", file=sys.stderr)
+        return int(getattr(exc, "code", 2))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        _quiet_broken_pipe()
         return 0
+    except Exception as exc:  # a bug: still one line for the user, the traceback on request
+        if os.environ.get("TUNER_DEBUG"):
+            raise
+        detail = one_line(f"{type(exc).__name__}: {exc}")
+        print(
+            f"tuner: internal error: {detail} (TUNER_DEBUG=1 shows the traceback; please report it)",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

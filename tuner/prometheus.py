@@ -79,6 +79,23 @@ def parse_listen(text: str, public: bool) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def check_bindable(addr: tuple[str, int], shown: str | None = None) -> None:
+    """Bind ``addr`` once and let go, so that a port already taken is a one-line error before the
+    watched command starts (the exporter binds it for real a moment later, as ``http.server`` does:
+    ``SO_REUSEADDR``, the first address ``getaddrinfo`` gives)."""
+    host, port = addr
+    label = shown if shown is not None else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except (OSError, UnicodeError, IndexError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise UserError(f"cannot serve Prometheus metrics on {label}: {why}") from None
+
+
 class _Snapshot:
     __slots__ = ("procs", "values")
 

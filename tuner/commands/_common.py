@@ -1,11 +1,16 @@
-"""Options shared by ``tuner run``, ``tuner attach`` and ``tuner demo``."""
+"""Options shared by ``tuner run``, ``tuner attach``, ``tuner demo`` and ``tuner proxy``, and the checks
+on output paths every command shares (a recorded trace is never overwritten by accident)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from tuner.errors import UserError
 from tuner.session import SessionOptions, check_interval
+
+_TRACE_MAGIC = b'{"k":"header"'
 
 
 def add_session_options(p: argparse.ArgumentParser) -> None:
@@ -18,6 +23,11 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
         help="seconds between samples, 0.001-1 (default 0.1 = 10 Hz)",
     )
     g.add_argument("--trace", metavar="PATH", help="trace file to write (default ./traces/<UTC time>-<command>.jsonl)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --trace PATH when it already exists (without it an existing file is never replaced)",
+    )
     g.add_argument("--headless", action="store_true", help="no TUI; print a summary at the end")
     g.add_argument("--prometheus", metavar="ADDR", help="serve /metrics for Prometheus on ADDR (e.g. 127.0.0.1:9464)")
     g.add_argument("--prometheus-public", action="store_true", help="allow --prometheus on a non-loopback address")
@@ -41,7 +51,9 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
 
 
 def session_options(args: argparse.Namespace) -> SessionOptions:
-    """Validate everything before anything starts: a bad policy file must not leave a child running."""
+    """Validate everything before anything starts: a bad policy file, an address that cannot be served or
+    a trace that cannot be written must not leave a child running (or killed half-way)."""
+    interval = check_interval(args.interval)
     config = None
     if args.policy:
         from tuner.policy_config import load_policy
@@ -49,12 +61,14 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         config = load_policy(args.policy)  # raises a one-line UserError
     elif args.observe_only:
         raise UserError("--observe-only needs --policy P (without a policy nothing acts anyway)")
+    check_trace_target(args.trace, overwrite=bool(getattr(args, "overwrite", False)))
     if args.prometheus:
-        from tuner.prometheus import parse_listen
+        from tuner.prometheus import check_bindable, parse_listen
 
-        parse_listen(args.prometheus, args.prometheus_public)  # a bad address fails before a child starts
+        addr = parse_listen(args.prometheus, args.prometheus_public)  # a bad address fails before a child starts
+        check_bindable(addr, args.prometheus)  # and so does a port already taken
     return SessionOptions(
-        interval=check_interval(args.interval),
+        interval=interval,
         trace=args.trace,
         prometheus=args.prometheus,
         prometheus_public=args.prometheus_public,
@@ -64,3 +78,61 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         observe_only=args.observe_only,
         record_text=args.record_text,
     )
+
+
+def looks_like_trace(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file that starts like an inference-tuner trace (its header line)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return head.startswith(_TRACE_MAGIC) and b'"tool":"inference-tuner"' in head
+
+
+def _nearest_existing(p: Path) -> Path:
+    for q in (p, *p.parents):
+        if q.exists():
+            return q
+    return Path(".")
+
+
+def check_trace_target(trace: str | None, *, overwrite: bool = False) -> None:
+    """Refuse, before anything starts, a trace path that cannot be written — or that holds data a new
+    recording would erase (any non-empty file, unless ``overwrite``).  ``None``: the default directory
+    ``./traces`` must be creatable."""
+    p = Path(trace) if trace else Path("traces") / "x.jsonl"
+    shown = trace if trace else "traces/"
+    if trace and p.is_dir():
+        raise UserError(f"cannot write trace {trace}: it is a directory (give a file name)")
+    anc = _nearest_existing(p.parent)
+    if not anc.is_dir():
+        raise UserError(f"cannot write trace {shown}: {anc} is not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write trace {shown}: permission denied in {anc}")
+    if not trace or not p.exists():
+        return
+    if not os.access(p, os.W_OK):
+        raise UserError(f"cannot write trace {trace}: permission denied")
+    try:
+        size = p.stat().st_size if p.is_file() else 0
+    except OSError:
+        size = 0
+    if size and not overwrite:
+        what = "a recorded trace" if looks_like_trace(p) else f"{size} bytes"
+        raise UserError(f"--trace {trace} already exists ({what}): give a new path, or add --overwrite to replace it")
+
+
+def check_not_a_trace(out: str, inputs: tuple[str, ...] = (), *, option: str = "OUT") -> None:
+    """An output file (CSV, HTML, ...) must be neither an input of the command nor any recorded trace:
+    a typo must not turn a recording into an export of itself."""
+    p = Path(out)
+    for src in inputs:
+        try:
+            same = p.exists() and os.path.samefile(p, src)
+        except OSError:
+            same = False
+        if same:
+            raise UserError(f"{option} {out} is the trace being read: give another file name")
+    if p.is_file() and looks_like_trace(p):
+        raise UserError(f"{option} {out} is a recorded trace: refusing to overwrite it; give another file name")

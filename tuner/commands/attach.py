@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -27,17 +28,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_pid(text: str) -> int:
-    try:
-        pid = int(text)
-    except ValueError:
-        raise UserError(f"'{text}' is not a PID (a positive whole number)") from None
+def parse_pid(text: str, *, allow_self: bool = True) -> int:
+    """A PID given on the command line: a whole number naming a process this user may read."""
+    s = text.strip()
+    if not s.lstrip("+-").isdigit() or not s.isascii():
+        raise UserError(f"{text!r} is not a PID (a positive whole number)")
+    pid = int(s)
+    if pid > 2**31 - 1:  # larger than any pid_t: no such process, and psutil would overflow
+        raise UserError(f"no process with PID {pid}")
+    if not allow_self and pid == os.getpid():
+        raise UserError(f"PID {pid} is this tuner process itself: give the PID of the inference to watch")
     pid_exists_or_error(pid)
+    if _is_kernel_thread(pid):
+        raise UserError(f"PID {pid} is a kernel thread, not a process with memory of its own to watch")
     return pid
 
 
+def _is_kernel_thread(pid: int) -> bool:
+    """Linux: the ``PF_KTHREAD`` flag in ``/proc/PID/stat`` (kernel threads show up as PIDs in a VM)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return bool(int(fields[6]) & 0x00200000)  # field 9 of stat: flags
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
-    pid = parse_pid(args.pid)
+    pid = parse_pid(args.pid, allow_self=False)
     opts = session_options(args)
     try:
         proc = psutil.Process(pid)

@@ -31,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from tuner.html_report import compare, render_compare, render_compare_text
 
     if args.html:
+        from tuner.commands._common import check_not_a_trace
+
         check_output(args.html)
+        check_not_a_trace(args.html, (args.a, args.b), option="--html")
     a_data, a_sum = load(args.a, skip_bad=args.skip_bad)
     b_data, b_sum = load(args.b, skip_bad=args.skip_bad)
     result, pairs = compare(a_data, a_sum, b_data, b_sum, draw=bool(args.html))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tuner.errors import UserError
 
@@ -28,8 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tuner import export
+    from tuner.commands._common import check_not_a_trace
+    from tuner.commands.report import check_output
     from tuner.trace import read_trace
 
+    outputs = [args.out]
+    if args.to == "parquet":
+        outputs.append(str(export.events_path(Path(args.out))))
+    for out in outputs:  # before reading: a wrong OUT fails fast and never replaces a recording
+        check_output(out)
+        check_not_a_trace(out, (args.trace,))
     try:
         data = read_trace(args.trace, skip_bad=args.skip_bad)
     except MemoryError:

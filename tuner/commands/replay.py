@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="preset (interactive, offline, edge) or TOML file; default: the policy the trace was recorded with",
     )
     p.add_argument("--out", metavar="TRACE", help="write a counterfactual trace: recorded samples + replayed actions")
+    p.add_argument("--overwrite", action="store_true", help="replace --out TRACE when it is an existing trace")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of stopping")
     p.set_defaults(func=run)
@@ -163,8 +164,19 @@ def _fmt(v: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tuner.commands._common import check_not_a_trace
+    from tuner.commands.report import check_output
     from tuner.policy_config import load_policy
 
+    if args.out:  # before the work: a wrong --out fails fast and never replaces a recording
+        if Path(args.out).resolve() == Path(args.trace).resolve():
+            raise UserError("--out must not be the trace being replayed")
+        check_output(args.out)
+        if not args.overwrite:
+            try:
+                check_not_a_trace(args.out, option="--out")
+            except UserError as exc:
+                raise UserError(f"{exc} (or add --overwrite)") from None
     rec = load(args.trace, skip_bad=args.skip_bad)
     for w in rec.warnings:
         print(f"tuner: warning: {w}", file=sys.stderr)
@@ -181,8 +193,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.trace} has no ticks to replay")
     out: TraceWriter | None = None
     if args.out:
-        if Path(args.out).resolve() == Path(args.trace).resolve():
-            raise UserError("--out must not be the trace being replayed")
         header = {**rec.header, "policy": policy, "observe_only": True, "replay_of": str(args.trace)}
         try:
             out = TraceWriter(args.out, header)

@@ -80,7 +80,10 @@ def write_text(path: str, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.html:
+        from tuner.commands._common import check_not_a_trace
+
         check_output(args.html)
+        check_not_a_trace(args.html, (args.trace,), option="--html")
     data, summary = load(args.trace, skip_bad=args.skip_bad)
     if args.html:
         from tuner.html_report import render_report

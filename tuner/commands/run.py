@@ -159,15 +159,21 @@ def supervise(
             if channel is not None:
                 channel.close()
             raise
-        session.start()
-        if tui:
-            run_dashboard(session, child, stopper, stop_on_quit=stop_on_quit, log_path=log_path)
-        while True:
-            try:
-                rc = child.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                stopper.escalate()
+        try:
+            session.start()
+            if tui:
+                run_dashboard(session, child, stopper, stop_on_quit=stop_on_quit, log_path=log_path)
+            while True:
+                try:
+                    rc = child.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    stopper.escalate()
+        except BaseException as exc:
+            # The sidecar itself failed late: the command runs on (it must not suffer for it), and what
+            # was recorded so far is closed with an end record that says why.
+            _finish_after_failure(session, exc)
+            raise
         code = exit_code_of(rc)
         path = session.finish(exit_code=code, stopped_by_signal=stopper.signalled_at is not None)
         if not opts.quiet:
@@ -178,6 +184,13 @@ def supervise(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _finish_after_failure(session: Session, exc: BaseException) -> None:
+    try:
+        session.finish(error=f"{type(exc).__name__}: {exc}", sidecar_failed=True)
+    except Exception:
+        pass  # the trace is flushed tick by tick: what is on disk stays readable even without the end record
 
 
 def run_dashboard(

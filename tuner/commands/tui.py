@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tuner.errors import UserError
 
@@ -28,5 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from tui.source import FileSource, RecordSource, SocketSource
 
     source: RecordSource = SocketSource(args.connect) if args.connect else FileSource(args.trace)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # Textual would draw escape codes into a pipe and wait for keys that never come.
+        source.close()
+        what = f"tuner report {args.trace}" if args.trace else "tuner report TRACE once it ends"
+        raise UserError(f"tuner tui needs a terminal (stdin and stdout are not a tty); for text use '{what}'")
     TunerApp(source).run()
     return 0
