@@ -24,6 +24,10 @@ Rolling values (``None`` when the window holds no data):
 - ``chan_clients_count``; ``chan_dropped_count``: messages lost so far — client-side drops (bounded
   queues) + messages the sidecar refused as malformed + its inbound queue overflowing;
 - ``alloc_allocated_bytes``, ``alloc_reserved_bytes``: the last allocator figures a client reported.
+
+Notes (``take_notes()``, written to the trace by the sampler and listed by ``tuner report``): a peer the
+channel refused (another user: who and why), and messages lost — when ``chan_dropped_count`` grew, at
+most once every ``DROP_NOTE_EVERY_S`` of trace time, with the count split by cause.
 """
 
 from __future__ import annotations
@@ -59,11 +63,14 @@ METRICS: dict[str, str] = {
 }
 
 WINDOW_KEEP = 100_000
+DROP_NOTE_EVERY_S = 5.0
+REFUSAL_NOTES_PER_TICK = 5
 LOOP_MAX_N = 64  # finished requests kept for the rolling window, at most
 
 
 class Channel(Protocol):
     def drain(self) -> list[tuple[float, dict[str, Any]]]: ...
+    # optional: ``refusals() -> [{"pid", "uid", "reason"}]`` (``tuner.channel.ChannelServer``)
     def clients(self) -> list[dict[str, Any]]: ...
     def stats(self) -> dict[str, int]: ...
 
@@ -128,6 +135,11 @@ class OutputProbe:
         self._status: dict[int, dict[str, Any]] = {}  # conn -> last status
         self._dropped_gone = 0  # client-side drops of clients that have disconnected
         self._alloc: dict[str, float | None] = {"alloc_allocated_bytes": None, "alloc_reserved_bytes": None}
+        self._notes: list[tuple[str, str]] = []
+        self._lost: dict[str, int] = {}
+        self._lost_noted = 0
+        self._lost_note_t = -math.inf
+        self._refusals = getattr(channel, "refusals", None)
         set_welcome = getattr(channel, "set_welcome", None)
         if set_welcome is not None:
             set_welcome(record_text=record_text)
@@ -151,7 +163,48 @@ class OutputProbe:
                 ev = None
             if ev is not None:
                 events.append(ev)
-        return Sample(self.name, now, self._values(now), events=tuple(events))
+        values = self._values(now)
+        self._note_refusals()
+        self._note_drops(now, values.get("chan_dropped_count"))
+        return Sample(self.name, now, values, events=tuple(events))
+
+    def take_notes(self) -> list[tuple[str, str]]:
+        """Notes for the trace since the last call: ``[(message, level)]``."""
+        out, self._notes = self._notes, []
+        return out
+
+    def _note_refusals(self) -> None:
+        if self._refusals is None:
+            return
+        try:
+            refused = list(self._refusals())
+        except Exception:
+            return
+        for r in refused[:REFUSAL_NOTES_PER_TICK]:
+            self._notes.append((f"channel refused a connection: {r.get('reason')}", "warn"))
+        if len(refused) > REFUSAL_NOTES_PER_TICK:
+            self._notes.append((f"channel refused {len(refused) - REFUSAL_NOTES_PER_TICK} more connections", "warn"))
+
+    def _note_drops(self, now: float, total: float | None) -> None:
+        if total is None or total <= self._lost_noted or now - self._lost_note_t < DROP_NOTE_EVERY_S:
+            return
+        n = int(total)
+        parts = ", ".join(
+            f"{label} {self._lost[key]}"
+            for key, label in (
+                ("queue", "sidecar queue full"),
+                ("malformed", "malformed frames"),
+                ("client", "inference-side queues full or sidecar unreachable"),
+            )
+            if self._lost.get(key)
+        )
+        full = self._lost.get("refused_full", 0)
+        extra = f"; {full} connections refused (too many clients)" if full else ""
+        self._notes.append(
+            (f"channel: {n} messages lost so far (+{n - self._lost_noted}): {parts or 'unknown cause'}{extra}", "warn")
+        )
+        self._lost_noted = n
+        self._lost_note_t = now
 
     def _handle(self, t_arrived: float, msg: dict[str, Any]) -> Event | None:
         kind = msg.get("type")
@@ -279,13 +332,17 @@ class OutputProbe:
             if all("conn" in c for c in clients):  # the status of a client already gone does not count
                 live = {int(c["conn"]) for c in clients}
             st = self.channel.stats()
-            server_lost = int(st.get("malformed", 0)) + int(st.get("dropped", 0))
+            self._lost["queue"] = int(st.get("dropped", 0))
+            self._lost["malformed"] = int(st.get("malformed", 0))
+            self._lost["refused_full"] = int(st.get("refused_full", 0))
+            server_lost = self._lost["queue"] + self._lost["malformed"]
         except Exception:
             server_lost = 0
         active = [int(s.get("active", 0)) for conn, s in self._status.items() if live is None or conn in live]
         if active:
             v["req_active_count"] = float(sum(active))
         client_lost = self._dropped_gone + sum(int(s.get("dropped", 0)) for s in self._status.values())
+        self._lost["client"] = client_lost
         v["chan_dropped_count"] = float(server_lost + client_lost)
         v.update(self._alloc)
         return v

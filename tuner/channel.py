@@ -1,7 +1,9 @@
 """The sidecar's end of the channel to ``tuner.client``: a Unix socket, one background thread.
 
 Security: the socket lives in a private directory (0700, from ``tempfile.mkdtemp``) and is itself 0600;
-every connection's peer is checked with ``SO_PEERCRED`` and any uid other than ours is refused.
+every connection's peer is checked with ``SO_PEERCRED`` and any uid other than ours is refused — told
+why in one ``refused`` frame (``{"type": "refused", "reason": ...}``), then closed, counted
+(``stats()["rejected_peers"]``) and kept for ``refusals()`` (the output probe puts them in the trace).
 
 Wire format (both directions): a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding
 one object ``{"v": 1, "type": ..., ...}``.  Never pickle.  A frame that is oversized
@@ -206,9 +208,21 @@ def expand_rows(msg: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def peer_refusal(pid: int, uid: int, my_uid: int) -> str | None:
+    """Why a peer may not use the channel (None when it may).  Only the sidecar's own user may talk to
+    it — not even root when the sidecar is not root; a peer whose credentials cannot be read is refused."""
+    if uid == my_uid and uid >= 0:
+        return None
+    if uid < 0:
+        return "the peer's credentials could not be read (SO_PEERCRED): refused"
+    return (
+        f"process {pid} runs as uid {uid}; only uid {my_uid}, the user running the tuner, may use this channel"
+    )
+
+
 def peer_allowed(uid: int, my_uid: int) -> bool:
     """Only the sidecar's own user may talk to it (not even root, when the sidecar is not root)."""
-    return uid == my_uid
+    return peer_refusal(-1, uid, my_uid) is None
 
 
 PeerCred = Callable[[socket.socket], tuple[int, int, int]]
@@ -264,6 +278,7 @@ class ChannelServer:
         self._queue: deque[tuple[float, dict[str, Any], int]] = deque()
         self._queued_bytes = 0
         self._events: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
+        self._refused: deque[dict[str, Any]] = deque(maxlen=64)
         self._conns: dict[int, _Conn] = {}
         self._backlog: set[int] = set()  # connections holding complete frames not yet parsed (loop thread)
         self._next_conn = 0
@@ -320,6 +335,14 @@ class ChannelServer:
             self._events.clear()
         if events:
             out = sorted(events + out, key=lambda x: x[0])
+        return out
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """Peers refused since the last call (``{"pid", "uid", "reason"}``; the last 64 at most; all of
+        them are counted in ``stats()["rejected_peers"]``)."""
+        with self._lock:
+            out = list(self._refused)
+            self._refused.clear()
         return out
 
     def set_welcome(self, **options: Any) -> None:
@@ -462,9 +485,13 @@ class ChannelServer:
             except OSError:
                 pid, uid = -1, -1
             with self._lock:
-                if not peer_allowed(uid, self._my_uid):
+                refusal = peer_refusal(pid, uid, self._my_uid)
+                if refusal is not None:
                     self._counts["rejected_peers"] += 1
+                    with contextlib.suppress(OSError):  # one frame saying why, never waiting on the peer
+                        sock.send(encode({"type": "refused", "reason": refusal}), socket.MSG_DONTWAIT | _NOSIGNAL)
                     sock.close()
+                    self._refused.append({"pid": pid, "uid": uid, "reason": refusal})
                     continue
                 if len(self._conns) >= self._max_clients:
                     self._counts["refused_full"] += 1

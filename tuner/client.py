@@ -276,6 +276,8 @@ class Client:
         self._cleanup_fn: Callable[[list[str]], dict[str, Any]] | None = None
         self._caches: list[object] = []
         self._closing = False
+        self.refused: str | None = None
+        """Why the sidecar refused this process (it runs as another user), or None."""
         self._start = start
         self._last_alloc = 0.0
         self._loop_ngrams: tuple[int, int] | None = None
@@ -734,7 +736,12 @@ class Client:
             self.knobs = _knobs_from(msg, self.knobs)
         elif kind == "command":
             self._commands.append(msg)
+        elif kind == "refused":  # another user's sidecar: it said why; keep trying (backing off), quietly
+            reason = msg.get("reason")
+            self.refused = str(reason)[:500] if reason is not None else "refused"
+            raise ConnectionRefusedError(self.refused)
         elif kind == "welcome":
+            self.refused = None
             self._backoff = BACKOFF_MIN_S
             self._record_text = bool(msg.get("record_text", False))
             limit = msg.get("max_message_bytes")

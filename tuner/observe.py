@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from tuner.channel import peer_refusal
+
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 _LEN = struct.Struct(">I")
@@ -228,11 +230,16 @@ class ObserverServer:
                 time.sleep(0.05)  # out of descriptors: back off rather than spin
                 return
             try:
-                _pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+                pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             except OSError:
-                uid = -1
-            if uid != os.getuid() and os.getuid() != 0:
+                pid, uid = -1, -1
+            # Only our own user, as on the channel (a root sidecar used to serve every uid: the live feed
+            # carries the inference's numbers and takes policy commands).
+            refusal = peer_refusal(pid, uid, os.getuid())
+            if refusal is not None:
                 self.rejected_peers += 1
+                with contextlib.suppress(OSError):  # say why in one record, never waiting on the peer
+                    sock.send(encode({"k": "note", "level": "error", "msg": refusal}), socket.MSG_DONTWAIT)
                 sock.close()
                 continue
             sock.setblocking(False)

@@ -6,6 +6,10 @@
 - Each probe's cost is measured every time (``probe_cost_seconds/<probe>`` in the tick).  A probe whose
   median cost exceeds its budget (a share of the interval) moves to a slower cadence — every 2nd, 4th …
   tick — with a note in the trace; it never slows the other probes.
+- A probe may say something worth a note in the trace (a device lost, a query no longer supported, a
+  channel refusing peers or dropping messages): it has a ``take_notes() -> [(message, level)]`` method,
+  called after each of its readings; the notes go to ``on_note`` (the trace's ``note`` records, which
+  ``tuner report`` lists).  A probe that raises is noted and, after 5 failures, disabled; the others go on.
 - The sidecar's own CPU and RSS are recorded too (``self_cpu_ratio``, ``self_rss_bytes``), so its cost
   is visible in every trace.
 """
@@ -48,6 +52,10 @@ class _ProbeSlot:
     costs: deque[float] = field(default_factory=lambda: deque(maxlen=20))
     failures: int = 0
     disabled: str | None = None
+    notes: Callable[[], Sequence[tuple[str, str]]] | None = None
+
+    def __post_init__(self) -> None:
+        self.notes = getattr(self.probe, "take_notes", None)
 
 
 class _SelfUsage:
@@ -135,6 +143,12 @@ class Sampler:
                     self._note(t, f"probe {slot.probe.name} disabled after {slot.failures} failures", "warn")
                 continue
             cost = time.perf_counter() - start
+            if slot.notes is not None:
+                try:
+                    for msg, level in slot.notes():
+                        self._note(t, msg, level)
+                except Exception as exc:
+                    self._note(t, f"probe {slot.probe.name} notes failed: {type(exc).__name__}: {exc}", "warn")
             slot.costs.append(cost)
             samples.append(s)
             values.update(s.values)
