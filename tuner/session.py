@@ -82,6 +82,7 @@ class Session:
         self.agent: Any = None
         self._own_dir: str | None = None
         self._write_error_reported = False
+        self._dropped_at_failure = 0
 
         probes, statuses = discover(roots)
         self.statuses: list[ProbeStatus] = statuses
@@ -240,13 +241,26 @@ class Session:
         self._flush(tick.t)
 
     def _flush(self, t: float) -> None:
-        ok = self.writer.flush()
+        """Write the tick out.  A failure (disk full, file system read-only, directory gone) is reported
+        once on stderr and as a note that reaches the trace when writing works again; sampling,
+        Prometheus and the live view go on meanwhile, the records waiting in memory (bounded)."""
+        w = self.writer
+        reopened = w.reopened
+        ok = w.flush()
+        if w.reopened != reopened:
+            self.log(f"trace {w.path} was removed while recording; recording again into a new file there")
         if not ok and not self._write_error_reported:
             self._write_error_reported = True
-            self.log(f"{self.writer.error}; sampling goes on and recording resumes when it can")
+            self._dropped_at_failure = w.dropped
+            self.log(f"{w.error}; sampling goes on, records wait in memory and are written when it can")
+            w.note(t, f"trace writing failed: {w.error}", "warn")
         elif ok and self._write_error_reported:
             self._write_error_reported = False
-            self.writer.note(t, "trace writing resumed", "info", dropped=self.writer.dropped)
+            dropped = w.dropped - self._dropped_at_failure
+            lost = f"; {dropped} records that did not fit in memory were dropped" if dropped else ", nothing lost"
+            self.log(f"trace writing resumed{lost}")
+            w.note(t, "trace writing resumed", "info" if not dropped else "warn", dropped=dropped)
+            w.flush()
 
     def _on_skip(self, t: float, n: int) -> None:
         self.writer.skip(t, n)
@@ -292,8 +306,10 @@ class Session:
         if self.channel is not None:
             self.channel.close()
         self._close_observer()
-        if self.writer.error:
-            self.log(self.writer.error)
+        if self.writer.error:  # still failing at the end: say what the trace lacks
+            kib = self.writer.buffered_bytes / 1024
+            self.log(f"trace {self.trace_path} is incomplete: its last {kib:,.0f} KiB of records could not be "
+                     f"written ({self.writer.error})")
         return self.trace_path
 
 
