@@ -62,8 +62,11 @@ METRICS: dict[str, str] = {
     "alloc_reserved_bytes": "bytes",
 }
 
-WINDOW_KEEP = 100_000
+WINDOW_KEEP = 20_000  # rolling values over the latest 20k requests at most: each sample sorts the window
 DROP_NOTE_EVERY_S = 5.0
+MAX_MESSAGES_PER_SECOND = 5_000  # what one sample takes from the channel, at most, per second since the last
+MIN_MESSAGES_PER_SAMPLE = 500
+MAX_SPAN_S = 0.25  # a late sample does not take a bigger batch (that would make the next one later still)
 REFUSAL_NOTES_PER_TICK = 5
 LOOP_MAX_N = 64  # finished requests kept for the rolling window, at most
 
@@ -87,6 +90,15 @@ class _Done:
     rep_32: float | None
     loop: bool
     occupancy: float | None
+
+
+def _takes_max_messages(channel: Any) -> bool:
+    import inspect
+
+    try:
+        return "max_messages" in inspect.signature(channel.drain).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -140,6 +152,8 @@ class OutputProbe:
         self._lost_noted = 0
         self._lost_note_t = -math.inf
         self._refusals = getattr(channel, "refusals", None)
+        self._bounded_drain = _takes_max_messages(channel)
+        self._last_sample: float | None = None
         set_welcome = getattr(channel, "set_welcome", None)
         if set_welcome is not None:
             set_welcome(record_text=record_text)
@@ -155,8 +169,17 @@ class OutputProbe:
 
     # -- one tick -----------------------------------------------------------------------------------
     def sample(self, now: float) -> Sample:
+        """A flood cannot stall the sampler: one sample handles at most ``MAX_MESSAGES_PER_SECOND`` times the
+        time since the previous one; the rest waits in the channel's bounded (and fair) queue."""
         events: list[Event] = []
-        for arrived, msg in self.channel.drain():
+        if self._bounded_drain:
+            since = 0.1 if self._last_sample is None else min(MAX_SPAN_S, max(0.0, now - self._last_sample))
+            cap = max(MIN_MESSAGES_PER_SAMPLE, int(MAX_MESSAGES_PER_SECOND * since))
+            drained = self.channel.drain(max_messages=cap)  # type: ignore[call-arg]
+        else:
+            drained = self.channel.drain()
+        self._last_sample = now
+        for arrived, msg in drained:
             try:
                 ev = self._handle(arrived - self.t0, msg)
             except Exception:  # a message the validator let through but we cannot use: skip it

@@ -17,11 +17,15 @@ Client -> sidecar types: ``hello``, ``request``, ``status``, ``oom``, ``alloc``,
 ``SO_PEERCRED``, not from the client's word) and a connection number ``conn``; connections opening and
 closing appear as ``client_connect`` / ``client_disconnect`` messages (types no client may send).
 
-Memory is bounded everywhere: the inbound queue (count and bytes; the oldest message is dropped and
-counted when full), each connection's input (one frame at most) and output buffer (a message that
-does not fit is dropped and counted), the number of connections.  A flooding connection gets at most 64 messages
-parsed per turn and is not read while complete frames of it wait, so it cannot starve the others; what it
-sends faster than that waits in the kernel and, in the end, in its own bounded queue.
+Memory is bounded everywhere.  The inbound queue (count and bytes) is split fairly: one FIFO per
+connection, each holding at most its share — half the queue / the connections, at least ``MIN_SHARE`` —
+beyond which that connection's own oldest message is dropped and counted (and when the whole queue is
+full, the oldest of the connection holding most); ``drain(max_messages)`` takes a bounded batch,
+round-robin between connections.  So a flood neither fills the queue nor delays a well-behaved client's
+messages: it only loses its own.  Each connection's input holds one frame at most and its output buffer
+is bounded (a message that does not fit is dropped and counted), and so is the number of connections.
+A flooding connection gets at most 64 messages parsed per turn and is not read while complete frames of
+it wait, so it cannot starve the others.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ OUT_BUFFER_BYTES = 1 << 20
 QUEUE_MESSAGES = 20_000
 QUEUE_BYTES = 32 << 20
 EVENTS_KEPT = 1024
+MIN_SHARE = 16
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
 
 _NUM = (int, float)
@@ -236,7 +241,18 @@ def so_peercred(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class _Conn:
-    __slots__ = ("closed", "connected_at", "inbuf", "n", "outbuf", "pid", "sock", "uid", "want_write")
+    __slots__ = (
+        "closed",
+        "connected_at",
+        "inbuf",
+        "n",
+        "outbuf",
+        "pid",
+        "registered",
+        "sock",
+        "uid",
+        "want_write",
+    )
 
     def __init__(self, sock: socket.socket, n: int, pid: int, uid: int) -> None:
         self.sock = sock
@@ -247,6 +263,7 @@ class _Conn:
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.want_write = False
+        self.registered = False
         self.closed = False
 
 
@@ -275,7 +292,9 @@ class ChannelServer:
         self.directory = tempfile.mkdtemp(prefix="tuner-") if directory is None else directory
         self.path = os.path.join(self.directory, "channel.sock")
         self._lock = threading.Lock()
-        self._queue: deque[tuple[float, dict[str, Any], int]] = deque()
+        # the inbound queue, one FIFO per connection: (arrival, message, size); drained round-robin
+        self._queues: dict[int, deque[tuple[float, dict[str, Any], int]]] = {}
+        self._queued = 0
         self._queued_bytes = 0
         self._events: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
         self._refused: deque[dict[str, Any]] = deque(maxlen=64)
@@ -325,16 +344,41 @@ class ChannelServer:
             self._thread = threading.Thread(target=self._run, name="tuner-channel", daemon=True)
             self._thread.start()
 
-    def drain(self) -> list[tuple[float, dict[str, Any]]]:
-        """Everything received since the last call, oldest first: ``(monotonic arrival, message)``."""
+    def drain(self, max_messages: int | None = None) -> list[tuple[float, dict[str, Any]]]:
+        """What was received since the last call, in arrival order: ``(monotonic arrival, message)``, and
+        every connect/disconnect.  With ``max_messages``, at most that many client messages, taken
+        round-robin between the connections (each connection's oldest first), so a flooding one cannot
+        delay the others; the rest waits for the next call."""
         with self._lock:
-            out = [(t, m) for t, m, _ in self._queue]
-            self._queue.clear()
-            self._queued_bytes = 0
+            queues = self._queues
+            out: list[tuple[float, dict[str, Any]]] = []
+            if max_messages is None or max_messages >= self._queued:
+                for q in queues.values():
+                    out.extend((t, m) for t, m, _ in q)
+                queues.clear()
+                self._queued = 0
+                self._queued_bytes = 0
+            else:
+                budget = max(0, max_messages)
+                while budget > 0 and queues:
+                    per = max(1, budget // len(queues))
+                    for conn in list(queues):
+                        q = queues[conn]
+                        for _ in range(min(per, len(q), budget)):
+                            t, m, size = q.popleft()
+                            out.append((t, m))
+                            self._queued_bytes -= size
+                            budget -= 1
+                        if not q:
+                            del queues[conn]
+                        if budget <= 0:
+                            break
+                self._queued -= len(out)
             events = list(self._events)
             self._events.clear()
         if events:
-            out = sorted(events + out, key=lambda x: x[0])
+            out.extend(events)
+        out.sort(key=lambda x: x[0])  # per-connection runs, already in order: a cheap merge
         return out
 
     def refusals(self) -> list[dict[str, Any]]:
@@ -384,7 +428,7 @@ class ChannelServer:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {**self._counts, "clients": len(self._conns), "queued": len(self._queue)}
+            return {**self._counts, "clients": len(self._conns), "queued": self._queued}
 
     def close(self) -> None:
         self._stop = True
@@ -425,6 +469,21 @@ class ChannelServer:
             return False
         c.outbuf += frame
         return True
+
+    def _share(self) -> int:
+        """Lock held.  The queued messages one connection may hold: half the queue split between them."""
+        return max(MIN_SHARE, self._queue_messages // (2 * max(1, len(self._conns))))
+
+    def _drop_oldest(self) -> None:
+        """Lock held.  The queue is full: the oldest message of the connection holding the most goes."""
+        conn = max(self._queues, key=lambda n: len(self._queues[n]))
+        q = self._queues[conn]
+        _, _, size = q.popleft()
+        if not q:
+            del self._queues[conn]
+        self._queued -= 1
+        self._queued_bytes -= size
+        self._counts["dropped"] += 1
 
     def _run(self) -> None:
         while not self._stop:
@@ -508,7 +567,7 @@ class ChannelServer:
                 self._events.append(
                     (c.connected_at, {"v": VERSION, "type": "client_connect", "pid": pid, "uid": uid, "conn": c.n})
                 )
-            self._sel.register(sock, selectors.EVENT_READ, c)
+                self._set_interest(c)
 
     def _read(self, c: _Conn) -> None:
         """Take more bytes only when no complete frame of this connection waits (backpressure), then parse.
@@ -567,15 +626,23 @@ class ChannelServer:
         else:
             self._backlog.discard(c.n)
         with self._lock:
-            q = self._queue
+            share = self._share()
+            q = self._queues.get(c.n)
             for msg, size in good:
                 self._counts["received"] += 1
-                q.append((now, msg, size))
-                self._queued_bytes += size
-                while len(q) > self._queue_messages or self._queued_bytes > self._queue_bytes:
+                if q is None:
+                    q = self._queues[c.n] = deque()
+                if len(q) >= share:  # over its share of the queue: its own oldest goes, not the others'
                     _, _, old = q.popleft()
+                    self._queued -= 1
                     self._queued_bytes -= old
                     self._counts["dropped"] += 1
+                q.append((now, msg, size))
+                self._queued += 1
+                self._queued_bytes += size
+                while self._queued > self._queue_messages or self._queued_bytes > self._queue_bytes:
+                    self._drop_oldest()
+                q = self._queues.get(c.n)  # None if dropping emptied it: made again for the next message
             if bad:
                 self._counts["malformed"] += 1
                 self._drop_conn(c)
@@ -596,9 +663,21 @@ class ChannelServer:
         want = bool(c.outbuf)
         if want != c.want_write:
             c.want_write = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            with contextlib.suppress(KeyError, ValueError, OSError):
+            self._set_interest(c)
+
+    def _set_interest(self, c: _Conn) -> None:
+        """Lock held.  Watch ``c`` for reading, and for writing while output waits."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.want_write else 0)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            if not events:
+                if c.registered:
+                    c.registered = False
+                    self._sel.unregister(c.sock)
+            elif c.registered:
                 self._sel.modify(c.sock, events, c)
+            else:
+                self._sel.register(c.sock, events, c)
+                c.registered = True
 
     def _drop_conn(self, c: _Conn, *, event: bool = True) -> None:
         """Lock held."""
@@ -606,8 +685,10 @@ class ChannelServer:
             return
         c.closed = True
         self._conns.pop(c.n, None)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self._sel.unregister(c.sock)
+        if c.registered:
+            c.registered = False
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(c.sock)
         c.sock.close()
         c.inbuf = bytearray()
         c.outbuf = bytearray()
