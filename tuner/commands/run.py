@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UserError("no command given: use 'tuner run [options] -- CMD ...'")
+    if not cmd[0].strip():
+        raise UserError(f"the command name {cmd[0]!r} is empty: use 'tuner run [options] -- CMD ...'")
     opts = session_options(args)
     if args.tui and args.headless:
         raise UserError("--tui and --headless contradict each other: choose one")
