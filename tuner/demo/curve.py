@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from probes.repetition import response_repetition
 from tuner.demo.model import TinyLlama, load
 from tuner.demo.sampling import Mirostat, SamplingParams, generate
 from tuner.demo.tokenizer import ByteTokenizer
@@ -24,26 +25,37 @@ from tuner.demo.train import held_out_prompts
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)
 
 
+LOOP_MIN_N, LOOP_MAX_N = 4, 40
+"""Loop n-gram sizes for byte tokens: shorter repeats (``"   "``, ``"---"``, ``"=="``) are ordinary text."""
+
+
 def seq_rep_n(tokens: Sequence[int], n: int = 4) -> float:
+    """seq-rep-n of one response (0.0 when it has no n-gram); n = 4 is the sidecar's own computation."""
+    if n == 4:
+        v = response_repetition(tokens, loop_min_n=LOOP_MIN_N, loop_max_n=LOOP_MAX_N).seq_rep_4
+        return v if v is not None else 0.0
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def rep_w(tokens: Sequence[int], w: int = 32) -> float:
+    """Share of tokens after the first equal to one of the previous ``w`` (denominator n - 1; the sidecar's
+    rep-32, which ``measure`` reports, counts the first token in the denominator too)."""
     if len(tokens) < 2:
         return 0.0
     hits = sum(1 for i in range(1, len(tokens)) if tokens[i] in tokens[max(0, i - w) : i])
     return hits / (len(tokens) - 1)
 
 
-def has_loop(tokens: Sequence[int], min_n: int = 4, max_n: int = 40) -> bool:
+def has_loop(tokens: Sequence[int], min_n: int = LOOP_MIN_N, max_n: int = LOOP_MAX_N) -> bool:
     """Some n-gram (min_n <= n <= max_n) occurs three times back to back."""
-    t = list(tokens)
-    for n in range(min_n, max_n + 1):
-        for i in range(len(t) - 3 * n + 1):
-            if t[i : i + n] == t[i + n : i + 2 * n] == t[i + 2 * n : i + 3 * n]:
-                return True
-    return False
+    return response_repetition(tokens, loop_min_n=min_n, loop_max_n=max_n).loop
+
+
+def repetition(tokens: Sequence[int]) -> tuple[float, float, bool]:
+    """(seq-rep-4, rep-32, loop) of one response in one pass: the figures the sidecar computes for it."""
+    r = response_repetition(tokens, loop_min_n=LOOP_MIN_N, loop_max_n=LOOP_MAX_N)
+    return (r.seq_rep_4 or 0.0, r.rep_32 or 0.0, r.loop)
 
 
 def measure(
@@ -64,10 +76,11 @@ def measure(
         else:
             outs += generate(model, chunk, tokens, SamplingParams(temperature=temperature), generator=gen,
                              stop_at_eos=False)
+    reps = [repetition(o) for o in outs]
     return {
-        "seq_rep_4": statistics.fmean(seq_rep_n(o) for o in outs),
-        "rep_32": statistics.fmean(rep_w(o) for o in outs),
-        "loop": statistics.fmean(1.0 if has_loop(o) else 0.0 for o in outs),
+        "seq_rep_4": statistics.fmean(r[0] for r in reps),
+        "rep_32": statistics.fmean(r[1] for r in reps),
+        "loop": statistics.fmean(1.0 if r[2] else 0.0 for r in reps),
     }
 
 
