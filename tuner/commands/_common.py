@@ -54,6 +54,10 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
     """Validate everything before anything starts: a bad policy file, an address that cannot be served or
     a trace that cannot be written must not leave a child running (or killed half-way)."""
     interval = check_interval(args.interval)
+    if args.trace is not None:
+        require_path(args.trace, "--trace")
+    if args.policy is not None and not args.policy.strip():
+        raise UserError("--policy '': give a preset (interactive, offline, edge) or a .toml file")
     config = None
     if args.policy:
         from tuner.policy_config import load_policy
@@ -78,6 +82,13 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         observe_only=args.observe_only,
         record_text=args.record_text,
     )
+
+
+def require_path(value: str, what: str) -> str:
+    """A file name given on the command line must not be empty (``Path("")`` would mean ``.``)."""
+    if not value.strip():
+        raise UserError(f"{what} {value!r}: give a file name")
+    return value
 
 
 def looks_like_trace(path: str | os.PathLike[str]) -> bool:

@@ -30,9 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tuner.html_report import compare, render_compare, render_compare_text
 
-    if args.html:
-        from tuner.commands._common import check_not_a_trace
+    if args.html is not None:
+        from tuner.commands._common import check_not_a_trace, require_path
 
+        require_path(args.html, "--html")
         check_output(args.html)
         check_not_a_trace(args.html, (args.a, args.b), option="--html")
     a_data, a_sum = load(args.a, skip_bad=args.skip_bad)

@@ -29,10 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tuner import export
-    from tuner.commands._common import check_not_a_trace
+    from tuner.commands._common import check_not_a_trace, require_path
     from tuner.commands.report import check_output
     from tuner.trace import read_trace
 
+    require_path(args.trace, "TRACE")
+    require_path(args.out, "OUT")
     outputs = [args.out]
     if args.to == "parquet":
         outputs.append(str(export.events_path(Path(args.out))))

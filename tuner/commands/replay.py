@@ -164,10 +164,15 @@ def _fmt(v: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuner.commands._common import check_not_a_trace
+    from tuner.commands._common import check_not_a_trace, require_path
     from tuner.commands.report import check_output
     from tuner.policy_config import load_policy
 
+    require_path(args.trace, "TRACE")
+    if args.policy is not None and not args.policy.strip():
+        raise UserError("--policy '': give a preset (interactive, offline, edge) or a .toml file")
+    if args.out is not None:
+        require_path(args.out, "--out")
     if args.out:  # before the work: a wrong --out fails fast and never replaces a recording
         if Path(args.out).resolve() == Path(args.trace).resolve():
             raise UserError("--out must not be the trace being replayed")

@@ -37,9 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load(path: str, *, skip_bad: bool) -> tuple[TraceData, dict[str, Any]]:
     """Read and summarize a trace; reader warnings go to stderr.  Shared with ``tuner compare``."""
+    from tuner.commands._common import require_path
     from tuner.report import summarize
     from tuner.trace import read_trace
 
+    require_path(path, "TRACE")
     try:
         data = read_trace(path, skip_bad=skip_bad)
     except MemoryError:
@@ -79,9 +81,10 @@ def write_text(path: str, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.html:
-        from tuner.commands._common import check_not_a_trace
+    if args.html is not None:
+        from tuner.commands._common import check_not_a_trace, require_path
 
+        require_path(args.html, "--html")
         check_output(args.html)
         check_not_a_trace(args.html, (args.trace,), option="--html")
     data, summary = load(args.trace, skip_bad=args.skip_bad)

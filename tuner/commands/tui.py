@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.trace is not None and not args.trace.strip()) or (args.connect is not None and not args.connect.strip()):
+        raise UserError("an empty TRACE or SOCKET: give a file name")
     if bool(args.trace) == bool(args.connect):
         raise UserError("give either a TRACE file or --connect SOCKET (one of them)")
     from tui.app import TunerApp
