@@ -154,6 +154,7 @@ class OutputProbe:
         self._refusals = getattr(channel, "refusals", None)
         self._bounded_drain = _takes_max_messages(channel)
         self._last_sample: float | None = None
+        self._final = False
         set_welcome = getattr(channel, "set_welcome", None)
         if set_welcome is not None:
             set_welcome(record_text=record_text)
@@ -172,7 +173,7 @@ class OutputProbe:
         """A flood cannot stall the sampler: one sample handles at most ``MAX_MESSAGES_PER_SECOND`` times the
         time since the previous one; the rest waits in the channel's bounded (and fair) queue."""
         events: list[Event] = []
-        if self._bounded_drain:
+        if self._bounded_drain and not self._final:
             since = 0.1 if self._last_sample is None else min(MAX_SPAN_S, max(0.0, now - self._last_sample))
             cap = max(MIN_MESSAGES_PER_SAMPLE, int(MAX_MESSAGES_PER_SECOND * since))
             drained = self.channel.drain(max_messages=cap)  # type: ignore[call-arg]
@@ -190,6 +191,10 @@ class OutputProbe:
         self._note_refusals()
         self._note_drops(now, values.get("chan_dropped_count"))
         return Sample(self.name, now, values, events=tuple(events))
+
+    def finishing(self) -> None:
+        """The session is ending: the next sample takes everything the channel still holds."""
+        self._final = True
 
     def take_notes(self) -> list[tuple[str, str]]:
         """Notes for the trace since the last call: ``[(message, level)]``."""

@@ -177,7 +177,8 @@ def check_flood(res: dict[str, Any], seconds: float, conns_total: int) -> dict[s
     # the well-behaved clients kept being served: most of what they made is in the trace
     for p in res["polite"]:
         mine = sum(1 for r in recs if r["k"] == "event" and r["kind"] == "request" and r["data"]["pid"] == p["pid"])
-        assert mine >= 0.5 * p["made"], (mine, p)
+        # all it sent (its own client counts what it could not): its fair share of the queue was never full
+        assert mine >= p["made"] - p["dropped"] - 2, (mine, p)
         assert p["worst"] < 1.0, p  # and their inference never waited on the flooded sidecar
     rep = tuner("report", str(trace), "--json")
     assert rep.returncode == 0, rep.stderr

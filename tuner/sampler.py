@@ -213,9 +213,18 @@ class Sampler:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop ticking; probes with a ``finishing()`` method are told, so the last tick (the session takes
+        one after this) collects everything still pending — e.g. every message queued on the channel."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        for slot in self.slots:
+            finishing = getattr(slot.probe, "finishing", None)
+            if finishing is not None:
+                try:
+                    finishing()
+                except Exception:
+                    pass
 
     def close(self) -> None:
         self.stop()
