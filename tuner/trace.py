@@ -230,10 +230,12 @@ class TraceWriter:
             line = encode_record(rec)
         except Exception as exc:  # circular data, a __str__ that raises: record that, not the crash
             line = encode_record(
-                {"k": "note", "t": rec.get("t"), "level": "error",
+                {"k": "note", "t": self._last_t, "level": "error",
                  "msg": f"a '{rec.get('k')}' record could not be encoded: {type(exc).__name__}: {exc}"}
             )  # fmt: skip
-        self._last_t = rec.get("t", self._last_t)
+        t = rec.get("t")
+        if type(t) is float or type(t) is int:
+            self._last_t = t
         self._keep(line)
         if self._listeners:
             self._tell(rec)
@@ -444,6 +446,33 @@ def _chunks(f: BinaryIO) -> Iterator[tuple[list[bytes | None], bool]]:
         yield [carry], True
 
 
+_TIMED = frozenset(("tick", "skip", "event", "action", "note", "end"))
+
+
+def _well_formed(rec: Any) -> bool:
+    """A dict with a kind; the kinds this reader knows have a numeric ``t`` and the shapes the writer
+    gives them (unknown kinds pass, for newer writers)."""
+    if type(rec) is not dict:
+        return False
+    k = rec.get("k")
+    if type(k) is not str:
+        return False
+    if k not in _TIMED:
+        return True
+    t = rec.get("t")
+    if type(t) is not float and type(t) is not int:
+        return False
+    if k == "tick":
+        m, p = rec.get("m"), rec.get("p")
+        return (m is None or type(m) is dict) and (p is None or type(p) is dict)
+    if k == "event":
+        d = rec.get("data")
+        return d is None or type(d) is dict
+    if k == "skip":
+        return type(rec.get("n", 1)) is int
+    return True
+
+
 def _parse_line(raw: bytes, lineno: int) -> dict[str, Any]:
     try:
         rec = _loads(raw)
@@ -452,6 +481,8 @@ def _parse_line(raw: bytes, lineno: int) -> dict[str, Any]:
         raise TraceError(f"line {lineno} is not valid JSON ({why})") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("k"), str):
         raise TraceError(f"line {lineno} is not a trace record (no kind 'k')")
+    if not _well_formed(rec):
+        raise TraceError(f"line {lineno}: a '{rec['k'][:20]}' record is malformed")
     return rec
 
 
@@ -479,7 +510,7 @@ def _open_trace(p: Path) -> BinaryIO:
     return f
 
 
-def _read_header(batch: list[bytes | None], p: Path) -> dict[str, Any]:
+def _read_header(batch: list[bytes | None], p: Path, torn: bool) -> dict[str, Any]:
     first = batch[0]
     if first is _TOO_LONG:
         raise TraceError(f"{p}: not an inference-tuner trace (binary or foreign content)")
@@ -493,6 +524,10 @@ def _read_header(batch: list[bytes | None], p: Path) -> dict[str, Any]:
     try:
         header = _parse_line(first, 1)
     except TraceError:
+        if torn and len(batch) == 1 and first.replace(b" ", b"").startswith(b'{"k":"header"'):
+            raise TraceError(
+                f"{p}: not an inference-tuner trace yet: the file ends inside its header line (truncated)"
+            ) from None
         raise TraceError(f"{p}: not an inference-tuner trace (the first line is not its header)") from None
     check_header(header, p)
     return header
@@ -512,7 +547,7 @@ def _batches(
         try:
             for lines, torn in _chunks(f):
                 if lineno == 0:
-                    yield [_read_header(lines, p)]
+                    yield [_read_header(lines, p, torn)]
                     lineno = 1
                     lines = lines[1:]
                 if not torn:
@@ -521,7 +556,7 @@ def _batches(
                     except (orjson.JSONDecodeError, TypeError):
                         pass
                     else:
-                        if all(type(r) is dict and type(r.get("k")) is str for r in recs):
+                        if all(map(_well_formed, recs)):
                             lineno += len(lines)
                             yield recs
                             continue
@@ -566,8 +601,9 @@ def iter_records(
 ) -> Generator[dict[str, Any], None, None]:
     """Every record of a trace, the header first.  Raises ``TraceError`` with a one-line message.
 
-    A torn last line (a writer killed mid-write) is skipped with a warning; a bad line elsewhere is an
-    error naming it, or with ``skip_bad`` skipped with a warning."""
+    A torn last line (a writer killed mid-write) is skipped with a warning; a bad line elsewhere (not
+    JSON, not a record, a known kind without a numeric ``t`` or with the wrong shape, longer than
+    ``MAX_LINE_BYTES``) is an error naming it, or with ``skip_bad`` skipped with a warning."""
     batches = _batches(Path(path), skip_bad, warnings)
     try:
         for recs in batches:
