@@ -428,3 +428,41 @@ def test_trace_removed_while_recording_is_created_again(tmp_path: Path) -> None:
     assert data.column("a_bytes").tolist() == [1.0, 2.0]
     assert "removed while recording" in data.notes[0]["msg"]
     assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE(p.stat().st_mode) == 0o600
+
+
+def test_tuner_run_default_trace_directory_is_0700_and_trace_0600(tmp_path: Path) -> None:
+    from tests.cli import tuner
+
+    cp = tuner("run", "--", sys.executable, "-c", "pass", cwd=tmp_path)
+    assert cp.returncode == 0, cp.stderr
+    (trace,) = (tmp_path / "traces").iterdir()
+    assert stat.S_IMODE((tmp_path / "traces").stat().st_mode) == 0o700
+    assert stat.S_IMODE(trace.stat().st_mode) == 0o600
+    assert len(read_trace(trace).times) >= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=3000), st.integers(min_value=1, max_value=700))
+def test_follower_on_corrupted_growing_file_raises_only_trace_error(
+    tmp_path_factory: pytest.TempPathFactory, junk: bytes, at: int, step: int
+) -> None:
+    """What the TUI reads: a corrupted file fed in arbitrary pieces never breaks the follower."""
+    src = tmp_path_factory.mktemp("follow") / "src.jsonl"
+    write_sample_trace(src, 20)
+    data = bytearray(src.read_bytes())
+    data[at : at + len(junk)] = junk
+    p = src.with_name("t.jsonl")
+    p.write_bytes(b"")
+    got = 0
+    with TraceFollower(p) as f:
+        try:
+            for i in range(0, len(data), step):
+                with open(p, "ab") as out:
+                    out.write(data[i : i + step])
+                got += len(f.poll(max_bytes=step))
+            got += len(f.poll())
+        except TraceError as exc:
+            assert "\n" not in str(exc) and f.header is None
+        else:
+            if not junk:  # nothing corrupted: every record arrives, however the bytes were cut
+                assert got == 26 and f.bad_lines == 0
