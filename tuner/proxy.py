@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import h11
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -333,8 +334,8 @@ class _BodyTooLarge(Exception):
 class _Measure:
     """What one measured request saw.  Loop thread; a few attribute writes per chunk."""
 
-    __slots__ = ("buf", "completion_tokens", "created", "first", "is_sse", "kept", "last", "n", "n_first", "nonsse",
-                 "prompt_tokens", "started", "texts")
+    __slots__ = ("buf", "completion_tokens", "created", "done", "first", "is_sse", "kept", "last", "n", "n_first",
+                 "nonsse", "prompt_tokens", "started", "texts")
 
     def __init__(self, created: float) -> None:
         self.created = created
@@ -347,6 +348,7 @@ class _Measure:
         self.kept = 0
         self.buf = b""
         self.is_sse = False
+        self.done = False  # the stream's closing ``data: [DONE]`` went through
         self.nonsse: list[bytes] | None = None
         self.completion_tokens: int | None = None
         self.prompt_tokens: int | None = None
@@ -360,7 +362,10 @@ class _Measure:
             if not line.startswith(b"data:"):
                 continue
             payload = line[5:].strip()
-            if not payload or payload == b"[DONE]":
+            if not payload:
+                continue
+            if payload == b"[DONE]":
+                self.done = True
                 continue
             try:
                 ev = json.loads(payload)
@@ -428,35 +433,288 @@ class _Measure:
 
 
 # -- upstream connections -----------------------------------------------------------------------------
-class ClientPool:
-    """Upstream httpx clients, each carrying at most ``per_client`` requests at a time.
+class UpstreamError(Exception):
+    """The upstream could not be reached or broke the exchange (-> 502)."""
 
-    httpcore's pool re-examines every connection it holds (quadratically) whenever a request starts or
-    ends: with 32 streams on one client that costs ~1 ms of CPU per request (measured with cProfile).
-    Small shards keep it to a few microseconds.
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect, or sent no byte, within the configured time (-> 504)."""
+
+
+_READ_HIGH = 256 << 10  # body bytes parsed but not yet forwarded: past this, stop reading the upstream socket
+_READ_LOW = 64 << 10
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to the upstream: h11 parses, events queue up for one reader.
+
+    Reading never stops on its own (an idle pooled connection notices the server closing it); it pauses
+    only when a slow client lets more than ``_READ_HIGH`` bytes of body pile up.
     """
 
-    def __init__(self, make: Callable[[], httpx.AsyncClient], per_client: int = 8) -> None:
-        self._make = make
-        self.per_client = per_client
-        self.clients: list[httpx.AsyncClient] = [make()]
-        self.inflight: list[int] = [0]
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.transport: asyncio.Transport | None = None
+        self.events: deque[Any] = deque()  # h11 events, or an exception that ends the exchange
+        self.waiter: asyncio.Future[None] | None = None
+        self.buffered = 0
+        self.paused = False
+        self.closed = False
+        self.received = False  # any byte of the current response arrived
+        self.idle_since = 0.0
 
-    def acquire(self) -> int:
-        for i, n in enumerate(self.inflight):
-            if n < self.per_client:
-                self.inflight[i] = n + 1
-                return i
-        self.clients.append(self._make())
-        self.inflight.append(1)
-        return len(self.clients) - 1
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
 
-    def release(self, i: int) -> None:
-        self.inflight[i] -= 1
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.h11.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            self._fail(UpstreamError(f"bad HTTP from the upstream: {exc}"))
+            return
+        self._parse()
 
-    async def aclose(self) -> None:
-        for c in self.clients:
-            await c.aclose()
+    def eof_received(self) -> bool:
+        with contextlib.suppress(h11.RemoteProtocolError):
+            self.h11.receive_data(b"")
+        self._parse()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(UpstreamError(f"the upstream closed the connection{f': {exc}' if exc else ''}"))
+
+    # parsing
+    def _parse(self) -> None:
+        while True:
+            try:
+                ev = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(UpstreamError(f"bad HTTP from the upstream: {exc}"))
+                return
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                break
+            if type(ev) is h11.Data:
+                self.buffered += len(ev.data)
+            self.events.append(ev)
+            if type(ev) is h11.EndOfMessage or type(ev) is h11.ConnectionClosed:
+                break
+        if self.buffered > _READ_HIGH and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _fail(self, exc: Exception) -> None:
+        self.events.append(exc)
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # the reader's side
+    async def next_event(self, timeout: float) -> Any:
+        while not self.events:
+            if self.closed:
+                raise UpstreamError("the upstream closed the connection")
+            self.waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, self._wake)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+            if not self.events:
+                raise UpstreamTimeout(f"no data from the upstream in {timeout:g} s")
+        ev = self.events.popleft()
+        if isinstance(ev, Exception):
+            self.events.appendleft(ev)  # stays failed
+            raise ev
+        if type(ev) is h11.Data:
+            self.buffered -= len(ev.data)
+            if self.paused and self.buffered < _READ_LOW and self.transport is not None:
+                self.paused = False
+                self.transport.resume_reading()
+        return ev
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def reusable(self) -> bool:
+        return (not self.closed and not self.events and self.h11.our_state is h11.IDLE
+                and self.h11.their_state is h11.IDLE and self.transport is not None
+                and not self.transport.is_closing())
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """Status, headers (names lower case) and the body as it arrives, on one pooled connection."""
+
+    def __init__(self, pool: Upstream, conn: _Conn, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._pool = pool
+        self._conn: _Conn | None = conn
+        self.status_code = status
+        self.headers = headers
+
+    def header(self, name: bytes) -> str:
+        for k, v in self.headers:
+            if k == name:
+                return v.decode("latin-1")
+        return ""
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body bytes (de-chunked, not decompressed) as each piece arrives."""
+        conn = self._conn
+        timeout = self._pool.read_timeout
+        while conn is not None:
+            ev = await conn.next_event(timeout)
+            t = type(ev)
+            if t is h11.Data:
+                if ev.data:
+                    yield ev.data
+            elif t is h11.EndOfMessage:
+                self._release()
+                return
+            elif t is h11.ConnectionClosed:
+                raise UpstreamError("the upstream closed the connection mid-response")
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_raw()])
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            try:
+                conn.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                conn.close()
+                return
+            self._pool.put_back(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Give up on the rest of the body: the connection is closed, which stops the upstream's work."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Upstream:
+    """Keep-alive HTTP/1.1 connections to one upstream server (asyncio + h11, loop thread only).
+
+    Lean on purpose: the proxy's per-request and per-chunk path was dominated by httpx/httpcore/anyio
+    layers (per read: a cancel scope and a pause/resume of the socket; request head and body as two
+    sends).  Here one ``write`` carries the whole request and each chunk is one ``data_received``.
+    """
+
+    def __init__(self, base: str, *, read_timeout: float, connect_timeout: float, max_idle: int = 64,
+                 keepalive_s: float = 30.0) -> None:
+        u = httpx.URL(base)
+        self.scheme = u.scheme
+        self.host = u.host
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        default = (self.scheme == "https" and self.port == 443) or (self.scheme == "http" and self.port == 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if default else f"{host}:{self.port}").encode("ascii")
+        self.prefix = u.raw_path.split(b"?")[0].rstrip(b"/")
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.keepalive_s = keepalive_s
+        self._idle: list[_Conn] = []
+        self._ssl: Any = httpx.create_ssl_context() if self.scheme == "https" else None
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(loop), self.host, self.port, ssl=self._ssl,
+                                       server_hostname=self.host if self._ssl else None),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"no connection within {self.connect_timeout:g} s") from None
+        except OSError as exc:
+            raise UpstreamError(exc.strerror or str(exc)) from None
+        return conn
+
+    def _take_idle(self) -> _Conn | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable() and now - conn.idle_since < self.keepalive_s:
+                return conn
+            conn.close()
+        return None
+
+    def put_back(self, conn: _Conn) -> None:
+        if len(self._idle) >= self.max_idle or not conn.reusable():
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        conn.received = False
+        self._idle.append(conn)
+
+    async def request(self, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
+                      body: bytes) -> UpstreamResponse:
+        """Send one request (``target`` = path and query); returns once the response head has arrived."""
+        hdrs = [(b"host", self.host_header), *headers]
+        if body or method in ("POST", "PUT", "PATCH"):
+            hdrs.append((b"content-length", str(len(body)).encode("ascii")))
+        for attempt in (0, 1):
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            try:
+                data = conn.h11.send(h11.Request(method=method, target=self.prefix + target,
+                                                 headers=hdrs))
+                if body:
+                    data += conn.h11.send(h11.Data(data=body))
+                data += conn.h11.send(h11.EndOfMessage())
+            except h11.LocalProtocolError as exc:
+                conn.close()
+                raise UpstreamError(f"the request cannot be sent: {exc}") from None
+            conn.send(data)  # head and body in one write
+            try:
+                while True:
+                    ev = await conn.next_event(self.read_timeout)
+                    if type(ev) is h11.Response:
+                        return UpstreamResponse(self, conn, ev.status_code, list(ev.headers))
+                    if type(ev) is h11.ConnectionClosed:
+                        raise UpstreamError("the upstream closed the connection without answering")
+                    # an InformationalResponse (1xx): wait for the real one
+            except UpstreamTimeout:
+                conn.close()
+                raise
+            except UpstreamError:
+                conn.close()
+                # a kept-alive connection the server had just closed: once more on a fresh one
+                if reused and not conn.received and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
 
 
 # -- the proxy -----------------------------------------------------------------------------------------
@@ -470,7 +728,8 @@ class Proxy:
         self.channel.proxy = self
         self.log = log or (lambda msg: print(f"tuner: {msg}", file=sys.stderr, flush=True))
         self.limiter = FairLimiter(config.max_concurrency)
-        self.pool: ClientPool | None = None
+        self.upstream: Upstream | None = None
+        self.admin: httpx.AsyncClient | None = None  # cleanup calls only (rare, small): httpx
         self.loop: asyncio.AbstractEventLoop | None = None
         self._next_id = 0
         self._errors_logged: set[str] = set()
@@ -495,29 +754,17 @@ class Proxy:
     async def start(self) -> None:
         c = self.config
         self.loop = asyncio.get_running_loop()
-        ssl_context = httpx.create_ssl_context()  # once: building one costs ~50 ms, too long for a new shard
-
-        def make() -> httpx.AsyncClient:
-            return httpx.AsyncClient(
-                verify=ssl_context,
-                timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout, pool=None),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=30),
-                trust_env=False,
-                follow_redirects=False,
-            )
-
-        self.pool = ClientPool(make)
+        self.upstream = Upstream(c.upstream, read_timeout=c.timeout, connect_timeout=c.connect_timeout)
+        if c.cleanup_urls:
+            self.admin = httpx.AsyncClient(timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout),
+                                           trust_env=False, follow_redirects=False)
         self.knobs_changed()
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        """The client that builds requests (any shard would do: they share one configuration)."""
-        assert self.pool is not None
-        return self.pool.clients[0]
-
     async def stop(self) -> None:
-        if self.pool is not None:
-            await self.pool.aclose()
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.admin is not None:
+            await self.admin.aclose()
 
     # -- knobs and commands (called from the sampler thread) ----------------------------------------------
     def effective_limit(self) -> int | None:
@@ -542,12 +789,13 @@ class Proxy:
 
     async def _cleanup(self, cid: str) -> None:
         calls, ok = [], True
+        assert self.admin is not None
         for method, target in self.config.cleanup_urls:
             url = target if target.startswith(("http://", "https://")) else self.config.upstream + target
             t = time.monotonic()
             entry: dict[str, Any] = {"method": method, "url": url}
             try:
-                r = await self.client.request(method, url)
+                r = await self.admin.request(method, url)
                 entry["status"] = r.status_code
                 entry["ok"] = r.is_success
             except httpx.HTTPError as exc:
@@ -584,17 +832,20 @@ class Proxy:
             out.append((b"accept-encoding", b"identity"))
         return out
 
-    def _url(self, request: Request) -> str:
-        q = request.url.query
-        return self.config.upstream + request.url.path + (f"?{q}" if q else "")
+    @staticmethod
+    def _target(request: Request) -> bytes:
+        """Path and query exactly as the client sent them (raw bytes)."""
+        scope = request.scope
+        path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        q: bytes = scope.get("query_string") or b""
+        return path + b"?" + q if q else path
 
     async def _passthrough(self, request: Request) -> Response:
         try:
             body = await self._read_body(request)
         except _BodyTooLarge:
             return self._too_large()
-        req = self.client.build_request(request.method, self._url(request), headers=self._headers(request, False),
-                                        content=body)
+        req = _Request(request.method, self._target(request), self._headers(request, False), body)
         return _Forward(self, req, None)
 
     async def _measured(self, request: Request) -> Response:
@@ -616,7 +867,7 @@ class Proxy:
         headers = self._headers(request, True)
         headers = [(k, v) for k, v in headers if k.lower() != b"content-type"] + [(b"content-type",
                                                                                    b"application/json")]
-        req = self.client.build_request("POST", self._url(request), headers=headers, content=body)
+        req = _Request("POST", self._target(request), headers, body)
         m = _Measure(created)
         return _Forward(self, req, m, temperature=_float_or_none(sent))
 
@@ -673,6 +924,14 @@ def _float_or_none(x: Any) -> float | None:
     return float(x)
 
 
+@dataclass
+class _Request:
+    method: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
 class _Forward(Response):
     """Sends one request upstream and streams the answer back; measures it when ``m`` is given.
 
@@ -680,7 +939,7 @@ class _Forward(Response):
     a slot or mid-stream — cancels everything, which closes the upstream connection.
     """
 
-    def __init__(self, proxy: Proxy, req: httpx.Request, m: _Measure | None, temperature: float | None = None):
+    def __init__(self, proxy: Proxy, req: _Request, m: _Measure | None, temperature: float | None = None):
         self.proxy = proxy
         self.req = req
         self.m = m
@@ -720,24 +979,16 @@ class _Forward(Response):
                 limiter.release()
 
     async def _exchange(self, send: Send, batch: int) -> None:
-        proxy = self.proxy
-        assert proxy.pool is not None
-        shard = proxy.pool.acquire()
+        proxy, m, req = self.proxy, self.m, self.req
+        assert proxy.upstream is not None
         try:
-            await self._exchange_on(proxy.pool.clients[shard], send, batch)
-        finally:
-            proxy.pool.release(shard)
-
-    async def _exchange_on(self, client: httpx.AsyncClient, send: Send, batch: int) -> None:
-        proxy, m = self.proxy, self.m
-        try:
-            resp = await client.send(self.req, stream=True)
-        except httpx.TimeoutException as exc:
+            resp = await proxy.upstream.request(req.method, req.target, req.headers, req.body)
+        except UpstreamTimeout as exc:
             proxy.channel.failed += m is not None
-            proxy.note_error("timeout", f"upstream {proxy.config.upstream} timed out: {type(exc).__name__}")
+            proxy.note_error("timeout", f"upstream {proxy.config.upstream} timed out: {exc}")
             await _send_json(send, 504, "upstream_timeout", f"the upstream server did not answer in time ({exc})")
             return
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             proxy.channel.failed += m is not None
             proxy.note_error("unavailable", f"upstream {proxy.config.upstream} unavailable: {exc}")
             await _send_json(send, 502, "upstream_unavailable",
@@ -745,11 +996,11 @@ class _Forward(Response):
             return
         completed = False
         try:
-            headers = [(k.lower(), v) for k, v in resp.headers.raw if k.lower().decode("latin-1") not in HOP_BY_HOP
-                       or k.lower() == b"content-length"]
+            headers = [(k, v) for k, v in resp.headers if k.decode("latin-1") not in HOP_BY_HOP
+                       or k == b"content-length"]
             measuring = m is not None and resp.status_code < 400
             if measuring and m is not None:
-                ctype = resp.headers.get("content-type", "")
+                ctype = resp.header(b"content-type")
                 m.is_sse = ctype.startswith("text/event-stream")
                 if not m.is_sse:
                     m.nonsse = []
@@ -764,8 +1015,8 @@ class _Forward(Response):
                             m.feed_sse(chunk, now)
                         else:
                             m.feed_body(chunk)
-            except httpx.HTTPError as exc:
-                kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "broken"
+            except UpstreamError as exc:
+                kind = "timeout" if isinstance(exc, UpstreamTimeout) else "broken"
                 proxy.note_error(kind, f"upstream stream ended early: {type(exc).__name__}: {exc}")
                 if m is not None and m.is_sse:
                     err = {"error": {"message": f"upstream stream ended early: {exc}",
@@ -777,10 +1028,11 @@ class _Forward(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             completed = True
         finally:
-            with anyio.CancelScope(shield=True):  # cancelled by a disconnect: still close the upstream
-                await resp.aclose()
+            resp.close()  # when the body did not end (a disconnect, an error), this closes the upstream connection
             if m is not None:
-                if completed and resp.status_code < 400:
+                # A client may hang up as soon as it has read ``[DONE]`` (the openai client does), before the
+                # upstream's end of body reaches us: the answer was complete, so it counts as finished.
+                if (completed or (m.is_sse and m.done)) and resp.status_code < 400:
                     end = time.monotonic()
                     if not m.is_sse:
                         m.finish_body()
