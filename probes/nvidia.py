@@ -24,6 +24,10 @@ Faults are values, never exceptions out of ``sample()``:
   ``device_lost`` event and ``None`` for all its values from then on;
 - any other NVML error leaves that value ``None`` for this tick only.
 
+Each of these is also a note for the trace (``take_notes()``, see ``tuner.sampler``): a query found
+unsupported while sampling (``warn`` once sampling is under way — a call that worked before — ``info`` at
+the first reading), a device lost (``warn``).  The other devices and probes are sampled on.
+
 Running processes: ``nvmlDeviceGetComputeRunningProcesses`` exists as v3, v2 and v1 with different
 struct layouts; a binding newer than the driver (or the reverse) reads the wrong layout and returns
 scrambled PIDs and sizes (nvitop's ``api/libnvml.py`` probes the symbols for the same reason).  The
@@ -170,6 +174,9 @@ class NvidiaProbe:
         self._events: list[Event] = []
         self._lost_pending: list[tuple[int, str]] = []
         self.unsupported: dict[str, str] = {}
+        self._noted: set[str] = set()  # unsupported keys already in a note
+        self._notes: list[tuple[str, str]] = []
+        self._samples = 0
         self.proc_version: str | None = None  # "v3" | "v2" | "v1" once decided
         self.proc_note: str | None = None  # why that version (e.g. PIDs not alive here)
         self._proc_candidates: list[tuple[str, Callable[[Any], list[Any]]]] | None = None
@@ -258,8 +265,29 @@ class NvidiaProbe:
                     if key.endswith(f"/{dev.index}"):
                         values[key] = None
         events = tuple(Event(now, "device_lost", {"device": i, "error": e}) for i, e in self._lost_pending)
+        for i, e in self._lost_pending:
+            self._notes.append((f"GPU {i} lost ({e}): its values are None from now on; the others go on", "warn"))
         self._lost_pending.clear()
+        self._note_unsupported()
+        self._samples += 1
         return Sample(self.name, now, values, procs or None, events)
+
+    def take_notes(self) -> list[tuple[str, str]]:
+        """Notes for the trace since the last call: ``[(message, level)]``."""
+        out, self._notes = self._notes, []
+        return out
+
+    def _note_unsupported(self) -> None:
+        new = [k for k in self.unsupported if k not in self._noted]
+        if not new:
+            return
+        by_reason: dict[str, list[str]] = {}
+        for k in new:
+            self._noted.add(k)
+            by_reason.setdefault(self.unsupported[k], []).append(k)
+        level = "warn" if self._samples else "info"
+        for reason, keys in by_reason.items():
+            self._notes.append((f"{', '.join(keys)} not sampled from now on: {reason}", level))
 
     def close(self) -> None:
         if self._initialized and self._nvml is not None:

@@ -8,6 +8,8 @@ built from ``c_nvmlProcessInfo_v2_t``).  What it emulates, per ``FakeGpu``:
 - memory info v2 (``reserved``) or a driver with only v1 (``used`` then includes the reserved part);
 - MIG mode: utilization queries raise ``NVMLError_NotSupported`` and per-process memory is not available;
 - a device that falls off the bus after ``lost_after`` calls (``NVMLError_GpuIsLost`` from then on);
+- any call failing from a moment on: ``errors[function name] = pynvml.NVMLError_X`` (mutable mid-run,
+  e.g. ``NotSupported`` appearing on a call that worked before, a transient ``Timeout``);
 - binding/driver skew for the running-process list: a binding without the ``_v3`` wrapper, a driver
   without the ``_v3``/``_v2`` symbols (``NVMLError_FunctionNotFound``), or a driver that writes v1
   structs into the binding's v2/v3-sized array (the scrambled PIDs nvitop guards against); the
@@ -49,6 +51,7 @@ class FakeGpu:
     mig: bool = False
     lost_after: int | None = None  # the device answers this many calls, then is lost
     calls: int = 0
+    errors: dict[str, type[Exception]] = field(default_factory=dict)  # NVML function -> error it raises now
 
 
 def a100_80gb(**kw: Any) -> FakeGpu:
@@ -133,6 +136,9 @@ def make_fake_pynvml(
         gpu.calls += 1
         if gpu.lost_after is not None and gpu.calls > gpu.lost_after:
             raise real.NVMLError_GpuIsLost()
+        error = gpu.errors.get(fn)
+        if error is not None:
+            raise error()
         return gpu
 
     def nvmlInit() -> None:
