@@ -135,7 +135,7 @@ def test_faulty_policies_disabled_and_reported_live_agent_runs_on_knobs_in_bound
     trace = tmp_path / "t.jsonl"
     with ChannelServer() as channel:
         child = subprocess.Popen(
-            [sys.executable, "-c", KNOB_WATCHER, "4"],
+            [sys.executable, "-c", KNOB_WATCHER, "3"],
             env=tuner_env(TUNER_SOCKET=channel.path),
             stdout=subprocess.PIPE,
             text=True,
@@ -299,9 +299,7 @@ class Recording(DryRunActuator):
 @settings(max_examples=100, deadline=None)
 @given(
     bounds=bounds_st(),
-    script=st.lists(
-        st.lists(st.tuples(st.sampled_from(KNOB_NAMES[:5]), values), max_size=3), min_size=1, max_size=15
-    ),
+    script=st.lists(st.lists(st.tuples(st.sampled_from(KNOB_NAMES[:5]), values), max_size=3), min_size=1, max_size=15),
 )
 def test_agent_never_hands_the_actuator_knobs_outside_bounds(
     bounds: dict[str, Bounds], script: list[list[tuple[str, Any]]]

@@ -220,9 +220,7 @@ def peer_refusal(pid: int, uid: int, my_uid: int) -> str | None:
         return None
     if uid < 0:
         return "the peer's credentials could not be read (SO_PEERCRED): refused"
-    return (
-        f"process {pid} runs as uid {uid}; only uid {my_uid}, the user running the tuner, may use this channel"
-    )
+    return f"process {pid} runs as uid {uid}; only uid {my_uid}, the user running the tuner, may use this channel"
 
 
 def peer_allowed(uid: int, my_uid: int) -> bool:
