@@ -133,12 +133,12 @@ def limit_file_size(limit: int) -> Callable[[], None]:
 
 def test_file_size_limit_mid_run_then_lifted(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
-    run = Run(tmp_path, trace, preexec_fn=limit_file_size(24 * 1024))
+    run = Run(tmp_path, trace, preexec_fn=limit_file_size(12 * 1024))
     try:
         run.wait_for_prometheus()
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         check_outage(run, trace, lambda: resource.prlimit(run.proc.pid, resource.RLIMIT_FSIZE, (hard, hard)))
-        assert trace.stat().st_size > 24 * 1024
+        assert trace.stat().st_size > 12 * 1024
     finally:
         run.kill()
 
