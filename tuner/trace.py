@@ -375,6 +375,11 @@ class TraceWriter:
         """Create the trace again if it was removed while recording (its records would go nowhere)."""
         if os.fstat(self._fd).st_nlink > 0:
             return
+        try:  # some file systems report no links at all: only a path that is gone means "removed"
+            os.stat(self.path)
+            return
+        except OSError:
+            pass
         fd = _open_private(self.path, os.O_EXCL) if self.path.parent.is_dir() else -1
         if fd < 0:
             make_private_dirs(self.path.parent)
