@@ -84,6 +84,24 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
     )
 
 
+def redact_command(cmd: list[str], record_text: bool) -> tuple[list[str], int]:
+    """The command line as the trace records it.  Without ``--record-text`` an argument that is free text
+    (it holds whitespace, or runs past 200 characters: a prompt given with ``-p``, a ``python -c`` script)
+    is kept only as its length — prompt text reaches a trace only when asked for.  Returns the command and
+    how many arguments were redacted."""
+    if record_text:
+        return list(cmd), 0
+    out = cmd[:1]
+    n = 0
+    for arg in cmd[1:]:
+        if len(arg) > 200 or any(ch.isspace() for ch in arg):
+            out.append(f"<text: {len(arg)} chars>")
+            n += 1
+        else:
+            out.append(arg)
+    return out, n
+
+
 def require_path(value: str, what: str) -> str:
     """A file name given on the command line must not be empty (``Path("")`` would mean ``.``)."""
     if not value.strip():

@@ -11,7 +11,7 @@ from types import FrameType
 
 import psutil
 
-from tuner.commands._common import add_session_options, session_options
+from tuner.commands._common import add_session_options, redact_command, session_options
 from tuner.commands.run import print_brief_summary
 from tuner.errors import UserError
 from tuner.session import Session, pid_exists_or_error
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         command = proc.cmdline() or [proc.name()]
     except psutil.Error:
         command = [str(pid)]
+    command, redacted = redact_command(command, opts.record_text)
+    if redacted:
+        opts.extra_header["command_redacted"] = redacted
     session = Session(opts, command=command, roots=[pid])
     stop = threading.Event()
 

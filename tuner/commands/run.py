@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tuner.commands._common import add_session_options, session_options
+from tuner.commands._common import add_session_options, redact_command, session_options
 from tuner.errors import UserError
 from tuner.session import Session, SessionOptions
 from tuner.trace import default_trace_path
@@ -153,8 +153,11 @@ def supervise(
     old = {s: signal.signal(s, stopper.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     session: Session | None = None
     try:
+        recorded, redacted = redact_command(cmd, opts.record_text)
+        if redacted:
+            opts.extra_header["command_redacted"] = redacted
         try:
-            session = Session(opts, command=cmd, roots=[child.pid], t0=t0, channel=channel)
+            session = Session(opts, command=recorded, roots=[child.pid], t0=t0, channel=channel)
         except BaseException:
             child.terminate()
             child.wait()
