@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -660,18 +661,38 @@ def _as_float(v: Any) -> float:
     return math.nan
 
 
-def _columns(n: int, groups: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]]) -> dict[str, np.ndarray]:
+_Group = tuple[list[int], list[dict[str, Any]], list[np.ndarray]]
+"""One key layout's ticks: their indices, their value dicts not yet converted, the converted blocks."""
+
+
+def _convert(rows: list[dict[str, Any]], width: int) -> np.ndarray:
+    """Value dicts of one layout -> a (rows x width) float64 block, in one numpy call."""
+    flat = list(chain.from_iterable(map(dict.values, rows)))
+    try:
+        block = np.array(flat, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):  # a string, a list, a huge int among the values
+        block = np.array([_as_float(v) for v in flat], dtype=np.float64)
+    return block.reshape(len(rows), width)
+
+
+def _settle(groups: dict[tuple[str, ...], _Group]) -> None:
+    """Convert the dicts gathered so far to float64 blocks (8 bytes a value instead of a float object
+    held by a dict), so memory follows the trace's size in values, not in Python objects."""
+    for keys, (_, rows, blocks) in groups.items():
+        if rows:
+            blocks.append(_convert(rows, len(keys)))
+            rows.clear()
+
+
+def _columns(n: int, groups: dict[tuple[str, ...], _Group]) -> dict[str, np.ndarray]:
     """Tick values grouped by key layout -> one float64 column per key (NaN where a tick lacks it).
 
     Ticks almost always share a handful of layouts (the same probes every tick, USS every few ticks), so
-    each group converts to a 2-D array in one numpy call instead of one call per metric per tick."""
+    each group converts to a 2-D array in a few numpy calls instead of one call per metric per tick."""
+    _settle(groups)
     columns: dict[str, np.ndarray] = {}
-    for keys, (idx, rows) in groups.items():
-        try:
-            block = np.array(rows, dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):  # a string, a list, a huge int among the values
-            block = np.array([[_as_float(v) for v in r] for r in rows], dtype=np.float64)
-        block = block.reshape(len(rows), len(keys))
+    for keys, (idx, _, blocks) in groups.items():
+        block = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         whole = len(idx) == n
         sel = None if whole else np.asarray(idx, dtype=np.intp)
         for j, key in enumerate(keys):
@@ -691,10 +712,10 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
     batches = _batches(Path(path), skip_bad, warnings)
     times: list[float] = []
     # Tick values grouped by key layout (see ``_columns``); ticks come in long runs of one layout.
-    groups: dict[tuple[str, ...], tuple[list[int], list[list[Any]]]] = {}
+    groups: dict[tuple[str, ...], _Group] = {}
     last_keys: tuple[str, ...] | None = None
     last_idx: list[int] = []
-    last_rows: list[list[Any]] = []
+    last_rows: list[dict[str, Any]] = []
     procs: list[tuple[float, dict[str, Any]]] = []
     events: list[Event] = []
     actions: list[dict[str, Any]] = []
@@ -717,9 +738,9 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
                         keys = tuple(m)
                         if keys != last_keys:
                             last_keys = keys
-                            last_idx, last_rows = groups.setdefault(keys, ([], []))
+                            last_idx, last_rows, _ = groups.setdefault(keys, ([], [], []))
                         last_idx.append(len(times))
-                        last_rows.append(list(m.values()))
+                        last_rows.append(m)
                         times.append(t)
                         p = rec.get("p")
                         if p:
@@ -740,6 +761,7 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
                             f"{path}: a '{k}' record is malformed (use --skip-bad to read past it)"
                         ) from None
                     warnings.append(f"{path}: a malformed '{k}' record was skipped")
+            _settle(groups)
         columns = _columns(len(times), groups)
     finally:
         batches.close()
