@@ -276,7 +276,7 @@ def test_wall_clock_jumps_do_not_move_intervals(tmp_path: Path, child: Child, mo
     monkeypatch.setattr(time, "time", lambda: real_time() + offset[0])
     burn = "import threading\ndef burn():\n    while True: pass\nthreading.Thread(target=burn, daemon=True).start()"
     child.do(f"exec({burn!r})")  # one core busy in the watched process
-    cpu = CpuProbe([child.pid])
+    cpu = CpuProbe([child.pid], min_window_s=0.2)  # CPU time moves in 10 ms steps: a long window, less noise
     trace = tmp_path / "t.jsonl"
 
     def jump(by: float) -> Any:
@@ -297,10 +297,10 @@ def test_wall_clock_jumps_do_not_move_intervals(tmp_path: Path, child: Child, mo
     # tick times stay on the monotonic grid: no hour-long gap, no burst of skips, no time going back
     assert all(g > 0 for g in gaps)
     assert max(gaps) < 0.5
-    assert ts[-1] == pytest.approx(1.2, abs=0.3)
-    assert len(ticks) + skipped == pytest.approx(ts[-1] / interval, abs=3)
-    ratios = [t["m"]["tree_cpu_ratio"] for t in ticks[5:]]
+    assert ts[-1] - ts[0] == pytest.approx(1.2, abs=0.3)
+    assert len(ticks) + skipped == pytest.approx((ts[-1] - ts[0]) / interval + 1, abs=2)
+    ratios = [t["m"]["tree_cpu_ratio"] for t in ticks if t["t"] > ts[0] + 0.25]
     # one busy thread all along (a shared machine gives it what it can): a ratio over an interval measured on
     # the wall clock would read ~0 (over an hour), negative (time going back) or absurd around each jump
-    # (an hour-long interval reads < 0.001; a busy thread starved below 0.01 core over 50 ms is not seen here)
+    # (an hour-long interval reads < 0.001; a busy thread starved below 0.01 core over 200 ms is not seen here)
     assert all(r is not None and 0.01 < r < 1.6 for r in ratios), ratios
