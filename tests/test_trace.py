@@ -466,3 +466,35 @@ def test_follower_on_corrupted_growing_file_raises_only_trace_error(
         else:
             if not junk:  # nothing corrupted: every record arrives, however the bytes were cut
                 assert got == 26 and f.bad_lines == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=1, max_value=6), st.none() | st.integers(0, 400)), max_size=25))
+def test_any_pattern_of_disk_failures_keeps_order_and_counts_every_drop(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int | None]]
+) -> None:
+    """Bursts of ticks, each followed by a flush with the disk taking ``room`` more bytes (None: all):
+    once space is back the file is whole JSONL, in order, and written + dropped = everything."""
+    disk = FlakyDisk()
+    p = tmp_path_factory.mktemp("flaky") / "t.jsonl"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(trace_mod, "_os_write", disk)
+    mp.setattr(trace_mod, "BUFFER_LIMIT", 1500)
+    try:
+        w = TraceWriter(p, header())
+        n = 0
+        for burst, room in steps:
+            disk.room = room
+            for _ in range(burst):
+                w.tick(n * 0.1, {"a_bytes": float(n)})
+                n += 1
+            w.flush()
+        disk.room = None
+        w.close()
+    finally:
+        mp.undo()
+    d = read_trace(p)
+    assert not d.warnings
+    got = d.column("a_bytes").tolist()
+    assert got == sorted(got) and len(set(got)) == len(got)
+    assert len(got) + w.dropped == n
