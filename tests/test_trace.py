@@ -498,3 +498,22 @@ def test_any_pattern_of_disk_failures_keeps_order_and_counts_every_drop(
     got = d.column("a_bytes").tolist()
     assert got == sorted(got) and len(set(got)) == len(got)
     assert len(got) + w.dropped == n
+
+
+def test_unencodable_record_becomes_an_error_note_not_a_crash(tmp_path: Path) -> None:
+    class Bad:
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    loop: dict = {}
+    loop["self"] = loop
+    p = tmp_path / "t.jsonl"
+    with TraceWriter(p, header()) as w:
+        w.tick(0.5, {"a_bytes": 1.0})
+        w.write({"k": "event", "t": 0.6, "kind": "x", "data": loop})
+        w.note(0.7, "odd", data=Bad())
+        w.tick(0.8, {"a_bytes": 2.0})
+    d = read_trace(p)
+    assert d.column("a_bytes").tolist() == [1.0, 2.0]
+    assert [n["level"] for n in d.notes] == ["error", "error"]
+    assert "'event' record could not be encoded" in d.notes[0]["msg"] and d.notes[0]["t"] == 0.5
