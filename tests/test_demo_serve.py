@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
-from tests.cli import ROOT, tuner_env
+from tests.cli import ROOT, assert_one_line_error, tuner, tuner_env, tuner_popen
+from tuner.trace import read_trace
 
 MODEL = "tuner-demo"
 PROMPT = "The with statement"
@@ -140,3 +146,98 @@ def test_a_client_that_leaves_does_not_hold_up_the_next(demo: DemoServer) -> Non
     r2 = httpx.post(demo.url + "/completions", json={**body, "stream": False, "max_tokens": 5}, timeout=30)
     assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] == 5
     assert time.monotonic() - t < 0.5 * t_full  # the abandoned 255-token generation did not run to its end
+
+
+# -- tuner demo --serve: the model behind the proxy under the sidecar, driven from this separate process ------
+
+
+def _serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str, queue.Queue[str], queue.Queue[str]]:
+    proc = tuner_popen("demo", "--serve", "--listen", "127.0.0.1:0", "--headless", "--trace",
+                       str(tmp_path / "serve.jsonl"), *args)
+    out, err = line_queue(proc.stdout), line_queue(proc.stderr)
+    deadline = time.monotonic() + 150  # loading the model takes seconds on a busy machine
+    while time.monotonic() < deadline:
+        try:
+            line = out.get(timeout=1)
+        except queue.Empty:
+            assert proc.poll() is None, list(err.queue)
+            continue
+        m = re.search(r"API at (http://\S+/v1)", line)
+        if m:
+            return proc, m.group(1), out, err
+    proc.kill()
+    raise AssertionError("tuner demo --serve printed no URL")
+
+
+def _drain(q: queue.Queue[str]) -> str:
+    time.sleep(0.1)
+    return "".join(q.queue)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_serve_answers_an_openai_client_and_records_its_requests(tmp_path: Path, sig: signal.Signals) -> None:
+    import psutil
+
+    proc, url, _out, err = _serve(tmp_path)
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("tuner.demo.serve" in " ".join(c.cmdline()) for c in children)  # the model runs in a child
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list().data] == [MODEL]
+        r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+        assert r.usage is not None and r.usage.completion_tokens == 24
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}],
+                                                max_tokens=24, temperature=0, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].text
+    finally:
+        proc.send_signal(sig)  # Ctrl-C or a service manager's stop
+        rc = proc.wait(timeout=60)
+    stderr = _drain(err)
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr and "trace written to" in stderr, stderr
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]  # server stopped too
+    d = read_trace(tmp_path / "serve.jsonl")
+    assert d.header["proxy"]["listen"] + "/v1" == url and d.header["demo"]["server"] == "tuner.demo.serve"
+    assert d.end is not None and d.end["server_exit_code"] is not None and d.end["server_died"] is False
+    reqs = d.requests()
+    assert len(reqs) == 2, [e.data for e in reqs]  # /v1/models is forwarded, not a generation request
+    assert sorted(e.data["tokens"] for e in reqs) == [24, 24]
+    streamed = [e.data for e in reqs if e.data["ttft_seconds"] is not None]
+    assert len(streamed) == 1 and streamed[0]["tpot_seconds"] > 0
+    assert np.nanmax(d.column("tree_rss_bytes")) > 100 << 20  # the model server's tree was sampled
+    rep = tuner("report", str(tmp_path / "serve.jsonl"), "--json", timeout=60)
+    assert rep.returncode == 0, rep.stderr
+    summary = json.loads(rep.stdout)
+    assert summary["requests"]["count"] == 2, summary["requests"]
+
+
+def test_demo_serve_bad_input_is_one_line(tmp_path: Path) -> None:
+    for args, message in [
+        (["--requests", "5"], "--requests drives the built-in workload"),
+        (["--leak"], "--leak drives the built-in workload"),
+        (["--listen", "8.8.8.8:0"], "not a loopback address"),
+        (["--duration", "0"], "--duration 0 must be more than 0 seconds"),
+    ]:
+        cp = tuner("demo", "--serve", "--headless", "--trace", str(tmp_path / "t.jsonl"), *args, timeout=60)
+        assert message in assert_one_line_error(cp), args
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_demo_serve_stops_when_its_model_server_dies(tmp_path: Path) -> None:
+    import psutil
+
+    proc, _url, _out, err = _serve(tmp_path)
+    try:
+        (server,) = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                     if "tuner.demo.serve" in " ".join(c.cmdline())]
+        server.kill()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = _drain(err)
+    assert rc == 1 and "the demo model server exited with code -9" in stderr, stderr
+    d = read_trace(tmp_path / "serve.jsonl")
+    assert d.end is not None and d.end["server_died"] is True and d.end["server_exit_code"] == -9

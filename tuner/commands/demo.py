@@ -4,13 +4,26 @@ The workload (``python -m tuner.demo.workload``) runs as a child under the sidec
 :func:`tuner.commands.run.supervise`, exactly the path ``tuner run`` takes: same channel, probes, trace,
 policies.  On a terminal the dashboard shows it live (when the TUI is installed); ``--headless`` prints
 a summary at the end.
+
+``tuner demo --serve`` instead runs the model as an OpenAI-compatible server (``python -m
+tuner.demo.serve``, a child whose process tree is sampled) behind ``tuner proxy``'s proxy in this process,
+and prints the URL to point an OpenAI client at: the requests come from the user, the path is the one
+``tuner proxy`` takes in front of vLLM or llama.cpp.  Ctrl-C / SIGTERM (or ``--duration``) stops the proxy,
+then the server, then closes the trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import re
+import signal
+import subprocess
 import sys
+import threading
+import time
+from typing import Any
 
 from tuner.commands._common import add_session_options, session_options
 from tuner.errors import UserError
@@ -42,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--mirostat", action="store_true", help="sample with Mirostat v2 (eta 0.1) instead")
     w.add_argument("--mirostat-tau", type=float, default=5.0, metavar="BITS",
                    help="Mirostat's target surprise (default 5 as llama.cpp; this byte model needs ~0.5-1)")
+    s = p.add_argument_group("serve (an OpenAI-compatible server behind the proxy, for your own client)")
+    s.add_argument("--serve", action="store_true",
+                   help="serve the model over the OpenAI API behind tuner's proxy and print the URL to use; "
+                   "requests come from your client; Ctrl-C stops (--duration S: stop after S seconds)")
+    s.add_argument("--listen", default="127.0.0.1:8100", metavar="HOST:PORT",
+                   help="with --serve: where clients connect (default 127.0.0.1:8100; port 0 = any free port)")
+    s.add_argument("--public", action="store_true", help="with --serve: allow --listen on a non-loopback address")
     p.set_defaults(func=run)
 
 
@@ -76,6 +96,8 @@ def workload_command(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None:
         raise UserError("tuner demo needs torch: pip install 'inference-tuner[torch]'")
+    if args.serve:
+        return run_serve(args)
     cmd = workload_command(args)
     opts = session_options(args)  # validates --policy before anything starts
     if not opts.trace:
@@ -96,3 +118,145 @@ def run(args: argparse.Namespace) -> int:
             print("tuner: the dashboard is not installed here; running headless", file=sys.stderr)
         tui = False
     return supervise(cmd, opts, headless=not tui, tui=tui, stop_on_quit=True)
+
+
+SERVER_START_S = 120.0  # loading the model: ~2 s on an idle machine, far more on a busy one
+
+
+def _serve_checks(args: argparse.Namespace) -> float | None:
+    """Options of the built-in workload make no sense with --serve (the requests come from the user)."""
+    for flag, given in (("--requests", args.requests is not None), ("--leak", args.leak),
+                        ("--mirostat", args.mirostat)):
+        if given:
+            raise UserError(f"{flag} drives the built-in workload; with --serve the requests come from your client")
+    if args.duration is not None and not args.duration > 0:
+        raise UserError(f"--duration {args.duration:g} must be more than 0 seconds")
+    return args.duration
+
+
+def _start_server(quiet: bool) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """``python -m tuner.demo.serve --port 0`` in its own session (Ctrl-C reaches the tuner only, which stops
+    the proxy first, then the server); returns the process, its root URL and its command line."""
+    cmd = [sys.executable, "-m", "tuner.demo.serve", "--port", "0"]
+
+    def child_setup() -> None:  # runs in the child: die with the tuner even if it is SIGKILLed
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                pass
+
+    env = {k: v for k, v in os.environ.items() if k != "TUNER_SOCKET"}
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True, preexec_fn=child_setup)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:  # keeps reading: the server's later messages go on to our stderr
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if not ready.is_set():
+                lines.append(line.rstrip())
+                m = re.search(r"on (http://\S+)/v1\b", line)
+                if m:
+                    found.append(m.group(1))
+                    ready.set()
+                continue
+            if not quiet:
+                sys.stderr.write(line)
+        ready.set()
+
+    threading.Thread(target=pump, name="tuner-demo-server-stderr", daemon=True).start()
+    deadline = time.monotonic() + SERVER_START_S
+    while not ready.wait(0.1):
+        if time.monotonic() > deadline:
+            _stop_server(proc)
+            raise UserError(f"the demo model server did not start within {SERVER_START_S:g} s")
+    if not found:
+        proc.wait(timeout=10)
+        last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
+        raise UserError(f"the demo model server exited with code {proc.returncode} before serving: {last}")
+    return proc, found[0], cmd
+
+
+def _stop_server(proc: subprocess.Popen[str]) -> int | None:
+    """SIGTERM, then SIGKILL after 10 s; the exit code (negative: the signal)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tuner.commands.proxy import bind, serve_proxy
+    from tuner.commands.run import print_brief_summary
+    from tuner.proxy import ProxyConfig, parse_listen
+
+    duration = _serve_checks(args)
+    host, port = parse_listen(args.listen, args.public)
+    opts = session_options(args)  # validates --policy before anything starts
+    if not opts.trace:
+        from tuner.trace import default_trace_path
+
+        opts.trace = str(default_trace_path(["demo"]))
+    tui = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    if tui and importlib.util.find_spec("tui.app") is None:
+        if not args.quiet:
+            print("tuner: the dashboard is not installed here; running headless", file=sys.stderr)
+        tui = False
+    sock = bind(host, port)  # before the server starts: a busy port is a one-line error, nothing left running
+    try:
+        proc, upstream, cmd = _start_server(args.quiet)
+    except BaseException:
+        sock.close()
+        raise
+    opts.extra_header["demo"] = {
+        "server": "tuner.demo.serve",
+        "argv": cmd[3:],
+        "server_pid": proc.pid,
+        "policy": args.policy,
+        "observe_only": bool(args.observe_only),
+    }
+    started = time.monotonic()
+    model = "tuner-demo"
+
+    def announce(url: str) -> None:
+        # stdout, even with --quiet: it is what the command is for
+        print(f"tuner demo: OpenAI-compatible API at {url}/v1 (model {model!r}, any API key); Ctrl-C stops",
+              flush=True)
+        if not args.quiet:
+            print(f"tuner: e.g. OpenAI(base_url=\"{url}/v1\", api_key=\"none\").chat.completions.create("
+                  f"model=\"{model}\", messages=[...], stream=True)", file=sys.stderr, flush=True)
+
+    def stop_when() -> str | None:
+        if proc.poll() is not None:
+            return f"the demo model server exited with code {proc.returncode}"
+        if duration is not None and time.monotonic() - started >= duration:
+            return "duration reached"
+        return None
+
+    def before_finish() -> dict[str, Any]:
+        died = proc.poll()
+        code = _stop_server(proc)
+        return {"server_exit_code": code, "server_died": died is not None}
+
+    try:
+        path, reason = serve_proxy(ProxyConfig(upstream=upstream), opts, sock, roots=[proc.pid], tui=tui,
+                                   command=["demo", "--serve"], announce=announce, stop_when=stop_when,
+                                   before_finish=before_finish)
+    finally:
+        _stop_server(proc)
+    died = reason is not None and reason.startswith("the demo model server")
+    if died or not opts.quiet:
+        print(f"tuner: {reason + '; ' if reason else ''}stopped; trace written to {path}", file=sys.stderr)
+    if args.headless and not opts.quiet:
+        print_brief_summary(path)
+    return 1 if died else 0

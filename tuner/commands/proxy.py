@@ -8,7 +8,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from tuner.commands._common import add_session_options, session_options
@@ -98,11 +99,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tuner.commands.run import print_brief_summary, want_tui
-    from tuner.proxy import Proxy, ProxyChannel, parse_listen
-    from tuner.session import Session, pid_exists_or_error
+    from tuner.proxy import parse_listen
+    from tuner.session import pid_exists_or_error
 
     host, port = parse_listen(args.listen, args.public)
     config = build_config(args)
@@ -113,36 +112,84 @@ def run(args: argparse.Namespace) -> int:
         pid_exists_or_error(args.pid)
     opts = session_options(args)
     sock = bind(host, port)
+    path, _ = serve_proxy(config, opts, sock, roots=[args.pid] if args.pid else [], tui=tui,
+                          command=["proxy", config.upstream])
+    if not opts.quiet:
+        print(f"tuner: proxy stopped; trace written to {path}", file=sys.stderr)
+        if args.headless:
+            print_brief_summary(path)
+    return 0
+
+
+def serve_proxy(
+    config: Any,
+    opts: Any,
+    sock: socket.socket,
+    *,
+    roots: list[int],
+    tui: bool,
+    command: list[str],
+    announce: Callable[[str], None] | None = None,
+    stop_when: Callable[[], str | None] | None = None,
+    before_finish: Callable[[], dict[str, Any]] | None = None,
+) -> tuple[Path, str | None]:
+    """Serve the proxy on ``sock`` under a session until Ctrl-C / SIGTERM (or ``stop_when`` gives a reason);
+    returns the trace path and that reason.
+
+    ``announce(url)`` runs once the proxy is up; ``before_finish()`` runs after it stopped serving and before
+    the trace is closed, its dict going into the trace's end record (``tuner demo --serve`` stops its model
+    server there).  ``sock`` is closed on the way out, whatever happens.
+    """
+    import uvicorn
+
+    from tuner.proxy import Proxy, ProxyChannel
+    from tuner.session import Session
+
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     listen_url = f"http://{shown}:{bound[1]}"
-    opts.extra_header = {
-        "proxy": {
-            "upstream": config.upstream,
-            "listen": listen_url,
-            "temperature_mode": config.temperature_mode,
-            "temperature_bounds": list(config.temperature_bounds),
-            "max_concurrency": config.max_concurrency,
-            "cleanup": [f"{m} {t}" for m, t in config.cleanup_urls],
-            "token_unit": "usage.completion_tokens, else one per SSE chunk with text",
-            "repetition_unit": "whitespace-separated words",
-        }
+    opts.extra_header["proxy"] = {
+        "upstream": config.upstream,
+        "listen": listen_url,
+        "temperature_mode": config.temperature_mode,
+        "temperature_bounds": list(config.temperature_bounds),
+        "max_concurrency": config.max_concurrency,
+        "cleanup": [f"{m} {t}" for m, t in config.cleanup_urls],
+        "token_unit": "usage.completion_tokens, else one per SSE chunk with text",
+        "repetition_unit": "whitespace-separated words",
     }
     channel = ProxyChannel()
     try:
-        session = Session(opts, command=["proxy", config.upstream], roots=[args.pid] if args.pid else [],
-                          channel=channel)
+        session = Session(opts, command=command, roots=roots, channel=channel)
     except BaseException:
         sock.close()
+        channel.close()
         raise
     proxy = Proxy(config, channel, log=session.log)
     server = _server_class()(
         uvicorn.Config(proxy.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
                        timeout_keep_alive=30)
     )
+    reason: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        assert stop_when is not None
+        while not done.wait(0.2):
+            why = stop_when()
+            if why:
+                reason.append(why)
+                server.should_exit = True
+                return
+
     session.start()
-    session.log(f"proxy listening on {listen_url}/v1 -> {config.upstream}")
+    end: dict[str, Any] = {}
     try:
+        session.log(f"proxy listening on {listen_url}/v1 -> {config.upstream}")
+        if stop_when is not None:
+            threading.Thread(target=watch, name="tuner-proxy-watch", daemon=True).start()
+        if announce is not None:
+            announce(listen_url)
         if tui:
             thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tuner-proxy", daemon=True)
             thread.start()
@@ -152,13 +199,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             server.run(sockets=[sock])
     finally:
+        done.set()
         sock.close()
-        path = session.finish(upstream=config.upstream, failed_requests=channel.failed)
-    if not opts.quiet:
-        print(f"tuner: proxy stopped; trace written to {path}", file=sys.stderr)
-        if args.headless:
-            print_brief_summary(path)
-    return 0
+        try:
+            if before_finish is not None:
+                end = before_finish()
+        finally:
+            path = session.finish(upstream=config.upstream, failed_requests=channel.failed, **end)
+    return path, reason[0] if reason else None
 
 
 def _server_class() -> Any:
