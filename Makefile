@@ -30,8 +30,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tuner probes policies tui tests
 	$(VENV)/bin/mypy
 
+# Soak (issue 7): 15 minutes of the leaking demo with every policy on (the interactive preset enables
+# all four: temperature, batch_size, precision, cleanup), then tools/soak_check.py prints the figures:
+# the sidecar's own RSS, the inference's memory, the trace's completeness (exit 1 if one fails).
+# SOAK_SECONDS=120 for a shorter try; the trace name starts with the UTC time (ignored by git).
+SOAK_SECONDS ?= 900
+SOAK_STAMP   := $(shell date -u +%Y%m%dT%H%M%SZ)
+SOAK_TRACE   ?= traces/$(SOAK_STAMP)-soak.jsonl
+
 soak: $(STAMP)
-	$(VENV)/bin/tuner demo --headless --leak --duration 900
+	mkdir -p traces
+	$(VENV)/bin/tuner demo --headless --leak --duration $(SOAK_SECONDS) --policy interactive \
+		--trace $(SOAK_TRACE) > $(SOAK_TRACE:.jsonl=-workload.jsonl)
+	$(PY) tools/soak_check.py $(SOAK_TRACE) --workload $(SOAK_TRACE:.jsonl=-workload.jsonl)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks
