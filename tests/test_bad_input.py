@@ -178,8 +178,43 @@ OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]] = [
     ("interval-0", ("run", "--interval", "0", "--", "true"), _interval("0"), 2),
     ("interval-negative", ("run", "--interval", "-0.5", "--", "true"), _interval("-0.5"), 2),
     ("interval-huge", ("run", "--interval", "1e300", "--", "true"), _interval("1e+300"), 2),
-    ("interval-overflow", ("run", "--interval", "1e999", "--", "true"), _interval("inf"), 2),
-    ("interval-nan", ("run", "--interval", "nan", "--", "true"), _interval("nan"), 2),
+    (
+        "interval-overflow",
+        ("run", "--interval", "1e999", "--", "true"),
+        f"tuner run: error: argument --interval: '1e999' is not a finite number {RUN_HELP}",
+        2,
+    ),
+    (
+        "interval-nan",
+        ("run", "--interval", "nan", "--", "true"),
+        f"tuner run: error: argument --interval: 'nan' is not a finite number {RUN_HELP}",
+        2,
+    ),
+    (
+        "interval-inf",
+        ("attach", "--interval=-inf", "{self_parent}"),
+        "tuner attach: error: argument --interval: '-inf' is not a finite number (see 'tuner attach --help')",
+        2,
+    ),
+    # every float option of every subcommand is finite (the demo's sampler crashed on --temperature inf)
+    (
+        "demo-temperature-inf",
+        ("demo", "--headless", "--requests", "1", "--temperature", "inf"),
+        "tuner demo: error: argument --temperature: 'inf' is not a finite number (see 'tuner demo --help')",
+        2,
+    ),
+    (
+        "demo-rate-nan",
+        ("demo", "--headless", "--requests", "1", "--rate", "nan"),
+        "tuner demo: error: argument --rate: 'nan' is not a finite number (see 'tuner demo --help')",
+        2,
+    ),
+    (
+        "proxy-timeout-nan",
+        ("proxy", "--upstream", "http://127.0.0.1:9", "--timeout", "NaN"),
+        "tuner proxy: error: argument --timeout: 'NaN' is not a finite number (see 'tuner proxy --help')",
+        2,
+    ),
     ("interval-too-fast", ("attach", "--interval", "0.0001", "{self_parent}"), _interval("0.0001"), 2),
     (
         "interval-text",

@@ -8,6 +8,7 @@ with its type and message — the traceback only with ``TUNER_DEBUG=1``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
+def finite_float(text: str) -> float:
+    """``type=`` for every float option: a number, and a finite one (``nan``/``inf`` parse as floats but
+    no duration, rate, temperature or timeout means anything with them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _finite_floats(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.type is float:
+            action.type = finite_float
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _finite_floats(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuner import commands
 
@@ -42,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in commands.load():
         mod.register(sub)
+    _finite_floats(parser)  # every float option of every subcommand, whoever registered it
     return parser
 
 
