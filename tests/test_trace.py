@@ -517,3 +517,28 @@ def test_unencodable_record_becomes_an_error_note_not_a_crash(tmp_path: Path) ->
     assert d.column("a_bytes").tolist() == [1.0, 2.0]
     assert [n["level"] for n in d.notes] == ["error", "error"]
     assert "'event' record could not be encoded" in d.notes[0]["msg"] and d.notes[0]["t"] == 0.5
+
+
+def test_integer_times_and_an_absurd_time_in_a_run_of_ticks(tmp_path: Path) -> None:
+    p = tmp_path / "t.jsonl"
+    with TraceWriter(p, header()) as w:
+        for i in range(5):
+            w.tick(i, {"a_bytes": float(i)}, {1: {"rss_bytes": i}})  # int times are written as ints
+    d = read_trace(p)
+    assert d.times.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and d.procs[2] == (2.0, {"1": {"rss_bytes": 2}})
+    assert all(type(t) is float for t, _ in d.procs)
+    lines = p.read_bytes().split(b"\n")
+    lines[3] = b'{"k":"tick","t":1' + b"0" * 400 + b',"m":{"a_bytes":9.0}}'
+    p.write_bytes(b"\n".join(lines))
+    with pytest.raises(TraceError, match="line 4: a 'tick' record is malformed"):
+        read_trace(p)
+    assert read_trace(p, skip_bad=True).times.tolist() == [0.0, 1.0, 3.0, 4.0]
+
+
+def test_header_only_trace_reads_as_empty(tmp_path: Path) -> None:
+    """A recording killed right after it started: no ticks, not an error."""
+    p = tmp_path / "t.jsonl"
+    TraceWriter(p, header()).close()
+    d = read_trace(p)
+    assert len(d.times) == 0 and d.columns == {} and d.end is None and not d.warnings
+    assert [r["k"] for r in trace_mod.iter_records(p)] == ["header"]

@@ -453,6 +453,7 @@ def _chunks(f: BinaryIO) -> Iterator[tuple[list[bytes | None], bool]]:
 
 
 _TIMED = frozenset(("tick", "skip", "event", "action", "note", "end"))
+_INT_T = 2**53
 
 
 def _well_formed(rec: Any) -> bool:
@@ -466,7 +467,7 @@ def _well_formed(rec: Any) -> bool:
     if k not in _TIMED:
         return True
     t = rec.get("t")
-    if type(t) is not float and type(t) is not int:
+    if type(t) is not float and (type(t) is not int or not -_INT_T < t < _INT_T):  # no bool, no 10**400
         return False
     if k == "tick":
         m, p = rec.get("m"), rec.get("p")
@@ -556,6 +557,8 @@ def _batches(
                     yield [_read_header(lines, p, torn)]
                     lineno = 1
                     lines = lines[1:]
+                    if not lines:
+                        continue
                 if not torn:
                     try:
                         recs = [loads(raw) for raw in lines]  # type: ignore[arg-type]
