@@ -105,7 +105,7 @@ def unique_dir(tmp_path: Path) -> Path:
 
 
 # -- the sidecar dies ------------------------------------------------------------------------------------
-def sidecar_killed(tmp_path: Path, kill_after: float, n: int = 150, pause: float = 0.01) -> None:
+def sidecar_killed(tmp_path: Path, kill_after: float, n: int = 200, pause: float = 0.01) -> None:
     d = unique_dir(tmp_path)
     out, trace = d / "result.json", d / "t.jsonl"
     side = tuner_popen(
@@ -136,7 +136,10 @@ def sidecar_killed(tmp_path: Path, kill_after: float, n: int = 150, pause: float
     ticks = [r for r in recs if r.get("k") == "tick"]
     summary = report_json(trace)  # a trace cut mid-write is still a report, never a traceback
     assert summary["ticks"] == len(ticks)
-    assert summary["ended"] is False and summary["exit_code"] is None
+    if summary["ended"]:  # the kill came after the inference had finished and the end was written
+        assert summary["exit_code"] == 0
+    else:
+        assert summary["exit_code"] is None
     if ticks:
         assert summary["duration_s"] == pytest.approx(ticks[-1]["t"], abs=1e-3)  # up to the last tick
     served = [r for r in recs if r.get("k") == "event" and r.get("kind") == "request"]

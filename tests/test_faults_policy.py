@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.base import PRECISIONS, Bounds, Policy
+from probes.base import Probe
 from probes.cpu import CpuProbe
 from probes.output import OutputProbe
 from tests.cli import tuner, tuner_env
@@ -141,7 +142,7 @@ def test_faulty_policies_disabled_and_reported_live_agent_runs_on_knobs_in_bound
             text=True,
         )
         t0 = time.monotonic()
-        probes = [CpuProbe([child.pid]), OutputProbe(channel, t0=t0)]
+        probes: list[Probe] = [CpuProbe([child.pid]), OutputProbe(channel, t0=t0)]
         writer = TraceWriter(trace, make_header(probes={}, interval_s=0.02, command=["knob-watcher"]))
         agent = Agent(
             [Boom(), Wild(), Sneaky(), Steady()],
