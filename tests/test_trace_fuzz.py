@@ -103,11 +103,19 @@ MATRIX = [(case, cmd) for case in UNUSABLE for cmd in ("report", "export")] + [
 def test_unusable_trace_is_a_one_line_error(tmp_path: Path, good: bytes, case: str, cmd: str) -> None:
     maker, message = UNUSABLE[case]
     if cmd == "tui" and case in ("one 50 MB line", "cut inside the header"):
-        message = "not a trace"  # the follower sees no complete first line: it cannot tell more
+        message = "no complete first line"  # the follower cannot tell more
     p = make(tmp_path, good, maker)
     err = assert_one_line_error(tuner(*argv(cmd, p, tmp_path)), 2)
     assert err.startswith("tuner: ") and message in err, err
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("cmd", ["report", "tui"])
+def test_a_device_is_a_one_line_error(tmp_path: Path, cmd: str) -> None:
+    """/dev/zero has no end: it must be refused, not read until memory runs out."""
+    cp = tuner(*argv(cmd, Path("/dev/zero"), tmp_path), timeout=60)
+    assert cp.returncode == 2, cp.stderr
+    assert "Traceback" not in cp.stderr and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
 
 
 @pytest.mark.parametrize("cmd", ["report", "export", "replay", "tui"])

@@ -36,7 +36,7 @@ def _has_end(path: Path) -> bool:
         f.seek(0, os.SEEK_END)
         size = f.tell()
         f.seek(max(0, size - 65536))
-        tail = f.read()
+        tail = f.read(65536)
     lines = [ln for ln in tail.split(b"\n") if ln.strip()]
     return bool(lines) and b'"k":"end"' in lines[-1].replace(b" ", b"")
 
@@ -50,6 +50,8 @@ class FileSource:
             raise UserError(f"{p}: no such file")
         if p.is_dir():
             raise UserError(f"{p}: is a directory, not a trace file")
+        if not p.is_file():  # a device or a FIFO: /dev/zero would be read without end
+            raise UserError(f"{p}: not a regular file, not a trace")
         try:
             self.replay = _has_end(p)
             self._f = TraceFollower(p)
@@ -60,7 +62,9 @@ class FileSource:
             raise UserError(f"cannot read {p}: {exc.strerror or exc}") from None
         if not first:
             self._f.close()
-            raise TraceError(f"{p}: empty file, not a trace")
+            empty = p.stat().st_size == 0
+            raise TraceError(f"{p}: empty file, not a trace" if empty else
+                             f"{p}: not an inference-tuner trace (no complete first line)")
         self._first: list[dict[str, Any]] | None = first
         self.path = p
         self.poll_interval = poll_interval
