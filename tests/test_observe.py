@@ -42,6 +42,26 @@ def test_header_backlog_then_live(tmp_path: Path) -> None:
             assert c.recv(0.05) is None
 
 
+def test_published_lines_reach_viewers_framed_as_written(tmp_path: Path) -> None:
+    """The session forwards the trace writer's own JSON lines: backlog before a viewer, live after."""
+    path = str(tmp_path / "obs.sock")
+    with ObserverServer(path, backlog=3) as srv:
+        srv.start()
+        srv.publish_line(b'{"k":"header","tool":"inference-tuner","schema":1}', "header")
+        for i in range(5):
+            srv.publish_line(b'{"k":"tick","t":%d,"m":{"x":%d}}' % (i, i), "tick")
+        with ObserverClient(path) as c:
+            got = [c.recv(2) for _ in range(4)]
+            assert [r["k"] for r in got if r] == ["header", "tick", "tick", "tick"]
+            assert [r["m"]["x"] for r in got[1:] if r] == [2, 3, 4]
+            deadline = time.monotonic() + 10
+            while srv.viewers() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            srv.publish_line(b'{"k":"note","t":9,"msg":"live"}', "note")
+            live = c.recv(2)
+            assert live is not None and live["msg"] == "live"
+
+
 def test_slow_viewer_drops_are_counted_and_publish_never_blocks(tmp_path: Path) -> None:
     path = str(tmp_path / "obs.sock")
     with ObserverServer(path, backlog=0, queue_limit=50) as srv:

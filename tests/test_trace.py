@@ -194,6 +194,20 @@ def test_listener_gets_every_record_and_a_failing_one_is_dropped(tmp_path: Path)
     assert len(read_trace(tmp_path / "t.jsonl").times) == 1
 
 
+def test_line_listener_gets_the_bytes_written_to_the_file(tmp_path: Path) -> None:
+    got: list[tuple[bytes, str]] = []
+    w = TraceWriter(tmp_path / "t.jsonl", header())
+    w.add_line_listener(lambda line, kind: got.append((line, kind)))
+    w.add_line_listener(lambda line, kind: 1 / 0)  # removed on its first failure; the trace goes on
+    w.tick(0.0, {"tree_rss_bytes": 5, "x_ratio": float("nan")})
+    w.note(0.1, "x")
+    w.close()
+    lines = (tmp_path / "t.jsonl").read_bytes().splitlines()
+    assert [k for _, k in got][:2] == ["tick", "note"]
+    assert [line for line, _ in got] == lines[1 : 1 + len(got)]
+    assert json.loads(got[0][0])["m"] == {"tree_rss_bytes": 5, "x_ratio": None}
+
+
 def test_default_trace_path_names_the_command(tmp_path: Path) -> None:
     p = default_trace_path(["python", "-u", "serve.py", "--port", "1"], tmp_path)
     assert p.parent == tmp_path and p.name.endswith("-serve.jsonl")

@@ -171,6 +171,27 @@ class ObserverServer:
                 v.out.append(frame)
         self._wake()
 
+    def publish_line(self, line: bytes, kind: str) -> None:
+        """Like :meth:`publish` for a record the trace writer already encoded (its JSON line): framed as is."""
+        if self._closed.is_set() or len(line) > MAX_RECORD_BYTES:
+            return
+        frame = _LEN.pack(len(line)) + line
+        with self._lock:
+            self.published += 1
+            if kind == "header":
+                self._header = frame
+                self._backlog.clear()
+            else:
+                self._backlog.append(frame)
+            if not self._viewers:
+                return
+            for v in self._viewers.values():
+                if len(v.out) >= self.queue_limit:
+                    v.out.popleft()
+                    v.dropped += 1
+                v.out.append(frame)
+        self._wake()
+
     def drain_commands(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while self._commands:

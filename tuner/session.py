@@ -120,7 +120,7 @@ class Session:
             raise UserError(f"cannot write trace {self.trace_path}: {exc.strerror or exc}") from None
         if self.observer is not None:
             self.observer.publish(self.writer.header)
-            self.writer.add_listener(self.observer.publish)
+            self.writer.add_line_listener(self.observer.publish_line)
 
         if opts.prometheus:
             from tuner.prometheus import PrometheusExporter, parse_listen

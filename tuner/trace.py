@@ -210,6 +210,7 @@ class TraceWriter:
         self.reopened = 0
         self._closed = False
         self._listeners: list[Callable[[Mapping[str, Any]], None]] = []
+        self._line_listeners: list[Callable[[bytes, str], None]] = []
         self.header = dict(header)
         self._header_line = encode_record(self.header) + b"\n"
         try:
@@ -238,6 +239,8 @@ class TraceWriter:
         if type(t) is float or type(t) is int:
             self._last_t = t
         self._keep(line)
+        if self._line_listeners:
+            self._tell_line(line, str(rec.get("k")))
         if self._listeners:
             self._tell(rec)
 
@@ -254,6 +257,19 @@ class TraceWriter:
                 fn(rec)
             except Exception:  # an observer must never stop the recording
                 self._listeners.remove(fn)
+
+    def _tell_line(self, line: bytes, kind: str) -> None:
+        for fn in list(self._line_listeners):
+            try:
+                fn(line, kind)
+            except Exception:  # an observer must never stop the recording
+                self._line_listeners.remove(fn)
+
+    def add_line_listener(self, fn: Callable[[bytes, str], None]) -> None:
+        """Call ``fn(line, kind)`` with every record's encoded JSON (no newline) and its ``k``, as written
+        from now on: what the live feed forwards as is (no copy of the tick's dicts, no second encoding).
+        A listener that raises is removed; the trace goes on."""
+        self._line_listeners.append(fn)
 
     def add_listener(self, fn: Callable[[Mapping[str, Any]], None]) -> None:
         """Call ``fn(record)`` for every record written from now on (live observers, the TUI).  A
