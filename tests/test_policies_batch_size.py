@@ -7,7 +7,7 @@ from policies.batch_size import BatchConfig, BatchSizePolicy
 from tests.replay.sim import Sim, SimActuator
 from tuner.agent import Agent
 from tuner.arbiter import Arbiter
-from tuner.records import Applied
+from tuner.records import Applied, Event
 
 
 def run(sim: Sim, cfg: BatchConfig, ticks: int, agent: Agent | None = None) -> Agent:
@@ -118,3 +118,77 @@ def test_queueing_is_not_counted_against_the_batch_size() -> None:
             break
     assert m is not None and m.ttft_p95 is not None
     assert abs(m.ttft_p95 - 0.2) < 1e-6 and pol._feasible(m)
+
+
+def static_batches(batch: int, n_batches: int, t0: float = 0.0, seed: int = 0) -> tuple[list[Event], float]:
+    """Request events of a static-batching server (the demo): each batch's requests start together, each
+    ends after its own length, the next batch starts when the longest has finished.  Returns the events
+    (by end time) and the true tokens/s over the whole batches."""
+    import random
+
+    rng = random.Random(seed)
+    events = []
+    s = t0
+    tokens = 0
+    for _ in range(n_batches):
+        lens = [rng.randint(32, 96) for _ in range(batch)]
+        step = 0.005 + 0.0006 * batch
+        prefill = 0.02 * batch
+        for n in lens:
+            end = s + prefill + n * step
+            events.append(Event(end, "request", {"tokens": n, "queue_seconds": 1.0, "e2e_seconds": end - s + 1.0,
+                                                 "ttft_seconds": 1.0 + prefill + step, "tpot_seconds": step}))
+        tokens += sum(lens)
+        s = s + prefill + max(lens) * step + 0.002
+    events.sort(key=lambda e: e.t)
+    return events, tokens / (s - 0.002 - t0)
+
+
+def test_static_batches_are_measured_whole() -> None:
+    """One static batch of 64 takes ~5 s: responses ending in a 10 s window swing with where the window
+    falls.  The policy waits for ``min_batches`` whole batches and measures tokens over their span."""
+    from tuner.window import Window
+
+    events, true_rate = static_batches(64, 8, t0=1.0)
+    pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0, min_batches=3))
+    pol.changed_at = 1.0
+    w = Window(keys=[])
+    got = None
+    i = 0
+    t = 1.0
+    while got is None and t < 60.0:
+        t = round(t + 0.1, 6)
+        new = []
+        while i < len(events) and events[i].t <= t:
+            new.append(events[i])
+            i += 1
+        w.update(t, {}, new)
+        got = pol._measure(w, 64)
+    assert got is not None
+    batch_starts = sorted({round(e.t - e.data["e2e_seconds"] + e.data["queue_seconds"], 6) for e in events[:i]})
+    assert len(batch_starts) >= 4  # three whole batches and the start of the next
+    # the batches measured are whole ones: the rate is the true one up to the batches' own spread
+    assert abs(got.tokens_per_second - true_rate) / true_rate < 0.1, (got.tokens_per_second, true_rate)
+    # the naive figure over the same time (responses that ended / elapsed) is not
+    naive = sum(e.data["tokens"] for e in events[:i]) / (t - 1.0)
+    assert abs(naive - true_rate) / true_rate > abs(got.tokens_per_second - true_rate) / true_rate
+
+
+def test_continuous_batching_falls_back_to_responses_per_window() -> None:
+    """Overlapping requests (no batch boundaries): tokens of the responses that ended / the window."""
+    from tuner.window import Window
+
+    pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0))
+    pol.changed_at = 0.0
+    w = Window(keys=[])
+    m = None
+    for i in range(1, 80):
+        t = i * 0.1
+        ev = Event(t, "request", {"tokens": 10, "queue_seconds": 0.0, "e2e_seconds": 2.0 + 0.013 * (i % 7),
+                                  "ttft_seconds": 0.1, "tpot_seconds": 0.01})
+        w.update(t, {}, [ev])
+        m = pol._measure(w, 8)
+        if m is not None:
+            break
+    assert m is not None
+    assert abs(m.tokens_per_second - 10 / 0.1) < 5
