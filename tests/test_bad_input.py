@@ -12,6 +12,7 @@ large, our own, a kernel thread, another user's), and hypothesis-fuzzed argv for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import os
@@ -29,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from policies.batch_size import BatchConfig
 from tests.cli import ROOT, assert_one_line_error, tuner, tuner_env, tuner_popen
 from tuner.records import Action, Applied
 from tuner.trace import TraceWriter, make_header, read_trace
@@ -54,10 +56,7 @@ POLICY_FILES: dict[str, bytes] = {
     "bad_cooldown.toml": b"[agent]\ncooldown_s = { warp = 3 }\n[cleanup]\n",
 }
 
-BATCH_KEYS = (
-    "ceiling_release, cleanup_steps, knee_tolerance, max, max_wait_s, measure_s, min, min_gain, min_headroom, "
-    "min_requests, refine_min_gap, retune_shift, settle_s, slo_tpot_p95_s, slo_ttft_p95_s, start"
-)
+BATCH_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(BatchConfig)))
 
 # file name -> the message after "tuner: policy file <name>: "
 POLICY_ERRORS: dict[str, str] = {
@@ -919,3 +918,41 @@ def test_fuzzed_argv_through_the_real_command(fuzzdir: Path, argv: list[str]) ->
     if cp.returncode != 0:
         lines = [ln for ln in cp.stderr.splitlines() if not ln.startswith("tuner: warning:")]
         assert cp.returncode in (2, 126, 127) and len(lines) == 1, (argv, cp.returncode, cp.stderr)
+
+
+# -- fuzzed policy documents (in-process: the parser every --policy goes through) ---------------------------
+def _policy_docs() -> st.SearchStrategy[dict[str, object]]:
+    from tuner.policy_config import POLICY_CLASSES, AgentConfig
+
+    keys = {n: [f.name for f in dataclasses.fields(c)] + ["enabled", "bogus"] for n, (c, _) in POLICY_CLASSES.items()}
+    keys["agent"] = [f.name for f in dataclasses.fields(AgentConfig)] + ["bogus"]
+    scalar = st.one_of(
+        st.booleans(),
+        st.integers(-(10**20), 10**20),
+        st.floats(),
+        st.text(max_size=8),
+        st.sampled_from([0, 1, 2, 8, 64, 0.5, 0.0, 1.0, -1, "fp16", "int8", "gc", "fp32", "cleanup"]),
+    )
+    value = st.one_of(
+        scalar,
+        st.lists(scalar, max_size=4),
+        st.dictionaries(st.sampled_from(["temperature", "cleanup", "warp", "batch_size"]), scalar, max_size=3),
+    )
+    tables = {n: st.dictionaries(st.sampled_from(k), value, max_size=5) for n, k in keys.items()}
+    return st.fixed_dictionaries({}, optional={**tables, "weird": st.integers()})  # type: ignore[arg-type]
+
+
+@settings(max_examples=int(os.environ.get("TUNER_FUZZ_EXAMPLES", "200")), deadline=None)
+@given(doc=_policy_docs())
+def test_fuzzed_policy_documents_are_accepted_whole_or_refused_in_one_line(doc: dict[str, object]) -> None:
+    """Anything a TOML file can hold: a UserError of one line, or a config whose agent builds."""
+    from tuner.actuator import DryRunActuator
+    from tuner.errors import UserError
+    from tuner.policy_config import build_agent, parse_policy
+
+    try:
+        cfg = parse_policy(doc, source="p.toml")
+    except UserError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("policy file p.toml: ")
+        return
+    build_agent(cfg, DryRunActuator(), None)

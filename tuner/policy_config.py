@@ -156,7 +156,13 @@ def parse_policy(data: dict[str, Any], *, name: str = "custom", source: str = "<
             f"cleanup.every_s = {cl.every_s:g} is shorter than the cleanup cooldown (agent.cooldown_s.cleanup = "
             f"{cool['cleanup']:g}): lower the cooldown or lengthen the interval"
         )
-    return PolicyConfig(name=name, source=source, agent=agent, policies=policies, enabled=enabled)
+    config = PolicyConfig(name=name, source=source, agent=agent, policies=policies, enabled=enabled)
+    for pname, cfg in policies.items():  # built once now: a setting a policy rejects fails before a run starts
+        try:
+            POLICY_CLASSES[pname][1](cfg)  # type: ignore[call-arg]
+        except Exception as exc:
+            raise fail(f"[{pname}] cannot be used: {type(exc).__name__}: {exc}") from None
+    return config
 
 
 def _build(cls: type, table: dict[str, Any], section: str, fail: Any) -> Any:
@@ -212,6 +218,10 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         if va is not None and vb is not None and va > vb:
             raise fail(f"inverted bounds: {pname}.{a} = {va:g} is above {pname}.{b} = {vb:g}")
 
+    for f in dataclasses.fields(cfg):  # every setting is a size, a share, a count or a time: none is negative
+        v = getattr(cfg, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise fail(f"{pname}.{f.name} = {v:g} must not be negative")
     if isinstance(cfg, TemperatureConfig):
         for k in ("min", "max", "requested"):
             rng(k, 0.0, 5.0)
@@ -224,6 +234,10 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("penalty_step", 0.0, 1.0)
         rng("min_requests", 1, 100_000)
         rng("memory_s", 1.0, 86_400.0)
+        rng("sign_z", 0.0, 10.0)
+        rng("dwell_min_s", 0.0, 86_400.0)
+        rng("dwell_s", 0.0, 86_400.0)
+        rng("local_span", 0.0, 5.0)
         order("min", "max")
         order("band_low", "band_high")
         order("penalty_min", "penalty_max")
@@ -243,6 +257,8 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("min_requests", 1, 100_000)
         rng("slo_ttft_p95_s", 0.0, 3600.0)
         rng("slo_tpot_p95_s", 0.0, 3600.0)
+        rng("max_wait_s", 0.0, 86_400.0)
+        rng("refine_min_gap", 1, 1 << 16)
         _steps(pname, cfg.cleanup_steps, fail)
     elif isinstance(cfg, PrecisionConfig):
         if not cfg.ladder or any(p not in PRECISIONS for p in cfg.ladder):
@@ -257,12 +273,21 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         order("min_headroom", "release_headroom")
         rng("max_kl", 0.0, 100.0)
         rng("hold_s", 0.0, 86_400.0)
+        rng("slo_ttft_p95_s", 0.0, 3600.0)
+        for k in ("trigger_s", "settle_s", "retry_s", "batch_tried_s"):
+            rng(k, 0.0, 86_400.0)
     elif isinstance(cfg, CleanupConfig):
         rng("every_requests", 1, 10**9)
         rng("every_s", 0.1, 86_400.0)
         rng("min_requests", 20, 10**9)
         rng("alpha", 1e-9, 0.5)
         rng("max_backoff", 1, 1 << 20)
+        rng("sample_every_s", 0.0, 3600.0)
+        rng("check_every_s", 0.0, 86_400.0)
+        rng("max_points", 10, 10_000_000)
+        rng("min_rel_growth", 0.0, 10.0)
+        rng("min_reclaim_bytes", 0.0, 1e15)
+        rng("result_timeout_s", 0.1, 86_400.0)
         _steps(pname, cfg.steps, fail)
 
 
