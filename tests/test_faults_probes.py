@@ -304,3 +304,40 @@ def test_wall_clock_jumps_do_not_move_intervals(tmp_path: Path, child: Child, mo
     # the wall clock would read ~0 (over an hour), negative (time going back) or absurd around each jump
     # (an hour-long interval reads < 0.001; a busy thread starved below 0.01 core over 200 ms is not seen here)
     assert all(r is not None and 0.01 < r < 1.6 for r in ratios), ratios
+
+
+# -- zombies -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_zombie_is_reported_once_and_never_counted(child: Child, backend: str) -> None:
+    """A child of the tree that exited but is not reaped yet: one ``proc_exit`` (zombie), then it is in no
+    sum, no count and no ``procs`` entry; once no live process remains the tree's values are None."""
+    p = CpuProbe([child.pid], rescan_every_s=0.0, backend=backend)
+    try:
+        p.sample(0.0)
+        gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
+        for k in range(200):
+            s = p.sample(0.01 * k)
+            if s.procs and gpid in s.procs:
+                break
+            time.sleep(0.01)
+        assert s.values["tree_procs_count"] == 2
+        child.do("os.kill(g.pid, 9); time.sleep(0.3)")  # dead, not reaped
+        assert psutil.Process(gpid).status() == psutil.STATUS_ZOMBIE
+        samples = [p.sample(3.0 + 0.1 * k) for k in range(3)]
+        for s in samples:
+            assert s.procs is not None and set(s.procs) == {child.pid}
+            assert s.values["tree_procs_count"] == 1
+            assert s.values["tree_rss_bytes"] == s.procs[child.pid]["rss_bytes"]
+            assert s.values["tree_threads_count"] == s.procs[child.pid]["threads_count"]
+        exits = [e.data for s in samples for e in s.events if e.kind == "proc_exit"]
+        assert exits == [{"pid": gpid, "name": "sleep", "exit_after_s": exits[0]["exit_after_s"], "zombie": True}]
+        # the root goes too (its zombie child is reaped with it): nothing alive, nothing measured
+        os.kill(child.pid, 9)
+        child.p.wait()
+        s = p.sample(4.0)
+        assert s.values["tree_procs_count"] == 0
+        for key in ("tree_rss_bytes", "tree_cpu_ratio", "tree_threads_count", "tree_fds_count", "tree_uss_bytes"):
+            assert s.values[key] is None, key
+        assert s.values["sys_mem_total_bytes"]  # the machine is still sampled
+    finally:
+        p.close()
