@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -54,6 +55,7 @@ POLICY_FILES: dict[str, bytes] = {
     "nan.toml": b"[temperature]\nmax = nan\n",
     "no_policy.toml": b"[agent]\npriority = ['cleanup']\n",
     "bad_cooldown.toml": b"[agent]\ncooldown_s = { warp = 3 }\n[cleanup]\n",
+    "negative.toml": b"[cleanup]\nmax_points = -1\n",
 }
 
 BATCH_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(BatchConfig)))
@@ -72,6 +74,7 @@ POLICY_ERRORS: dict[str, str] = {
     "inverted_temp.toml": "inverted bounds: temperature.min = 1.5 is above temperature.max = 0.5",
     "out_of_range.toml": "temperature.max = 9 is out of range (0 to 5)",
     "nan.toml": "temperature.max must be a number, not nan",
+    "negative.toml": "cleanup.max_points = -1 must not be negative",
     "no_policy.toml": "no policy table (add at least one of [temperature], [batch_size], [precision], [cleanup])",
     "bad_cooldown.toml": "agent.cooldown_s: unknown knob 'warp' (known: temperature, repetition_penalty, "
     "batch_size, precision, cleanup)",
@@ -607,6 +610,21 @@ def test_attach_to_its_own_pid_is_refused(tmp_path: Path) -> None:
     cp = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=60, env=tuner_env(), cwd=tmp_path)
     err = assert_one_line_error(cp)
     assert re.fullmatch(r"tuner: PID (\d+) is this tuner process itself: give the PID of the inference to watch", err)
+
+
+def test_attach_to_a_zombie_is_refused(tmp_path: Path) -> None:
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.02)
+        cp = tuner("attach", str(child.pid), cwd=tmp_path, timeout=60)
+        assert assert_one_line_error(cp) == (
+            f"tuner: process {child.pid} has already exited (a zombie its parent has not reaped): nothing to watch"
+        )
+        assert not (tmp_path / "traces").exists()
+    finally:
+        child.wait()
 
 
 def _kernel_thread() -> int | None:

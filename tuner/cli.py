@@ -92,7 +92,11 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:  # a required package missing from this environment
+        print(f"tuner: a required package is not installed: {exc.name} (pip install inference-tuner)", file=sys.stderr)
+        return 2
     args = parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -41,6 +41,12 @@ def parse_pid(text: str, *, allow_self: bool = True) -> int:
     pid_exists_or_error(pid)
     if _is_kernel_thread(pid):
         raise UserError(f"PID {pid} is a kernel thread, not a process with memory of its own to watch")
+    try:
+        zombie = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        zombie = False
+    if zombie:
+        raise UserError(f"process {pid} has already exited (a zombie its parent has not reaped): nothing to watch")
     return pid
 
 
