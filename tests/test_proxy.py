@@ -612,3 +612,40 @@ def test_record_text_puts_the_answer_in_the_trace(fake: tuple[Fake, AppServer], 
         (r,) = [e.data for e in read_trace(trace).events if e.kind == "request"]
         assert r.get("text") == want  # numbers only unless asked
         assert r["tokens"] == 5 and r["seq_rep_4"] == 0.0
+
+
+def test_a_client_hanging_up_right_after_done_is_a_finished_request() -> None:
+    """The openai client closes a stream as soon as it reads ``[DONE]``; the upstream's end of body may come
+    later (here: 1 s later).  The answer was whole, so the request counts, measured; the connection the
+    proxy gave up on is closed, not reused."""
+
+    async def chat(request: Request) -> Response:
+        async def gen() -> AsyncIterator[bytes]:
+            for i in range(3):
+                ev = {"choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}
+                yield b"data: " + json.dumps(ev).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            await asyncio.sleep(1.0)
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    up = AppServer(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]))
+    ip = InProcess(up.url)
+    try:
+        body = {"model": "m", "messages": [], "stream": True}
+        with httpx.stream("POST", ip.url + "/chat/completions", json=body, timeout=10) as r:
+            got = b""
+            for chunk in r.iter_bytes():
+                got += chunk
+                if b"[DONE]" in got:
+                    break  # leaving the block closes the connection mid-body
+        deadline = time.monotonic() + 5
+        rows: list[dict[str, Any]] = []
+        while not rows and time.monotonic() < deadline:
+            rows = [m for _, m in ip.channel.drain() if m["type"] == "request"]
+            time.sleep(0.05)
+        assert len(rows) == 1 and rows[0]["tokens"] == 3 and rows[0]["ttft_seconds"] > 0, rows
+        assert ip.channel.failed == 0
+    finally:
+        ip.close()
+        up.close()
