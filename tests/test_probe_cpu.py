@@ -293,7 +293,7 @@ def test_grandchild_is_watched_summed_and_its_exit_is_an_event(child: Child, bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zombie_is_counted_with_zero_rss_and_reported_once(child: Child, backend: str) -> None:
+def test_zombie_is_reported_once_and_never_counted(child: Child, backend: str) -> None:
     p = CpuProbe([child.pid], rescan_every_s=0.0, backend=backend)
     try:
         p.sample(0.0)
@@ -306,9 +306,9 @@ def test_zombie_is_counted_with_zero_rss_and_reported_once(child: Child, backend
         child.do("os.kill(g.pid, 9); time.sleep(0.3)")  # not reaped: a zombie
         assert psutil.Process(gpid).status() == psutil.STATUS_ZOMBIE
         s1, s2 = p.sample(0.2), p.sample(0.3)
-        for s in (s1, s2):
-            assert s.procs is not None and s.procs[gpid]["rss_bytes"] == 0
-            assert s.values["tree_procs_count"] == 2
+        for s in (s1, s2):  # dead: not a process with 0 B of memory, just gone
+            assert s.procs is not None and gpid not in s.procs
+            assert s.values["tree_procs_count"] == 1
         exits = events_of([s1, s2], "proc_exit")
         assert len(exits) == 1 and exits[0]["pid"] == gpid and exits[0]["zombie"] is True
         child.do("g.wait()")  # reaped now: gone, and no second exit event
@@ -327,7 +327,7 @@ def test_root_exit_is_an_event_not_an_error(backend: str) -> None:
         c.close()
         s = p.sample(0.1)
         assert [e.kind for e in s.events] == ["proc_exit"] and s.events[0].data["pid"] == c.pid
-        assert s.values["tree_procs_count"] == 0 and s.values["tree_rss_bytes"] == 0
+        assert s.values["tree_procs_count"] == 0 and s.values["tree_rss_bytes"] is None  # no reading, not 0 B
         assert s.values["sys_mem_total_bytes"]  # the machine is still sampled
         s = p.sample(0.2)
         assert not s.events and p.pids() == []
@@ -642,7 +642,7 @@ def test_fast_ticks_hold_cpu_ratios_and_system_values(child: Child, monkeypatch:
 
 
 def test_psutil_backend_zombie_refusing_calls_keeps_its_name(child: Child, monkeypatch: pytest.MonkeyPatch) -> None:
-    """macOS/BSD psutil raises ZombieProcess for a zombie: it is still counted, named, and reported once."""
+    """macOS/BSD psutil raises ZombieProcess for a zombie: reported once, by name, and never counted."""
     p = CpuProbe([child.pid], rescan_every_s=0.0, backend="psutil")
     try:
         p.sample(0.0)
@@ -661,8 +661,8 @@ def test_psutil_backend_zombie_refusing_calls_keeps_its_name(child: Child, monke
 
         monkeypatch.setattr(psutil.Process, "status", status)
         s = p.sample(0.2)
-        assert s.procs is not None and s.procs[gpid]["name"] == "sleep" and s.procs[gpid]["rss_bytes"] == 0
-        assert s.procs[gpid]["ppid"] == child.pid and s.values["tree_procs_count"] == 2
-        assert [e["pid"] for e in events_of([s, p.sample(0.3)], "proc_exit")] == [gpid]
+        assert s.procs is not None and gpid not in s.procs and s.values["tree_procs_count"] == 1
+        exits = events_of([s, p.sample(0.3)], "proc_exit")
+        assert [e["pid"] for e in exits] == [gpid] and exits[0]["name"] == "sleep"
     finally:
         p.close()
