@@ -445,6 +445,7 @@ OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]] = [
         2,
     ),
     ("report-missing", ("report", "missing.jsonl"), "tuner: missing.jsonl: no such file", 2),
+    ("report-non-utf8-name", ("report", os.fsdecode(b"\xff.jsonl")), "tuner: \\udcff.jsonl: no such file", 2),
     ("report-empty-file", ("report", "empty.toml"), "tuner: empty.toml: empty file, not a trace", 2),
     (
         "report-html-dir",
@@ -895,7 +896,7 @@ def _is_safe(argv: list[str]) -> bool:
 
 
 @settings(
-    max_examples=int(os.environ.get("TUNER_FUZZ_EXAMPLES", "200")),
+    max_examples=int(os.environ.get("TUNER_FUZZ_EXAMPLES", "150")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
