@@ -51,6 +51,11 @@ class TemperatureConfig:
     """The slope is fitted on temperatures within this distance of the current one (a local sign)."""
     dwell_s: float = 60.0
     """Give up waiting for responses at a new temperature after this long (then re-evaluate)."""
+    edge_z: float = 0.0
+    """Standard errors of the measured mean that must fit inside the band (0: the point estimate is
+    judged).  The band is a promise about what users see over a window of responses; a mean sitting just
+    inside the edge puts every other window outside it (on the demo: T 0.8, mean 0.088, 10 s windows of
+    ~45 responses either side of 0.10)."""
 
 
 class TemperaturePolicy(Policy):
@@ -190,8 +195,8 @@ class TemperaturePolicy(Policy):
             "requested": self.requested,
         }
         penalty = knobs.repetition_penalty if knobs.repetition_penalty is not None else cfg.penalty_min
-        high, low = cfg.band_high + cfg.hysteresis, cfg.band_low - cfg.hysteresis
-        if rep > high or rep < low:
+        if self._outside(rep, self._rep_se(temp)):
+            ev["seq_rep_4_se"] = self._rep_se(temp)
             target = (cfg.band_low + cfg.band_high) / 2
             if self.sign == 0:
                 self.phase = "probe"
@@ -214,7 +219,7 @@ class TemperaturePolicy(Policy):
                 self._move(
                     window,
                     new,
-                    f"repetition {rep:.3f} {'above' if rep > high else 'below'} the band; "
+                    f"repetition {rep:.3f} {'above' if rep > target else 'below'} the band; "
                     f"measured slope {self.slope:+.3f}/unit",
                     ev,
                 )
@@ -244,11 +249,20 @@ class TemperaturePolicy(Policy):
                 step = max(-cfg.probe_step, min(cfg.probe_step, step))
             new = round(_clip(temp + step, cfg.min, cfg.max), 4)
             seen, n_seen = self._rep_at(new)
-            if seen is not None and n_seen >= cfg.min_requests and not (low <= seen <= high):
+            if seen is not None and n_seen >= cfg.min_requests and self._outside(seen, self._rep_se(new)):
                 return []  # measured there lately, and it was out of the band: stay
             if abs(new - temp) >= 1e-3:
                 return [self._move(window, new, "in band: back toward the requested temperature", ev)]
         return []
+
+    def _outside(self, rep: float, se: float) -> bool:
+        """Out of the band: the mean beyond the band and its hysteresis, or (``edge_z`` > 0) the band's edge
+        within ``edge_z`` standard errors of the mean."""
+        cfg = self.cfg
+        if rep > cfg.band_high + cfg.hysteresis or rep < cfg.band_low - cfg.hysteresis:
+            return True
+        m = cfg.edge_z * se
+        return m > 0 and (rep + m > cfg.band_high or rep - m < cfg.band_low)
 
     def _penalty(self, rep: float, penalty: float, ev: dict[str, Any]) -> list[Action]:
         cfg = self.cfg

@@ -92,3 +92,36 @@ def test_decide_is_quiet_without_responses() -> None:
         w.update(i * 0.1, {})
         assert pol.decide(w, Knobs(temperature=0.7)) == []
         assert pol.decide(w, Knobs()) == []
+
+
+def _edge_window(mean: float, spread: float, n: int = 50) -> object:
+    from tuner.records import Event
+    from tuner.window import Window
+
+    w = Window(keys=["req_seq_rep_4_ratio"])
+    rng = np.random.default_rng(0)
+    vals = rng.normal(0.0, 1.0, n)
+    vals = mean + spread * (vals - vals.mean()) / vals.std()  # exactly this mean and spread
+    for i, v in enumerate(vals):
+        t = 1.0 + 0.2 * i
+        w.update(t, {}, [Event(t, "request", {"temperature": 0.8, "seq_rep_4": float(v), "tokens": 64})])
+    return w
+
+
+def test_edge_z_keeps_the_band_one_standard_error_inside() -> None:
+    """Mean 0.09 in a 0.02-0.10 band, but responses spread 0.15: windows of 50 swing +-0.02 around it and
+    every third one is out.  With ``edge_z = 1`` that is out of the band (it moves away from the edge);
+    without, it is in the band (and heads back toward the requested 0.5)."""
+    cfg = TemperatureConfig(requested=0.5, min=0.2, max=1.0, band_low=0.02, band_high=0.10, hysteresis=0.01,
+                            min_requests=8)
+    plain = TemperaturePolicy(cfg)
+    acts = plain.decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
+    assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
+    edge = TemperaturePolicy(TemperatureConfig(**{**cfg.__dict__, "edge_z": 1.0}))
+    acts = edge.decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
+    assert [a.knob for a in acts] == ["temperature"] and acts[0].value > 0.8  # probing away from the edge
+    assert acts[0].evidence["seq_rep_4_se"] > 0.015
+    # a tight spread: the same mean is one standard error inside: in the band
+    tight = TemperaturePolicy(TemperatureConfig(**{**cfg.__dict__, "edge_z": 1.0}))
+    acts = tight.decide(_edge_window(0.09, 0.02), Knobs(temperature=0.8))  # type: ignore[arg-type]
+    assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
