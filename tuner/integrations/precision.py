@@ -263,6 +263,11 @@ class PrecisionManager:
         self.model = new
         self.precision = precision
         del old
+        # the old weights' memory goes back to the C heap, not to the system: without gc + malloc_trim an
+        # int8 step on the demo *raised* RSS by 12 MB (measured: 254 -> 266 MB, 251 after the trim)
+        from tuner.integrations.cleanup import run_cleanup
+
+        run_cleanup(["gc", "malloc_trim"], [])
         result.update(
             changed=True,
             seconds=time.monotonic() - t,
