@@ -540,7 +540,50 @@ OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]] = [
     ("probes-pid-text", ("probes", "--pid", "self"), "tuner: 'self' is not a PID (a positive whole number)", 2),
 ]
 
-ROWS = _policy_rows() + OPTION_ROWS
+PROXY = ("proxy", "--upstream", "http://127.0.0.1:9")
+OTHER_OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]] = [
+    ("proxy-no-upstream", ("proxy",),
+     "tuner proxy: error: the following arguments are required: --upstream (see 'tuner proxy --help')", 2),
+    ("proxy-upstream-scheme", ("proxy", "--upstream", "ftp://x"),
+     "tuner: --upstream 'ftp://x': use http://HOST:PORT (or https://)", 2),
+    ("proxy-upstream-not-url", ("proxy", "--upstream", "http://[::1"),
+     "tuner: --upstream 'http://[::1' is not a URL", 2),
+    ("proxy-listen-no-port", (*PROXY, "--listen", "nohost"),
+     "tuner: --listen 'nohost': use HOST:PORT, e.g. 127.0.0.1:8100", 2),
+    ("proxy-listen-port-big", (*PROXY, "--listen", "127.0.0.1:99999"),
+     "tuner: --listen '127.0.0.1:99999': the port must be 0-65535", 2),
+    ("proxy-concurrency-0", (*PROXY, "--max-concurrency", "0"), "tuner: --max-concurrency must be at least 1", 2),
+    ("proxy-bounds-inverted", (*PROXY, "--temperature-bounds", "2:1"),
+     "tuner: --temperature-bounds '2:1': need 0 <= LO <= HI", 2),
+    ("proxy-bounds-text", (*PROXY, "--temperature-bounds", "warm"),
+     "tuner: --temperature-bounds 'warm': use LO:HI, e.g. 0.2:1.2", 2),
+    ("proxy-body-small", (*PROXY, "--max-body-bytes", "10"), "tuner: --max-body-bytes must be at least 1024", 2),
+    ("proxy-timeout-0", (*PROXY, "--timeout", "0"), "tuner: --timeout and --connect-timeout must be positive", 2),
+    ("proxy-mode", (*PROXY, "--temperature-mode", "sometimes"),
+     "tuner proxy: error: argument --temperature-mode: invalid choice: 'sometimes' (choose from 'unset', 'always') "
+     "(see 'tuner proxy --help')", 2),
+    ("proxy-pid", (*PROXY, "--pid", "999999999"), "tuner: no process with PID 999999999", 2),
+]  # fmt: skip
+if HAVE_TORCH:
+    DEMO = ("demo", "--headless")
+    OTHER_OPTION_ROWS += [
+        ("demo-requests-0", (*DEMO, "--requests", "0"), "tuner: --requests 0 must be at least 1", 2),
+        ("demo-duration-0", (*DEMO, "--duration", "0"), "tuner: --duration 0 must be more than 0 seconds", 2),
+        ("demo-batch-0", (*DEMO, "--requests", "1", "--batch-size", "0"), "tuner: --batch-size 0 must be at least 1",
+         2),
+        ("demo-temperature-negative", (*DEMO, "--requests", "1", "--temperature=-1"),
+         "tuner: --temperature -1 must be 0 (greedy) or more", 2),
+        ("demo-rate-0", (*DEMO, "--requests", "1", "--rate", "0"),
+         "tuner: --rate 0 must be more than 0 requests per second", 2),
+        ("demo-tau-0", (*DEMO, "--requests", "1", "--mirostat", "--mirostat-tau", "0"),
+         "tuner: --mirostat-tau 0 must be more than 0 bits", 2),
+        ("demo-seed-text", (*DEMO, "--requests", "1", "--seed", "x"),
+         "tuner demo: error: argument --seed: invalid int value: 'x' (see 'tuner demo --help')", 2),
+        ("demo-duration-and-requests", (*DEMO, "--requests", "1", "--duration", "5"),
+         "tuner demo: error: argument --duration: not allowed with argument --requests (see 'tuner demo --help')", 2),
+    ]  # fmt: skip
+
+ROWS = _policy_rows() + OPTION_ROWS + OTHER_OPTION_ROWS
 
 
 @pytest.fixture(scope="module")
