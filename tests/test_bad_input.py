@@ -847,6 +847,41 @@ def test_a_sidecar_killed_mid_run_leaves_what_it_recorded_readable(tmp_path: Pat
     assert marker.read_text() == "ok", "the watched command did not survive the sidecar's death"
 
 
+def test_a_late_failure_of_the_sidecar_closes_the_trace_and_spares_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug striking after recording began (injected into Session.start, in-process: the same main()
+    the command runs): one 'internal error' line, exit 70, the trace complete with an end record saying
+    why, and the command left running to its own end."""
+    from tuner.cli import INTERNAL_ERROR
+    from tuner.session import Session
+
+    start = Session.start
+
+    def start_then_fail(self: Session) -> None:
+        start(self)
+        time.sleep(0.3)  # a few ticks on disk
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(Session, "start", start_then_fail)
+    trace, marker = tmp_path / "t.jsonl", tmp_path / "finished"
+    child = f"import time, pathlib; time.sleep(1.0); pathlib.Path({str(marker)!r}).write_text('ok')"
+    code, err = _run_main(["run", "--quiet", "--interval", "0.02", "--trace", str(trace), "--", sys.executable, "-c",
+                           child])  # fmt: skip
+    assert code == INTERNAL_ERROR
+    assert err.strip() == (
+        "tuner: internal error: RuntimeError: injected failure (TUNER_DEBUG=1 shows the traceback; please report it)"
+    )
+    data = read_trace(trace)
+    assert len(data.times) >= 5
+    assert data.end is not None and data.end["sidecar_failed"] is True
+    assert data.end["error"] == "RuntimeError: injected failure"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not marker.exists():
+        time.sleep(0.05)
+    assert marker.read_text() == "ok", "the command did not survive the sidecar's failure"
+
+
 # -- fuzzed argv (in-process: the same main() the command runs, thousands of times faster) ------------
 WORDS = [
     "",
