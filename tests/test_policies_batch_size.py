@@ -192,3 +192,27 @@ def test_continuous_batching_falls_back_to_responses_per_window() -> None:
             break
     assert m is not None
     assert abs(m.tokens_per_second - 10 / 0.1) < 5
+
+
+def test_a_backlog_is_not_a_load_shift() -> None:
+    """Under overload the completion rate is the service rate (it moves with the machine's other load);
+    a held knee is re-tuned for a rate change only when requests are not queueing longer than they run."""
+    from policies.batch_size import Measurement
+    from tuner.window import Window
+
+    def held(queue_s: float) -> list[str]:
+        pol = BatchSizePolicy(BatchConfig(min=1, max=64, measure_s=10.0, retune_shift=0.3))
+        pol.phase = "hold"
+        pol.hold_ref = Measurement(16, 500.0, 0.5, 0.02, 80, rate=8.0, prompt_mean=100.0)
+        w = Window(keys=[])
+        acts = []
+        for i in range(1, 101):  # 20 s of completions at 4/s: half the reference rate
+            t = i * 0.25
+            ev = Event(t, "request", {"tokens": 64, "prompt_tokens": 100, "queue_seconds": queue_s,
+                                      "e2e_seconds": queue_s + 2.0, "ttft_seconds": queue_s + 0.3})
+            w.update(t, {}, [ev])
+            acts += pol._hold(w, 16)
+        return [a.reason for a in acts]
+
+    assert held(30.0) == []  # backlogged: the rate says nothing about demand
+    assert any("re-tuning" in r for r in held(0.5))  # served as they come: demand halved
