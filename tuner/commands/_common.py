@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from pathlib import Path
 
 from tuner.errors import UserError
@@ -141,6 +142,9 @@ def check_trace_target(trace: str | None, *, overwrite: bool = False) -> None:
         raise UserError(f"cannot write trace {shown}: permission denied in {anc}")
     if not trace or not p.exists():
         return
+    mode = p.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # a FIFO would block the start; a socket cannot be opened
+        raise UserError(f"cannot write trace {trace}: not a regular file")
     if not os.access(p, os.W_OK):
         raise UserError(f"cannot write trace {trace}: permission denied")
     try:
