@@ -229,6 +229,9 @@ def test_report_cli_prints_the_table(tmp_path: Path) -> None:
     assert re.search(r"tree_rss_bytes\s+\+\d.*MiB/min\s+leak", out), out
     assert "time to first token" in out
     assert "actions   4 (4 applied)" in out
+    # each action as a line: when, which policy, the change, its outcome and the reason
+    assert re.search(r"^\s+30\.0 s\s+batch\s+batch_size \d+ -> \d+\s+applied\s+queue grew at 30 s$", out, re.M), out
+    assert re.search(r"^\s+60\.0 s\s+rep\s+temperature 0\.\d+ -> 0\.\d+\s+applied\s+repetition high$", out, re.M), out
 
 
 def _doc_keys() -> set[str]:

@@ -225,8 +225,30 @@ def summarize(data: TraceData) -> dict[str, Any]:
         "requests": _request_stats(req_data) if requests else None,
         "actions": sum(by_outcome.values()),
         "actions_by_outcome": dict(by_outcome),
+        "action_log": _action_log(data.actions),
         "warnings": warnings,
     }
+
+
+ACTION_LOG_MAX = 200
+
+
+def _action_log(actions: Any) -> list[dict[str, Any]]:
+    """Each action as the user reads it (the last ``ACTION_LOG_MAX``); evidence stays in the trace."""
+    out: list[dict[str, Any]] = []
+    for a in list(actions)[-ACTION_LOG_MAX:]:
+        if not isinstance(a, Mapping):
+            continue
+        out.append({k: a.get(k) for k in ("t", "policy", "knob", "previous", "value", "outcome", "reason")})
+    return out
+
+
+def _fmt_knob(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -411,6 +433,16 @@ def render_text(summary: Mapping[str, Any]) -> str:
     by = s.get("actions_by_outcome") or {}
     detail = " (" + ", ".join(f"{v} {k}" for k, v in sorted(by.items())) + ")" if by else ""
     lines.append(f"actions   {n_act}{detail}")
+    log = s.get("action_log") or []
+    shown = log if len(log) <= 20 else [*log[:10], None, *log[-10:]]
+    for a in shown:
+        if a is None:
+            lines.append(f"  ... {len(log) - 20} more (tuner report --json lists the last {ACTION_LOG_MAX})")
+            continue
+        t = _num(a.get("t"))
+        change = f"{a.get('knob')} {_fmt_knob(a.get('previous'))} -> {_fmt_knob(a.get('value'))}"
+        lines.append(f"  {t or 0.0:8.1f} s  {a.get('policy')!s:<12} {change:<28} {a.get('outcome')!s:<9} "
+                     f"{a.get('reason') or ''}")
     warns = s.get("warnings") or []
     if warns:
         lines.append("")
