@@ -118,7 +118,8 @@ def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | 
     """
     t, e2e, queue, tok = cols["t"], cols["e2e_seconds"], cols["queue_seconds"], cols["tokens"]
     start = t - e2e + queue
-    ok = np.isfinite(start) & np.isfinite(tok) & (start >= since)
+    ok = np.isfinite(start) & np.isfinite(tok)
+    keep = np.zeros(t.size, dtype=bool)
     if int(ok.sum()) < 2:
         return None
     idx = np.flatnonzero(ok)
@@ -126,20 +127,24 @@ def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | 
     s = start[order]
     group = np.concatenate(([0], np.cumsum(np.diff(s) > 1e-3)))
     n_groups = int(group[-1]) + 1
-    keep = np.zeros(t.size, dtype=bool)
-    if n_groups == 1:  # one batch so far, still running: static (they started together), nothing complete
-        return None, 0, keep
     firsts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
+    if n_groups == 1:  # one batch so far (they started together), still running: nothing complete
+        return None, 0, keep
     ends = np.maximum.reduceat(t[order], firsts)
-    # static: each batch ended (its last response) before the next began; 10 ms for timestamp rounding
+    # static: each batch ended (its last response) before the next began; 10 ms for timestamp rounding.
+    # Judged on every batch seen (also those that started before ``since``).
     if np.any(ends[:-1] > s[firsts[1:]] + 0.01):
         return None
-    last = group == group[-1]
-    span = float(s[firsts[-1]] - s[0])
+    g_start = s[firsts]
+    use = np.flatnonzero(g_start[:-1] >= since)  # complete batches (a successor started) from ``since`` on
+    if use.size == 0:
+        return None, 0, keep
+    span = float(g_start[use[-1] + 1] - g_start[use[0]])
     if span <= 0:
-        return None
-    keep[order[~last]] = True
-    return float(tok[order[~last]].sum()) / span, n_groups - 1, keep
+        return None, 0, keep
+    sel = np.isin(group, use)
+    keep[order[sel]] = True
+    return float(tok[order[sel]].sum()) / span, int(use.size), keep
 
 
 class BatchSizePolicy(Policy):
