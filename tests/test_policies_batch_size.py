@@ -216,3 +216,25 @@ def test_a_backlog_is_not_a_load_shift() -> None:
 
     assert held(30.0) == []  # backlogged: the rate says nothing about demand
     assert any("re-tuning" in r for r in held(0.5))  # served as they come: demand halved
+
+
+def test_a_batch_begun_during_the_settle_time_does_not_turn_off_whole_batch_measuring() -> None:
+    """The first batch of the new size began within the settle time: it is not counted, but the window still
+    waits for whole batches after it instead of measuring partial responses."""
+    from tuner.window import Window
+
+    events, true_rate = static_batches(64, 8, t0=1.0, seed=3)
+    pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=2.0, measure_s=5.0, min_batches=3))
+    pol.changed_at = 0.0  # settle ends at 2.0, the first batch began at 1.0
+    w = Window(keys=[])
+    got, i, t = None, 0, 0.0
+    while got is None and t < 60.0:
+        t = round(t + 0.1, 6)
+        new = []
+        while i < len(events) and events[i].t <= t:
+            new.append(events[i])
+            i += 1
+        w.update(t, {}, new)
+        got = pol._measure(w, 64)
+    assert got is not None and t > 15.0  # four batches of ~4 s: not after the first one's responses
+    assert abs(got.tokens_per_second - true_rate) / true_rate < 0.1, (got.tokens_per_second, true_rate)
