@@ -207,6 +207,9 @@ def test_a_recycled_pid_is_not_counted_as_the_old_process(child: Child, backend:
                 break
             time.sleep(0.01)
         assert s.procs is not None and s.procs[old]["name"] == "sleep"
+        # a process is (PID, start time in 10 ms clock ticks): a PID reused within the same tick cannot be
+        # told apart by anyone; make sure the impostor starts in a later tick
+        time.sleep(0.05)
         child.do("g.kill(); g.wait()")
         # the same PID, at once, for a process outside the tree (started by us, not by the watched root)
         impostor = spawn_with_pid(old, [sys.executable, "-c", "import time; time.sleep(60)"])
