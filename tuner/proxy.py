@@ -1,9 +1,11 @@
 """``tuner proxy``: an HTTP proxy in front of any OpenAI-compatible server that measures and tunes it.
 
-Starlette (routing, requests) on uvicorn, httpx to the upstream.  ``/v1/chat/completions`` and
-``/v1/completions`` are measured and may be rewritten; ``/v1/models`` and every other path pass through
-untouched.  Responses are forwarded chunk by chunk as they arrive (never buffered whole); a client that
-goes away cancels the upstream request.
+A plain ASGI application on uvicorn; the upstream is reached through :class:`Upstream`, keep-alive HTTP/1.1
+connections parsed by h11 on asyncio (httpx only makes the rare cleanup calls).  POSTs to
+``/v1/chat/completions`` and ``/v1/completions`` are measured and may be rewritten; ``/v1/models`` and every
+other request pass through untouched.  Responses are forwarded chunk by chunk as they arrive (never
+buffered whole: reading the upstream pauses past 256 KiB the client has not taken); a client that goes away
+cancels the upstream request (its connection is closed).
 
 How the proxy reaches the trace: it is an in-process client of the session.  ``ProxyChannel`` has the
 channel API the output probe and the actuator use (``drain``, ``clients``, ``stats``, ``set_welcome``,
@@ -38,11 +40,22 @@ Errors (JSON bodies ``{"error": {"message", "type"}}``): upstream unreachable 50
 ``max_body_bytes`` 413.  A stream the upstream breaks off after it started ends with an SSE ``error``
 event (the status line is already sent).
 
-Cost (tests/bench/test_bench_proxy.py, this 2-core nested VM under load ~4-5): 2.8-4.4 ms added to TTFT
-at p50 (a bare TCP relay process adds 0.7-1.1 ms here), 2.2-6.9 % fewer tokens/s at 32 streams paced 50 ms;
-the proxy spends ~300-360 us of CPU a streamed token against ~105-120 us in the (uvicorn) upstream, spread
-over h11 parsing (httpcore), h11 encoding (uvicorn), anyio and the per-event JSON parse here.  uvicorn
-picks the C parser ``httptools`` (and ``uvloop``) automatically when they are installed.
+Cost (tests/bench/test_bench_proxy.py: a fake uvicorn upstream streaming 100 tokens 50 ms apart, the real
+``tuner proxy`` CLI recording a trace, every figure against direct calls in the same run; goals printed as
+met / not met, not asserted).  Measured on a shared 2-core nested VM where other jobs kept the load at
+2-9: the latency figures move with the machine (direct TTFT p50 2.3-4.7 ms; a bare TCP relay process alone
+adds 0.4-2.4 ms), so read them with the load the bench prints.  With this code, load 2-3.5: TTFT p50
+added 1.65-2.18 ms (paired 1.58-1.84) without httptools, 1.38 ms (paired 1.35) with it; tokens/s at 32
+streams 0-1.2 % below direct (median of 4 paired rounds).  At load 4.6-6.4 the same code measured
+3.7-3.9 ms and -16 % .. +8 % (noise the size of the effect).  Before the changes below, at load ~3.5-5:
+2.3-4.4 ms and 2.2-6.9 %.  The steadier figure is CPU: 113-130 us per streamed token and 2.3-2.4 ms per
+request (sampler thread included) against 205-360 us and 4.0 ms before; the upstream spends 64-92 us a
+token.  Where it went (cProfile of the loop, strace): httpx/httpcore/anyio per upstream read (a cancel
+scope, a pause/resume of the socket = two epoll_ctl), each request sent as two ``send()``s, Starlette's
+middleware per chunk and an anyio task group per request.  Now the largest single cost is the ``send()``
+system call (~0.2-0.3 ms each on this VM, one per chunk, as in the upstream).  ``httptools`` (in the
+``proxy`` extra; uvicorn picks it up) took 0.2-0.65 ms off the added TTFT in A/B runs; ``uvloop`` alone
+saved ~6 % CPU and nothing measurable in latency, so it is left out.
 """
 
 from __future__ import annotations
