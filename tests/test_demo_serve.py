@@ -241,3 +241,15 @@ def test_demo_serve_stops_when_its_model_server_dies(tmp_path: Path) -> None:
     assert rc == 1 and "the demo model server exited with code -9" in stderr, stderr
     d = read_trace(tmp_path / "serve.jsonl")
     assert d.end is not None and d.end["server_died"] is True and d.end["server_exit_code"] == -9
+
+
+@pytest.mark.slow
+def test_demo_serve_duration_stops_it_by_itself(tmp_path: Path) -> None:
+    proc, url, _out, err = _serve(tmp_path, "--duration", "3")
+    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    rc = proc.wait(timeout=60)  # no signal: --duration ends it
+    stderr = _drain(err)
+    assert rc == 0 and "duration reached; stopped; trace written to" in stderr, stderr
+    d = read_trace(tmp_path / "serve.jsonl")
+    assert d.end is not None and d.end["server_died"] is False and len(d.requests()) == 1
