@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint soak clean venv
+.PHONY: demo test bench effects lint soak clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The demo tunes with the interactive preset (all four policies); DEMO_ARGS='--policy offline' etc. to change.
+DEMO_ARGS ?= --policy interactive
+
 demo: $(STAMP)
 	$(VENV)/bin/tuner demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS)
 
+# Costs (minutes); the policies' effects on the demo model are the long ones (~25 min): make effects.
 bench: $(STAMP)
-	$(PY) -m pytest -q tests/bench -m bench --benchmark-enable --benchmark-columns=median,mean,stddev,rounds -p no:randomly $(BENCH_ARGS)
+	$(PY) -m pytest -q -s tests/bench -m 'bench and not slow' --benchmark-enable --benchmark-columns=median,mean,stddev,rounds -p no:randomly $(BENCH_ARGS)
+
+effects: $(STAMP)
+	$(PY) -m pytest -q -s tests/bench/test_bench_effects.py -m bench -p no:randomly $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tuner probes policies tui tests
