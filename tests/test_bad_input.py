@@ -565,6 +565,8 @@ OTHER_OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]]
      "tuner proxy: error: argument --temperature-mode: invalid choice: 'sometimes' (choose from 'unset', 'always') "
      "(see 'tuner proxy --help')", 2),
     ("proxy-pid", (*PROXY, "--pid", "999999999"), "tuner: no process with PID 999999999", 2),
+    ("proxy-pid-kthread", (*PROXY, "--pid", "2"),
+     "tuner: PID 2 is a kernel thread, not a process with memory of its own to watch", 2),
 ]  # fmt: skip
 if HAVE_TORCH:
     DEMO = ("demo", "--headless")

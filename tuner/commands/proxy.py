@@ -99,9 +99,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tuner.commands.attach import parse_pid
     from tuner.commands.run import print_brief_summary, want_tui
     from tuner.proxy import parse_listen
-    from tuner.session import pid_exists_or_error
 
     host, port = parse_listen(args.listen, args.public)
     config = build_config(args)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--tui and --headless contradict each other: choose one")
     tui = want_tui(args.tui)
     if args.pid is not None:
-        pid_exists_or_error(args.pid)
+        parse_pid(str(args.pid), allow_self=False)  # the same checks as attach: kernel threads, zombies, itself
     opts = session_options(args)
     sock = bind(host, port)
     path, _ = serve_proxy(config, opts, sock, roots=[args.pid] if args.pid else [], tui=tui,
