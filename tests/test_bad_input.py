@@ -565,8 +565,6 @@ OTHER_OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]]
      "tuner proxy: error: argument --temperature-mode: invalid choice: 'sometimes' (choose from 'unset', 'always') "
      "(see 'tuner proxy --help')", 2),
     ("proxy-pid", (*PROXY, "--pid", "999999999"), "tuner: no process with PID 999999999", 2),
-    ("proxy-pid-kthread", (*PROXY, "--pid", "2"),
-     "tuner: PID 2 is a kernel thread, not a process with memory of its own to watch", 2),
 ]  # fmt: skip
 if HAVE_TORCH:
     DEMO = ("demo", "--headless")
@@ -688,11 +686,13 @@ def _kernel_thread() -> int | None:
     return None
 
 
-def test_attach_to_a_kernel_thread_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cmd", ["attach", "proxy"])
+def test_attach_to_a_kernel_thread_is_refused(tmp_path: Path, cmd: str) -> None:
     pid = _kernel_thread()
     if pid is None:
         pytest.skip("no kernel thread visible in this PID namespace")
-    cp = tuner("attach", str(pid), cwd=tmp_path, timeout=60)
+    argv = ("attach", str(pid)) if cmd == "attach" else (*PROXY, "--pid", str(pid))
+    cp = tuner(*argv, cwd=tmp_path, timeout=60)
     assert (
         assert_one_line_error(cp) == f"tuner: PID {pid} is a kernel thread, not a process with memory of its own to "
         "watch"
