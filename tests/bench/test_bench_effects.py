@@ -1,0 +1,804 @@
+"""What the policies achieve on the real demo model (issue 4, section 8): one run each, as ratios against
+baselines run in the same session, through the real ``tuner demo`` CLI; figures read back from the traces.
+
+``.venv/bin/pytest tests/bench/test_bench_effects.py -m bench -p no:randomly -s``
+
+Each test prints its table and replaces its own section of ``docs/effects.md`` (so one test can be rerun
+alone with ``-k``), then asserts the goals: a goal not met fails the test after the figures are written.
+
+Scale (the defaults take ~28 minutes on 2 shared cores):
+
+- ``TUNER_EFFECT_REQUESTS``: requests per leak run (default 1000; the issue asks 2,000, which takes ~35
+  minutes for the three runs here).
+- ``TUNER_EFFECT_SECONDS``: seconds of arrivals of a fixed-setting run (default 30); tuned runs last
+  ``TUNER_EFFECT_TUNED_SECONDS`` (default 210).
+- ``TUNER_EFFECT_DOC``: where the sections go (default ``docs/effects.md``; empty: nowhere).
+- ``TUNER_EFFECT_KEEP``: a directory to keep the traces in (default: pytest's temporary directory).
+
+Definitions (all computed from the trace's ``request`` events and samples):
+
+- *Throughput*: the demo forms static batches; requests of one batch share a start time (end - e2e +
+  queue), so whole batches are grouped and throughput = their tokens / (start of the batch after the last
+  one - start of the first one).  The first batch (warm-up) and batches started in the first
+  ``SETTLE_S`` of a window are left out.
+- *Service TTFT*: TTFT minus the time queued (what the batch size costs; under overload the queue dwarfs
+  it), p95.
+- *RSS floor*: the minimum of ``tree_rss_bytes`` over a slice of the run (the leak detector also reads the
+  lower envelope); growth = floor over the last 20% of requests / floor over the first 20% - 1.
+- *Repetition windows*: responses grouped by end time into ``TEMP_WINDOW_S`` windows (at least 5 each);
+  a window is in the band when its mean seq-rep-4 is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomllib
+
+from tuner.trace import TraceData, read_trace
+
+pytestmark = [pytest.mark.bench, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ROOT / "policies" / "presets"
+LEAK_REQUESTS = int(os.environ.get("TUNER_EFFECT_REQUESTS", "1000"))
+FIXED_S = float(os.environ.get("TUNER_EFFECT_SECONDS", "30"))
+TUNED_S = float(os.environ.get("TUNER_EFFECT_TUNED_SECONDS", "210"))
+DOC = os.environ.get("TUNER_EFFECT_DOC", str(ROOT / "docs" / "effects.md"))
+SETTLE_S = 3.0
+TEMP_WINDOW_S = 10.0
+TEMP_WARMUP_S = 60.0
+BATCH_RATE = 40.0  # arrivals per second: over capacity at every batch size here (queue full, rejections)
+TEMP_RATE = 5.0
+REQUESTED_T = 0.5
+EDGE_Z = 1.0  # not in the preset yet (it would change tests/replay's expected decisions): see effects.md
+SWEEP = (1, 2, 4, 8, 16, 32, 64)
+COMMAND = "TUNER_EFFECT_REQUESTS={r} .venv/bin/pytest tests/bench/test_bench_effects.py -m bench -p no:randomly -s"
+
+
+def tuner_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TUNER_SOCKET", None)
+    return env
+
+
+# -- running the real CLI ------------------------------------------------------------------------------
+@dataclass
+class Run:
+    name: str
+    trace: Path
+    returncode: int
+    wall_s: float
+    data: TraceData
+    report: dict[str, Any]
+    stderr: str
+
+    def requests(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.data.requests():
+            d = dict(e.data)
+            d["t"] = e.t
+            out.append(d)
+        return out
+
+    def actions(self, knob: str | None = None) -> list[dict[str, Any]]:
+        return [a for a in self.data.actions if knob is None or a.get("knob") == knob]
+
+
+@pytest.fixture(scope="module")
+def trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keep = os.environ.get("TUNER_EFFECT_KEEP")
+    if keep:
+        p = Path(keep)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return tmp_path_factory.mktemp("effects")
+
+
+def write_policy(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """A policy TOML from plain tables (values: numbers, bools, strings, lists, one-level dicts)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {val(v)}" for k, v in table.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def preset_table(preset: str, table: str) -> dict[str, Any]:
+    with open(PRESETS / f"{preset}.toml", "rb") as f:
+        return dict(tomllib.load(f).get(table, {}))
+
+
+def run_demo(
+    dirpath: Path, name: str, args: Iterable[str], *, stop_after: float | None = None, timeout: float = 900
+) -> Run:
+    """``tuner demo --headless`` with ``args``; SIGINT after ``stop_after`` seconds (as Ctrl-C would)."""
+    trace = dirpath / f"{name}.jsonl"
+    trace.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tuner", "demo", "--headless", "--quiet", "--trace", str(trace), *args]
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tuner_env(), cwd=dirpath)
+    try:
+        if stop_after is not None:
+            try:
+                p.wait(timeout=stop_after)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    wall = time.monotonic() - t0
+    assert "Traceback" not in err, err
+    rep = subprocess.run(
+        [sys.executable, "-m", "tuner", "report", "--json", str(trace)],
+        capture_output=True, text=True, env=tuner_env(), timeout=300,
+    )
+    assert rep.returncode == 0, rep.stderr
+    run = Run(name, trace, p.returncode, wall, read_trace(trace), json.loads(rep.stdout), err)
+    print(f"  [{name}] {wall:.0f} s, exit {p.returncode}, {len(run.requests())} requests", flush=True)
+    return run
+
+
+# -- figures from a trace ---------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    start: float
+    tokens: int
+    size: int
+    service_ttft: list[float] = field(default_factory=list)
+
+
+def batches(requests: list[dict[str, Any]]) -> list[Batch]:
+    """Requests grouped into the static batches they ran in (same start time within 1 ms)."""
+    rows = []
+    for r in requests:
+        e2e, q = r.get("e2e_seconds"), r.get("queue_seconds")
+        if e2e is None or q is None:
+            continue
+        rows.append((r["t"] - e2e + q, r))
+    rows.sort(key=lambda x: x[0])
+    out: list[Batch] = []
+    for start, r in rows:
+        if not out or start - out[-1].start > 1e-3:
+            out.append(Batch(start, 0, 0))
+        b = out[-1]
+        b.tokens += int(r.get("tokens") or 0)
+        b.size += 1
+        if r.get("ttft_seconds") is not None:
+            b.service_ttft.append(max(0.0, r["ttft_seconds"] - r["queue_seconds"]))
+    return out
+
+
+@dataclass
+class Throughput:
+    tokens_per_second: float | None
+    batches: int
+    service_ttft_p95: float | None
+    mean_batch: float | None
+    tokens_per_cpu_second: float | None = None
+
+
+def cpu_seconds(data: TraceData | None, a: float, b: float) -> float | None:
+    """CPU seconds the inference process tree used in [a, b] (``tree_cpu_ratio`` integrated)."""
+    if data is None:
+        return None
+    t, cpu = data.times, data.column("tree_cpu_ratio")
+    m = (t >= a) & (t <= b) & np.isfinite(cpu)
+    if int(m.sum()) < 2:
+        return None
+    tt, cc = t[m], cpu[m]
+    return float(np.sum((cc[1:] + cc[:-1]) / 2 * np.diff(tt)))
+
+
+def throughput(
+    requests: list[dict[str, Any]], since: float, until: float = float("inf"), data: TraceData | None = None
+) -> Throughput:
+    """Whole batches started in [since, until), the first one of the run excluded."""
+    bs = batches(requests)[1:]
+    idx = [i for i, b in enumerate(bs) if since <= b.start < until]
+    if len(idx) < 2:
+        return Throughput(None, len(idx), None, None)
+    used = idx[:-1]  # the last one's end is the next one's start: it needs a successor
+    a, b = bs[used[0]].start, bs[idx[-1]].start
+    span = b - a
+    tok = sum(bs[i].tokens for i in used)
+    ttft = [x for i in used for x in bs[i].service_ttft]
+    cpu = cpu_seconds(data, a, b)
+    return Throughput(
+        tok / span if span > 0 else None,
+        len(used),
+        float(np.percentile(ttft, 95)) if ttft else None,
+        statistics.fmean(bs[i].size for i in used),
+        tok / cpu if cpu else None,
+    )
+
+
+def failed_requests(run: Run) -> int:
+    return int((run.report.get("requests") or {}).get("failed") or 0)
+
+
+def fmt(v: Any, spec: str = ".0f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def ok(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+# -- docs/effects.md ---------------------------------------------------------------------------------------
+HEAD = """# Effects of the policies on the demo model
+
+Measured by `tests/bench/test_bench_effects.py` (issue 4, section 8): every figure is one run of the real
+`tuner demo` CLI, read back from its trace, and compared with baselines run in the same session.  Machine:
+2 CPU cores shared with other jobs, no GPU; torch on CPU.  Absolute figures swing with the other jobs;
+read the ratios.  Each section says how to rerun it.
+"""
+
+
+def write_section(key: str, text: str) -> None:
+    print("\n" + text, flush=True)
+    if not DOC:
+        return
+    path = Path(DOC)
+    doc = path.read_text() if path.exists() else HEAD
+    begin, end = f"<!-- effects:{key} -->", f"<!-- /effects:{key} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    else:
+        order = ["leak", "batch", "temperature", "precision"]
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+        # keep the sections in a stable order
+        parts = {k: re.search(f"<!-- effects:{k} -->.*?<!-- /effects:{k} -->", doc, flags=re.S) for k in order}
+        found = [(k, m.group(0)) for k, m in parts.items() if m]
+        for _, blk in found:
+            doc = doc.replace(blk, "")
+        doc = doc.rstrip() + "\n\n" + "\n\n".join(b for _, b in found) + "\n"
+    path.write_text(re.sub(r"\n{3,}", "\n\n", doc))
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def timed(benchmark: Any, fn: Callable[[], Any]) -> Any:
+    """One round through pytest-benchmark (it records the wall time of the whole experiment)."""
+    return benchmark.pedantic(fn, rounds=1, iterations=1)
+
+
+# -- leak ---------------------------------------------------------------------------------------------------
+LEAK_POLICY: dict[str, dict[str, Any]] = {
+    "agent": {"cooldown_s": {"cleanup": 5}},
+    "cleanup": {"leak_watch": True, "min_requests": 150, "check_every_s": 10.0, "sample_every_s": 0.5},
+}
+LEAK_RATE = 10.0
+LEAK_TRIGGERS = ("growth", "fragmentation")
+
+
+@dataclass
+class Rss:
+    start_floor: float
+    end_floor: float
+    peak: float
+    mean: float
+
+    @property
+    def growth(self) -> float:
+        return self.end_floor / self.start_floor - 1.0
+
+
+def rss_figures(run: Run) -> Rss:
+    """RSS floors over the first and last 20% of the run's requests (by end time)."""
+    ends = sorted(r["t"] for r in run.requests())
+    assert len(ends) >= 20, f"{run.name}: only {len(ends)} requests finished"
+    t, rss = run.data.times, run.data.column("tree_rss_bytes")
+    keep = np.isfinite(rss) & (rss > 0)
+    t, rss = t[keep], rss[keep]
+    n = len(ends)
+    first = (t >= ends[0]) & (t <= ends[n // 5])
+    last = (t >= ends[-(n // 5)]) & (t <= ends[-1])
+    during = (t >= ends[0]) & (t <= ends[-1])
+    return Rss(float(rss[first].min()), float(rss[last].min()), float(rss[during].max()), float(rss[during].mean()))
+
+
+def cleanups(run: Run) -> list[dict[str, Any]]:
+    """Cleanup commands the policy sent (proposals that were applied), with their results joined."""
+    acts = run.actions("cleanup")
+    sent = [a for a in acts if a.get("outcome") in ("applied", "clamped")]
+    done = [a for a in acts if a.get("outcome") in ("done", "refused")]
+    for i, a in enumerate(sent):
+        a["reclaimed"] = (done[i].get("result") or {}).get("reclaimed_bytes") if i < len(done) else None
+    return sent
+
+
+def test_leak_cleanup(trace_dir: Path, benchmark: Any) -> None:
+    policy = write_policy(trace_dir / "leak.toml", LEAK_POLICY)
+    base = ["--requests", str(LEAK_REQUESTS), "--rate", f"{LEAK_RATE:g}"]
+
+    def experiment() -> dict[str, Run]:
+        return {
+            "uncontrolled": run_demo(trace_dir, "leak-uncontrolled", [*base, "--leak"]),
+            "cleanup": run_demo(trace_dir, "leak-cleanup", [*base, "--leak", "--policy", str(policy)]),
+            "no-leak": run_demo(trace_dir, "noleak-cleanup", [*base, "--policy", str(policy)]),
+        }
+
+    runs = timed(benchmark, experiment)
+    rows = []
+    fig: dict[str, tuple[Rss, list[dict[str, Any]]]] = {}
+    for key, run in runs.items():
+        rss = rss_figures(run)
+        cl = cleanups(run)
+        fig[key] = (rss, cl)
+        leak_cl = [c for c in cl if (c.get("evidence") or {}).get("trigger") in LEAK_TRIGGERS]
+        reclaimed = [c["reclaimed"] for c in cl if isinstance(c.get("reclaimed"), (int, float))]
+        rows.append(
+            f"| {key} | {len(run.requests())} | {rss.start_floor / 2**20:.0f} | {rss.end_floor / 2**20:.0f} | "
+            f"{rss.growth:+.1%} | {rss.peak / rss.start_floor - 1:+.0%} | {rss.mean / rss.start_floor - 1:+.0%} | "
+            f"{len(cl)} ({len(leak_cl)} leak-triggered) | "
+            f"{fmt(statistics.fmean(reclaimed) / 2**20 if reclaimed else None, '.0f')} | {run.returncode} |"
+        )
+    unc, ctl = fig["uncontrolled"][0], fig["cleanup"][0]
+    false_leak = [c for c in fig["no-leak"][1] if (c.get("evidence") or {}).get("trigger") in LEAK_TRIGGERS]
+    goals = [
+        ("uncontrolled RSS growth >= 20%", f"{unc.growth:+.1%}", unc.growth >= 0.20),
+        ("with the cleanup policy <= 3%", f"{ctl.growth:+.1%}", ctl.growth <= 0.03),
+        ("no false cleanup storm without --leak (leak-triggered cleanups: 0)", str(len(false_leak)),
+         len(false_leak) == 0),
+    ]
+    text = "\n".join(
+        [
+            "## Leak: cleanup policy against the injected leak",
+            "",
+            f"{stamp()}. `tuner demo --requests {LEAK_REQUESTS} --rate {LEAK_RATE:g} [--leak] [--policy leak.toml]` "
+            f"({LEAK_REQUESTS} requests per run: the issue's 2,000 scaled to keep the whole benchmark near 25 "
+            "minutes; `TUNER_EFFECT_REQUESTS=2000` restores it).  `--leak` keeps every request's KV tensors in a "
+            "never-evicted prefix cache (~1 MB a request).  Policy file (cleanup only, leak-triggered, no "
+            "periodic cleanup):",
+            "",
+            "```toml",
+            (trace_dir / "leak.toml").read_text().strip(),
+            "```",
+            "",
+            "RSS floor = minimum of the process tree's RSS over the first / last 20% of the requests (the "
+            "lower envelope, as the leak test reads it); peak and mean are over the whole serving time, "
+            "relative to the first floor.",
+            "",
+            "| run | requests | floor first 20% (MiB) | floor last 20% (MiB) | floor growth | peak | mean | "
+            "cleanups | mean reclaimed (MiB) | exit |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "| goal | measured | |",
+            "|---|---|---|",
+            *[f"| {g} | {m} | {ok(b)} |" for g, m, b in goals],
+            "",
+            f"Reproduce: `{COMMAND.format(r=LEAK_REQUESTS)} -k leak`",
+        ]
+    )
+    write_section("leak", text)
+    for run in runs.values():
+        assert run.returncode == 0, (run.name, run.stderr[-2000:])
+    assert [g for g, _, b in goals if not b] == []
+
+
+# -- batch size -----------------------------------------------------------------------------------------------
+def batch_policy(slo: float | None) -> dict[str, dict[str, Any]]:
+    t = preset_table("interactive", "batch_size")
+    if slo is None:
+        t["slo_ttft_p95_s"] = False
+    else:
+        t["slo_ttft_p95_s"] = slo
+    agent = preset_table("interactive", "agent")
+    return {"agent": agent, "batch_size": t}
+
+
+@dataclass
+class Tuned:
+    run: Run
+    final: int | None
+    windows: int | None
+    reached_s: float | None
+    hold: Throughput
+    changes: int
+
+
+def tuned_figures(run: Run) -> Tuned:
+    """What the batch policy settled on: its last change; the decision windows are the distinct sizes it
+    measured up to then (each applied size gets one measurement window; a final move to the knee is to a
+    size already measured)."""
+    acts = [a for a in run.actions("batch_size") if a.get("outcome") in ("applied", "clamped")]
+    reqs = run.requests()
+    first = min((r["t"] - r["e2e_seconds"] for r in reqs if r.get("e2e_seconds") is not None), default=0.0)
+    if not acts:
+        return Tuned(run, None, None, None, throughput(reqs, first + SETTLE_S, data=run.data), 0)
+    last = acts[-1]
+    tried = {int(a["value"]) for a in acts}
+    return Tuned(run, int(last["value"]), len(tried), last["t"] - first,
+                 throughput(reqs, last["t"] + SETTLE_S, data=run.data), len(acts))
+
+
+def test_batch_size(trace_dir: Path, benchmark: Any) -> None:
+    slo = float(preset_table("interactive", "batch_size")["slo_ttft_p95_s"])
+    pol_free = write_policy(trace_dir / "batch.toml", batch_policy(None))
+    pol_slo = write_policy(trace_dir / "batch-slo.toml", batch_policy(slo))
+    common = ["--rate", f"{BATCH_RATE:g}"]
+
+    def fixed(b: int) -> Run:
+        secs = FIXED_S * (2.5 if b >= 64 else 1.5 if b >= 32 else 1.0)  # >= 4 whole batches (64: ~13 s each)
+        return run_demo(trace_dir, f"batch-fixed-{b}", [*common, "--duration", f"{secs + 60:g}",
+                                                          "--batch-size", str(b)], stop_after=secs + 6)
+
+    def tuned(name: str, pol: Path) -> Run:
+        return run_demo(trace_dir, name, [*common, "--duration", f"{TUNED_S + 60:g}", "--policy", str(pol)],
+                        stop_after=TUNED_S + 6)
+
+    def experiment() -> tuple[dict[int, Run], Run, Run]:
+        # interleaved so a change in the machine's other load hits baselines and tuned runs alike
+        order: list[int | str] = [8, 1, 64, "free", 2, 32, 4, 16, "slo"]
+        fixed_runs: dict[int, Run] = {}
+        runs: dict[str, Run] = {}
+        for item in order:
+            if isinstance(item, int):
+                fixed_runs[item] = fixed(item)
+            else:
+                runs[item] = tuned(f"batch-tuned-{item}", pol_free if item == "free" else pol_slo)
+        return fixed_runs, runs["free"], runs["slo"]
+
+    fixed_runs, free_run, slo_run = timed(benchmark, experiment)
+    sweep: dict[int, Throughput] = {}
+    for b, run in fixed_runs.items():
+        reqs = run.requests()
+        first = min((r["t"] - r["e2e_seconds"] for r in reqs if r.get("e2e_seconds") is not None), default=0.0)
+        sweep[b] = throughput(reqs, first + SETTLE_S, data=run.data)
+    def wall(t: Throughput | None) -> float | None:
+        return t.tokens_per_second if t is not None else None
+
+    def per_cpu(t: Throughput | None) -> float | None:
+        return t.tokens_per_cpu_second if t is not None else None
+
+    def best(metric: Callable[[Throughput | None], float | None], slo_only: bool) -> int | None:
+        cand = [b for b, t in sweep.items() if metric(t) is not None
+                and (not slo_only or (t.service_ttft_p95 is not None and t.service_ttft_p95 <= slo))]
+        return max(cand, key=lambda b: metric(sweep[b]) or 0.0) if cand else None
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return x / y if x is not None and y else None
+
+    assert best(wall, False) is not None, "no fixed batch size gave a throughput"
+    largest = max(SWEEP)
+    free, withslo = tuned_figures(free_run), tuned_figures(slo_run)
+    sweep_rows = [
+        f"| {b} | {fmt(t.tokens_per_second)} | {fmt(t.tokens_per_cpu_second)} | {fmt(t.service_ttft_p95, '.2f')} | "
+        f"{t.batches} | {'yes' if t.service_ttft_p95 is not None and t.service_ttft_p95 <= slo else 'no'} | "
+        f"{fixed_runs[b].returncode} |"
+        for b, t in sorted(sweep.items())
+    ]
+    tuned_rows = []
+    goals = []
+    crashes = sum(1 for r in [*fixed_runs.values(), free_run, slo_run] if r.returncode != 0)
+    for label, tf, slo_only in (("no SLO", free, False), (f"TTFT p95 <= {slo:g} s", withslo, True)):
+        bw, bc = best(wall, slo_only), best(per_cpu, slo_only)
+        r_wall = ratio(wall(tf.hold), wall(sweep.get(bw) if bw is not None else None))
+        r_cpu = ratio(per_cpu(tf.hold), per_cpu(sweep.get(bc) if bc is not None else None))
+        tuned_rows.append(
+            f"| {label} | {fmt(tf.final, 'd')} | {fmt(tf.windows, 'd')} | {fmt(tf.reached_s)} | "
+            f"{fmt(tf.hold.tokens_per_second)} | {fmt(tf.hold.tokens_per_cpu_second)} | "
+            f"{fmt(tf.hold.service_ttft_p95, '.2f')} | {fmt(bw, 'd')} / {fmt(bc, 'd')} | "
+            f"{fmt(r_wall, '.2f')} / {fmt(r_cpu, '.2f')} | "
+            f"{fmt(ratio(wall(tf.hold), wall(sweep.get(largest))), '.2f')} / "
+            f"{fmt(ratio(per_cpu(tf.hold), per_cpu(sweep.get(largest))), '.2f')} | "
+            f"{fmt(ratio(wall(tf.hold), wall(sweep.get(8))), '.2f')} / "
+            f"{fmt(ratio(per_cpu(tf.hold), per_cpu(sweep.get(8))), '.2f')} |"
+        )
+        goals.append((f"{label}: tuned >= 95% of the best fixed batch, per CPU-second (wall-clock in brackets)",
+                      f"{fmt(r_cpu, '.0%')} ({fmt(r_wall, '.0%')})", r_cpu is not None and r_cpu >= 0.95))
+        if slo_only:
+            ok_slo = tf.hold.service_ttft_p95 is not None and tf.hold.service_ttft_p95 <= slo
+            goals.append((f"{label}: the tuned batch meets the SLO", fmt(tf.hold.service_ttft_p95, ".2f"), ok_slo))
+        goals.append((f"{label}: settled within 10 decision windows", fmt(tf.windows, "d"),
+                      tf.windows is not None and tf.windows <= 10))
+    goals.append(("zero crashes (all runs exit 0, no OOM)", str(crashes), crashes == 0))
+    text = "\n".join(
+        [
+            "## Batch size: tuned against an exhaustive sweep",
+            "",
+            f"{stamp()}. Arrivals at {BATCH_RATE:g}/s, over capacity at every batch size (the queue stays full, "
+            "extra arrivals are rejected), so throughput is the machine's.  Fixed runs: "
+            f"`tuner demo --rate {BATCH_RATE:g} --batch-size B` stopped after {FIXED_S:g} s ({FIXED_S * 1.5:g} s "
+            f"at 32, {FIXED_S * 2.5:g} s at 64: one batch of 64 takes ~13 s here); tuned runs: "
+            f"`tuner demo --rate {BATCH_RATE:g} --policy batch.toml` for {TUNED_S:g} s (the interactive preset's "
+            "`[agent]` and `[batch_size]` tables, SLO off / on).  Run order interleaved: "
+            "8, 1, 64, tuned, 2, 32, 4, 16, tuned-with-SLO.  Throughput = tokens of whole batches / their span; "
+            "the tuned figure is measured after its last change (the batch size it settled on).  Per CPU-second "
+            "= the same tokens / the CPU seconds the inference process used over that span (`tree_cpu_ratio` "
+            "integrated): the other jobs on this machine take a varying share of the 2 cores, which moves the "
+            "wall-clock figure of runs minutes apart by 30% or more (batch 16 gave 707 tok/s fixed and 473 in a "
+            "tuned run's hold in one session), while the work per CPU-second is what the batch size changes.  "
+            "The goals are judged per CPU-second; wall-clock figures are shown beside them.",
+            "",
+            "| fixed batch | tok/s | tok per CPU-s | service TTFT p95 (s) | whole batches | meets the SLO | exit |",
+            "|---|---|---|---|---|---|---|",
+            *sweep_rows,
+            "",
+            f"Best fixed (wall / per CPU-s): {fmt(best(wall, False), 'd')} / {fmt(best(per_cpu, False), 'd')}; "
+            f"within the SLO: {fmt(best(wall, True), 'd')} / {fmt(best(per_cpu, True), 'd')}.  \"Largest batch "
+            "that fits\" (Lightning's batch-size finder doubles until OOM): memory never ran out here, so it is "
+            f"the largest swept, {largest}; fixed default 8.",
+            "",
+            "| tuned | settled on | decision windows (sizes measured) | seconds to the last change | tok/s after | "
+            "tok per CPU-s after | service TTFT p95 (s) | best fixed (wall / CPU) | / best fixed (wall / CPU) | "
+            f"/ largest ({largest}) | / fixed 8 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *tuned_rows,
+            "",
+            "| goal | measured | |",
+            "|---|---|---|",
+            *[f"| {g} | {m} | {ok(b)} |" for g, m, b in goals],
+            "",
+            f"Reproduce: `{COMMAND.format(r=LEAK_REQUESTS)} -k batch`",
+        ]
+    )
+    write_section("batch", text)
+    assert [g for g, _, b in goals if not b] == []
+
+
+# -- temperature ------------------------------------------------------------------------------------------------
+@dataclass
+class TempFig:
+    windows: int
+    in_band: float | None
+    in_band_after: float | None
+    distance: float | None
+    seq_rep_4: float | None
+    temps: str
+
+
+def temp_figures(run: Run, band: tuple[float, float], nominal_t: float | None = None) -> TempFig:
+    reqs = [r for r in run.requests() if r.get("seq_rep_4") is not None]
+    if not reqs:
+        return TempFig(0, None, None, None, None, "-")
+    t0 = min(r["t"] - (r.get("e2e_seconds") or 0.0) for r in reqs)
+    wins: dict[int, list[float]] = {}
+    for r in reqs:
+        wins.setdefault(int((r["t"] - t0) // TEMP_WINDOW_S), []).append(r["seq_rep_4"])
+    means = [(k, statistics.fmean(v)) for k, v in sorted(wins.items()) if len(v) >= 5]
+    inside = [band[0] <= m <= band[1] for _, m in means]
+    after = [band[0] <= m <= band[1] for k, m in means if k * TEMP_WINDOW_S >= TEMP_WARMUP_S]
+    temps = [nominal_t if nominal_t is not None else r.get("temperature") for r in reqs]
+    tv = [float(x) for x in temps if isinstance(x, (int, float))]
+    used = sorted({round(x, 2) for x in tv})
+    return TempFig(
+        len(means),
+        sum(inside) / len(inside) if inside else None,
+        sum(after) / len(after) if after else None,
+        statistics.fmean(abs(x - REQUESTED_T) for x in tv) if tv else None,
+        statistics.fmean(r["seq_rep_4"] for r in reqs),
+        ", ".join(f"{x:g}" for x in used[:8]) + (" ..." if len(used) > 8 else ""),
+    )
+
+
+def test_temperature(trace_dir: Path, benchmark: Any) -> None:
+    t = preset_table("interactive", "temperature")
+    t["requested"] = REQUESTED_T
+    t["edge_z"] = EDGE_Z
+    band = (float(t["band_low"]), float(t["band_high"]))
+    agent = preset_table("interactive", "agent")
+    pol = write_policy(trace_dir / "temperature.toml", {"agent": agent, "temperature": t})
+    common = ["--rate", f"{TEMP_RATE:g}", "--temperature", f"{REQUESTED_T:g}"]
+
+    def experiment() -> dict[str, tuple[Run, float | None]]:
+        out: dict[str, tuple[Run, float | None]] = {}
+
+        def fixed(temp: float) -> None:
+            out[f"fixed T={temp:g}"] = (
+                run_demo(trace_dir, f"temp-fixed-{temp:g}", ["--rate", f"{TEMP_RATE:g}", "--temperature", f"{temp:g}",
+                                                              "--duration", f"{FIXED_S * 1.5:g}"]),
+                temp,
+            )
+
+        fixed(REQUESTED_T)
+        out["tuned (policy)"] = (
+            run_demo(trace_dir, "temp-tuned", [*common, "--duration", f"{TUNED_S:g}", "--policy", str(pol)]),
+            None,
+        )
+        fixed(0.8)
+        for tau in (5.0, 1.0):
+            out[f"Mirostat v2 tau={tau:g}"] = (
+                run_demo(trace_dir, f"temp-mirostat-{tau:g}",
+                         [*common, "--duration", f"{FIXED_S * 1.5:g}", "--mirostat", "--mirostat-tau", f"{tau:g}"]),
+                1.0,  # Mirostat samples at T = 1 and truncates by surprise
+            )
+        fixed(1.0)
+        return out
+
+    runs = timed(benchmark, experiment)
+    rows = []
+    figs: dict[str, TempFig] = {}
+    for name, (run, nominal) in runs.items():
+        f = temp_figures(run, band, nominal)
+        figs[name] = f
+        rows.append(
+            f"| {name} | {f.windows} | {fmt(f.in_band, '.0%')} | {fmt(f.in_band_after, '.0%')} | "
+            f"{fmt(f.seq_rep_4, '.3f')} | {fmt(f.distance, '.2f')} | {f.temps} | {run.returncode} |"
+        )
+    tuned = figs["tuned (policy)"]
+    # a fixed temperature has no convergence: its whole run counts
+    best_fixed_in_band = [f for n, f in figs.items() if n.startswith("fixed") and (f.in_band or 0) >= 0.9]
+    closest = min((f.distance for f in best_fixed_in_band if f.distance is not None), default=None)
+    goals = [
+        (f"tuned: windows in the band after {TEMP_WARMUP_S:g} s >= 90%", fmt(tuned.in_band_after, ".0%"),
+         (tuned.in_band_after or 0.0) >= 0.9),
+        ("tuned: closer to the request than the nearest fixed temperature that holds the band",
+         f"{fmt(tuned.distance, '.2f')} vs {fmt(closest, '.2f')}",
+         tuned.distance is not None and (closest is None or tuned.distance <= closest + 1e-9)),
+    ]
+    text = "\n".join(
+        [
+            "## Temperature: repetition band and distance from the requested temperature",
+            "",
+            f"{stamp()}. The user asks for T = {REQUESTED_T:g}; band {band[0]:g}-{band[1]:g} seq-rep-4 (the "
+            "interactive preset's `[temperature]` table with `requested` set and "
+            f"`edge_z = {EDGE_Z:g}`: the band must hold one standard error of the measured mean inside it; max 1.0).  "
+            f"`tuner demo --rate {TEMP_RATE:g} --temperature {REQUESTED_T:g} --policy temperature.toml` for "
+            f"{TUNED_S:g} s against fixed temperatures and Mirostat v2 (`--mirostat --mirostat-tau TAU`, eta 0.1; "
+            "tau 5 is llama.cpp's default, tau 1 scaled to this byte model) for "
+            f"{FIXED_S * 1.5:g} s each.  Windows: responses by end time in {TEMP_WINDOW_S:g} s windows (>= 5 "
+            f"responses); the goal counts windows after the first {TEMP_WARMUP_S:g} s (the policy's "
+            "convergence), the whole-run share is shown too.  Distance = mean |T - requested| over responses "
+            "(Mirostat samples at T = 1).",
+            "",
+            "| run | windows | in band (all) | in band (after warm-up) | mean seq-rep-4 | mean distance | "
+            "temperatures used | exit |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "| goal | measured | |",
+            "|---|---|---|",
+            *[f"| {g} | {m} | {ok(b)} |" for g, m, b in goals],
+            "",
+            f"Reproduce: `{COMMAND.format(r=LEAK_REQUESTS)} -k temperature`",
+        ]
+    )
+    write_section("temperature", text)
+    for run, _ in runs.values():
+        assert run.returncode == 0, (run.name, run.stderr[-2000:])
+    assert [g for g, _, b in goals if not b] == []
+
+
+# -- precision --------------------------------------------------------------------------------------------------
+PRECISION_POLICY: dict[str, dict[str, Any]] = {
+    "agent": {"cooldown_s": {"precision": 5}},
+    "precision": {
+        "ladder": ["fp32", "bf16", "int8"],
+        "min_headroom": 0.99,  # forced memory pressure: every step is taken
+        "release_headroom": 1.0,
+        "trigger_s": 15.0,
+        "settle_s": 15.0,
+        "hold_s": 3600.0,
+        "max_kl": 0.05,
+        "min_top1": 0.9,
+    },
+}
+
+
+def test_precision(trace_dir: Path, benchmark: Any) -> None:
+    pol = write_policy(trace_dir / "precision.toml", PRECISION_POLICY)
+    dur = 75.0
+
+    def experiment() -> Run:
+        return run_demo(trace_dir, "precision", ["--rate", f"{BATCH_RATE:g}", "--duration", f"{dur:g}",
+                                                  "--policy", str(pol)], stop_after=dur + 8)
+
+    run = timed(benchmark, experiment)
+    acts = run.actions("precision")
+    results = [a for a in acts if a.get("outcome") in ("done", "refused")]
+    reqs = run.requests()
+    t_rss, rss = run.data.times, run.data.column("tree_rss_bytes")
+    changes: list[tuple[float, str]] = [(0.0, "fp32")]
+    for a in results:
+        if a.get("outcome") == "done":
+            changes.append((float(a["t"]), str(a["value"])))
+    rows = []
+    speeds: dict[str, float | None] = {}
+    speeds_cpu: dict[str, float | None] = {}
+    for i, (t_from, prec) in enumerate(changes):
+        t_to = changes[i + 1][0] if i + 1 < len(changes) else float("inf")
+        mine = [r for r in reqs if r.get("precision") == prec]  # the precision its batch started in
+        tps = [r["tokens"] / (r["tpot_seconds"] * max(1, r["tokens"] - 1)) for r in mine
+               if r.get("tpot_seconds") and r.get("tokens", 0) > 1]
+        span = np.isfinite(rss) & (t_rss >= t_from + 2) & (t_rss < min(t_to, t_rss[-1] + 1))
+        speed = throughput(mine, -1.0, data=run.data)  # the phase's batches but its first
+        speeds[prec] = speed.tokens_per_second
+        speeds_cpu[prec] = speed.tokens_per_cpu_second
+        res = next((a.get("result") or {} for a in results if a.get("value") == prec), {}) if i else {}
+        rows.append(
+            f"| {prec} | {len(mine)} | {fmt(speed.tokens_per_second)} | {fmt(speed.tokens_per_cpu_second)} | "
+            f"{fmt(statistics.median(tps) if tps else None)} | "
+            f"{fmt(float(np.median(rss[span])) / 2**20 if span.any() else None)} | "
+            f"{fmt(res.get('param_bytes_after'), ',')} | {fmt(res.get('kl'), '.2g')} | {fmt(res.get('top1'), '.2f')} | "
+            f"{fmt(res.get('seconds'), '.2f')} |"
+        )
+    first = next((a.get("result") or {} for a in results), {})
+    p32 = first.get("param_bytes_before")
+    last_res = results[-1].get("result") or {} if results else {}
+    p_end = last_res.get("param_bytes_after")
+    int8 = next((a.get("result") or {} for a in results if a.get("value") == "int8" and a.get("outcome") == "done"),
+                None)
+    goals = [
+        ("every step down passed the guard (KL <= 0.05, top-1 >= 0.9) or was rolled back",
+         ", ".join(f"{a['value']}: {a['outcome']}" for a in results) or "no step",
+         bool(results) and all(a.get("outcome") == "done" for a in results)),
+        ("int8 reached, weights smaller", f"{fmt(p32, ',')} -> {fmt(p_end, ',')} bytes",
+         int8 is not None and p32 is not None and p_end is not None and p_end < p32),
+    ]
+    def rel(d: dict[str, float | None], p: str) -> float | None:
+        base, x = d.get("fp32"), d.get(p)
+        return x / base if base and x is not None else None
+
+    ratio_int8, ratio_bf16 = rel(speeds, "int8"), rel(speeds, "bf16")
+    cpu_int8, cpu_bf16 = rel(speeds_cpu, "int8"), rel(speeds_cpu, "bf16")
+    text = "\n".join(
+        [
+            "## Precision: memory and speed at each step, with the guard's figures",
+            "",
+            f"{stamp()}. `tuner demo --rate {BATCH_RATE:g} --duration {dur:g} --policy precision.toml` (over "
+            "capacity: the queue stays full, so throughput is the machine's at each precision): the "
+            "headroom threshold is set above what the machine has (forced memory pressure), so the policy walks "
+            "the whole ladder fp32 -> bf16 -> int8; the client's guard compares the next-token distributions of "
+            "8 canary prompts with the fp32 reference.  Throughput per phase = whole batches run at that "
+            "precision / their span; decode tok/s = per request (1 / TPOT), median.",
+            "",
+            "```toml",
+            pol.read_text().strip(),
+            "```",
+            "",
+            "| precision | requests | tok/s (batches) | tok per CPU-s | decode tok/s per request | "
+            "RSS median (MiB) | weight bytes | KL (nats) | top-1 | switch (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Throughput relative to fp32 (wall-clock / per CPU-second): bf16 {fmt(ratio_bf16, '.2f')} / "
+            f"{fmt(cpu_bf16, '.2f')}, int8 {fmt(ratio_int8, '.2f')} / {fmt(cpu_int8, '.2f')}; weights "
+            f"{fmt(p32, ',')} -> {fmt(p_end, ',')} bytes"
+            + (f" ({p_end / p32:.0%})" if p32 and p_end else "") + ".",
+            "",
+            "| goal | measured | |",
+            "|---|---|---|",
+            *[f"| {g} | {m} | {ok(b)} |" for g, m, b in goals],
+            "",
+            f"Reproduce: `{COMMAND.format(r=LEAK_REQUESTS)} -k precision`",
+        ]
+    )
+    write_section("precision", text)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [g for g, _, b in goals if not b] == []
