@@ -208,7 +208,7 @@ class BatchSizePolicy(Policy):
         if n < c.min_requests and elapsed < c.max_wait_s:
             return None
         static = _static_batches(cols, start)
-        if static is not None and (static[1] >= c.min_batches or (static[0] is not None and elapsed >= c.max_wait_s)):
+        if static is not None and static[0] is not None and (static[1] >= c.min_batches or elapsed >= c.max_wait_s):
             rate, _, keep = static
             assert rate is not None
             cols = {k: v[keep] for k, v in cols.items()}
