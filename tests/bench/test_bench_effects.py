@@ -6,12 +6,12 @@ baselines run in the same session, through the real ``tuner demo`` CLI; figures 
 Each test prints its table and replaces its own section of ``docs/effects.md`` (so one test can be rerun
 alone with ``-k``), then asserts the goals: a goal not met fails the test after the figures are written.
 
-Scale (the defaults take ~28 minutes on 2 shared cores):
+Scale (the defaults take ~35 minutes on 2 shared cores; the issue asked for ~25: lower the knobs below):
 
-- ``TUNER_EFFECT_REQUESTS``: requests per leak run (default 1000; the issue asks 2,000, which takes ~35
-  minutes for the three runs here).
-- ``TUNER_EFFECT_SECONDS``: seconds of arrivals of a fixed-setting run (default 30); tuned runs last
-  ``TUNER_EFFECT_TUNED_SECONDS`` (default 210).
+- ``TUNER_EFFECT_REQUESTS``: requests per leak run (default 1000; the issue asks 2,000: the three leak runs
+  then take ~14 minutes instead of 7).
+- ``TUNER_EFFECT_SECONDS``: seconds of arrivals of a fixed batch-size run (default 30); tuned batch runs last
+  ``TUNER_EFFECT_TUNED_SECONDS`` (default 210); every temperature run ``TUNER_EFFECT_TEMP_SECONDS`` (120).
 - ``TUNER_EFFECT_DOC``: where the sections go (default ``docs/effects.md``; empty: nowhere).
 - ``TUNER_EFFECT_KEEP``: a directory to keep the traces in (default: pytest's temporary directory).
 
@@ -64,7 +64,9 @@ TEMP_WARMUP_S = 60.0
 BATCH_RATE = 40.0  # arrivals per second: over capacity at every batch size here (queue full, rejections)
 TEMP_RATE = 5.0
 REQUESTED_T = 0.5
-EDGE_Z = 1.0  # not in the preset yet (it would change tests/replay's expected decisions): see effects.md
+TEMP_S = float(os.environ.get("TUNER_EFFECT_TEMP_SECONDS", "120"))
+"""Every temperature run (tuned and baselines) lasts this long: the seeded prompt stream is the same only over
+the same length (45 s baselines saw the first 236 prompts, the tuned run 1,049)."""
 SWEEP = (1, 2, 4, 8, 16, 32, 64)
 COMMAND = "TUNER_EFFECT_REQUESTS={r} .venv/bin/pytest tests/bench/test_bench_effects.py -m bench -p no:randomly -s"
 
@@ -610,7 +612,6 @@ def temp_figures(run: Run, band: tuple[float, float], nominal_t: float | None = 
 def test_temperature(trace_dir: Path, benchmark: Any) -> None:
     t = preset_table("interactive", "temperature")
     t["requested"] = REQUESTED_T
-    t["edge_z"] = EDGE_Z
     band = (float(t["band_low"]), float(t["band_high"]))
     agent = preset_table("interactive", "agent")
     pol = write_policy(trace_dir / "temperature.toml", {"agent": agent, "temperature": t})
@@ -622,20 +623,20 @@ def test_temperature(trace_dir: Path, benchmark: Any) -> None:
         def fixed(temp: float) -> None:
             out[f"fixed T={temp:g}"] = (
                 run_demo(trace_dir, f"temp-fixed-{temp:g}", ["--rate", f"{TEMP_RATE:g}", "--temperature", f"{temp:g}",
-                                                              "--duration", f"{FIXED_S * 1.5:g}"]),
+                                                              "--duration", f"{TEMP_S:g}"]),
                 temp,
             )
 
         fixed(REQUESTED_T)
         out["tuned (policy)"] = (
-            run_demo(trace_dir, "temp-tuned", [*common, "--duration", f"{TUNED_S:g}", "--policy", str(pol)]),
+            run_demo(trace_dir, "temp-tuned", [*common, "--duration", f"{TEMP_S:g}", "--policy", str(pol)]),
             None,
         )
         fixed(0.8)
         for tau in (5.0, 1.0):
             out[f"Mirostat v2 tau={tau:g}"] = (
                 run_demo(trace_dir, f"temp-mirostat-{tau:g}",
-                         [*common, "--duration", f"{FIXED_S * 1.5:g}", "--mirostat", "--mirostat-tau", f"{tau:g}"]),
+                         [*common, "--duration", f"{TEMP_S:g}", "--mirostat", "--mirostat-tau", f"{tau:g}"]),
                 1.0,  # Mirostat samples at T = 1 and truncates by surprise
             )
         fixed(1.0)
@@ -667,12 +668,11 @@ def test_temperature(trace_dir: Path, benchmark: Any) -> None:
             "## Temperature: repetition band and distance from the requested temperature",
             "",
             f"{stamp()}. The user asks for T = {REQUESTED_T:g}; band {band[0]:g}-{band[1]:g} seq-rep-4 (the "
-            "interactive preset's `[temperature]` table with `requested` set and "
-            f"`edge_z = {EDGE_Z:g}`: the band must hold one standard error of the measured mean inside it; max 1.0).  "
+            "interactive preset's `[temperature]` table with `requested` set; max 1.0).  "
             f"`tuner demo --rate {TEMP_RATE:g} --temperature {REQUESTED_T:g} --policy temperature.toml` for "
-            f"{TUNED_S:g} s against fixed temperatures and Mirostat v2 (`--mirostat --mirostat-tau TAU`, eta 0.1; "
-            "tau 5 is llama.cpp's default, tau 1 scaled to this byte model) for "
-            f"{FIXED_S * 1.5:g} s each.  Windows: responses by end time in {TEMP_WINDOW_S:g} s windows (>= 5 "
+            f"{TEMP_S:g} s against fixed temperatures and Mirostat v2 (`--mirostat --mirostat-tau TAU`, eta 0.1; "
+            "tau 5 is llama.cpp's default, tau 1 scaled to this byte model), each as long (the same seeded "
+            "prompt stream).  Windows: responses by end time in {TEMP_WINDOW_S:g} s windows (>= 5 "
             f"responses); the goal counts windows after the first {TEMP_WARMUP_S:g} s (the policy's "
             "convergence), the whole-run share is shown too.  Distance = mean |T - requested| over responses "
             "(Mirostat samples at T = 1).",
