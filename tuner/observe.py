@@ -151,34 +151,20 @@ class ObserverServer:
                 self.published += 1
                 self._backlog.append(record)
                 return
-        try:
-            frame = encode(record)
-        except (TypeError, ValueError):
-            return
-        if len(frame) > MAX_RECORD_BYTES:
-            return
-        with self._lock:
-            self.published += 1
-            if is_header:
-                self._header = frame
-                self._backlog.clear()
-            else:
-                self._backlog.append(frame)
-            for v in self._viewers.values():
-                if len(v.out) >= self.queue_limit:
-                    v.out.popleft()
-                    v.dropped += 1
-                v.out.append(frame)
-        self._wake()
+        frame = _encode_or_none(record)
+        if frame is not None:
+            self._queue(frame, is_header)
 
     def publish_line(self, line: bytes, kind: str) -> None:
         """Like :meth:`publish` for a record the trace writer already encoded (its JSON line): framed as is."""
-        if self._closed.is_set() or len(line) > MAX_RECORD_BYTES:
-            return
-        frame = _LEN.pack(len(line)) + line
+        if not self._closed.is_set() and len(line) <= MAX_RECORD_BYTES:
+            self._queue(_LEN.pack(len(line)) + line, kind == "header")
+
+    def _queue(self, frame: bytes, is_header: bool) -> None:
+        """Into the backlog (the header replaces it) and every viewer's bounded queue; wake the I/O thread."""
         with self._lock:
             self.published += 1
-            if kind == "header":
+            if is_header:
                 self._header = frame
                 self._backlog.clear()
             else:
