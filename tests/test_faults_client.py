@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -130,15 +131,31 @@ def test_many_inference_threads_every_request_accounted_for() -> None:
     received by the sidecar, counted as dropped, or counted as failed."""
     n, threads = 2000, 8
     with ChannelServer() as server:
-        cp = subprocess.run(
-            [sys.executable, "-c", HAMMER, str(n), str(threads)],
-            env=tuner_env(TUNER_SOCKET=server.path),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        time.sleep(0.3)
-        msgs = [m for _, m in server.drain()]
+        # drained while the child runs, as the sidecar does every tick (the server's queue is bounded: left
+        # undrained, a fast machine's many small frames overflow it)
+        msgs: list[dict[str, Any]] = []
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                msgs.extend(m for _, m in server.drain())
+                time.sleep(0.01)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        try:
+            cp = subprocess.run(
+                [sys.executable, "-c", HAMMER, str(n), str(threads)],
+                env=tuner_env(TUNER_SOCKET=server.path),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            drainer.join()
+        msgs.extend(m for _, m in server.drain())
         stats = server.stats()
     assert cp.returncode == 0, cp.stderr
     res = json.loads(cp.stdout)
