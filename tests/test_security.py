@@ -189,6 +189,51 @@ def test_run_records_response_text_only_with_record_text(tmp_path: Path, record_
         assert all("text" not in r["data"] for r in requests)
 
 
+IDS_CLIENT = f"""
+import time
+from tuner import client
+c = client.connect()
+deadline = time.monotonic() + 10
+while not c.connected and time.monotonic() < deadline:
+    time.sleep(0.02)
+time.sleep(0.2)  # the welcome (record_text) arrives with the connection
+with c.request(prompt_tokens=5) as r:
+    r.token([1, 2, 3, 4])
+    if c.record_text:
+        r.response_text({SECRET_PROMPT_ANSWER!r})
+time.sleep(0.5)
+print("record_text", c.record_text)
+"""
+
+
+@pytest.mark.parametrize("record_text", [False, True], ids=["default", "record-text"])
+def test_a_token_id_loop_attaches_its_text_only_with_record_text(tmp_path: Path, record_text: bool) -> None:
+    """A decode loop reports ids with token() and, when the sidecar asks for text, the decoded response with
+    response_text(): recorded as is, and it counts no tokens."""
+    trace = tmp_path / "t.jsonl"
+    flag = ["--record-text"] if record_text else []
+    cp = tuner("run", "--quiet", "--interval", "0.05", *flag, "--trace", str(trace), "--", sys.executable, "-c",
+               IDS_CLIENT, cwd=tmp_path, timeout=60)  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == f"record_text {record_text}"
+    (req,) = [r["data"] for r in iter_records(trace) if r.get("k") == "event" and r.get("kind") == "request"]
+    assert req["tokens"] == 4
+    assert req.get("text") == (SECRET_PROMPT_ANSWER if record_text else None)
+    assert (b"zebra-quartz" in trace.read_bytes()) is record_text
+
+
+@pytest.mark.slow
+def test_demo_records_response_text_with_record_text(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    trace = tmp_path / "demo.jsonl"
+    cp = tuner("demo", "--headless", "--quiet", "--requests", "4", "--record-text", "--trace", str(trace),
+               cwd=tmp_path, timeout=240)  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    requests = [r["data"] for r in iter_records(trace) if r.get("kind") == "request"]
+    assert len(requests) == 4
+    assert all(isinstance(r.get("text"), str) and r["text"] for r in requests)
+
+
 @pytest.mark.parametrize("record_text", [False, True], ids=["default", "record-text"])
 def test_a_prompt_on_the_command_line_is_recorded_only_with_record_text(tmp_path: Path, record_text: bool) -> None:
     """`tuner run -- llama-cli -p "..."`: the prompt is an argument; the trace keeps its length, not its text."""

@@ -183,6 +183,12 @@ class Request:
             self.n_first = len(self.ids)
         self.last = now
 
+    def response_text(self, text: str) -> None:
+        """The response as text, kept for the trace when the sidecar records text (``--record-text``; see
+        ``Client.record_text``).  Counts no tokens: for a loop that reports token ids with ``token()``."""
+        if isinstance(text, str) and text:
+            self.texts.append(text)
+
     def __enter__(self) -> Request:
         return self
 
@@ -217,6 +223,9 @@ class _NullRequest:
     def text(self, chunk: str) -> None:
         pass
 
+    def response_text(self, text: str) -> None:
+        pass
+
     def __enter__(self) -> _NullRequest:
         return self
 
@@ -231,6 +240,7 @@ class NullClient:
     """What ``connect()`` returns without a sidecar: every call is accepted and does nothing."""
 
     connected = False
+    record_text = False
 
     def __init__(self) -> None:
         self.knobs = Knobs()
@@ -323,6 +333,11 @@ class Client:
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    @property
+    def record_text(self) -> bool:
+        """Whether the sidecar records response text (``--record-text``): worth decoding ids to text only then."""
+        return self._record_text
 
     @property
     def dropped(self) -> int:

@@ -264,6 +264,8 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
 def finish(loop: TorchLoop, j: Job, stats: Stats, s: BatchSettings, batch_size: int) -> None:
     j.done = True
     end = time.monotonic()
+    if getattr(loop.client, "record_text", False):  # decoded only when the trace keeps text
+        j.req.response_text(ByteTokenizer().decode(j.out))
     loop.finish(j.req)
     n = len(j.out)
     seq_rep_4, rep_32, looped = repetition(j.out)  # what the sidecar computes from the same ids

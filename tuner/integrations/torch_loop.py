@@ -63,6 +63,10 @@ class TrackedRequest:
         self.r.token(ids)
         self.tokens += 1 if isinstance(ids, int) else len(ids)
 
+    def response_text(self, text: str) -> None:
+        """The decoded response, recorded only when the sidecar runs with ``--record-text``."""
+        self.r.response_text(text)
+
     def close(self, exc: BaseException | None = None) -> None:
         if self._cm is not None:
             cm, self._cm = self._cm, None
