@@ -200,12 +200,7 @@ def test_a_recycled_pid_is_not_counted_as_the_old_process(child: Child, backend:
     impostor: subprocess.Popen[bytes] | None = None
     try:
         p.sample(0.0)
-        old = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
-        for k in range(50):
-            s = p.sample(0.01 * k)
-            if s.procs and old in s.procs:
-                break
-            time.sleep(0.01)
+        old, s = child.start_sleep_seen(p, 0.01, tries=50)
         assert s.procs is not None and s.procs[old]["name"] == "sleep"
         # a process is (PID, start time in 10 ms clock ticks): a PID reused within the same tick cannot be
         # told apart by anyone; make sure the impostor starts in a later tick
@@ -317,12 +312,7 @@ def test_a_zombie_is_reported_once_and_never_counted(child: Child, backend: str)
     p = CpuProbe([child.pid], rescan_every_s=0.0, backend=backend)
     try:
         p.sample(0.0)
-        gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
-        for k in range(200):
-            s = p.sample(0.01 * k)
-            if s.procs and gpid in s.procs:
-                break
-            time.sleep(0.01)
+        gpid, s = child.start_sleep_seen(p, 0.01)
         assert s.values["tree_procs_count"] == 2
         child.do("os.kill(g.pid, 9); time.sleep(0.3)")  # dead, not reaped
         assert psutil.Process(gpid).status() == psutil.STATUS_ZOMBIE

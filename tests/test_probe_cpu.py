@@ -191,6 +191,16 @@ class Child:
         assert ans.startswith("ok"), ans
         return ans[2:].strip()
 
+    def start_sleep_seen(self, probe: CpuProbe, at: float, tries: int = 200) -> tuple[int, Sample]:
+        """Start a ``sleep 60`` child of this process (``g``) and sample ``probe`` at time ``at`` until it sees it."""
+        gpid = int(self.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
+        for _ in range(tries):
+            s = probe.sample(at)
+            if s.procs and gpid in s.procs:
+                return gpid, s
+            time.sleep(0.01)
+        raise AssertionError(f"the probe never saw the new child {gpid}")
+
     def close(self) -> None:
         if self.p.poll() is None:
             try:
@@ -297,12 +307,7 @@ def test_zombie_is_reported_once_and_never_counted(child: Child, backend: str) -
     p = CpuProbe([child.pid], rescan_every_s=0.0, backend=backend)
     try:
         p.sample(0.0)
-        gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
-        for _ in range(200):
-            s = p.sample(0.1)
-            if s.procs and gpid in s.procs:
-                break
-            time.sleep(0.01)
+        gpid, _ = child.start_sleep_seen(p, 0.1)
         child.do("os.kill(g.pid, 9); time.sleep(0.3)")  # not reaped: a zombie
         assert psutil.Process(gpid).status() == psutil.STATUS_ZOMBIE
         s1, s2 = p.sample(0.2), p.sample(0.3)
@@ -646,12 +651,7 @@ def test_psutil_backend_zombie_refusing_calls_keeps_its_name(child: Child, monke
     p = CpuProbe([child.pid], rescan_every_s=0.0, backend="psutil")
     try:
         p.sample(0.0)
-        gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
-        for _ in range(200):
-            s = p.sample(0.1)
-            if s.procs and gpid in s.procs:
-                break
-            time.sleep(0.01)
+        gpid, _ = child.start_sleep_seen(p, 0.1)
         real = psutil.Process.status
 
         def status(self: psutil.Process) -> str:
