@@ -85,7 +85,7 @@ class ObserverServer:
         self.path = path
         self.queue_limit = queue_limit
         self._header: bytes | None = None
-        self._backlog: deque[bytes | Mapping[str, Any]] = deque(maxlen=backlog)  # encoded lazily
+        self._backlog: deque[bytes] = deque(maxlen=backlog)
         self._viewers: dict[int, _Viewer] = {}
         self._commands: deque[dict[str, Any]] = deque(maxlen=256)
         self._lock = threading.Lock()
@@ -137,23 +137,13 @@ class ObserverServer:
         self._thread.start()
 
     def publish(self, record: Mapping[str, Any]) -> None:
-        """Queue a record for every viewer; never blocks, never raises for an unencodable record.
-
-        With no viewer connected (the usual case) the record is only kept in the backlog, unencoded, and
-        nobody is woken: at 100 Hz encoding and waking for no one was most of the sidecar's cost.  The
-        record must not be mutated afterwards (the trace writer hands listeners a record of their own).
-        """
+        """Queue a record for every viewer; never blocks, never raises for an unencodable record.  (The
+        session forwards the trace writer's encoded lines with :meth:`publish_line` instead.)"""
         if self._closed.is_set():
             return
-        is_header = record.get("k") == "header"
-        with self._lock:
-            if not self._viewers and not is_header:
-                self.published += 1
-                self._backlog.append(record)
-                return
         frame = _encode_or_none(record)
         if frame is not None:
-            self._queue(frame, is_header)
+            self._queue(frame, record.get("k") == "header")
 
     def publish_line(self, line: bytes, kind: str) -> None:
         """Like :meth:`publish` for a record the trace writer already encoded (its JSON line): framed as is."""
@@ -273,16 +263,8 @@ class ObserverServer:
             with self._lock:
                 if self._header is not None:  # never dropped: it goes out before any queued record
                     v.pending = memoryview(self._header)
-                recent = list(self._backlog)[-self.queue_limit :]
+                v.out.extend(list(self._backlog)[-self.queue_limit :])
                 self._viewers[sock.fileno()] = v
-            # Encoded outside the lock (the sampler publishes meanwhile, into v.out); only this thread
-            # sends, so putting the backlog in front of those newer records before the next flush keeps order.
-            frames = [r if isinstance(r, bytes) else _encode_or_none(r) for r in recent]
-            with self._lock:
-                v.out.extendleft(reversed([f for f in frames if f is not None]))
-                while len(v.out) > self.queue_limit:
-                    v.out.popleft()
-                    v.dropped += 1
             self._sel.register(sock, selectors.EVENT_READ, v)
 
     def _drop(self, v: _Viewer) -> None:
