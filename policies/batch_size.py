@@ -15,9 +15,18 @@ State machine (the Zeus power-limit optimizer's shape: each state knows what it 
   responses that happen to end in a 10 s window swung 2-3x at batch 32-64 on the demo, where one batch
   takes 5-15 s, and the policy settled below the knee.  Otherwise (continuous batching) it is the
   tokens of the responses that ended in the window / its length;
-- ``explore``  doubling while throughput still rises by ``min_gain``, the SLO holds and memory has
-  ``min_headroom``; then ``refine``: the midpoint between the best and its next-larger neighbour,
-  while the gap is over ``refine_min_gap`` (a golden-section-like shrink on measured windows);
+- ``explore``  doubling while throughput still rises by ``min_gain`` (or rises at all right after a doubling
+  that gained: one more look, since a window's noise can hide a real gain), the SLO holds and memory
+  has ``min_headroom``; then ``refine``: the midpoint between the knee and a measured neighbour while the gap
+  is at least ``refine_min_gap`` and more than ``refine_min_frac`` of the knee (a golden-section-like
+  shrink on measured windows; finer steps than a quarter of the size change the throughput by less than
+  one window's noise on a shared machine: 48, 56, 52, 54 were bisected there and 54 held by chance);
+- ``confirm``  (``confirm = true``) before holding, the knee and its strongest rival (the best feasible
+  measured size above it; else, when no size above missed the SLO, the largest below it that missed the
+  tolerance by less than the tolerance again) are measured once more, back to back, and the knee is
+  chosen again from the pooled figures (a size measured more than once counts the mean of its windows).
+  One window swings 10-30% with the other jobs of a shared host, as much as 32 and 64 differ on the demo:
+  a lucky window made a size look within ``knee_tolerance`` of the best;
 - ``hold``     at the knee: the *smallest* measured size within ``knee_tolerance`` of the best feasible
   throughput (on this machine 32 gives 420 tok/s and 64 gives 419 at 2.8x the TTFT: 32 is chosen);
   re-tunes when the request rate or the prompt-length mix shifts by ``retune_shift``, and halves when
@@ -53,6 +62,10 @@ class BatchConfig:
     min_gain: float = 0.05
     knee_tolerance: float = 0.05
     refine_min_gap: int = 4
+    refine_min_frac: float = 0.25
+    """Refine only while the gap to the neighbour is more than this share of the knee (and >= ``refine_min_gap``)."""
+    confirm: bool = True
+    """Measure the knee and its strongest larger rival once more, back to back, before holding."""
     slo_ttft_p95_s: float | None = None
     slo_tpot_p95_s: float | None = None
     min_headroom: float = 0.10
@@ -70,6 +83,7 @@ class Measurement:
     requests: int
     rate: float
     prompt_mean: float | None
+    windows: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,7 +91,30 @@ class Measurement:
             "ttft_p95": self.ttft_p95,
             "tpot_p95": self.tpot_p95,
             "n": self.requests,
+            "windows": self.windows,
         }
+
+
+def _pool(old: Measurement, new: Measurement) -> Measurement:
+    """Two measurements of one batch size as one: the mean of their windows (tokens/s and the p95s); the
+    request rate and prompt mix are the newest (what a held knee compares later load with)."""
+    n = old.windows + new.windows
+
+    def mean(a: float | None, b: float | None) -> float | None:
+        if a is None or b is None:
+            return b if a is None else a
+        return (a * old.windows + b * new.windows) / n
+
+    return Measurement(
+        batch=new.batch,
+        tokens_per_second=(old.tokens_per_second * old.windows + new.tokens_per_second * new.windows) / n,
+        ttft_p95=mean(old.ttft_p95, new.ttft_p95),
+        tpot_p95=mean(old.tpot_p95, new.tpot_p95),
+        requests=old.requests + new.requests,
+        rate=new.rate,
+        prompt_mean=new.prompt_mean,
+        windows=n,
+    )
 
 
 def _p95(x: np.ndarray) -> float:
@@ -153,6 +190,8 @@ class BatchSizePolicy(Policy):
     keys = ("req_tpot_p95_seconds",)
 
     def __init__(self, cfg: BatchConfig) -> None:
+        if not 0.0 <= cfg.refine_min_frac <= 1.0:
+            raise ValueError(f"refine_min_frac = {cfg.refine_min_frac:g} is out of range (0 to 1)")
         super().__init__({"batch_size": Bounds(cfg.min, cfg.max)})
         self.cfg = cfg
         self.phase = "measure"
@@ -165,14 +204,21 @@ class BatchSizePolicy(Policy):
         self.slo_bad_since: float | None = None
         self.refine_lo: int | None = None
         self.next_shift_check = 0.0
+        self.windows = 0
+        """Measurement windows completed (all tunings): the evidence of every action carries it."""
         self.last_service_ttft: float | None = None
         self.next_slo_check = 0.0
+        self.confirmed = False
+        """This tuning's knee has been confirmed (or needed no confirmation): at most once per tuning."""
+        self.confirm_queue: list[int] = []
+        """Sizes still to measure again before the knee is chosen from the pooled figures."""
 
     def status(self) -> dict[str, Any]:
         return {
             "phase": self.phase,
             "ceiling": self.ceiling,
             "measured": {b: round(m.tokens_per_second, 1) for b, m in sorted(self.measured.items())},
+            "windows": self.windows,
         }
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -188,6 +234,32 @@ class BatchSizePolicy(Policy):
             return None
         best = max(m.tokens_per_second for m in ok)
         return min(m.batch for m in ok if m.tokens_per_second >= (1 - self.cfg.knee_tolerance) * best)
+
+    def _new_tuning(self) -> None:
+        """Forget the measurements (load shifted, SLO missed): the next knee is confirmed afresh."""
+        self.measured.clear()
+        self.confirmed = False
+        self.confirm_queue = []
+
+    def _rival(self, knee: int) -> int | None:
+        """The size a lucky or unlucky window may have ranked wrongly against the knee: the best feasible
+        measured size above it (the knee won on the tolerance, not on throughput), else the largest
+        feasible size below it that missed the tolerance by less than the tolerance again (a flat top where
+        one lucky window made the larger size look best)."""
+        ok = {b: m for b, m in self.measured.items() if self._feasible(m)}
+        above = [m for b, m in ok.items() if b > knee]
+        if above:
+            return max(above, key=lambda m: m.tokens_per_second).batch
+        if any(b > knee for b in self.measured):
+            return None  # the SLO caps the knee: the largest size that meets it, whatever is below
+        best = max(m.tokens_per_second for m in ok.values())
+        floor = (1 - 2 * self.cfg.knee_tolerance) * best
+        near = [b for b, m in ok.items() if b < knee and m.tokens_per_second >= floor]
+        return max(near) if near else None
+
+    def _refine_gap(self, gap: int, knee: int) -> bool:
+        c = self.cfg
+        return gap >= c.refine_min_gap and gap > c.refine_min_frac * knee
 
     def _cap(self, b: int) -> int:
         hi = self.cfg.max if self.ceiling is None else min(self.cfg.max, self.ceiling - 1)
@@ -238,6 +310,7 @@ class BatchSizePolicy(Policy):
             "headroom": headroom,
             "device": dev,
             "ceiling": self.ceiling,
+            "windows": self.windows,
         }
         ev.update(more)
         return ev
@@ -273,12 +346,18 @@ class BatchSizePolicy(Policy):
             m = self._measure(w, cur)
             if m is None:
                 return []
-            self.measured[cur] = m
+            self.windows += 1
+            old = self.measured.get(cur)
+            self.measured[cur] = _pool(old, m) if old is not None else m
+            if self.confirm_queue and self.confirm_queue[0] == cur and self.next_phase == "confirm":
+                self.confirm_queue.pop(0)
             self.phase = self.next_phase
         if self.phase == "explore":
             return self._explore(w, cur, headroom)
         if self.phase == "refine":
             return self._refine(w, cur)
+        if self.phase == "confirm":
+            return self._confirm(w, cur)
         if self.phase == "hold":
             return self._hold(w, cur)
         return []
@@ -288,9 +367,16 @@ class BatchSizePolicy(Policy):
         m = self.measured[cur]
         prev = self.measured.get(cur // 2) if cur > 1 else None
         gaining = prev is None or m.tokens_per_second > prev.tokens_per_second * (1 + c.min_gain)
+        # still rising, by less than min_gain, right after a doubling that gained: one window's noise can
+        # hide a real gain (16 -> 32 measured +4.6% on the demo, 64 then gave another +15%): one more look
+        before = self.measured.get(cur // 4) if cur > 3 else None
+        prev_gained = prev is not None and (
+            before is None or prev.tokens_per_second > before.tokens_per_second * (1 + c.min_gain)
+        )
+        rising = prev is not None and prev_gained and m.tokens_per_second > prev.tokens_per_second
         room = headroom is None or headroom >= c.min_headroom
         nxt = self._cap(cur * 2)
-        if self._feasible(m) and gaining and room and nxt > cur and nxt not in self.measured:
+        if self._feasible(m) and (gaining or rising) and room and nxt > cur and nxt not in self.measured:
             self.next_phase = "explore"
             self.phase = "measure"
             return self._go(w, cur, nxt, f"exploring: {cur} gave {m.tokens_per_second:.0f} tok/s, trying {nxt}")
@@ -315,17 +401,52 @@ class BatchSizePolicy(Policy):
         upper = min((b for b in self.measured if b > knee), default=None)
         lower = max((b for b in self.measured if b < knee), default=None)
         mid: int | None = None
-        if upper is not None and upper - knee >= c.refine_min_gap:
+        if upper is not None and self._refine_gap(upper - knee, knee):
             u = self.measured[upper]
             if not self._feasible(u) or u.tokens_per_second > k.tokens_per_second * (1 + c.knee_tolerance):
                 mid = (knee + upper) // 2
-        if mid is None and lower is not None and knee - lower >= c.refine_min_gap:
+        if mid is None and lower is not None and self._refine_gap(knee - lower, knee):
             mid = (lower + knee) // 2
         if mid is not None:
             mid = self._cap(mid)
             if mid not in self.measured and mid != knee:
                 self.phase, self.next_phase = "measure", "refine"
                 return self._go(w, cur, mid, f"refining around the knee {knee}: trying {mid}", knee=knee)
+        if c.confirm and not self.confirmed:
+            self.confirmed = True
+            rival = self._rival(knee)
+            if rival is not None:
+                # the rival first (unless it was just measured), the knee last: a confirmed knee is held
+                # without another move
+                self.confirm_queue = [knee] if cur == rival else [rival, knee]
+                return self._confirm(w, cur)
+        return self._settle(w, cur, knee)
+
+    def _confirm(self, w: Window, cur: int) -> list[Action]:
+        """Measure the next size of the confirmation again; when none is left, choose the knee from the
+        pooled figures and hold it."""
+        c = self.cfg
+        while self.confirm_queue and self._cap(self.confirm_queue[0]) != self.confirm_queue[0]:
+            self.confirm_queue.pop(0)  # above a ceiling set since: not measurable
+        if self.confirm_queue:
+            nxt = self.confirm_queue[0]
+            self.phase, self.next_phase = "measure", "confirm"
+            if nxt == cur:  # measure it again from now, without a change
+                self.changed_at = w.t - c.settle_s
+                return []
+            knee = self._knee()
+            return self._go(
+                w, cur, nxt, f"confirming the knee {knee}: measuring {nxt} again (the pooled figures decide)",
+                knee=knee,
+            )
+        knee = self._knee()
+        if knee is None:
+            return self._refine(w, cur)  # nothing feasible any more: the smallest size
+        return self._settle(w, cur, knee)
+
+    def _settle(self, w: Window, cur: int, knee: int) -> list[Action]:
+        """Hold the knee (moving there first when the current size is another)."""
+        self.confirm_queue = []
         self.phase = "measure" if knee != cur else "hold"
         self.next_phase = "hold"
         self.hold_ref = self.measured.get(knee)
@@ -360,7 +481,7 @@ class BatchSizePolicy(Policy):
                 self.slo_bad_since = w.t
             elif w.t - self.slo_bad_since >= c.measure_s and cur > c.min:
                 self.slo_bad_since = None
-                self.measured.clear()
+                self._new_tuning()
                 self.phase, self.next_phase = "measure", "explore"
                 return self._go(
                     w, cur, cur // 2, "latency SLO missed for a whole window: halving", ttft_p95=ttft, tpot_p95=tpot
@@ -388,7 +509,7 @@ class BatchSizePolicy(Policy):
                     else 0.0
                 )
                 if max(shift_rate, shift_prompt) > c.retune_shift:
-                    self.measured.clear()
+                    self._new_tuning()
                     self.hold_ref = None
                     start = self._cap(max(c.min, cur // 4))
                     self.phase, self.next_phase = "measure", "explore"
@@ -414,6 +535,7 @@ class BatchSizePolicy(Policy):
         self.ceiling_headroom = headroom
         for k in [k for k in self.measured if k >= self.ceiling]:
             del self.measured[k]
+        self.confirm_queue = []
         new = self._cap(max(c.min, min(cur, b) // 2))
         self.phase, self.next_phase = "measure", "hold"
         self.changed_at = w.t
@@ -434,7 +556,7 @@ class BatchSizePolicy(Policy):
             applied.action.knob == "batch_size"
             and applied.outcome in ("rejected", "failed")
             and self.phase == "measure"
-            and self.next_phase in ("explore", "refine")
+            and self.next_phase in ("explore", "refine", "confirm")
         ):
             # not changed.  A cooldown passes: propose again from the same measurements.  Anything else
             # (memory pressure, no client) ends the exploration here.
@@ -443,3 +565,4 @@ class BatchSizePolicy(Policy):
             else:
                 self.phase = "hold" if self.measured else "measure"
                 self.changed_at = applied.t
+                self.confirm_queue = []
