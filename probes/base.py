@@ -2,7 +2,9 @@
 
 A probe has a ``name``, ``available()`` (``None`` when it can sample, else the one-line reason why not),
 ``metrics()`` (metric key -> unit; keys follow ``tuner.records``), ``sample(now)`` returning a
-``Sample`` whose missing values are ``None``, and ``close()``.  Vendor libraries are imported lazily,
+``Sample`` whose missing values are ``None``, and ``close()``.  Optionally ``capture(now)``: a cheap raw
+read taken at a fast tick's moment, handed back later as ``sample(now, captured)`` (the sampler batches
+fast rates; see ``tuner.sampler``).  Vendor libraries are imported lazily,
 inside the probe's own module, so discovering an absent GPU costs microseconds and prints nothing.
 """
 

@@ -122,6 +122,9 @@ def _num(x: Any) -> float | None:
 
 class OutputProbe:
     name = "output"
+    per_batch = True
+    """At fast rates the sampler reads this probe once a batch (100 ms), not at every tick: its values are
+    statistics over windows of seconds and its events carry the client's own timestamps."""
 
     def __init__(
         self,

@@ -367,7 +367,7 @@ def test_reused_pid_is_a_new_process(child: Child, monkeypatch: pytest.MonkeyPat
         return s._replace(starttime=fake_start.get(s.pid, s.starttime))
 
     monkeypatch.setattr(cpu_mod, "parse_stat", parse)
-    p = CpuProbe([child.pid], rescan_every_s=0.0)
+    p = CpuProbe([child.pid], rescan_every_s=0.0, min_window_s=0.0)  # stat read every tick, as at <= 20 Hz
     try:
         gpid = int(child.do("g = subprocess.Popen(['sleep', '60']); out = g.pid"))
         samples = [p.sample(0.0), p.sample(0.1)]
@@ -621,9 +621,9 @@ def test_fast_ticks_hold_cpu_ratios_and_system_values(child: Child, monkeypatch:
     system_reads = []
     real = cpu_mod.CpuProbe._sample_system
 
-    def counting(self: CpuProbe, values: dict[str, Any]) -> None:
+    def counting(self: CpuProbe, values: dict[str, Any], raw: Any) -> None:
         system_reads.append(1)
-        real(self, values)
+        real(self, values, raw)
 
     monkeypatch.setattr(cpu_mod.CpuProbe, "_sample_system", counting)
     clock = [50.0]

@@ -12,6 +12,14 @@
   ``tuner report`` lists).  A probe that raises is noted and, after 5 failures, disabled; the others go on.
 - The sidecar's own CPU and RSS are recorded too (``self_cpu_ratio``, ``self_rss_bytes``), so its cost
   is visible in every trace.
+- Fast rates (interval <= ``batch_s`` / 2, i.e. above 20 Hz by default) run in *batches*: at each deadline
+  the probes that can ``capture(now)`` (the CPU probe: a few ``pread``s of raw ``/proc`` bytes) take their
+  raw reading and the others (NVML, NPUs) their whole sample; every ``batch_s`` the captured ticks are
+  turned into values and handed to the hooks in order, back to back.  Measured on this VM at 100 Hz: a
+  whole tick cost ~500 us of CPU after each 10 ms sleep (every wake-up starts with a cold cache) against
+  ~50 us in a batch.  Probes marked ``per_batch`` (the output probe: statistics over seconds) and the
+  sidecar's own usage are read once a batch, on its last tick (``Tick.final``); the trace is flushed
+  there too, so a batch (100 ms) is the most a crash can lose.  Tick times stay the moments of capture.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from tuner.records import Event, Sample
 MIN_INTERVAL = 0.001  # 1000 Hz
 MAX_INTERVAL = 1.0  # 1 Hz
 MAX_DIVISOR = 64
+SHORT_WAIT_S = 0.05  # a wait this short sleeps instead of waiting on the stop event
+BATCH_S = 0.1  # fast rates are processed in batches of this length (see the module docstring)
 
 TickHook = Callable[["Tick"], None]
 
@@ -43,6 +53,8 @@ class Tick:
     values: dict[str, Any]
     procs: dict[int, dict[str, Any]]
     events: list[Event]
+    final: bool = True
+    """False for a tick that has more of its batch after it (fast rates): consumers flush on final ticks."""
 
 
 @dataclass
@@ -53,9 +65,28 @@ class _ProbeSlot:
     failures: int = 0
     disabled: str | None = None
     notes: Callable[[], Sequence[tuple[str, str]]] | None = None
+    capture: Callable[[float], Any] | None = None
+    per_batch: bool = False
+    turn: int = 0
 
     def __post_init__(self) -> None:
         self.notes = getattr(self.probe, "take_notes", None)
+        self.capture = getattr(self.probe, "capture", None)
+        self.per_batch = bool(getattr(self.probe, "per_batch", False))
+
+    def due(self) -> bool:
+        """Counts a turn; False on the turns a slower cadence (``divisor``) skips."""
+        turn = self.turn
+        self.turn += 1
+        return not turn % self.divisor
+
+
+@dataclass
+class _Taken:
+    """A whole sample taken at a fast tick's moment (a probe without ``capture``), and what it cost."""
+
+    sample: Sample
+    cost: float
 
 
 class _SelfUsage:
@@ -104,10 +135,14 @@ class Sampler:
         hooks: Sequence[TickHook] = (),
         on_skip: Callable[[float, int], None] | None = None,
         on_note: Callable[[float, str, str], None] | None = None,
+        batch_s: float = BATCH_S,
     ) -> None:
         if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
             raise ValueError(f"interval must be between {MIN_INTERVAL} and {MAX_INTERVAL} s (1-1000 Hz)")
         self.interval = interval
+        self.batch_n = round(batch_s / interval) if interval * 2 <= batch_s else 1
+        """Ticks a batch holds (1: every tick is read and handed on at its deadline)."""
+        self._pending: list[tuple[float, dict[int, Any]]] = []
         self.clock = clock
         self.t0 = clock() if t0 is None else t0
         self.budget_ratio = budget_ratio
@@ -122,19 +157,34 @@ class Sampler:
         self._thread: threading.Thread | None = None
 
     # -- one tick ------------------------------------------------------------------------------------
-    def tick(self, now: float | None = None) -> Tick:
+    def tick(self, now: float | None = None, captured: dict[int, Any] | None = None, final: bool = True) -> Tick:
+        """Read the probes and hand the tick to the hooks.  ``captured``: what the capturing probes read
+        at ``now`` (slot index -> capture; fast rates), in which case the other probes and the sidecar's
+        own usage are read only when ``final`` (the batch's last tick)."""
         now = self.clock() if now is None else now
         t = now - self.t0
         samples: list[Sample] = []
         values: dict[str, Any] = {}
         procs: dict[int, dict[str, Any]] = {}
         events: list[Event] = []
-        for slot in self.slots:
-            if slot.disabled or self.ticks % slot.divisor:
+        for i, slot in enumerate(self.slots):
+            if slot.disabled:
+                continue
+            cap = captured.get(i) if captured is not None else None
+            if captured is not None and cap is None and not (slot.per_batch and final):
+                continue  # a per-batch probe before the batch's end, or a turn its cadence skipped
+            if not isinstance(cap, _Taken) and not slot.due():
                 continue
             start = time.perf_counter()
             try:
-                s = slot.probe.sample(t)
+                if isinstance(cap, BaseException):
+                    raise cap
+                if isinstance(cap, _Taken):
+                    s, start = cap.sample, start - cap.cost
+                elif cap is None:
+                    s = slot.probe.sample(t)
+                else:
+                    s = slot.probe.sample(t, cap)  # type: ignore[call-arg]
             except Exception as exc:  # a failing probe is reported and, if it keeps failing, dropped
                 slot.failures += 1
                 self._note(t, f"probe {slot.probe.name} failed: {type(exc).__name__}: {exc}", "warn")
@@ -158,8 +208,9 @@ class Sampler:
                     procs.setdefault(pid, {}).update(pv)
             events.extend(s.events)
             self._check_budget(slot, t)
-        values.update(self._self.read(now))
-        tick = Tick(t, samples, values, procs, events)
+        if final:
+            values.update(self._self.read(now))
+        tick = Tick(t, samples, values, procs, events, final)
         self.ticks += 1
         for hook in list(self.hooks):
             try:
@@ -170,6 +221,33 @@ class Sampler:
                     t, f"tick consumer {getattr(hook, '__qualname__', hook)} failed and was removed: {exc}", "warn"
                 )
         return tick
+
+    def capture(self, now: float | None = None) -> None:
+        """A fast tick's moment: capturing probes take a raw reading, the others (but the per-batch ones)
+        their whole sample; turned into a tick by ``drain``."""
+        now = self.clock() if now is None else now
+        t = now - self.t0
+        caps: dict[int, Any] = {}
+        for i, slot in enumerate(self.slots):
+            if slot.disabled or slot.per_batch:
+                continue
+            try:
+                if slot.capture is not None:
+                    caps[i] = slot.capture(t)
+                elif slot.due():
+                    start = time.perf_counter()
+                    s = slot.probe.sample(t)
+                    caps[i] = _Taken(s, time.perf_counter() - start)
+            except Exception as exc:  # reported as the probe's failure when the tick is processed
+                caps[i] = exc
+        self._pending.append((now, caps))
+
+    def drain(self) -> None:
+        """Process the captured ticks, oldest first; the last one is the batch's final tick."""
+        pending, self._pending = self._pending, []
+        last = len(pending) - 1
+        for i, (now, caps) in enumerate(pending):
+            self.tick(now, caps, final=i == last)
 
     def _check_budget(self, slot: _ProbeSlot, t: float) -> None:
         if len(slot.costs) < slot.costs.maxlen or slot.divisor >= MAX_DIVISOR:  # type: ignore[operator]
@@ -197,16 +275,29 @@ class Sampler:
         while not self._stop.is_set():
             now = self.clock()
             if now < deadline:
-                self._stop.wait(deadline - now)
+                wait = deadline - now
+                if wait <= SHORT_WAIT_S:
+                    time.sleep(wait)  # cheaper than Event.wait (~30 us a wake-up here); stop() waits this long
+                else:
+                    self._stop.wait(wait)
                 continue
             late = int((now - deadline) / self.interval)
             if late >= 1:
+                if self._pending:
+                    self.drain()  # the trace stays in time order: the ticks before the gap first
                 self.skipped += late
                 deadline += late * self.interval
                 if self.on_skip is not None:
                     self.on_skip(now - self.t0, late)
-            self.tick(now)
+            if self.batch_n > 1:
+                self.capture(now)
+                if len(self._pending) >= self.batch_n:
+                    self.drain()
+            else:
+                self.tick(now)
             deadline += self.interval
+        if self._pending:
+            self.drain()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="tuner-sampler", daemon=True)
@@ -218,6 +309,8 @@ class Sampler:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._pending and (self._thread is None or not self._thread.is_alive()):
+            self.drain()  # captured ticks are recorded, never dropped (the loop drains them as it ends)
         for slot in self.slots:
             finishing = getattr(slot.probe, "finishing", None)
             if finishing is not None:

@@ -238,7 +238,8 @@ class Session:
             self.exporter.count_tick()
             for e in tick.events:
                 self.exporter.count_event(e.kind)
-        self._flush(tick.t)
+        if tick.final:  # fast rates: once a batch (the sampler's ``batch_s``), not at every tick
+            self._flush(tick.t)
 
     def _flush(self, t: float) -> None:
         """Write the tick out.  A failure (disk full, file system read-only, directory gone) is reported
