@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -74,3 +75,51 @@ def test_sidecar_cpu(hz: int, tmp_path: object, benchmark: object) -> None:
     benchmark.extra_info.update(info)  # type: ignore[attr-defined]
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # type: ignore[attr-defined]
     print(f"\nsidecar CPU at {hz} Hz: {info}")
+
+
+@pytest.mark.bench
+def test_whole_ticks_vs_batches_at_100hz(tmp_path: object, benchmark: object) -> None:
+    """Why fast rates run in batches: one session's sampler ticking after each 10 ms sleep, against the same
+    ticks captured at each deadline and processed ten at a time (thread CPU per 10 ms slot, sleep
+    included), and a bare 10 ms sleep.  Rounds alternate so they share the machine's load."""
+    import subprocess
+
+    from tuner.channel import ChannelServer
+    from tuner.session import Session, SessionOptions
+
+    child = subprocess.Popen(["sleep", "120"])
+    opts = SessionOptions(interval=0.01, trace=f"{tmp_path}/w.jsonl", quiet=True)
+    s = Session(opts, command=["sleep"], roots=[child.pid], channel=ChannelServer())  # as `tuner run` builds it
+    n = 300
+
+    def slot_cost(step: Any) -> float:
+        t0 = time.thread_time()
+        for i in range(n):
+            step(i)
+            time.sleep(0.01)
+        return (time.thread_time() - t0) / n * 1e6
+
+    def batched(i: int) -> None:
+        s.sampler.capture()
+        if i % 10 == 9:
+            s.sampler.drain()
+
+    try:
+        for _ in range(20):
+            s.sampler.tick()
+        bare, whole, batch = [], [], []
+        for _ in range(3):
+            bare.append(slot_cost(lambda i: None))
+            whole.append(slot_cost(lambda i: s.sampler.tick()))
+            batch.append(slot_cost(batched))
+    finally:
+        s.finish()
+        child.kill()
+        child.wait()
+    med = {k: sorted(v)[1] for k, v in (("bare", bare), ("whole", whole), ("batched", batch))}
+    info = {f"{k}_us_per_slot": round(v, 1) for k, v in med.items()}
+    info["batched_over_whole"] = round(med["batched"] / med["whole"], 2)
+    benchmark.extra_info.update(info)  # type: ignore[attr-defined]
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # type: ignore[attr-defined]
+    print(f"\nsampler at 100 Hz, thread CPU per 10 ms slot (median of 3 rounds): {info}")
+    assert med["batched"] < med["whole"], info
