@@ -22,6 +22,7 @@ from tuner.trace import (
     TraceError,
     TraceFollower,
     TraceWriter,
+    columns_path,
     default_trace_path,
     encode_record,
     make_header,
@@ -430,6 +431,7 @@ def test_trace_removed_while_recording_is_created_again(tmp_path: Path) -> None:
     w.tick(0.0, {"a_bytes": 0.0})
     assert w.flush()
     p.unlink()
+    columns_path(p).unlink()  # the trace's columnar companion goes with it
     d.rmdir()
     d.write_text("now a file")  # the directory cannot come back yet
     w.tick(0.1, {"a_bytes": 1.0})
@@ -449,9 +451,11 @@ def test_tuner_run_default_trace_directory_is_0700_and_trace_0600(tmp_path: Path
 
     cp = tuner("run", "--", sys.executable, "-c", "pass", cwd=tmp_path)
     assert cp.returncode == 0, cp.stderr
-    (trace,) = (tmp_path / "traces").iterdir()
+    (trace,) = (tmp_path / "traces").glob("*.jsonl")
+    assert sorted((tmp_path / "traces").iterdir()) == [trace, columns_path(trace)]  # the trace and its companion
     assert stat.S_IMODE((tmp_path / "traces").stat().st_mode) == 0o700
     assert stat.S_IMODE(trace.stat().st_mode) == 0o600
+    assert stat.S_IMODE(columns_path(trace).stat().st_mode) == 0o600
     assert len(read_trace(trace).times) >= 1
 
 

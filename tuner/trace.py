@@ -17,6 +17,13 @@ Lines are encoded with ``orjson`` (the standard ``json`` module for what orjson 
 64 bits, lone surrogates) and read with it (``json`` again for what orjson refuses but older writers
 produced).  The format is plain JSON either way: non-ASCII text is UTF-8 rather than ``\\u`` escapes and
 exponents are shorter (``1e-7``), which any JSON reader parses to the same values.
+
+Next to a trace ``T`` the writer keeps a columnar companion ``T.cols`` (see ``columns_path``): the same
+ticks' times and metric values as float64 columns, in blocks, each naming the byte range of ``T`` it
+stands for and that range's CRC-32.  It only makes ``read_trace`` fast (parsing floats out of JSON is
+the cost of reading a trace): ``read_trace`` takes a block only after checking it against the bytes of
+``T`` it covers, and parses ``T`` itself wherever a block is missing, torn, stale or does not match —
+with exactly the same result.  ``T`` stays the record; the companion can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -24,15 +31,20 @@ from __future__ import annotations
 import errno
 import gc
 import json
+import marshal
 import math
+import operator
 import os
 import platform
 import socket
+import stat
+import struct
 import sys
 import time
+import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import dataclass
+from itertools import chain, compress, repeat
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,10 +62,27 @@ BUFFER_LIMIT = 32 * 1024 * 1024
 _AUTO_FLUSH_BYTES = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 _OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+_dumps = orjson.dumps
 
 
 class TraceError(Exception):
     """A trace that cannot be read; the message is one line, fit to show a user."""
+
+
+def _round6(t: Any) -> Any:
+    """``round(t, 6)`` (a tick's time as written), in a third of its time for the usual float times.
+
+    ``round`` rounds the exact binary value to 6 decimals through a decimal string.  Here ``y = t * 1e6``
+    is within 2**-14 of that exact value (|y| < 2**40); unless ``y`` is within 0.001 of a tie, the nearest
+    integer ``k`` is the same for both, and ``k / 1e6`` (``k`` exact, one correctly rounded division) is
+    the double nearest ``k``e-6, which is what ``round`` returns.  Zero (its sign) and the rest: ``round``."""
+    if type(t) is float:
+        y = t * 1e6
+        if -1e12 < y < 1e12:
+            k = round(y)
+            if k and -0.499 < y - k < 0.499:
+                return k / 1e6
+    return round(t, 6)
 
 
 def _clean(v: Any) -> Any:
@@ -186,6 +215,257 @@ def _write_all(fd: int, data: bytes) -> int:
     return done
 
 
+# ------------------------------------------------------------------------------------------------------
+# The columnar companion: layout (all integers little-endian)
+#
+#   file header  _COLS_HEAD: magic, version, CRC-32 and length (newline included) of the trace's header line
+#   blocks       _BLOCK (+ CRC-32 of its packed fields), then the payload:
+#                t (float64 x ticks), values (float64 x ticks x keys, one tick's keys after another's;
+#                NaN where a tick lacks the key or its value is null), has_p (uint8 x ticks: the tick line
+#                has a non-empty "p"), keys (JSON list of the metric keys, in order of first appearance)
+#
+# A block covers the trace's bytes [start, end): whole lines, ``n_lines`` of them, ``n_ticks`` of which are
+# tick lines, all written by ``TraceWriter.tick`` (any other line in the range is read from the trace).
+
+_COLS_SUFFIX = ".cols"
+_COLS_MAGIC = b"TUNERCOL"
+_COLS_VERSION = 1
+_COLS_HEAD = struct.Struct("<8sIIQ")
+_BLOCK = struct.Struct("<4sQQIIIIIQI")
+_BLOCK_CRC = struct.Struct("<I")
+_BLOCK_TAG = b"BLK1"
+_COLS_BLOCK_BYTES = 1024 * 1024
+"""A block is written once a flush has made this many trace bytes durable since the last one (and at
+close): what a killed writer leaves uncovered, and what the writer holds (references) meanwhile."""
+_COLS_CONVERT_ROWS = 64
+_TICK_PREFIX = b'{"k":"tick",'
+_PLAIN = frozenset((float, int, bool, type(None)))
+"""Metric value types whose JSON reads back as the same number (NaN/inf floats are written as null)."""
+
+_cols_write = os.write  # a test stands a failing disk for the companion in here
+
+
+def columns_path(path: str | os.PathLike[str]) -> Path:
+    """The columnar companion of trace ``path``: ``<path>.cols`` (``run.jsonl`` -> ``run.jsonl.cols``)."""
+    p = Path(path)
+    return p.with_name(p.name + _COLS_SUFFIX)
+
+
+def _json_number(v: Any) -> float:
+    """What ``read_trace`` makes of a plain value ``v`` once written as JSON (``_PLAIN`` types only)."""
+    if type(v) is float:
+        return v if math.isfinite(v) else math.nan
+    return _as_float(v)
+
+
+_LIST_HEAD = struct.Struct("<cI")
+_MARSHAL_FLOAT = np.dtype([("code", "u1"), ("value", "<f8")])
+
+
+def _plain_block(vals: list[Any]) -> np.ndarray | None:
+    """Plain values -> float64 exactly as ``read_trace`` reads them back from the trace; None for others.
+
+    The usual case, all floats, costs one ``marshal.dumps`` (C): it writes an exact ``float`` as the code
+    ``g`` and its 8 bytes, and nothing else that way, so a stream of ``g`` records only is all floats."""
+    n = len(vals)
+    try:
+        stream = marshal.dumps(vals, 2)
+    except Exception:  # a type marshal refuses (float32, Decimal, subclasses): certainly not plain
+        return None
+    if len(stream) == 5 + 9 * n and stream[:5] == _LIST_HEAD.pack(b"[", n):
+        rec = np.frombuffer(stream, _MARSHAL_FLOAT, n, 5)
+        if (rec["code"] == ord("g")).all():
+            a = rec["value"].astype(np.float64)
+            bad = ~np.isfinite(a)  # NaN and infinities are written as null
+            if bad.any():
+                a[bad] = np.nan
+            return a
+    if not _PLAIN.issuperset(map(type, vals)):
+        return None
+    try:
+        a = np.array(vals, dtype=np.float64)
+    except OverflowError:  # an int beyond float64: read back as +-inf
+        return np.array([_json_number(v) for v in vals], dtype=np.float64)
+    inf = np.isinf(a)  # here only from float values (ints that large raised): written as null
+    if inf.any():
+        a[inf] = np.nan
+    return a
+
+
+def _block_values(ms: list[Any]) -> tuple[list[str], np.ndarray] | None:
+    """Ticks' value dicts -> (keys in order of first appearance, ticks x keys float64); None when a tick's
+    JSON would not read back as these numbers (a non-string key, a string or other value); ``TypeError``
+    for a value mapping that is not a dict."""
+    n = len(ms)
+    first = ms[0]
+    width = len(first)
+    flat_keys = list(chain.from_iterable(ms))
+    if len(flat_keys) == width * n and flat_keys == list(first) * n:  # one layout throughout (the usual)
+        keys = list(first)
+        if not all(type(k) is str for k in keys):
+            return None
+        block = _plain_block(list(chain.from_iterable(map(dict.values, ms))))
+        if block is None:
+            return None
+        return keys, block.reshape(n, width)
+    layouts: dict[tuple[Any, ...], list[int]] = {}
+    for i, m in enumerate(ms):
+        layouts.setdefault(tuple(m), []).append(i)
+    order: dict[str, int] = {}
+    for lay in layouts:
+        if not all(type(k) is str for k in lay):
+            return None
+        for k in lay:
+            order.setdefault(k, len(order))
+    out = np.full((n, len(order)), np.nan)
+    for lay, idx in layouts.items():
+        block = _plain_block(list(chain.from_iterable(ms[i].values() for i in idx)))
+        if block is None:
+            return None
+        if lay:
+            out[np.ix_(idx, [order[k] for k in lay])] = block.reshape(len(idx), len(lay))
+    return list(order), out
+
+
+_Part = tuple[np.ndarray, np.ndarray, list[str], np.ndarray]
+"""Converted ticks: times, has_p, keys (first appearance), values (ticks x keys)."""
+
+
+def _convert_rows(rows: list[Any]) -> _Part | None:
+    """Ticks as ``tick`` keeps them (time, values, has processes; flat, three items a tick) -> a part of a
+    block; None when they cannot be stored exactly (then their range is read from the trace)."""
+    ts = rows[0::3]
+    if not {float, int}.issuperset(map(type, ts)):
+        return None
+    try:
+        t = np.array(ts, dtype=np.float64)
+    except OverflowError:
+        return None
+    if not np.isfinite(t).all() or (np.abs(t) >= _INT_T).any():
+        return None  # a null or out-of-range time: a malformed tick, read (and reported) from the trace
+    try:
+        kv = _block_values(rows[1::3])
+    except TypeError:  # not a dict
+        return None
+    if kv is None:
+        return None
+    return t, np.array(rows[2::3], dtype=np.uint8), kv[0], kv[1]
+
+
+def _block_bytes(parts: list[_Part], start: int, end: int, crc: int, n_lines: int) -> bytes:
+    """One companion block from the parts of the ticks in trace bytes [start, end)."""
+    t = np.concatenate([p[0] for p in parts])
+    has_p = np.concatenate([p[1] for p in parts])
+    keys = parts[0][2]
+    if all(p[2] == keys for p in parts):
+        values = np.concatenate([p[3] for p in parts])
+    else:  # the keys changed between parts: their union, in order of first appearance
+        order: dict[str, int] = {}
+        for p in parts:
+            for k in p[2]:
+                order.setdefault(k, len(order))
+        keys = list(order)
+        values = np.full((len(t), len(keys)), np.nan)
+        row = 0
+        for _, _, pkeys, pvalues in parts:
+            values[row : row + len(pvalues), [order[k] for k in pkeys]] = pvalues
+            row += len(pvalues)
+    kj = orjson.dumps(keys)
+    payload = b"".join((t.tobytes(), values.tobytes(), has_p.tobytes(), kj))
+    n = len(t)
+    head = _BLOCK.pack(_BLOCK_TAG, start, end, crc, n_lines, n, len(keys), len(kj), len(payload), zlib.crc32(payload))
+    return head + _BLOCK_CRC.pack(zlib.crc32(head)) + payload
+
+
+class _ColumnsOut:
+    """The companion being written; the ``TraceWriter`` gives up on it (``abandon``) at its first failure."""
+
+    def __init__(self, trace: Path, header_line: bytes) -> None:
+        self.path = columns_path(trace)
+        self.fd = _open_private(self.path, os.O_TRUNC)
+        try:
+            self.ino = os.fstat(self.fd).st_ino
+            self._write(_COLS_HEAD.pack(_COLS_MAGIC, _COLS_VERSION, zlib.crc32(header_line), len(header_line)))
+        except BaseException:
+            self.abandon()
+            raise
+        self.start = self.end = len(header_line)  # trace bytes: the current block's start, the durable end
+        self.crc = 0
+        self.lines = 0
+        self.skip = False  # the current block's range lost lines or holds one the rows do not describe
+        self.bad = False  # a tick of the current block cannot be stored exactly
+        self.parts: list[_Part] = []
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = _cols_write(self.fd, view)
+            except InterruptedError:
+                continue
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]
+
+    def durable(self, rows: list[Any], data: bytes, n_lines: int, final: bool) -> None:
+        """``data`` (``n_lines`` whole lines, the ticks of ``rows`` among them) is now in the trace.
+
+        Rows are converted a few dozen at a time, while their dicts are still in the CPU's caches (at a
+        block's end they would be megabytes back: converting them then took twice as long)."""
+        self.end += len(data)
+        if self.skip:  # the range since the last block is read from the trace; the next one starts here
+            rows.clear()
+            self.parts.clear()
+            self.start, self.crc, self.lines, self.skip, self.bad = self.end, 0, 0, False, False
+            return
+        self.crc = zlib.crc32(data, self.crc)
+        self.lines += n_lines
+        block_end = final or self.end - self.start >= _COLS_BLOCK_BYTES
+        if rows and (block_end or len(rows) >= 3 * _COLS_CONVERT_ROWS):
+            part = None if self.bad else _convert_rows(rows)
+            rows.clear()
+            if part is None:
+                self.bad = True  # this block is left out
+            else:
+                self.parts.append(part)
+        if block_end:
+            block = _block_bytes(self.parts, self.start, self.end, self.crc, self.lines) if self.parts else None
+            if self.bad:
+                block = None
+            self.parts.clear()
+            self.start, self.crc, self.lines, self.bad = self.end, 0, 0, False
+            if block is not None:
+                self._write(block)
+
+    def failed(self, written: int) -> None:
+        """A trace write failed after ``written`` bytes: the current block's range is not what the rows say."""
+        self.end += written
+        self.skip = True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abandon(self) -> None:
+        """Close and remove the companion (only if the path is still ours): readers then parse the trace."""
+        fd, self.fd = self.fd, -1
+        try:
+            mine = fd >= 0 and os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            mine = False
+        if mine:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class TraceWriter:
     """Appends records to a trace file (created 0600, its directory 0700 if created).
 
@@ -195,12 +475,23 @@ class TraceWriter:
     up to ``BUFFER_LIMIT`` bytes (the oldest whole lines dropped and counted in ``dropped``), sets
     ``error`` and retries on the next flush.  A trace file removed while recording is created again (the
     header first, then a note saying so).  Writing the header at open failing raises ``OSError``.
+
+    It also writes the trace's columnar companion (``columns_path``): the dicts given to ``tick`` are kept
+    (not copied: do not change them afterwards) until a flush has made about ``_COLS_BLOCK_BYTES`` of the
+    trace durable, then converted to one block.  Any failure of the companion only removes it (readers
+    then parse the trace); a failed trace write leaves the range it touched out of the companion.
     """
 
     def __init__(self, path: str | os.PathLike[str], header: Mapping[str, Any]) -> None:
         self.path = Path(path)
         make_private_dirs(self.path.parent)
         self._fd = _open_private(self.path, os.O_TRUNC)
+        try:  # an overwritten trace's companion must not outlive it (a new one is made below)
+            os.unlink(columns_path(self.path))
+        except OSError:
+            pass
+        self._cols: _ColumnsOut | None = None
+        self._cols_rows: list[Any] | None = None  # (t, values, has processes) of each tick, flat
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._carry = b""
@@ -224,10 +515,21 @@ class TraceWriter:
             raise
         self.records = 1
         self._last_t: Any = 0.0
+        try:
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                self._cols = _ColumnsOut(self.path, self._header_line)
+                self._cols_rows = []
+        except Exception:  # no companion then: the trace is read by parsing it
+            self._cols = None
 
     # -- records -------------------------------------------------------------------------------------
     def write(self, rec: Mapping[str, Any]) -> None:
         """Encode ``rec`` as one line and keep it for the next flush.  Never raises for its content."""
+        if self._cols_rows is not None and rec.get("k") == "tick":
+            self._cols_skip()  # a tick line the companion's rows do not describe: that block is left out
+        self._write(rec)
+
+    def _write(self, rec: Mapping[str, Any]) -> None:
         try:
             line = encode_record(rec)
         except Exception as exc:  # circular data, a __str__ that raises: record that, not the crash
@@ -277,15 +579,56 @@ class TraceWriter:
         self._listeners.append(fn)
 
     def tick(self, t: float, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+        """One tick's readings.  ``values`` and ``procs`` are kept by reference for the companion until
+        its next block: the caller must not change them afterwards (the sampler makes new ones a tick)."""
+        if type(t) is float and -1e6 < t < 1e6:  # _round6, inline (the hot path)
+            y = t * 1e6
+            k = round(y)
+            tt = k / 1e6 if k and -0.499 < y - k < 0.499 else round(t, 6)
+        else:
+            tt = _round6(t)
+        rec: dict[str, Any]
         if self._listeners:  # they get a record of their own: cleaned, and not the caller's dicts
-            rec: dict[str, Any] = {"k": "tick", "t": round(t, 6), "m": {k: _clean(v) for k, v in values.items()}}
+            values = {k: _clean(v) for k, v in values.items()}
+            rec = {"k": "tick", "t": tt, "m": values}
             if procs:
                 rec["p"] = {str(pid): dict(v) for pid, v in procs.items()}
-            self.write(rec)
-            return
-        # Encoded at once, so the caller's dicts need no copy; orjson writes NaN/inf as null itself.
-        self.write({"k": "tick", "t": round(t, 6), "m": values, "p": procs} if procs else
-                   {"k": "tick", "t": round(t, 6), "m": values})  # fmt: skip
+                procs = rec["p"]
+        else:  # encoded at once, so the caller's dicts need no copy; orjson writes NaN/inf as null itself
+            rec = {"k": "tick", "t": tt, "m": values, "p": procs} if procs else {"k": "tick", "t": tt, "m": values}
+        # What write() does, inline (the sampler's hot path), plus the companion's row.
+        try:
+            line = _dumps(rec, default=str, option=_OPTS)
+        except Exception:
+            line = b""
+        rows = self._cols_rows
+        if not line:
+            try:
+                line = encode_record(rec)
+            except Exception as exc:  # circular data, a __str__ that raises: record that, not the crash
+                line = encode_record(
+                    {"k": "note", "t": self._last_t, "level": "error",
+                     "msg": f"a 'tick' record could not be encoded: {type(exc).__name__}: {exc}"}
+                )  # fmt: skip
+                if rows is not None:
+                    self._cols_skip()
+                rows = None
+        if rows is not None:
+            if not procs or type(procs) is dict:
+                rows += (tt, values, bool(procs))
+            else:  # written as a string: a malformed tick, read (and reported) from the trace
+                self._cols_skip()
+        if type(tt) is float or type(tt) is int:
+            self._last_t = tt
+        self._pending.append(line)
+        self._pending_bytes += len(line) + 1
+        self.records += 1
+        if self._pending_bytes > _AUTO_FLUSH_BYTES:
+            self.flush()
+        if self._line_listeners:
+            self._tell_line(line, "tick")
+        if self._listeners:
+            self._tell(rec)
 
     def samples(self, t: float, samples: Iterable[Sample]) -> None:
         """Merge one tick's samples into a tick record; their events become event records."""
@@ -350,20 +693,44 @@ class TraceWriter:
         except OSError as exc:
             return self._failed(exc)
         data = self._carry
+        n_lines = len(self._pending)
         if self._pending:
-            data += b"\n".join(self._pending) + b"\n"
+            self._pending.append(b"")  # the last line's newline, without copying the joined lines again
+            data += b"\n".join(self._pending)
             self._pending.clear()
             self._pending_bytes = 0
         try:
             _write_all(self._fd, data)
         except OSError as exc:
-            self._carry = data[getattr(exc, "written", 0) :]
+            written = getattr(exc, "written", 0)
+            self._carry = data[written:]
+            if self._cols is not None:
+                self._cols.failed(written)
             return self._failed(exc)
         self._carry = b""
         self.error = None
+        if self._cols is not None:
+            self._cols_durable(data, n_lines, False)
         return True
 
+    def _cols_durable(self, data: bytes, n_lines: int, final: bool) -> None:
+        assert self._cols is not None and self._cols_rows is not None
+        try:
+            self._cols.durable(self._cols_rows, data, n_lines, final)
+        except Exception:  # disk full, EIO, a file size limit, its directory gone: readers parse the trace
+            self._cols_abandon()
+
+    def _cols_skip(self) -> None:
+        if self._cols is not None:
+            self._cols.skip = True
+
+    def _cols_abandon(self) -> None:
+        cols, self._cols, self._cols_rows = self._cols, None, None
+        if cols is not None:
+            cols.abandon()
+
     def _failed(self, exc: OSError) -> bool:
+        self._cols_skip()
         self._bound()
         self.error = f"cannot write trace {self.path}: {exc.strerror or exc}"
         return False
@@ -415,13 +782,19 @@ class TraceWriter:
         self._fd = fd
         self._carry = b""  # the tail of a line whose start was in the removed file
         self.reopened += 1
+        self._cols_abandon()  # its offsets were the removed file's
 
     def close(self) -> None:
         if self._closed:
             return
-        self.flush()
+        ok = self.flush()
         self._closed = True
         os.close(self._fd)
+        if self._cols is not None:
+            if ok:  # the last, partial block
+                self._cols_durable(b"", 0, True)
+            if self._cols is not None:
+                self._cols.close()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -437,14 +810,18 @@ _TOO_LONG = None
 """Stands for a line longer than ``MAX_LINE_BYTES`` in what ``_chunks`` yields (its bytes are not kept)."""
 
 
-def _chunks(f: BinaryIO) -> Iterator[tuple[list[bytes | None], bool]]:
-    """The file's lines (without newlines) a few MiB at a time; ``True`` with the last batch when the file
-    does not end with a newline (its last line is torn).  Lines over ``MAX_LINE_BYTES`` come as ``None``
-    and are never held whole in memory."""
+def _chunks(f: BinaryIO, limit: int | None = None) -> Iterator[tuple[list[bytes | None], bool]]:
+    """The file's lines (without newlines) a few MiB at a time, from where ``f`` is to its end or for
+    ``limit`` bytes; ``True`` with the last batch when they do not end with a newline (the last line is
+    torn).  Lines over ``MAX_LINE_BYTES`` come as ``None`` and are never held whole in memory."""
     carry = b""
     skipping = False  # inside a too-long line already reported
     while True:
-        chunk = f.read(_READ_CHUNK)
+        if limit is None:
+            chunk = f.read(_READ_CHUNK)
+        else:
+            chunk = f.read(min(_READ_CHUNK, limit)) if limit > 0 else b""
+            limit -= len(chunk)
         if not chunk:
             break
         if skipping:
@@ -556,61 +933,250 @@ def _read_header(batch: list[bytes | None], p: Path, torn: bool) -> dict[str, An
     return header
 
 
+def _line_record(raw: bytes, lineno: int, p: Path, skip_bad: bool, warnings: list[str] | None) -> dict[str, Any] | None:
+    """One whole line (not torn, not too long) as ``_batches`` reads it: the record, or None for a blank
+    line or a bad one skipped with a warning (``skip_bad``); else a bad line is a ``TraceError``."""
+    try:
+        return _parse_line(raw, lineno)
+    except TraceError as exc:
+        if not raw.strip():
+            return None
+        if not skip_bad:
+            raise TraceError(f"{p}: {exc} (use --skip-bad to read past it)") from None
+        if warnings is not None:
+            warnings.append(f"{p}: {exc}; skipped")
+        return None
+
+
+@dataclass
+class _Covered:
+    """A companion block that matches the trace: its ticks' columns, and its other lines parsed."""
+
+    t: np.ndarray
+    keys: list[str]
+    values: np.ndarray
+    """ticks x keys"""
+    p_t: np.ndarray
+    p_lines: list[bytes]
+    """The lines of the ticks with processes, parsed for ``TraceData.procs`` when it is first asked for."""
+    recs: list[dict[str, Any]]
+
+
+@dataclass
+class _Block:
+    """A companion block whose bytes, counts and payload match the trace's lines ``start``..``end``."""
+
+    start: int
+    end: int
+    lines: list[bytes]
+    others: list[int]
+    """Indices (in ``lines``) of the lines that are not ticks."""
+    covered: _Covered
+
+
+def _open_companion(p: Path, f: BinaryIO) -> BinaryIO | None:
+    """The companion of trace ``p`` (open as ``f``, at its start) if it was written for this trace — its
+    header line's length and CRC match — positioned at its first block; else None."""
+    try:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        cf = open(columns_path(p), "rb")  # noqa: SIM115 - the caller closes it
+    except (OSError, ValueError):
+        return None
+    try:
+        head = cf.read(_COLS_HEAD.size)
+        if len(head) == _COLS_HEAD.size:
+            magic, version, crc, length = _COLS_HEAD.unpack(head)
+            if magic == _COLS_MAGIC and version == _COLS_VERSION and 0 < length <= MAX_LINE_BYTES:
+                try:
+                    first = f.read(length)
+                finally:
+                    f.seek(0)
+                if len(first) == length and first.find(b"\n") == length - 1 and zlib.crc32(first) == crc:
+                    return cf
+    except (OSError, ValueError, struct.error):
+        pass
+    cf.close()
+    return None
+
+
+def _companion_blocks(cf: BinaryIO) -> Iterator[tuple[tuple[Any, ...], bytes]]:
+    """The companion's blocks (fields, payload) up to its end or the first torn or corrupt one."""
+    size = _BLOCK.size + _BLOCK_CRC.size
+    try:
+        while True:
+            head = cf.read(size)
+            if len(head) < size:
+                return
+            fields = _BLOCK.unpack_from(head)
+            (head_crc,) = _BLOCK_CRC.unpack_from(head, _BLOCK.size)
+            if fields[0] != _BLOCK_TAG or zlib.crc32(head[: _BLOCK.size]) != head_crc:
+                return
+            payload = cf.read(fields[8])
+            if len(payload) != fields[8] or zlib.crc32(payload) != fields[9]:
+                return
+            yield fields, payload
+    except (OSError, ValueError, MemoryError, struct.error):
+        return
+
+
+def _check_block(f: BinaryIO, size: int, pos: int, fields: tuple[Any, ...], payload: bytes) -> _Block | None:
+    """The block if it stands for the trace's bytes it names (after ``pos``): they are whole lines with
+    the CRC, line and tick counts it recorded; else None (that range is then parsed from the trace)."""
+    _, start, end, crc, n_lines, n_ticks, n_keys, keys_len, payload_len, _ = fields
+    if not (pos <= start < end <= size and 0 < n_ticks <= n_lines):
+        return None
+    if payload_len != 8 * n_ticks * (1 + n_keys) + n_ticks + keys_len:
+        return None
+    f.seek(start - 1)
+    data = f.read(end - start + 1)
+    if len(data) != end - start + 1 or data[0] != 10 or data[-1] != 10:
+        return None
+    if zlib.crc32(memoryview(data)[1:]) != crc:
+        return None
+    lines = data.split(b"\n")
+    if len(lines) != n_lines + 2:
+        return None
+    del lines[0]
+    lines.pop()
+    if len(data) > MAX_LINE_BYTES and max(map(len, lines)) > MAX_LINE_BYTES:
+        return None  # read from the trace, which says so
+    if n_ticks == n_lines:
+        if data.count(b"\n" + _TICK_PREFIX) != n_ticks:
+            return None
+        ticks, others = lines, []
+    else:
+        is_tick = list(map(bytes.startswith, lines, repeat(_TICK_PREFIX)))
+        ticks = list(compress(lines, is_tick))
+        if len(ticks) != n_ticks:
+            return None
+        others = list(compress(range(n_lines), map(operator.not_, is_tick)))
+    keys = orjson.loads(payload[payload_len - keys_len :])
+    if type(keys) is not list or len(keys) != n_keys or not all(type(k) is str for k in keys):
+        return None
+    if len(set(keys)) != n_keys:
+        return None
+    t = np.frombuffer(payload, np.float64, n_ticks, 0)
+    values = np.frombuffer(payload, np.float64, n_keys * n_ticks, 8 * n_ticks).reshape(n_ticks, n_keys)
+    has_p = np.frombuffer(payload, np.uint8, n_ticks, 8 * n_ticks * (1 + n_keys))
+    p_idx = np.flatnonzero(has_p)
+    p_lines = ticks if len(p_idx) == n_ticks else [ticks[i] for i in p_idx.tolist()]
+    return _Block(start, end, lines, others, _Covered(t, keys, values, t[p_idx], p_lines, []))
+
+
 def _batches(
-    p: Path, skip_bad: bool, warnings: list[str] | None
-) -> Generator[list[dict[str, Any]], None, None]:
+    p: Path, skip_bad: bool, warnings: list[str] | None, columns: bool = False
+) -> Generator[list[dict[str, Any]] | _Covered, None, None]:
     """The trace's records a few MiB at a time: ``[header]`` first, then lists of records.
 
     A batch of well-formed lines is parsed in one list comprehension; a batch with anything odd in it
-    (a blank, torn, corrupt or too-long line) goes line by line to say which line and what."""
+    (a blank, torn, corrupt or too-long line) goes line by line to say which line and what.
+
+    With ``columns``, the ranges a companion block stands for (checked against the trace's bytes) come as
+    one ``_Covered`` each instead: their ticks' columns, and their other lines parsed (as lines, with the
+    same errors and warnings).  Everything else is parsed from the trace as without it."""
     f = _open_trace(p)
     loads = orjson.loads
+    lineno = 0
+
+    def parse(chunks: Iterable[tuple[list[bytes | None], bool]]) -> Generator[list[dict[str, Any]], None, None]:
+        nonlocal lineno
+        for lines, torn in chunks:
+            if lineno == 0:
+                yield [_read_header(lines, p, torn)]
+                lineno = 1
+                lines = lines[1:]
+                if not lines:
+                    continue
+            if not torn:
+                try:
+                    recs = [loads(raw) for raw in lines]  # type: ignore[arg-type]
+                except (orjson.JSONDecodeError, TypeError):
+                    pass
+                else:
+                    if all(map(_well_formed, recs)):
+                        lineno += len(lines)
+                        yield recs
+                        continue
+            recs = []
+            last = len(lines) - 1
+            for i, raw in enumerate(lines):
+                lineno += 1
+                if raw is None:
+                    msg = f"{p}: line {lineno} is longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB"
+                    if not skip_bad:
+                        raise TraceError(msg + " (use --skip-bad to read past it)")
+                    if warnings is not None:
+                        warnings.append(msg + "; skipped")
+                    continue
+                try:
+                    recs.append(_parse_line(raw, lineno))
+                except TraceError as exc:
+                    if not raw.strip():
+                        continue
+                    if torn and i == last:
+                        if warnings is not None:
+                            warnings.append(f"{p}: last line {lineno} is incomplete (torn write); ignored")
+                        break
+                    if not skip_bad:
+                        raise TraceError(f"{p}: {exc} (use --skip-bad to read past it)") from None
+                    if warnings is not None:
+                        warnings.append(f"{p}: {exc}; skipped")
+            if recs:
+                yield recs
+
+    def others(blk: _Block) -> bool:
+        """Parse the block's lines that are not ticks (numbered from ``lineno``); False if one is a tick
+        after all (then the block is not used).  Errors are the ones reading them line by line gives."""
+        lines = blk.lines
+        try:  # all well-formed (the usual): parsed in one go, as ``parse`` does a batch
+            recs = [loads(lines[i]) for i in blk.others]
+        except (orjson.JSONDecodeError, TypeError):
+            pass
+        else:
+            if all(map(_well_formed, recs)):
+                if any(rec["k"] == "tick" for rec in recs):
+                    return False
+                blk.covered.recs = recs
+                return True
+        found: list[str] = []
+        recs = blk.covered.recs
+        for i in blk.others:
+            rec = _line_record(lines[i], lineno + i + 1, p, skip_bad, found)
+            if rec is not None:
+                if rec["k"] == "tick":
+                    return False
+                recs.append(rec)
+        if warnings is not None:
+            warnings.extend(found)
+        return True
+
     try:
-        lineno = 0
         try:
-            for lines, torn in _chunks(f):
-                if lineno == 0:
-                    yield [_read_header(lines, p, torn)]
-                    lineno = 1
-                    lines = lines[1:]
-                    if not lines:
-                        continue
-                if not torn:
-                    try:
-                        recs = [loads(raw) for raw in lines]  # type: ignore[arg-type]
-                    except (orjson.JSONDecodeError, TypeError):
-                        pass
-                    else:
-                        if all(map(_well_formed, recs)):
-                            lineno += len(lines)
-                            yield recs
+            cf = _open_companion(p, f) if columns else None
+            if cf is not None:
+                try:
+                    pos = 0
+                    size = os.fstat(f.fileno()).st_size
+                    for fields, payload in _companion_blocks(cf):
+                        try:
+                            blk = _check_block(f, size, pos, fields, payload)
+                        except (OSError, ValueError, TypeError, MemoryError, orjson.JSONDecodeError):
+                            blk = None
+                        if blk is None:
                             continue
-                recs = []
-                last = len(lines) - 1
-                for i, raw in enumerate(lines):
-                    lineno += 1
-                    if raw is None:
-                        msg = f"{p}: line {lineno} is longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB"
-                        if not skip_bad:
-                            raise TraceError(msg + " (use --skip-bad to read past it)")
-                        if warnings is not None:
-                            warnings.append(msg + "; skipped")
-                        continue
-                    try:
-                        recs.append(_parse_line(raw, lineno))
-                    except TraceError as exc:
-                        if not raw.strip():
-                            continue
-                        if torn and i == last:
-                            if warnings is not None:
-                                warnings.append(f"{p}: last line {lineno} is incomplete (torn write); ignored")
-                            break
-                        if not skip_bad:
-                            raise TraceError(f"{p}: {exc} (use --skip-bad to read past it)") from None
-                        if warnings is not None:
-                            warnings.append(f"{p}: {exc}; skipped")
-                if recs:
-                    yield recs
+                        f.seek(pos)
+                        yield from parse(_chunks(f, blk.start - pos))
+                        if others(blk):
+                            yield blk.covered
+                            lineno += len(blk.lines)
+                        else:
+                            yield from parse([(blk.lines, False)])  # type: ignore[list-item]
+                        pos = blk.end
+                    f.seek(pos)
+                finally:
+                    cf.close()
+            yield from parse(_chunks(f))
         except OSError as exc:
             raise TraceError(f"cannot read {p}: {exc.strerror or exc}") from None
         except MemoryError:
@@ -632,26 +1198,79 @@ def iter_records(
     batches = _batches(Path(path), skip_bad, warnings)
     try:
         for recs in batches:
-            yield from recs
+            yield from recs  # type: ignore[misc]
     finally:
         batches.close()
 
 
-@dataclass
-class TraceData:
-    """A whole trace in memory: metric columns as numpy arrays, the rest as lists."""
+_ProcsPart = list[tuple[float, dict[str, Any]]] | tuple[np.ndarray, list[bytes]]
 
-    path: Path
-    header: dict[str, Any]
-    times: np.ndarray
-    columns: dict[str, np.ndarray]
-    procs: list[tuple[float, dict[str, Any]]]
-    events: list[Event]
-    actions: list[dict[str, Any]]
-    notes: list[dict[str, Any]]
-    skipped: int
-    end: dict[str, Any] | None
-    warnings: list[str] = field(default_factory=list)
+
+def _load_procs(parts: list[_ProcsPart]) -> list[tuple[float, dict[str, Any]]]:
+    """``TraceData.procs`` from the parts ``read_trace`` kept: parsed ones, and (times, lines) of ticks
+    read from a companion, whose ``"p"`` is parsed now."""
+    out: list[tuple[float, dict[str, Any]]] = []
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for part in parts:
+            if isinstance(part, list):
+                out.extend(part)
+            else:
+                t, lines = part
+                out.extend(zip(t.tolist(), [_loads(ln)["p"] for ln in lines], strict=True))
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return out
+
+
+class TraceData:
+    """A whole trace in memory: metric columns as numpy arrays, the rest as lists.
+
+    ``procs`` (each tick's ``"p"``, for the ticks that have one) is parsed when first asked for if the
+    trace was read through its companion (most callers never need it)."""
+
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        times: np.ndarray,
+        columns: dict[str, np.ndarray],
+        procs: list[tuple[float, dict[str, Any]]] | Callable[[], list[tuple[float, dict[str, Any]]]],
+        events: list[Event],
+        actions: list[dict[str, Any]],
+        notes: list[dict[str, Any]],
+        skipped: int,
+        end: dict[str, Any] | None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.times = times
+        self.columns = columns
+        self._procs = procs
+        self.events = events
+        self.actions = actions
+        self.notes = notes
+        self.skipped = skipped
+        self.end = end
+        self.warnings: list[str] = [] if warnings is None else warnings
+
+    @property
+    def procs(self) -> list[tuple[float, dict[str, Any]]]:
+        p = self._procs
+        if not isinstance(p, list):
+            p = self._procs = p()
+        return p
+
+    @procs.setter
+    def procs(self, value: list[tuple[float, dict[str, Any]]]) -> None:
+        self._procs = value
+
+    def __repr__(self) -> str:
+        return (f"TraceData(path={str(self.path)!r}, ticks={len(self.times)}, columns={len(self.columns)}, "
+                f"events={len(self.events)}, actions={len(self.actions)}, notes={len(self.notes)})")  # fmt: skip
 
     @property
     def duration(self) -> float:
@@ -672,11 +1291,18 @@ class TraceData:
 
 
 def _as_float(v: Any) -> float:
+    """One metric value as ``_convert`` makes it: numbers as floats (+-inf for ints beyond float64), a
+    string as numpy parses it (NaN if it cannot), anything else NaN."""
     if isinstance(v, (int, float)):
         try:
             return float(v)
         except OverflowError:
             return math.inf if v > 0 else -math.inf
+    if isinstance(v, str):
+        try:
+            return float(np.array([v], dtype=np.float64)[0])
+        except (TypeError, ValueError, OverflowError):
+            return math.nan
     return math.nan
 
 
@@ -685,11 +1311,14 @@ _Group = tuple[list[int], list[dict[str, Any]], list[np.ndarray]]
 
 
 def _convert(rows: list[dict[str, Any]], width: int) -> np.ndarray:
-    """Value dicts of one layout -> a (rows x width) float64 block, in one numpy call."""
+    """Value dicts of one layout -> a (rows x width) float64 block, in one numpy call.  Each value comes
+    out the same whatever its neighbours (``_as_float``), so how a trace is cut in blocks never shows."""
     flat = list(chain.from_iterable(map(dict.values, rows)))
     try:
         block = np.array(flat, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):  # a string, a list, a huge int among the values
+        if block.ndim != 1:  # lists of one length among the values
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):  # a non-numeric string, a list, a huge int among them
         block = np.array([_as_float(v) for v in flat], dtype=np.float64)
     return block.reshape(len(rows), width)
 
@@ -703,13 +1332,21 @@ def _settle(groups: dict[tuple[str, ...], _Group]) -> None:
             rows.clear()
 
 
-def _columns(n: int, groups: dict[tuple[str, ...], _Group]) -> dict[str, np.ndarray]:
-    """Tick values grouped by key layout -> one float64 column per key (NaN where a tick lacks it).
+def _columns(
+    n: int,
+    groups: dict[tuple[str, ...], _Group],
+    order: Iterable[str] = (),
+    covered: list[tuple[int, list[str], np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Tick values grouped by key layout (and blocks read from a companion: first tick, keys, ticks x keys)
+    -> one float64 column per key (NaN where a tick lacks it), in order of the keys' first appearance.
 
     Ticks almost always share a handful of layouts (the same probes every tick, USS every few ticks), so
     each group converts to a 2-D array in a few numpy calls instead of one call per metric per tick."""
     _settle(groups)
     columns: dict[str, np.ndarray] = {}
+    if covered:
+        columns = {key: np.full(n, np.nan) for key in order}
     for keys, (idx, _, blocks) in groups.items():
         block = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         whole = len(idx) == n
@@ -722,20 +1359,30 @@ def _columns(n: int, groups: dict[tuple[str, ...], _Group]) -> dict[str, np.ndar
                     continue
                 col = columns[key] = np.full(n, np.nan)
             col[sel] = block[:, j]
+    for base, ckeys, values in covered or ():
+        stop = base + len(values)
+        for j, key in enumerate(ckeys):
+            columns[key][base:stop] = values[:, j]
     return columns
 
 
 def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> TraceData:
-    """Load a trace.  Raises ``TraceError`` (one line) for anything that is not a readable trace."""
+    """Load a trace.  Raises ``TraceError`` (one line) for anything that is not a readable trace.
+
+    Ranges its columnar companion stands for (``columns_path``; checked against the trace's bytes) are
+    taken from it instead of parsing their ticks; the result is the same either way."""
     warnings: list[str] = []
-    batches = _batches(Path(path), skip_bad, warnings)
+    batches = _batches(Path(path), skip_bad, warnings, columns=True)
     times: list[float] = []
     # Tick values grouped by key layout (see ``_columns``); ticks come in long runs of one layout.
     groups: dict[tuple[str, ...], _Group] = {}
+    order: dict[str, None] = {}  # metric keys in order of first appearance
+    covered: list[tuple[int, list[str], np.ndarray]] = []
     last_keys: tuple[str, ...] | None = None
     last_idx: list[int] = []
     last_rows: list[dict[str, Any]] = []
     procs: list[tuple[float, dict[str, Any]]] = []
+    procs_parts: list[_ProcsPart] = [procs]
     events: list[Event] = []
     actions: list[dict[str, Any]] = []
     notes: list[dict[str, Any]] = []
@@ -744,8 +1391,18 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of fresh dicts, none cyclic: the collector would only rescan them
     try:
-        header = next(batches)[0]
-        for recs in batches:
+        header = next(batches)[0]  # type: ignore[index]
+        for item in batches:
+            if type(item) is _Covered:
+                covered.append((len(times), item.keys, item.values))
+                order.update(dict.fromkeys(item.keys))
+                times.extend(item.t.tolist())
+                if item.p_lines:
+                    procs = []
+                    procs_parts += [(item.p_t, item.p_lines), procs]
+                recs = item.recs
+            else:
+                recs = item  # type: ignore[assignment]
             for rec in recs:
                 k = rec["k"]
                 try:
@@ -757,7 +1414,11 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
                         keys = tuple(m)
                         if keys != last_keys:
                             last_keys = keys
-                            last_idx, last_rows, _ = groups.setdefault(keys, ([], [], []))
+                            group = groups.get(keys)
+                            if group is None:
+                                group = groups[keys] = ([], [], [])
+                                order.update(dict.fromkeys(keys))
+                            last_idx, last_rows, _ = group
                         last_idx.append(len(times))
                         last_rows.append(m)
                         times.append(t)
@@ -781,7 +1442,7 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
                         ) from None
                     warnings.append(f"{path}: a malformed '{k}' record was skipped")
             _settle(groups)
-        columns = _columns(len(times), groups)
+        columns = _columns(len(times), groups, order, covered)
     finally:
         batches.close()
         if gc_was_on:
@@ -791,7 +1452,7 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
         header=header,
         times=np.asarray(times, dtype=np.float64),
         columns=columns,
-        procs=procs,
+        procs=procs if len(procs_parts) == 1 else lambda: _load_procs(procs_parts),
         events=events,
         actions=actions,
         notes=notes,
