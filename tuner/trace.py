@@ -237,7 +237,7 @@ _BLOCK_TAG = b"BLK1"
 _COLS_BLOCK_BYTES = 1024 * 1024
 """A block is written once a flush has made this many trace bytes durable since the last one (and at
 close): what a killed writer leaves uncovered, and what the writer holds (references) meanwhile."""
-_COLS_CONVERT_ROWS = 64
+_COLS_CONVERT_ROWS = 4096
 _TICK_PREFIX = b'{"k":"tick",'
 _PLAIN = frozenset((float, int, bool, type(None)))
 """Metric value types whose JSON reads back as the same number (NaN/inf floats are written as null)."""
@@ -332,7 +332,7 @@ _Part = tuple[np.ndarray, np.ndarray, list[str], np.ndarray]
 
 
 def _convert_rows(rows: list[Any]) -> _Part | None:
-    """Ticks as ``tick`` keeps them (time, values, has processes; flat, three items a tick) -> a part of a
+    """Ticks as ``tick`` keeps them (time, values, processes; flat, three items a tick) -> a part of a
     block; None when they cannot be stored exactly (then their range is read from the trace)."""
     ts = rows[0::3]
     if not {float, int}.issuperset(map(type, ts)):
@@ -349,15 +349,20 @@ def _convert_rows(rows: list[Any]) -> _Part | None:
         return None
     if kv is None:
         return None
-    return t, np.array(rows[2::3], dtype=np.uint8), kv[0], kv[1]
+    return t, np.fromiter(map(bool, rows[2::3]), dtype=np.uint8, count=len(ts)), kv[0], kv[1]
 
 
 def _block_bytes(parts: list[_Part], start: int, end: int, crc: int, n_lines: int) -> bytes:
     """One companion block from the parts of the ticks in trace bytes [start, end)."""
-    t = np.concatenate([p[0] for p in parts])
-    has_p = np.concatenate([p[1] for p in parts])
-    keys = parts[0][2]
-    if all(p[2] == keys for p in parts):
+    if len(parts) == 1:
+        t, has_p, keys, values = parts[0]
+    else:
+        t = np.concatenate([p[0] for p in parts])
+        has_p = np.concatenate([p[1] for p in parts])
+        keys = parts[0][2]
+    if len(parts) == 1:
+        pass
+    elif all(p[2] == keys for p in parts):
         values = np.concatenate([p[3] for p in parts])
     else:  # the keys changed between parts: their union, in order of first appearance
         order: dict[str, int] = {}
@@ -371,10 +376,13 @@ def _block_bytes(parts: list[_Part], start: int, end: int, crc: int, n_lines: in
             values[row : row + len(pvalues), [order[k] for k in pkeys]] = pvalues
             row += len(pvalues)
     kj = orjson.dumps(keys)
-    payload = b"".join((t.tobytes(), values.tobytes(), has_p.tobytes(), kj))
-    n = len(t)
-    head = _BLOCK.pack(_BLOCK_TAG, start, end, crc, n_lines, n, len(keys), len(kj), len(payload), zlib.crc32(payload))
-    return head + _BLOCK_CRC.pack(zlib.crc32(head)) + payload
+    pieces = (t.data, np.ascontiguousarray(values).data, has_p.data, kj)
+    payload_crc = 0
+    for piece in pieces:
+        payload_crc = zlib.crc32(piece, payload_crc)
+    size = sum(piece.nbytes if isinstance(piece, memoryview) else len(piece) for piece in pieces)
+    head = _BLOCK.pack(_BLOCK_TAG, start, end, crc, n_lines, len(t), len(keys), len(kj), size, payload_crc)
+    return b"".join((head, _BLOCK_CRC.pack(zlib.crc32(head)), *pieces))
 
 
 class _ColumnsOut:
@@ -491,7 +499,7 @@ class TraceWriter:
         except OSError:
             pass
         self._cols: _ColumnsOut | None = None
-        self._cols_rows: list[Any] | None = None  # (t, values, has processes) of each tick, flat
+        self._cols_rows: list[Any] | None = None  # (t, values, procs) of each tick, flat
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._carry = b""
@@ -614,10 +622,10 @@ class TraceWriter:
                     self._cols_skip()
                 rows = None
         if rows is not None:
-            if not procs or type(procs) is dict:
-                rows += (tt, values, bool(procs))
-            else:  # written as a string: a malformed tick, read (and reported) from the trace
+            if procs and type(procs) is not dict:  # written as a string: a malformed tick, read from the trace
                 self._cols_skip()
+            else:
+                rows += (tt, values, procs)
         if type(tt) is float or type(tt) is int:
             self._last_t = tt
         self._pending.append(line)
