@@ -189,7 +189,7 @@ def run_script(path: Path, ops: list[tuple[str, Any]], close: bool = True) -> Tr
 def damages(draw: st.DrawFn) -> tuple[str, int, int]:
     what = draw(st.sampled_from(["none", "none", "cut cols", "cut trace", "edit trace", "edit cols", "junk trace",
                                  "drop a trace line", "swap cols", "no newline at the end", "change a digit",
-                                 "change a digit", "swap two lines"]))  # fmt: skip
+                                 "change a digit", "swap two lines", "join two lines"]))  # fmt: skip
     return what, draw(st.integers(0, 10**6)), draw(st.integers(0, 255))
 
 
@@ -227,6 +227,12 @@ def damage(path: Path, how: tuple[str, int, int], other: Path) -> None:
         if digits:
             i = digits[at % len(digits)]
             edited[i] = 48 + (edited[i] - 48 + 1 + byte % 9) % 10
+            path.write_bytes(bytes(edited))
+    elif what == "join two lines":  # a newline replaced: often the one just before a block's range
+        edited = bytearray(path.read_bytes())
+        newlines = [i for i in range(len(edited) - 1) if edited[i] == 10]
+        if newlines:
+            edited[newlines[at % len(newlines)]] = 32
             path.write_bytes(bytes(edited))
     elif what == "swap two lines":
         lines = path.read_bytes().split(b"\n")
@@ -510,3 +516,31 @@ def test_round6_on_tick_times() -> None:
     assert all(_same_round(i * 0.1) and _same_round(i / 3) and _same_round(i * 1e-7) for i in range(-20000, 100000))
     assert all(_same_round(x) for x in (0.0, -0.0, 1e-9, -1e-9, 5e-7, 1.5e-6, 2.5e-6, 1e300, -1e300, 1e12, 1e6))
     assert trace_mod._round6(3) == 3 and type(trace_mod._round6(True)) is int
+
+
+@settings(max_examples=60, deadline=None)
+@given(ticks=st.lists(st.tuples(st.one_of(st.floats(), st.integers(-(2**60), 2**60)), tick_values(True),
+                                st.sampled_from([None, {}, {7: {"name": "p", "rss_bytes": 5}}])), max_size=20),
+       listener=st.booleans())  # fmt: skip
+def test_tick_lines_are_what_they_were(
+    tmp_path_factory: pytest.TempPathFactory, ticks: list[Any], listener: bool
+) -> None:
+    """The trace format does not change: each tick line is the record the writer wrote before the
+    companion existed (``round(t, 6)``, the caller's dicts, NaN/inf as null), byte for byte."""
+    path = tmp_path_factory.mktemp("same") / "t.jsonl"
+    w = TraceWriter(path, header())
+    if listener:
+        w.add_listener(lambda rec: None)
+    for t, m, p in ticks:
+        w.tick(t, m, p)
+    w.close()
+    expected = []
+    for t, m, p in ticks:
+        if listener:
+            rec: dict[str, Any] = {"k": "tick", "t": round(t, 6), "m": {k: trace_mod._clean(v) for k, v in m.items()}}
+            if p:
+                rec["p"] = {str(pid): dict(v) for pid, v in p.items()}
+        else:
+            rec = {"k": "tick", "t": round(t, 6), "m": m, "p": p} if p else {"k": "tick", "t": round(t, 6), "m": m}
+        expected.append(trace_mod.encode_record(rec))
+    assert path.read_bytes().split(b"\n")[1:-1] == expected
