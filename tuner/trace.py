@@ -332,7 +332,7 @@ _Part = tuple[np.ndarray, np.ndarray, list[str], np.ndarray]
 
 
 def _convert_rows(rows: list[Any]) -> _Part | None:
-    """Ticks as ``tick`` keeps them (time, values, processes; flat, three items a tick) -> a part of a
+    """Ticks as ``tick`` keeps them (time, values, has processes; flat, three items a tick) -> a part of a
     block; None when they cannot be stored exactly (then their range is read from the trace)."""
     ts = rows[0::3]
     if not {float, int}.issuperset(map(type, ts)):
@@ -349,7 +349,7 @@ def _convert_rows(rows: list[Any]) -> _Part | None:
         return None
     if kv is None:
         return None
-    return t, np.fromiter(map(bool, rows[2::3]), dtype=np.uint8, count=len(ts)), kv[0], kv[1]
+    return t, np.array(rows[2::3], dtype=np.uint8), kv[0], kv[1]
 
 
 def _block_bytes(parts: list[_Part], start: int, end: int, crc: int, n_lines: int) -> bytes:
@@ -499,7 +499,7 @@ class TraceWriter:
         except OSError:
             pass
         self._cols: _ColumnsOut | None = None
-        self._cols_rows: list[Any] | None = None  # (t, values, procs) of each tick, flat
+        self._cols_rows: list[Any] | None = None  # (t, values, has processes) of each tick, flat
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._carry = b""
@@ -622,10 +622,12 @@ class TraceWriter:
                     self._cols_skip()
                 rows = None
         if rows is not None:
-            if procs and type(procs) is not dict:  # written as a string: a malformed tick, read from the trace
+            if not procs:
+                rows += (tt, values, False)
+            elif type(procs) is dict:
+                rows += (tt, values, True)
+            else:  # written as a string: a malformed tick, read (and reported) from the trace
                 self._cols_skip()
-            else:
-                rows += (tt, values, procs)
         if type(tt) is float or type(tt) is int:
             self._last_t = tt
         self._pending.append(line)
