@@ -544,3 +544,15 @@ def test_tick_lines_are_what_they_were(
             rec = {"k": "tick", "t": round(t, 6), "m": m, "p": p} if p else {"k": "tick", "t": round(t, 6), "m": m}
         expected.append(trace_mod.encode_record(rec))
     assert path.read_bytes().split(b"\n")[1:-1] == expected
+
+
+def test_a_values_dict_refilled_every_tick_reads_back_as_written(tmp_path: Path) -> None:
+    """A caller that reuses one dict: the companion keeps what each tick said, not the dict's last state."""
+    path = tmp_path / "t.jsonl"
+    with TraceWriter(path, make_header(probes={}, interval_s=0.1)) as w:
+        m: dict[str, float] = {}
+        for i in range(50):
+            m["a_bytes"] = float(i)
+            w.tick(i * 0.1, m)
+    assert columns_path(path).exists()
+    assert read_trace(path).column("a_bytes").tolist() == [float(i) for i in range(50)]

@@ -484,9 +484,9 @@ class TraceWriter:
     ``error`` and retries on the next flush.  A trace file removed while recording is created again (the
     header first, then a note saying so).  Writing the header at open failing raises ``OSError``.
 
-    It also writes the trace's columnar companion (``columns_path``): the dicts given to ``tick`` are kept
-    (not copied: do not change them afterwards) until a flush has made about ``_COLS_BLOCK_BYTES`` of the
-    trace durable, then converted to one block.  Any failure of the companion only removes it (readers
+    It also writes the trace's columnar companion (``columns_path``): a copy of each tick's values is
+    kept until a flush has made about ``_COLS_BLOCK_BYTES`` of the trace durable, then converted to one
+    block.  Any failure of the companion only removes it (readers
     then parse the trace); a failed trace write leaves the range it touched out of the companion.
     """
 
@@ -587,8 +587,8 @@ class TraceWriter:
         self._listeners.append(fn)
 
     def tick(self, t: float, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
-        """One tick's readings.  ``values`` and ``procs`` are kept by reference for the companion until
-        its next block: the caller must not change them afterwards (the sampler makes new ones a tick)."""
+        """One tick's readings (encoded at once; a shallow copy of ``values`` is kept for the companion
+        until its next block)."""
         if type(t) is float and -1e6 < t < 1e6:  # _round6, inline (the hot path)
             y = t * 1e6
             k = round(y)
@@ -622,11 +622,11 @@ class TraceWriter:
                     self._cols_skip()
                 rows = None
         if rows is not None:
-            if not procs:
-                rows += (tt, values, False)
-            elif type(procs) is dict:
-                rows += (tt, values, True)
-            else:  # written as a string: a malformed tick, read (and reported) from the trace
+            if type(values) is dict and (not procs or type(procs) is dict):
+                # a copy (~0.1 us): a caller that refills one dict every tick must not change what the
+                # companion says about the ticks already written (the trace's CRC would not notice)
+                rows += (tt, values.copy(), bool(procs))
+            else:  # another mapping, or procs written as a string (a malformed tick): read from the trace
                 self._cols_skip()
         if type(tt) is float or type(tt) is int:
             self._last_t = tt
