@@ -56,6 +56,13 @@ class TemperatureConfig:
     judged).  The band is a promise about what users see over a window of responses; a mean sitting just
     inside the edge puts every other window outside it (on the demo: T 0.8, mean 0.088, 10 s windows of
     ~45 responses either side of 0.10)."""
+    window_responses: int = 40
+    """The band is judged on windows of about this many responses (what a user sees over ~10 s at 4
+    requests/s): the mean is kept ``window_z`` standard errors *of such a window* inside the band — out of
+    the band closer to an edge than that, and the drift back toward the requested temperature stops that
+    far (plus the hysteresis) from the edge.  0: off (the band's edges and the hysteresis only)."""
+    window_z: float = 1.28
+    """One-sided: 1.28 keeps ~90% of windows of ``window_responses`` inside, for a mean held at the margin."""
 
 
 class TemperaturePolicy(Policy):
@@ -157,6 +164,16 @@ class TemperaturePolicy(Policy):
         var = max(0.0, g[2] / g[0] - (g[1] / g[0]) ** 2)
         return math.sqrt(var / g[0])
 
+    def _window_margin(self, temp: float) -> float:
+        """How far inside the band the mean must stay for ~90% of judged windows to be in it: ``window_z``
+        standard errors of a window of ``window_responses``, from the spread measured at ``temp``."""
+        cfg = self.cfg
+        g = self.groups.get(round(temp, 4))
+        if cfg.window_responses <= 0 or g is None or g[0] < 2:
+            return 0.0
+        var = max(0.0, g[2] / g[0] - (g[1] / g[0]) ** 2) * g[0] / (g[0] - 1)
+        return cfg.window_z * math.sqrt(var / cfg.window_responses)
+
     def _rep_at(self, temp: float) -> tuple[float | None, int]:
         g = self.groups.get(round(temp, 4))
         if g is None or g[0] <= 0:
@@ -195,7 +212,10 @@ class TemperaturePolicy(Policy):
             "requested": self.requested,
         }
         penalty = knobs.repetition_penalty if knobs.repetition_penalty is not None else cfg.penalty_min
-        if self._outside(rep, self._rep_se(temp)):
+        wm = self._window_margin(temp)
+        if wm:
+            ev["window_margin"] = wm
+        if self._outside(rep, self._rep_se(temp), wm):
             ev["seq_rep_4_se"] = self._rep_se(temp)
             target = (cfg.band_low + cfg.band_high) / 2
             if self.sign == 0:
@@ -233,8 +253,9 @@ class TemperaturePolicy(Policy):
         if abs(gap) > 1e-3:
             step = max(-cfg.max_step, min(cfg.max_step, gap))
             if self.sign != 0 and self.slope is not None:
-                # the fitted line is uncertain: keep two standard errors of the prediction from the edges
-                margin = cfg.hysteresis + 2.0 * self._rep_se(temp)
+                # the fitted line is uncertain: keep two standard errors of the prediction from the edges,
+                # and the windows' own swing (``window_margin``)
+                margin = cfg.hysteresis + max(2.0 * self._rep_se(temp), wm)
                 shrink = abs(self.slope) / (abs(self.slope) + 2.0 * (self.slope_se or 0.0))
                 lo_edge, hi_edge = cfg.band_low + margin, cfg.band_high - margin
                 predicted = rep + self.slope * step
@@ -249,18 +270,28 @@ class TemperaturePolicy(Policy):
                 step = max(-cfg.probe_step, min(cfg.probe_step, step))
             new = round(_clip(temp + step, cfg.min, cfg.max), 4)
             seen, n_seen = self._rep_at(new)
-            if seen is not None and n_seen >= cfg.min_requests and self._outside(seen, self._rep_se(new)):
-                return []  # measured there lately, and it was out of the band: stay
+            if (
+                seen is not None
+                and n_seen >= cfg.min_requests
+                and self._outside(seen, self._rep_se(new), self._window_margin(new), cfg.hysteresis)
+            ):
+                return []  # measured there lately, and it was out of the band (or too near its edge): stay
             if abs(new - temp) >= 1e-3:
                 return [self._move(window, new, "in band: back toward the requested temperature", ev)]
         return []
 
-    def _outside(self, rep: float, se: float) -> bool:
-        """Out of the band: the mean beyond the band and its hysteresis, or (``edge_z`` > 0) the band's edge
-        within ``edge_z`` standard errors of the mean."""
+    def _outside(self, rep: float, se: float, window_margin: float = 0.0, inward: float = 0.0) -> bool:
+        """Out of the band: the mean beyond the band and its hysteresis, or closer to an edge than the
+        windows' swing (``window_margin``; plus ``inward``, for judging a place to move to: the hysteresis
+        lies between correcting and drifting back), or (``edge_z`` > 0) the band's edge within ``edge_z``
+        standard errors of the mean."""
         cfg = self.cfg
         if rep > cfg.band_high + cfg.hysteresis or rep < cfg.band_low - cfg.hysteresis:
             return True
+        if window_margin > 0:
+            m = window_margin + inward
+            if rep > cfg.band_high - m or rep < cfg.band_low + m:
+                return True
         m = cfg.edge_z * se
         return m > 0 and (rep + m > cfg.band_high or rep - m < cfg.band_low)
 

@@ -111,9 +111,18 @@ def _edge_window(mean: float, spread: float, n: int = 50) -> object:
 def test_edge_z_keeps_the_band_one_standard_error_inside() -> None:
     """Mean 0.09 in a 0.02-0.10 band, but responses spread 0.15: windows of 50 swing +-0.02 around it and
     every third one is out.  With ``edge_z = 1`` that is out of the band (it moves away from the edge);
-    without, it is in the band (and heads back toward the requested 0.5)."""
-    cfg = TemperatureConfig(requested=0.5, min=0.2, max=1.0, band_low=0.02, band_high=0.10, hysteresis=0.01,
-                            min_requests=8)
+    without, it is in the band (and heads back toward the requested 0.5).  (The window margin, on by
+    default, is off here: the next test covers it.)"""
+    cfg = TemperatureConfig(
+        requested=0.5,
+        min=0.2,
+        max=1.0,
+        band_low=0.02,
+        band_high=0.10,
+        hysteresis=0.01,
+        min_requests=8,
+        window_responses=0,
+    )
     plain = TemperaturePolicy(cfg)
     acts = plain.decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
@@ -125,3 +134,45 @@ def test_edge_z_keeps_the_band_one_standard_error_inside() -> None:
     tight = TemperaturePolicy(TemperatureConfig(**{**cfg.__dict__, "edge_z": 1.0}))
     acts = tight.decide(_edge_window(0.09, 0.02), Knobs(temperature=0.8))  # type: ignore[arg-type]
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
+
+
+def test_window_margin_keeps_the_mean_where_windows_stay_in_the_band() -> None:
+    """The band is judged on windows of ~40 responses.  Responses spread 0.15 around a mean of 0.09: such
+    windows swing +-0.024 (1.28 standard errors), so 0.09 is too near the edge — it moves away; spread 0.02
+    leaves room (0.004): in the band, it heads back toward the requested 0.5."""
+    cfg = TemperatureConfig(
+        requested=0.5,
+        min=0.2,
+        max=1.0,
+        band_low=0.02,
+        band_high=0.10,
+        hysteresis=0.01,
+        min_requests=8,
+        window_responses=40,
+    )
+    acts = TemperaturePolicy(cfg).decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
+    assert [a.knob for a in acts] == ["temperature"] and acts[0].value > 0.8
+    assert 0.029 < acts[0].evidence["window_margin"] < 0.032  # 1.28 * 0.15 * sqrt(50/49) / sqrt(40)
+    acts = TemperaturePolicy(cfg).decide(_edge_window(0.09, 0.02), Knobs(temperature=0.8))  # type: ignore[arg-type]
+    assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
+
+
+def test_noisy_responses_windows_stay_in_the_band_closed_loop() -> None:
+    """Per-response repetition spread 0.1 (the demo's is heavy-tailed): with the window margin >= 95% of
+    40-response windows are in the band after the first third, without going to the maximum temperature."""
+    for seed in (1, 2):
+        sim = Sim(seed=seed, temperature=0.3, slope_sign=-1.0, tokens_per_request=64, rep_noise=0.1)
+        cfg = TemperatureConfig(
+            requested=0.3,
+            min=0.1,
+            max=1.5,
+            band_low=0.02,
+            band_high=0.10,
+            hysteresis=0.01,
+            max_step=0.15,
+            min_requests=8,
+            window_responses=40,
+        )
+        _, reps = run(sim, cfg, ticks=6000)
+        assert band_share(reps[len(reps) // 3 :], 0.02, 0.10, per=40) >= 0.95, seed
+        assert 0.54 <= sim.temperature <= 0.9  # the band's temperatures on this plant, not the cap

@@ -236,6 +236,8 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("memory_s", 1.0, 86_400.0)
         rng("sign_z", 0.0, 10.0)
         rng("edge_z", 0.0, 10.0)
+        rng("window_responses", 0, 100_000)
+        rng("window_z", 0.0, 10.0)
         rng("dwell_min_s", 0.0, 86_400.0)
         rng("dwell_s", 0.0, 86_400.0)
         rng("local_span", 0.0, 5.0)
@@ -260,6 +262,7 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("slo_tpot_p95_s", 0.0, 3600.0)
         rng("max_wait_s", 0.0, 86_400.0)
         rng("refine_min_gap", 1, 1 << 16)
+        rng("refine_min_frac", 0.0, 1.0)
         rng("min_batches", 1, 1000)
         _steps(pname, cfg.cleanup_steps, fail)
     elif isinstance(cfg, PrecisionConfig):

@@ -51,6 +51,8 @@ class Sim:
     slope_sign: float = -1.0
     rep_at_07: float = 0.06
     rep_slope: float = 0.25
+    rep_noise: float = 0.02
+    """Standard deviation of one response's seq-rep-4 around the plant's curve."""
     mem_total: float = 8e9
     mem_used_base: float = 3e9
     weights_bytes: float = 1.5e9
@@ -158,7 +160,7 @@ class Sim:
         self._carry -= n
         for _ in range(n):
             ttft = curve(b, TTFT) / speed * float(self.rng.lognormal(0.0, 0.1))
-            rep = min(1.0, max(0.0, self.rep(self.temperature) + float(self.rng.normal(0.0, 0.02))))
+            rep = min(1.0, max(0.0, self.rep(self.temperature) + float(self.rng.normal(0.0, self.rep_noise))))
             d = {
                 "id": f"r{self.done}",
                 "pid": 1,
