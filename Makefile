@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS)
 
-# Costs (minutes); the policies' effects on the demo model are the long ones (~35 min): make effects.
+# Costs (minutes); the policies' effects on the demo model are the long ones (~48 min): make effects.
 bench: $(STAMP)
 	$(PY) -m pytest -q -s tests/bench -m 'bench and not slow' --benchmark-enable --benchmark-columns=median,mean,stddev,rounds -p no:randomly $(BENCH_ARGS)
 
