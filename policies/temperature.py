@@ -85,14 +85,34 @@ class TemperaturePolicy(Policy):
         self.slope_se: float | None = None
         self.last_fit_count = -1
         self.sign = 0
+        self.known_sign = 0
+        """The last sign the fit found significant: kept until a significant fit says otherwise (heavy-tailed
+        repetition makes a local fit lose significance now and then; probing again from scratch then walked
+        the demo from T 1.0 down to 0.5, every window out of the band)."""
+        self.known_slope: float | None = None
         self.probe_dir = 1.0
+        self.last_probe: tuple[float, float, float] | None = None
+        """(temperature, its repetition's distance from the band centre, that mean's standard error) where
+        the last probe started: a probe that made it worse by two standard errors turns round."""
         self.groups: dict[float, list[float]] = {}
         """temperature -> [responses (decayed), sum of seq-rep-4, sum of squares, last seen]"""
         self._seen = 0
         self.current: float | None = None
 
     def status(self) -> dict[str, Any]:
-        return {"phase": self.phase, "requested": self.requested, "slope": self.slope, "sign": self.sign}
+        return {
+            "phase": self.phase,
+            "requested": self.requested,
+            "slope": self.slope,
+            "sign": self.sign,
+            "known_sign": self.known_sign,
+        }
+
+    def _signed_slope(self) -> tuple[int, float | None]:
+        """The sign and slope to act on: this fit's when significant, else the last significant one."""
+        if self.sign != 0:
+            return self.sign, self.slope
+        return self.known_sign, self.known_slope
 
     # -- measurement --------------------------------------------------------------------------------
     def _ingest(self, w: Window) -> None:
@@ -156,6 +176,7 @@ class TemperaturePolicy(Policy):
         self.slope, self.slope_se = slope, se
         if abs(slope) > cfg.sign_z * se:
             self.sign = 1 if slope > 0 else -1
+            self.known_sign, self.known_slope = self.sign, slope
 
     def _rep_se(self, temp: float) -> float:
         g = self.groups.get(round(temp, 4))
@@ -215,11 +236,19 @@ class TemperaturePolicy(Policy):
         wm = self._window_margin(temp)
         if wm:
             ev["window_margin"] = wm
+        sign, slope = self._signed_slope()
+        if sign != 0 and self.sign == 0:
+            ev["slope_remembered"] = slope
         if self._outside(rep, self._rep_se(temp), wm):
             ev["seq_rep_4_se"] = self._rep_se(temp)
             target = (cfg.band_low + cfg.band_high) / 2
-            if self.sign == 0:
+            if sign == 0 or slope is None:
                 self.phase = "probe"
+                off, se = abs(rep - target), self._rep_se(temp)
+                last = self.last_probe
+                if last is not None and abs(last[0] - temp) > 1e-9 and off - last[1] > 2.0 * math.hypot(se, last[2]):
+                    self.probe_dir = -self.probe_dir  # the last probe made it clearly worse: the other way
+                self.last_probe = (temp, off, se)
                 step = cfg.probe_step * self.probe_dir
                 new = _clip(temp + step, cfg.min, cfg.max)
                 if abs(new - temp) < 1e-9:
@@ -229,8 +258,7 @@ class TemperaturePolicy(Policy):
                     return self._penalty(rep, penalty, ev)
                 return [self._move(window, new, f"probe: repetition {rep:.3f} outside the band, sign unknown", ev)]
             self.phase = "correct"
-            assert self.slope is not None
-            delta = (target - rep) / self.slope
+            delta = (target - rep) / slope
             delta = max(-cfg.max_step, min(cfg.max_step, delta))
             new = _clip(temp + delta, cfg.min, cfg.max)
             if abs(new - temp) < 1e-3:
@@ -240,7 +268,7 @@ class TemperaturePolicy(Policy):
                     window,
                     new,
                     f"repetition {rep:.3f} {'above' if rep > target else 'below'} the band; "
-                    f"measured slope {self.slope:+.3f}/unit",
+                    f"measured slope {slope:+.3f}/unit",
                     ev,
                 )
             ]
@@ -252,20 +280,21 @@ class TemperaturePolicy(Policy):
         gap = self.requested - temp
         if abs(gap) > 1e-3:
             step = max(-cfg.max_step, min(cfg.max_step, gap))
-            if self.sign != 0 and self.slope is not None:
+            if sign != 0 and slope is not None:
                 # the fitted line is uncertain: keep two standard errors of the prediction from the edges,
                 # and the windows' own swing (``window_margin``)
                 margin = cfg.hysteresis + max(2.0 * self._rep_se(temp), wm)
-                shrink = abs(self.slope) / (abs(self.slope) + 2.0 * (self.slope_se or 0.0))
+                slope_se = (self.slope_se or 0.0) if self.sign != 0 else 0.0
+                shrink = abs(slope) / (abs(slope) + 2.0 * slope_se)
                 lo_edge, hi_edge = cfg.band_low + margin, cfg.band_high - margin
-                predicted = rep + self.slope * step
+                predicted = rep + slope * step
                 if not (lo_edge <= predicted <= hi_edge):
                     # go only as far as the fitted line keeps the band
-                    edge = hi_edge if self.slope * step > 0 else lo_edge
-                    step = (edge - rep) / self.slope * shrink
+                    edge = hi_edge if slope * step > 0 else lo_edge
+                    step = (edge - rep) / slope * shrink
                     if step * gap <= 0 or abs(step) < 0.01:
                         return []
-                ev["predicted_seq_rep_4"] = rep + self.slope * step
+                ev["predicted_seq_rep_4"] = rep + slope * step
             else:  # no measured slope: small steps, the dwell at each one is the measurement
                 step = max(-cfg.probe_step, min(cfg.probe_step, step))
             new = round(_clip(temp + step, cfg.min, cfg.max), 4)
