@@ -90,6 +90,8 @@ class TemperaturePolicy(Policy):
         repetition makes a local fit lose significance now and then; probing again from scratch then walked
         the demo from T 1.0 down to 0.5, every window out of the band)."""
         self.known_slope: float | None = None
+        self.fit_center: tuple[float, float] | None = None
+        """(weighted mean temperature, weighted mean repetition) of the last fit: the line's anchor."""
         self.probe_dir = 1.0
         self.last_probe: tuple[float, float, float] | None = None
         """(temperature, its repetition's distance from the band centre, that mean's standard error) where
@@ -153,6 +155,7 @@ class TemperaturePolicy(Policy):
         temperature (``local_span``), with the pooled within-group variance for the slope's error."""
         cfg = self.cfg
         self.slope = self.slope_se = None
+        self.fit_center = None
         self.sign = 0
         cur = self.current
         pts = [
@@ -174,6 +177,7 @@ class TemperaturePolicy(Policy):
         dof = max(1.0, n - len(pts))
         se = math.sqrt(max(within / dof, 1e-8) / sxx)
         self.slope, self.slope_se = slope, se
+        self.fit_center = (xw, yw)
         if abs(slope) > cfg.sign_z * se:
             self.sign = 1 if slope > 0 else -1
             self.known_sign, self.known_slope = self.sign, slope
@@ -287,14 +291,19 @@ class TemperaturePolicy(Policy):
                 slope_se = (self.slope_se or 0.0) if self.sign != 0 else 0.0
                 shrink = abs(slope) / (abs(slope) + 2.0 * slope_se)
                 lo_edge, hi_edge = cfg.band_low + margin, cfg.band_high - margin
-                predicted = rep + slope * step
+                # from the fitted line's value here (pooled over the nearby temperatures), not from this
+                # temperature's own mean alone: one lucky low window then sent it max_step toward the request
+                base = rep
+                if self.sign != 0 and self.fit_center is not None:
+                    base = self.fit_center[1] + slope * (temp - self.fit_center[0])
+                predicted = base + slope * step
                 if not (lo_edge <= predicted <= hi_edge):
                     # go only as far as the fitted line keeps the band
                     edge = hi_edge if slope * step > 0 else lo_edge
-                    step = (edge - rep) / slope * shrink
+                    step = (edge - base) / slope * shrink
                     if step * gap <= 0 or abs(step) < 0.01:
                         return []
-                ev["predicted_seq_rep_4"] = rep + slope * step
+                ev["predicted_seq_rep_4"] = base + slope * step
             else:  # no measured slope: small steps, the dwell at each one is the measurement
                 step = max(-cfg.probe_step, min(cfg.probe_step, step))
             new = round(_clip(temp + step, cfg.min, cfg.max), 4)
