@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import gc
 import json
-import marshal
 import math
 import operator
 import os
@@ -258,28 +257,11 @@ def _json_number(v: Any) -> float:
     return _as_float(v)
 
 
-_LIST_HEAD = struct.Struct("<cI")
-_MARSHAL_FLOAT = np.dtype([("code", "u1"), ("value", "<f8")])
-
-
 def _plain_block(vals: list[Any]) -> np.ndarray | None:
-    """Plain values -> float64 exactly as ``read_trace`` reads them back from the trace; None for others.
-
-    The usual case, all floats, costs one ``marshal.dumps`` (C): it writes an exact ``float`` as the code
-    ``g`` and its 8 bytes, and nothing else that way, so a stream of ``g`` records only is all floats."""
-    n = len(vals)
-    try:
-        stream = marshal.dumps(vals, 2)
-    except Exception:  # a type marshal refuses (float32, Decimal, subclasses): certainly not plain
-        return None
-    if len(stream) == 5 + 9 * n and stream[:5] == _LIST_HEAD.pack(b"[", n):
-        rec = np.frombuffer(stream, _MARSHAL_FLOAT, n, 5)
-        if (rec["code"] == ord("g")).all():
-            a = rec["value"].astype(np.float64)
-            bad = ~np.isfinite(a)  # NaN and infinities are written as null
-            if bad.any():
-                a[bad] = np.nan
-            return a
+    """Plain values -> float64 exactly as ``read_trace`` reads them back from the trace; None for others
+    (a numpy scalar, a float subclass, a string: their JSON need not read back as the same number).  One
+    pass over the types in C, one numpy conversion (``marshal`` did both in one call, but it is on the
+    project's list of modules that never enter trace code: ``tests/test_security.py``)."""
     if not _PLAIN.issuperset(map(type, vals)):
         return None
     try:
@@ -419,7 +401,7 @@ class _ColumnsOut:
         """``data`` (``n_lines`` whole lines, the ticks of ``rows`` among them) is now in the trace.
 
         Rows are converted at a block's end (or every ``_COLS_CONVERT_ROWS`` ticks, when ticks are small:
-        the dicts kept stay few); one conversion has a fixed cost of ~20 numpy and marshal calls."""
+        the dicts kept stay few); one conversion has a fixed cost of ~20 numpy calls."""
         self.end += len(data)
         if self.skip:  # the range since the last block is read from the trace; the next one starts here
             rows.clear()
