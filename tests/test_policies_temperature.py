@@ -157,23 +157,19 @@ def test_window_margin_keeps_the_mean_where_windows_stay_in_the_band() -> None:
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
 
 
+def noisy_run(seed: int, noise: float, t_max: float) -> tuple[Sim, tuple[Agent, list[float]]]:
+    """Asked for T 0.3 on a plant whose band (0.02-0.10) lies at T 0.54-0.86, responses spread ``noise``."""
+    sim = Sim(seed=seed, temperature=0.3, slope_sign=-1.0, tokens_per_request=64, rep_noise=noise)
+    cfg = TemperatureConfig(requested=0.3, min=0.1, max=t_max, band_low=0.02, band_high=0.10, hysteresis=0.01,
+                            max_step=0.15, min_requests=8, window_responses=40)  # fmt: skip
+    return sim, run(sim, cfg, ticks=6000)
+
+
 def test_noisy_responses_windows_stay_in_the_band_closed_loop() -> None:
     """Per-response repetition spread 0.1 (the demo's is heavy-tailed): with the window margin >= 95% of
     40-response windows are in the band after the first third, without going to the maximum temperature."""
     for seed in (1, 2):
-        sim = Sim(seed=seed, temperature=0.3, slope_sign=-1.0, tokens_per_request=64, rep_noise=0.1)
-        cfg = TemperatureConfig(
-            requested=0.3,
-            min=0.1,
-            max=1.5,
-            band_low=0.02,
-            band_high=0.10,
-            hysteresis=0.01,
-            max_step=0.15,
-            min_requests=8,
-            window_responses=40,
-        )
-        _, reps = run(sim, cfg, ticks=6000)
+        sim, (_, reps) = noisy_run(seed, noise=0.1, t_max=1.5)
         assert band_share(reps[len(reps) // 3 :], 0.02, 0.10, per=40) >= 0.95, seed
         assert 0.54 <= sim.temperature <= 1.0  # the band's temperatures on this plant, not the cap (1.5)
 
@@ -183,19 +179,7 @@ def test_a_measured_sign_is_kept_when_a_noisy_fit_loses_significance() -> None:
     corrects with it instead of probing from scratch (the demo walked from T 1.0 down to 0.5 that way, every
     window out of the band); without the memory these seeds probe again later."""
     for seed in (1, 2):
-        sim = Sim(seed=seed, temperature=0.3, slope_sign=-1.0, tokens_per_request=64, rep_noise=0.12)
-        cfg = TemperatureConfig(
-            requested=0.3,
-            min=0.1,
-            max=1.0,
-            band_low=0.02,
-            band_high=0.10,
-            hysteresis=0.01,
-            max_step=0.15,
-            min_requests=8,
-            window_responses=40,
-        )
-        agent, _ = run(sim, cfg, ticks=6000)
+        _, (agent, _) = noisy_run(seed, noise=0.12, t_max=1.0)
         reasons = [a.action.reason for a in agent.applied if a.action.knob == "temperature"]
         known = next(i for i, r in enumerate(reasons) if not r.startswith("probe"))
         assert len(reasons) > known + 10
