@@ -173,7 +173,7 @@ class Sampler:
             cap = captured.get(i) if captured is not None else None
             if captured is not None and cap is None and not (slot.per_batch and final):
                 continue  # a per-batch probe before the batch's end, or a turn its cadence skipped
-            if not isinstance(cap, _Taken) and not slot.due():
+            if not isinstance(cap, (_Taken, BaseException)) and not slot.due():  # (counted at capture)
                 continue
             start = time.perf_counter()
             try:
