@@ -125,14 +125,7 @@ class _ProcfsReader:
             raise
 
     def read(self) -> Reading:
-        try:
-            st = parse_stat(self.stat.read())
-            rss = 0 if st.state == "Z" else parse_statm_rss(self.statm.read())
-        except OSError as exc:
-            if exc.errno in GONE_ERRNOS:
-                raise Gone(str(exc)) from None
-            raise
-        return Reading(st.comm, st.state, st.ppid, (st.utime + st.stime) / CLK_TCK, st.num_threads, st.starttime, rss)
+        return self.parse(self.capture(True), None)
 
     def capture(self, with_stat: bool) -> tuple[bytes | None, bytes]:
         """The raw ``stat`` (when asked) and ``statm`` bytes, unparsed: all a fast tick does at its moment."""
@@ -144,11 +137,13 @@ class _ProcfsReader:
             raise
 
     @staticmethod
-    def parse(raw: tuple[bytes | None, bytes], prev: Reading) -> Reading:
+    def parse(raw: tuple[bytes | None, bytes], prev: Reading | None) -> Reading:
         """A captured pair -> a reading; without ``stat`` bytes the CPU time, threads and state are the last
         ones read (``prev``) and only the RSS is new."""
         stat, statm = raw
         if stat is None:
+            if prev is None:
+                raise ValueError("no stat read yet")
             rss = 0 if prev.state == "Z" else parse_statm_rss(statm)
             return Reading(prev.comm, prev.state, prev.ppid, prev.cpu_s, prev.threads, prev.starttime, rss)
         st = parse_stat(stat)
