@@ -3,6 +3,8 @@ and keeps repetition in the band, close to the requested temperature — whichev
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from policies.temperature import TemperatureConfig, TemperaturePolicy
@@ -108,21 +110,17 @@ def _edge_window(mean: float, spread: float, n: int = 50) -> object:
     return w
 
 
+EDGE_CFG = TemperatureConfig(requested=0.5, min=0.2, max=1.0, band_low=0.02, band_high=0.10, hysteresis=0.01,
+                             min_requests=8, window_responses=40)  # fmt: skip
+"""One policy at T 0.8 asked for 0.5, for the decisions near the band's upper edge."""
+
+
 def test_edge_z_keeps_the_band_one_standard_error_inside() -> None:
     """Mean 0.09 in a 0.02-0.10 band, but responses spread 0.15: windows of 50 swing +-0.02 around it and
     every third one is out.  With ``edge_z = 1`` that is out of the band (it moves away from the edge);
     without, it is in the band (and heads back toward the requested 0.5).  (The window margin, on by
     default, is off here: the next test covers it.)"""
-    cfg = TemperatureConfig(
-        requested=0.5,
-        min=0.2,
-        max=1.0,
-        band_low=0.02,
-        band_high=0.10,
-        hysteresis=0.01,
-        min_requests=8,
-        window_responses=0,
-    )
+    cfg = dataclasses.replace(EDGE_CFG, window_responses=0)
     plain = TemperaturePolicy(cfg)
     acts = plain.decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
@@ -140,16 +138,7 @@ def test_window_margin_keeps_the_mean_where_windows_stay_in_the_band() -> None:
     """The band is judged on windows of ~40 responses.  Responses spread 0.15 around a mean of 0.09: such
     windows swing +-0.024 (1.28 standard errors), so 0.09 is too near the edge — it moves away; spread 0.02
     leaves room (0.004): in the band, it heads back toward the requested 0.5."""
-    cfg = TemperatureConfig(
-        requested=0.5,
-        min=0.2,
-        max=1.0,
-        band_low=0.02,
-        band_high=0.10,
-        hysteresis=0.01,
-        min_requests=8,
-        window_responses=40,
-    )
+    cfg = EDGE_CFG
     acts = TemperaturePolicy(cfg).decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value > 0.8
     assert 0.029 < acts[0].evidence["window_margin"] < 0.032  # 1.28 * 0.15 * sqrt(50/49) / sqrt(40)
