@@ -1113,19 +1113,16 @@ def _batches(
                     if warnings is not None:
                         warnings.append(msg + "; skipped")
                     continue
-                try:
-                    recs.append(_parse_line(raw, lineno))
-                except TraceError as exc:
-                    if not raw.strip():
-                        continue
-                    if torn and i == last:
+                if torn and i == last and raw.strip():
+                    try:
+                        recs.append(_parse_line(raw, lineno))
+                    except TraceError:
                         if warnings is not None:
                             warnings.append(f"{p}: last line {lineno} is incomplete (torn write); ignored")
-                        break
-                    if not skip_bad:
-                        raise TraceError(f"{p}: {exc} (use --skip-bad to read past it)") from None
-                    if warnings is not None:
-                        warnings.append(f"{p}: {exc}; skipped")
+                    break
+                rec = _line_record(raw, lineno, p, skip_bad, warnings)
+                if rec is not None:
+                    recs.append(rec)
             if recs:
                 yield recs
 
