@@ -245,6 +245,7 @@ class TemperaturePolicy(Policy):
             ev["slope_remembered"] = slope
         if self._outside(rep, self._rep_se(temp), wm):
             ev["seq_rep_4_se"] = self._rep_se(temp)
+            where = self._where(rep, max(wm, cfg.edge_z * self._rep_se(temp)))
             target = (cfg.band_low + cfg.band_high) / 2
             if sign == 0 or slope is None:
                 self.phase = "probe"
@@ -260,7 +261,7 @@ class TemperaturePolicy(Policy):
                     new = _clip(temp - step, cfg.min, cfg.max)
                 if abs(new - temp) < 1e-9:
                     return self._penalty(rep, penalty, ev)
-                return [self._move(window, new, f"probe: repetition {rep:.3f} outside the band, sign unknown", ev)]
+                return [self._move(window, new, f"probe: repetition {rep:.3f} {where}, sign unknown", ev)]
             self.phase = "correct"
             delta = (target - rep) / slope
             delta = max(-cfg.max_step, min(cfg.max_step, delta))
@@ -271,8 +272,7 @@ class TemperaturePolicy(Policy):
                 self._move(
                     window,
                     new,
-                    f"repetition {rep:.3f} {'above' if rep > target else 'below'} the band; "
-                    f"measured slope {slope:+.3f}/unit",
+                    f"repetition {rep:.3f} {where}; measured slope {slope:+.3f}/unit",
                     ev,
                 )
             ]
@@ -317,6 +317,16 @@ class TemperaturePolicy(Policy):
             if abs(new - temp) >= 1e-3:
                 return [self._move(window, new, "in band: back toward the requested temperature", ev)]
         return []
+
+    def _where(self, rep: float, window_margin: float) -> str:
+        """Where ``rep`` is, for an action's reason: beyond the band, or inside it but too near an edge."""
+        cfg = self.cfg
+        if rep > cfg.band_high:
+            return "above the band"
+        if rep < cfg.band_low:
+            return "below the band"
+        edge = "upper" if rep > (cfg.band_low + cfg.band_high) / 2 else "lower"
+        return f"in the band but within {window_margin:.3f} of its {edge} edge (windows would swing out)"
 
     def _outside(self, rep: float, se: float, window_margin: float = 0.0, inward: float = 0.0) -> bool:
         """Out of the band: the mean beyond the band and its hysteresis, or closer to an edge than the

@@ -142,6 +142,7 @@ def test_window_margin_keeps_the_mean_where_windows_stay_in_the_band() -> None:
     acts = TemperaturePolicy(cfg).decide(_edge_window(0.09, 0.15), Knobs(temperature=0.8))  # type: ignore[arg-type]
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value > 0.8
     assert 0.029 < acts[0].evidence["window_margin"] < 0.032  # 1.28 * 0.15 * sqrt(50/49) / sqrt(40)
+    assert "in the band but within 0.03" in acts[0].reason and "upper edge" in acts[0].reason  # not "above"
     acts = TemperaturePolicy(cfg).decide(_edge_window(0.09, 0.02), Knobs(temperature=0.8))  # type: ignore[arg-type]
     assert [a.knob for a in acts] == ["temperature"] and acts[0].value < 0.8 and "in band" in acts[0].reason
 
