@@ -34,7 +34,7 @@ effects: $(STAMP)
 	$(PY) -m pytest -q -s tests/bench/test_bench_effects.py -m bench -p no:randomly $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tuner probes policies tui tests
+	$(VENV)/bin/ruff check tuner probes policies tui tests tools
 	$(VENV)/bin/mypy
 
 # Soak (issue 7): 15 minutes of the leaking demo with every policy on (the interactive preset enables

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tuner.core.window import Window
 from tuner.records import Action, Applied, Knobs
-from tuner.window import Window
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}

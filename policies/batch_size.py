@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from policies.base import Bounds, Policy
+from tuner.core.window import Window
+from tuner.policies.base import Bounds, Policy
 from tuner.records import Action, Applied, Knobs
-from tuner.window import Window
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from policies.base import Policy
+from tuner.core.stats import leak_verdict
+from tuner.core.window import Window
+from tuner.policies.base import Policy
 from tuner.records import Action, Applied, Knobs
-from tuner.stats import leak_verdict
-from tuner.window import Window
 
 STEPS: tuple[str, ...] = ("caches", "gc", "empty_cache", "malloc_trim")
 

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.base import BITS, Bounds, Policy
+from tuner.core.window import Window
+from tuner.policies.base import BITS, Bounds, Policy
 from tuner.records import Action, Applied, Knobs
-from tuner.window import Window
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from policies.base import Bounds, Policy
+from tuner.core.window import Window
+from tuner.policies.base import Bounds, Policy
 from tuner.records import Action, Applied, Knobs
-from tuner.window import Window
 
 
 @dataclass(frozen=True)

@@ -52,9 +52,9 @@ def discover(
     ``pids`` are the roots of the process trees to watch (``None``: system-wide only).  Returns the
     available probes and a status for every probe, with the reason for each unavailable one.
     """
-    from probes.cpu import CpuProbe
-    from probes.npu import AscendNpuProbe, IntelNpuProbe
-    from probes.nvidia import NvidiaProbe
+    from tuner.probes.cpu import CpuProbe
+    from tuner.probes.npu import AscendNpuProbe, IntelNpuProbe
+    from tuner.probes.nvidia import NvidiaProbe
 
     cpu = CpuProbe(list(pids or []))
     # the device probes attribute per-process figures to the live tree the CPU probe tracks (servers

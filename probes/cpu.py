@@ -47,7 +47,7 @@ from typing import Any
 
 import psutil
 
-from probes.procfs import (
+from tuner.probes.procfs import (
     CLK_TCK,
     GONE_ERRNOS,
     CpuTimes,

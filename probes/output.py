@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from probes.repetition import Distinct2, response_repetition
+from tuner.probes.repetition import Distinct2, response_repetition
 from tuner.records import Event, Sample
 
 METRICS: dict[str, str] = {

@@ -10,12 +10,12 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.base import Policy
-from tuner.actuator import ChannelActuator, DryRunActuator
-from tuner.agent import Agent
-from tuner.policy_config import build_agent, load_policy
+from tuner.core.actuator import ChannelActuator, DryRunActuator
+from tuner.core.agent import Agent
+from tuner.core.policy_config import build_agent, load_policy
+from tuner.core.window import Window
+from tuner.policies.base import Policy
 from tuner.records import Action, Event, Knobs
-from tuner.window import Window
 
 
 class Tick:
@@ -127,7 +127,7 @@ class Wild(Policy):
     knobs = ("batch_size",)
 
     def __init__(self) -> None:
-        from policies.base import Bounds
+        from tuner.policies.base import Bounds
 
         super().__init__({"batch_size": Bounds(1, 16)})
 
@@ -148,7 +148,7 @@ class Steady(Policy):
 @given(st.lists(st.floats(0.05, 0.5), min_size=60, max_size=120))
 @settings(max_examples=20, deadline=None)
 def test_a_raising_or_out_of_bounds_policy_is_disabled_and_reported_and_the_agent_runs_on(dts: list[float]) -> None:
-    from tuner.arbiter import Arbiter
+    from tuner.core.arbiter import Arbiter
 
     notes = Notes()
     agent = Agent([Boom(), Wild(), Steady()], Arbiter(cooldown_s={"temperature": 1.0}), DryRunActuator(), notes)
@@ -197,7 +197,7 @@ def test_knob_columns_are_added_to_the_tick_before_it_is_recorded() -> None:
 
 
 def test_command_results_reach_the_policy_and_are_recorded() -> None:
-    from tuner.arbiter import Arbiter
+    from tuner.core.arbiter import Arbiter
 
     seen: list[tuple[bool, dict]] = []
 
@@ -229,7 +229,7 @@ def test_command_results_reach_the_policy_and_are_recorded() -> None:
 
 def test_channel_actuator_reaches_a_real_client(tmp_path: Any) -> None:
     from tuner import client
-    from tuner.channel import ChannelServer
+    from tuner.link.channel import ChannelServer
 
     server = ChannelServer(str(tmp_path))
     server.start()
@@ -274,7 +274,7 @@ def test_observe_only_never_actuates() -> None:
 
 
 def test_a_policy_raising_in_feedback_or_on_result_is_disabled_too() -> None:
-    from tuner.arbiter import Arbiter
+    from tuner.core.arbiter import Arbiter
 
     class Fragile(Policy):
         name = "fragile"

@@ -32,8 +32,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policies.batch_size import BatchConfig
 from tests.cli import ROOT, assert_one_line_error, tuner, tuner_env, tuner_popen
+from tuner.policies.batch_size import BatchConfig
 from tuner.records import Action, Applied
 from tuner.trace import TraceWriter, make_header, read_trace
 
@@ -860,7 +860,7 @@ def test_a_late_failure_of_the_sidecar_closes_the_trace_and_spares_the_command(
     the command runs): one 'internal error' line, exit 70, the trace complete with an end record saying
     why, and the command left running to its own end."""
     from tuner.cli import INTERNAL_ERROR
-    from tuner.session import Session
+    from tuner.core.session import Session
 
     start = Session.start
 
@@ -1036,7 +1036,7 @@ def test_fuzzed_argv_through_the_real_command(fuzzdir: Path, argv: list[str]) ->
 
 # -- fuzzed policy documents (in-process: the parser every --policy goes through) ---------------------------
 def _policy_docs() -> st.SearchStrategy[dict[str, object]]:
-    from tuner.policy_config import POLICY_CLASSES, AgentConfig
+    from tuner.core.policy_config import POLICY_CLASSES, AgentConfig
 
     keys = {n: [f.name for f in dataclasses.fields(c)] + ["enabled", "bogus"] for n, (c, _) in POLICY_CLASSES.items()}
     keys["agent"] = [f.name for f in dataclasses.fields(AgentConfig)] + ["bogus"]
@@ -1060,9 +1060,9 @@ def _policy_docs() -> st.SearchStrategy[dict[str, object]]:
 @given(doc=_policy_docs())
 def test_fuzzed_policy_documents_are_accepted_whole_or_refused_in_one_line(doc: dict[str, object]) -> None:
     """Anything a TOML file can hold: a UserError of one line, or a config whose agent builds."""
-    from tuner.actuator import DryRunActuator
+    from tuner.core.actuator import DryRunActuator
+    from tuner.core.policy_config import build_agent, parse_policy
     from tuner.errors import UserError
-    from tuner.policy_config import build_agent, parse_policy
 
     try:
         cfg = parse_policy(doc, source="p.toml")

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.cli import tuner_env
-from tuner.channel import ChannelServer, encode, peer_allowed
+from tuner.link.channel import ChannelServer, encode, peer_allowed
 from tuner.records import Knobs
 
 
@@ -334,8 +334,8 @@ def test_client_disconnect_is_reported(server: ChannelServer) -> None:
 
 SIDECAR = """
 import json, os, sys, time
-from probes.output import OutputProbe
-from tuner.channel import ChannelServer
+from tuner.probes.output import OutputProbe
+from tuner.link.channel import ChannelServer
 seconds = float(sys.argv[2])
 s = ChannelServer(directory=sys.argv[1])
 s.start()
@@ -452,7 +452,7 @@ def test_a_large_valid_message_arrives_whole(server: ChannelServer) -> None:
 def test_out_of_file_descriptors_the_sidecar_waits_instead_of_spinning(tmp_path: Any) -> None:
     script = """
 import json, os, resource, sys, time
-from tuner.channel import ChannelServer
+from tuner.link.channel import ChannelServer
 s = ChannelServer(directory=sys.argv[1])
 s.start()
 resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from probes.output import OutputProbe
 from tests.cli import tuner_env
-from tuner.channel import ChannelServer
+from tuner.link.channel import ChannelServer
+from tuner.probes.output import OutputProbe
 from tuner.records import Event, Knobs
 
 

@@ -124,7 +124,7 @@ def test_single_tick_traces_compare_without_errors(tmp_path: Path) -> None:
     ],
 )
 def test_verdict_rules(a: float | None, b: float | None, better: str | None, ratio: float | None, verdict: str) -> None:
-    from tuner.html_report import _verdict
+    from tuner.outputs.html_report import _verdict
 
     got_ratio, got_verdict = _verdict(a, b, better)
     assert got_verdict == verdict
@@ -132,8 +132,8 @@ def test_verdict_rules(a: float | None, b: float | None, better: str | None, rat
 
 
 def test_numbers_do_not_depend_on_drawing(pair: tuple[Path, Path]) -> None:
-    from tuner.html_report import compare
-    from tuner.report import summarize
+    from tuner.outputs.html_report import compare
+    from tuner.outputs.report import summarize
     from tuner.trace import read_trace
 
     a, b = (read_trace(p) for p in pair)

@@ -111,7 +111,7 @@ def test_workload_carries_out_precision_and_cleanup_commands_from_a_real_channel
     import time
 
     from tests.cli import tuner_env
-    from tuner.channel import ChannelServer
+    from tuner.link.channel import ChannelServer
     from tuner.records import Knobs
 
     server = ChannelServer()

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from tests.cli import tuner_env
-from tuner.channel import ChannelServer
+from tuner.link.channel import ChannelServer
 
 FORK_MID_REQUEST = r"""
 import json, os, sys, threading, time

@@ -24,19 +24,19 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.base import PRECISIONS, Bounds, Policy
-from probes.base import Probe
-from probes.cpu import CpuProbe
-from probes.output import OutputProbe
 from tests.cli import tuner, tuner_env
-from tuner.actuator import ChannelActuator, DryRunActuator
-from tuner.agent import Agent
-from tuner.arbiter import Arbiter
-from tuner.channel import ChannelServer
+from tuner.core.actuator import ChannelActuator, DryRunActuator
+from tuner.core.agent import Agent
+from tuner.core.arbiter import Arbiter
+from tuner.core.sampler import Sampler, Tick
+from tuner.core.window import Window
+from tuner.link.channel import ChannelServer
+from tuner.policies.base import PRECISIONS, Bounds, Policy
+from tuner.probes.base import Probe
+from tuner.probes.cpu import CpuProbe
+from tuner.probes.output import OutputProbe
 from tuner.records import Action, Event, Knobs
-from tuner.sampler import Sampler, Tick
 from tuner.trace import TraceWriter, make_header
-from tuner.window import Window
 
 BOUNDS = {
     "temperature": Bounds(0.1, 1.5),

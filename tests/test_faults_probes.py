@@ -30,13 +30,13 @@ import psutil
 import pynvml
 import pytest
 
-from probes.cpu import CpuProbe
-from probes.nvidia import NvidiaProbe
 from tests.cli import tuner
 from tests.fakes.fake_pynvml import a100_80gb, make_fake_pynvml, rtx_4090
 from tests.test_probe_cpu import Child
+from tuner.core.sampler import Sampler, Tick
+from tuner.probes.cpu import CpuProbe
+from tuner.probes.nvidia import NvidiaProbe
 from tuner.records import Sample
-from tuner.sampler import Sampler, Tick
 from tuner.trace import TraceWriter, make_header
 
 BACKENDS = ["procfs", "psutil"]

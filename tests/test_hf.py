@@ -65,8 +65,8 @@ def test_greedy_batches_match_unbatched_generate() -> None:
 
 
 def test_events_knobs_and_commands_through_a_real_channel() -> None:
-    from tuner.channel import ChannelServer
     from tuner.client import Client
+    from tuner.link.channel import ChannelServer
     from tuner.records import Knobs
 
     server = ChannelServer()

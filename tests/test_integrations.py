@@ -181,8 +181,8 @@ def wait_for(pred: Any, timeout: float = 5.0) -> Any:
 
 
 def test_torch_loop_reads_knobs_and_runs_commands_from_the_sidecar(canary_ids: list[list[int]]) -> None:
-    from tuner.channel import ChannelServer
     from tuner.client import Client
+    from tuner.link.channel import ChannelServer
     from tuner.records import Knobs
 
     server = ChannelServer()

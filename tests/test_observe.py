@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.observe import ObserverClient, ObserverServer, encode
+from tuner.link.observe import ObserverClient, ObserverServer, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_viewer_in_another_process(tmp_path: Path) -> None:
     path = str(tmp_path / "obs.sock")
     code = textwrap.dedent(
         f"""
-        from tuner.observe import ObserverClient
+        from tuner.link.observe import ObserverClient
         c = ObserverClient({path!r})
         n = 0
         while True:

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes.output import OutputProbe, percentile
 from tests.cli import tuner_env
-from tuner.channel import ChannelServer
+from tuner.core.sampler import Sampler, Tick
+from tuner.link.channel import ChannelServer
+from tuner.probes.output import OutputProbe, percentile
 from tuner.records import Sample, unit_of
-from tuner.sampler import Sampler, Tick
 from tuner.trace import TraceWriter, make_header, read_trace
 
 INTERFACE_KEYS = {
@@ -267,11 +267,11 @@ _BY_TYPE: dict[type, st.SearchStrategy[Any]] = {
 @st.composite
 def messages(draw: st.DrawFn) -> dict[str, Any]:
     """Mostly well-typed messages (so many pass validation), with wrong types and unknown fields mixed in."""
-    from tuner.channel import _REQUIRED, _SCHEMA
+    from tuner.link.channel import _REQUIRED, _SCHEMA
 
     kind = draw(st.sampled_from([*_SCHEMA, "client_connect", "other"]))
     if kind == "requests":  # rows: well-typed mostly, in the channel's ROW_FIELDS order
-        from tuner.channel import ROW_FIELDS
+        from tuner.link.channel import ROW_FIELDS
 
         def row() -> st.SearchStrategy[list[Any]]:
             cells = [st.one_of(*[_BY_TYPE[t] for t in types if t in _BY_TYPE]) for _, types in ROW_FIELDS]
@@ -295,7 +295,7 @@ def test_fuzzed_messages_never_break_the_probe(msgs: list[dict[str, Any]], now: 
     """Whatever passes the channel's validation, the probe turns into sane values and strict-JSON events."""
     import json
 
-    from tuner.channel import MessageError, expand_rows, validate
+    from tuner.link.channel import MessageError, expand_rows, validate
 
     ch = ScriptedChannel()
     p = OutputProbe(ch, t0=0.0)
@@ -333,7 +333,7 @@ print(type(c).__name__)
 @pytest.mark.parametrize("record_text", [False, True])
 def test_tuner_run_records_every_request_of_its_command(tmp_path: Path, record_text: bool) -> None:
     """As a user meets it: ``tuner run -- CMD`` sets TUNER_SOCKET, CMD uses tuner.client, the trace has it all."""
-    for mod in ("probes.cpu", "probes.nvidia", "probes.npu"):
+    for mod in ("tuner.probes.cpu", "tuner.probes.nvidia", "tuner.probes.npu"):
         pytest.importorskip(mod, reason=f"{mod} (another helper's probe) is not in the tree yet")
     from tests.cli import tuner
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import itertools
 
-from policies.batch_size import BatchConfig, BatchSizePolicy
 from tests.replay.sim import Sim, SimActuator, SimTick
-from tuner.agent import Agent
-from tuner.arbiter import Arbiter
+from tuner.core.agent import Agent
+from tuner.core.arbiter import Arbiter
+from tuner.policies.batch_size import BatchConfig, BatchSizePolicy
 from tuner.records import Action, Applied, Event, Knobs
 
 
@@ -70,8 +70,8 @@ def test_oom_halves_marks_a_ceiling_cleans_up_and_never_retries_above() -> None:
 
 
 def test_ceiling_is_lifted_when_memory_frees() -> None:
+    from tuner.core.window import Window
     from tuner.records import Event, Knobs
-    from tuner.window import Window
 
     pol = BatchSizePolicy(BatchConfig(min=1, max=64, ceiling_release=0.1))
     w = Window(keys=["sys_mem_available_bytes", "sys_mem_total_bytes"])
@@ -105,8 +105,8 @@ def test_retunes_when_the_load_shifts() -> None:
 def test_queueing_is_not_counted_against_the_batch_size() -> None:
     """Under overload TTFT is mostly queue: a smaller batch would only lengthen it.  The SLO is judged on
     service time (TTFT minus queue), so an overloaded but fast batch stays feasible."""
+    from tuner.core.window import Window
     from tuner.records import Event
-    from tuner.window import Window
 
     pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0, slo_ttft_p95_s=0.5))
     w = Window(keys=[])
@@ -149,7 +149,7 @@ def static_batches(batch: int, n_batches: int, t0: float = 0.0, seed: int = 0) -
 def test_static_batches_are_measured_whole() -> None:
     """One static batch of 64 takes ~5 s: responses ending in a 10 s window swing with where the window
     falls.  The policy waits for ``min_batches`` whole batches and measures tokens over their span."""
-    from tuner.window import Window
+    from tuner.core.window import Window
 
     events, true_rate = static_batches(64, 8, t0=1.0)
     pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0, min_batches=3))
@@ -178,7 +178,7 @@ def test_static_batches_are_measured_whole() -> None:
 
 def test_continuous_batching_falls_back_to_responses_per_window() -> None:
     """Overlapping requests (no batch boundaries): tokens of the responses that ended / the window."""
-    from tuner.window import Window
+    from tuner.core.window import Window
 
     pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0))
     pol.changed_at = 0.0
@@ -199,8 +199,8 @@ def test_continuous_batching_falls_back_to_responses_per_window() -> None:
 def test_a_backlog_is_not_a_load_shift() -> None:
     """Under overload the completion rate is the service rate (it moves with the machine's other load);
     a held knee is re-tuned for a rate change only when requests are not queueing longer than they run."""
-    from policies.batch_size import Measurement
-    from tuner.window import Window
+    from tuner.core.window import Window
+    from tuner.policies.batch_size import Measurement
 
     def held(queue_s: float) -> list[str]:
         pol = BatchSizePolicy(BatchConfig(min=1, max=64, measure_s=10.0, retune_shift=0.3))
@@ -223,7 +223,7 @@ def test_a_backlog_is_not_a_load_shift() -> None:
 def test_a_batch_begun_during_the_settle_time_does_not_turn_off_whole_batch_measuring() -> None:
     """The first batch of the new size began within the settle time: it is not counted, but the window still
     waits for whole batches after it instead of measuring partial responses."""
-    from tuner.window import Window
+    from tuner.core.window import Window
 
     events, true_rate = static_batches(64, 8, t0=1.0, seed=3)
     pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=2.0, measure_s=5.0, min_batches=3))
@@ -346,7 +346,7 @@ def test_refinement_stops_where_a_step_is_below_a_windows_noise() -> None:
 
 
 def test_measurements_of_one_size_are_pooled() -> None:
-    from policies.batch_size import Measurement, _pool
+    from tuner.policies.batch_size import Measurement, _pool
 
     a = Measurement(48, 500.0, 0.5, 0.02, 40, rate=4.0, prompt_mean=100.0)
     b = Measurement(48, 400.0, 0.7, None, 30, rate=3.0, prompt_mean=90.0)

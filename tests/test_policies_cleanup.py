@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
+from tuner.core.window import Window
+from tuner.policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
 from tuner.records import Action, Applied, Knobs
-from tuner.window import Window
 
 KEYS = ["tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_count"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.cli import assert_one_line_error, tuner
-from tuner.actuator import DryRunActuator
+from tuner.core.actuator import DryRunActuator
+from tuner.core.policy_config import PRESETS, build_agent, load_policy
 from tuner.errors import UserError
-from tuner.policy_config import PRESETS, build_agent, load_policy
 
 
 @pytest.mark.parametrize("name", PRESETS)

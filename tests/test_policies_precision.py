@@ -3,13 +3,13 @@ quality guard figures are over budget, holds after a refusal, steps back up when
 
 from __future__ import annotations
 
-from policies.precision import PrecisionConfig, PrecisionPolicy
 from tests.replay.sim import Sim, SimActuator
-from tuner.actuator import DryRunActuator
-from tuner.agent import Agent
-from tuner.arbiter import Arbiter
+from tuner.core.actuator import DryRunActuator
+from tuner.core.agent import Agent
+from tuner.core.arbiter import Arbiter
+from tuner.core.window import Window
+from tuner.policies.precision import PrecisionConfig, PrecisionPolicy
 from tuner.records import Event, Knobs
-from tuner.window import Window
 
 CFG = PrecisionConfig(
     ladder=("fp32", "bf16", "int8"),

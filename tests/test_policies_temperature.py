@@ -7,10 +7,10 @@ import dataclasses
 
 import numpy as np
 
-from policies.temperature import TemperatureConfig, TemperaturePolicy
 from tests.replay.sim import Sim, SimActuator
-from tuner.agent import Agent
-from tuner.arbiter import Arbiter
+from tuner.core.agent import Agent
+from tuner.core.arbiter import Arbiter
+from tuner.policies.temperature import TemperatureConfig, TemperaturePolicy
 from tuner.records import Knobs
 
 CFG = TemperatureConfig(
@@ -86,7 +86,7 @@ def test_at_the_bound_the_repetition_penalty_goes_up_within_its_bounds() -> None
 
 
 def test_decide_is_quiet_without_responses() -> None:
-    from tuner.window import Window
+    from tuner.core.window import Window
 
     pol = TemperaturePolicy(CFG)
     w = Window(keys=[])
@@ -97,8 +97,8 @@ def test_decide_is_quiet_without_responses() -> None:
 
 
 def _edge_window(mean: float, spread: float, n: int = 50) -> object:
+    from tuner.core.window import Window
     from tuner.records import Event
-    from tuner.window import Window
 
     w = Window(keys=["req_seq_rep_4_ratio"])
     rng = np.random.default_rng(0)

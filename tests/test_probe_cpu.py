@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import probes.cpu as cpu_mod
-from probes.base import Probe
-from probes.cpu import CpuProbe
-from probes.procfs import (
+import tuner.probes.cpu as cpu_mod
+from tuner.probes.base import Probe
+from tuner.probes.cpu import CpuProbe
+from tuner.probes.procfs import (
     CLK_TCK,
     PAGE_SIZE,
     CpuTimes,

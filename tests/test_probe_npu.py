@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from probes.base import Probe
-from probes.npu import MB, AscendNpuProbe, IntelNpuProbe, NpuSmiError, parse_info, parse_usages
+from tuner.probes.base import Probe
+from tuner.probes.npu import MB, AscendNpuProbe, IntelNpuProbe, NpuSmiError, parse_info, parse_usages
 from tuner.records import Sample
 
 DATA = Path(__file__).parent / "data" / "npu-smi"

@@ -11,10 +11,10 @@ from typing import Any
 import pynvml
 import pytest
 
-from probes.base import Probe
-from probes.nvidia import NvidiaProbe
 from tests.fakes.fake_pynvml import FakeGpu, GiB, MiB, a100_80gb, make_fake_pynvml, rtx_4090
-from tuner.sampler import Sampler
+from tuner.core.sampler import Sampler
+from tuner.probes.base import Probe
+from tuner.probes.nvidia import NvidiaProbe
 
 ME = os.getpid()
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.cli import assert_one_line_error, tuner, tuner_popen
 from tuner.errors import UserError
-from tuner.prometheus import PrometheusExporter, parse_listen
+from tuner.outputs.prometheus import PrometheusExporter, parse_listen
 
 MiB = 1024 * 1024
 
@@ -171,8 +171,8 @@ def test_close_frees_the_port() -> None:
 
 
 def need_probes() -> None:
-    pytest.importorskip("probes.cpu", reason="the CPU probe (probes/cpu.py) is not in this tree yet")
-    pytest.importorskip("probes.npu", reason="the NPU probe (probes/npu.py) is not in this tree yet")
+    pytest.importorskip("tuner.probes.cpu", reason="the CPU probe (tuner.probes/cpu.py) is not in this tree yet")
+    pytest.importorskip("tuner.probes.npu", reason="the NPU probe (tuner.probes/npu.py) is not in this tree yet")
 
 
 def test_cli_refuses_public_address_with_one_line(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from tests.cli import assert_one_line_error, tuner, tuner_popen
 from tests.test_demo_serve import MODEL, PROMPT, DemoServer, line_queue
-from tuner.proxy import FairLimiter, Proxy, ProxyChannel, ProxyConfig, _Measure, parse_listen, word_ids
+from tuner.proxy.server import FairLimiter, Proxy, ProxyChannel, ProxyConfig, _Measure, parse_listen, word_ids
 from tuner.records import Knobs
 from tuner.trace import read_trace
 

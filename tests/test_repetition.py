@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from probes.repetition import Distinct2, LoopDetector, RepW, SeqRep4, response_repetition
+from tuner.probes.repetition import Distinct2, LoopDetector, RepW, SeqRep4, response_repetition
 
 
 # -- references: straight from the definitions, no cleverness -------------------------------------------

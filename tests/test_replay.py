@@ -11,7 +11,7 @@ import pytest
 from tests.cli import assert_one_line_error, tuner
 from tests.replay.generate import SCENARIOS, decision_row
 from tuner.commands.replay import load, replay
-from tuner.policy_config import load_policy
+from tuner.core.policy_config import load_policy
 from tuner.trace import TraceWriter, make_header, read_trace
 
 HERE = Path(__file__).parent / "replay"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.cli import assert_one_line_error, tuner
+from tuner.outputs.report import render_text, summarize
 from tuner.records import Action, Applied, Event
-from tuner.report import render_text, summarize
 from tuner.trace import TraceWriter, make_header, read_trace
 
 MiB = 1024 * 1024

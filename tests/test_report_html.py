@@ -15,7 +15,7 @@ import pytest
 
 from tests.cli import ROOT, assert_one_line_error, tuner
 from tests.test_report import MiB, make_trace
-from tuner.html_report import FIGURES, WINDOW_S, trace_windows
+from tuner.outputs.html_report import FIGURES, WINDOW_S, trace_windows
 from tuner.trace import read_trace
 
 FIGURE_IDS = [f.__name__.removeprefix("fig_") for f in FIGURES]
@@ -272,7 +272,7 @@ def test_headless_chromium_renders_every_plot(full: tuple[Path, Path, Page], tmp
 
 
 def test_decimate_keeps_extremes_and_order() -> None:
-    from tuner.html_report import decimate
+    from tuner.outputs.html_report import decimate
 
     rng = np.random.default_rng(0)
     x = np.arange(100_000) * 0.1

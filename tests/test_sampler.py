@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from tuner.core.sampler import Sampler, Tick
 from tuner.records import Sample
-from tuner.sampler import Sampler, Tick
 
 
 class CaptureProbe:

@@ -105,7 +105,7 @@ def test_prometheus_binds_loopback_unless_told(tmp_path: Path, addr: str, extra:
 # -- the proxy --------------------------------------------------------------------------------------------
 def test_proxy_listens_on_loopback_by_default() -> None:
     from tuner.cli import build_parser
-    from tuner.proxy import is_loopback, parse_listen
+    from tuner.proxy.server import is_loopback, parse_listen
 
     args = build_parser().parse_args(["proxy", "--upstream", "http://127.0.0.1:9"])
     host, _ = parse_listen(args.listen, args.public)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuner.stats import leak_verdict, mann_kendall, percentiles, theil_sen
+from tuner.core.stats import leak_verdict, mann_kendall, percentiles, theil_sen
 
 MiB = 1024 * 1024
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from tests.cli import assert_one_line_error, tuner
-from tui.app import TunerApp
-from tui.model import Columns, Model
-from tui.source import FileSource, QueueSource, SocketSource
-from tuner.observe import ObserverServer
+from tuner.link.observe import ObserverServer
+from tuner.tui.app import TunerApp
+from tuner.tui.model import Columns, Model
+from tuner.tui.source import FileSource, QueueSource, SocketSource
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "traces" / "example-demo.jsonl"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tui.app import TunerApp
-from tui.source import FileSource
+from tuner.tui.app import TunerApp
+from tuner.tui.source import FileSource
 
 FIXTURE = Path(__file__).resolve().parents[1] / "traces" / "example-demo.jsonl"
 

@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tuner.core.window import Ring, Window
 from tuner.records import Event
-from tuner.window import Ring, Window
 
 
 @settings(max_examples=200, deadline=None)

@@ -21,9 +21,9 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, SelectionList, Static
 from textual.worker import get_current_worker
 
-from tui.model import SPEEDS, WINDOWS, Model, clock, fmt_value, nice_window
-from tui.source import RecordSource
-from tui.widgets import Chart, DevicePanel, MissingPanel, _set
+from tuner.tui.model import SPEEDS, WINDOWS, Model, clock, fmt_value, nice_window
+from tuner.tui.source import RecordSource
+from tuner.tui.widgets import Chart, DevicePanel, MissingPanel, _set
 
 HELP = """\
 [b]Keys[/b]
@@ -504,12 +504,12 @@ def _num(v: Any) -> float | None:
 
 def run_live(socket_path: str) -> None:
     """Run the dashboard on a session's observer socket until the user presses q."""
-    from tui.source import SocketSource
+    from tuner.tui.source import SocketSource
 
     TunerApp(SocketSource(socket_path)).run()
 
 
 def run_file(path: str) -> None:
-    from tui.source import FileSource
+    from tuner.tui.source import FileSource
 
     TunerApp(FileSource(path)).run()

@@ -100,7 +100,7 @@ class SocketSource:
     replay = False
 
     def __init__(self, path: str) -> None:
-        from tuner.observe import ObserverClient
+        from tuner.link.observe import ObserverClient
 
         if not os.path.exists(path):
             raise UserError(f"{path}: no such socket (is the session running? it prints its live-view socket)")

@@ -22,7 +22,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Sparkline, Static
 
-from tui.model import ChartSpec, Device, Model, fmt_value
+from tuner.tui.model import ChartSpec, Device, Model, fmt_value
 
 PALETTE = ("#5fafff", "#ffaf5f", "#87d75f", "#d787d7", "#5fd7d7", "#d7d75f")
 TREND_COLOR = "#ff5f5f"

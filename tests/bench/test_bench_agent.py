@@ -27,10 +27,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/bench has no __init__: make `tests` importable
 
 from tests.replay.sim import Sim
-from tuner.actuator import DryRunActuator
 from tuner.commands.replay import Recording, ReplayTick, load, replay
-from tuner.policy_config import build_agent, load_policy
-from tuner.window import Window
+from tuner.core.actuator import DryRunActuator
+from tuner.core.policy_config import build_agent, load_policy
+from tuner.core.window import Window
 
 N = int(os.environ.get("TUNER_BENCH_TICKS", "20000"))
 FIXTURE = Path(__file__).resolve().parents[1] / "replay" / "interactive.jsonl"

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from probes.repetition import response_repetition
-from tuner.channel import ChannelServer
 from tuner.client import Client
+from tuner.link.channel import ChannelServer
+from tuner.probes.repetition import response_repetition
 
 CALLS = 1000  # token calls per timed round
 ROUNDS = 300
@@ -256,8 +256,8 @@ def test_decode_loop_with_client_on_vs_off(benchmark: Any) -> None:
 
 SIDECAR = """
 import sys, time
-from probes.output import OutputProbe
-from tuner.channel import ChannelServer
+from tuner.probes.output import OutputProbe
+from tuner.link.channel import ChannelServer
 s = ChannelServer(directory=sys.argv[1])
 s.start()
 p = OutputProbe(s, t0=time.monotonic())

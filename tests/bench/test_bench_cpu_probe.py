@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from probes.cpu import CpuProbe
+from tuner.probes.cpu import CpuProbe
 
 SPAWN = """
 import subprocess, sys, time
@@ -197,7 +197,7 @@ import os, sys, time
 sys.path.insert(0, sys.argv[4])
 hz, seconds, mode = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 import psutil
-from probes.cpu import CpuProbe
+from tuner.probes.cpu import CpuProbe
 target = os.getppid()
 if mode == "cpu_probe":
     probe = CpuProbe([target])

@@ -51,7 +51,7 @@ class DrainedChannel:
     """A real sidecar channel whose messages are consumed, as the session's sampler would."""
 
     def __init__(self) -> None:
-        from tuner.channel import ChannelServer
+        from tuner.link.channel import ChannelServer
 
         self.server = ChannelServer()
         self.server.start()

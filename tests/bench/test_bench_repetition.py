@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from probes.repetition import Distinct2, response_repetition
+from tuner.probes.repetition import Distinct2, response_repetition
 
 
 def workload() -> list[list[int]]:
@@ -108,8 +108,8 @@ def test_sidecar_path_throughput(benchmark: Any) -> None:
     expansion -> output probe (repetition, distinct-2, rolling values).  Goal >= 1M tokens/s."""
     import json
 
-    from probes.output import OutputProbe
-    from tuner.channel import expand_rows, validate
+    from tuner.link.channel import expand_rows, validate
+    from tuner.probes.output import OutputProbe
 
     responses = workload()
     tokens = sum(map(len, responses))

@@ -84,8 +84,8 @@ def test_whole_ticks_vs_batches_at_100hz(tmp_path: object, benchmark: object) ->
     included), and a bare 10 ms sleep.  Rounds alternate so they share the machine's load."""
     import subprocess
 
-    from tuner.channel import ChannelServer
-    from tuner.session import Session, SessionOptions
+    from tuner.core.session import Session, SessionOptions
+    from tuner.link.channel import ChannelServer
 
     child = subprocess.Popen(["sleep", "120"])
     opts = SessionOptions(interval=0.01, trace=f"{tmp_path}/w.jsonl", quiet=True)

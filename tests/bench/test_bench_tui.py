@@ -24,10 +24,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/bench is not a package
 
 from tests.helpers.make_example_trace import write
-from tui.app import TunerApp
-from tui.source import QueueSource
-from tuner.observe import ObserverServer
+from tuner.link.observe import ObserverServer
 from tuner.trace import iter_records
+from tuner.tui.app import TunerApp
+from tuner.tui.source import QueueSource
 
 ROOT = Path(__file__).resolve().parents[2]
 SECONDS = float(os.environ.get("TUNER_BENCH_SECONDS", "20"))
@@ -88,8 +88,8 @@ def test_redraw_8_charts_10_minutes(ten_minutes: list[dict[str, Any]], benchmark
 
 CHILD = """
 import asyncio, sys
-from tui.app import TunerApp
-from tui.source import SocketSource
+from tuner.tui.app import TunerApp
+from tuner.tui.source import SocketSource
 async def main():
     app = TunerApp(SocketSource(sys.argv[1]))
     async with app.run_test(size=(160, 48)) as pilot:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.replay.sim import Sim, SimActuator
-from tuner.policy_config import build_agent, load_policy
+from tuner.core.policy_config import build_agent, load_policy
 from tuner.trace import TraceWriter, make_header
 
 HERE = Path(__file__).resolve().parent

@@ -8,8 +8,8 @@ import os
 import stat
 from pathlib import Path
 
+from tuner.core.session import SessionOptions, check_interval
 from tuner.errors import UserError
-from tuner.session import SessionOptions, check_interval
 
 _TRACE_MAGIC = b'{"k":"header"'
 
@@ -61,14 +61,14 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         raise UserError("--policy '': give a preset (interactive, offline, edge) or a .toml file")
     config = None
     if args.policy:
-        from tuner.policy_config import load_policy
+        from tuner.core.policy_config import load_policy
 
         config = load_policy(args.policy)  # raises a one-line UserError
     elif args.observe_only:
         raise UserError("--observe-only needs --policy P (without a policy nothing acts anyway)")
     check_trace_target(args.trace, overwrite=bool(getattr(args, "overwrite", False)))
     if args.prometheus:
-        from tuner.prometheus import check_bindable, parse_listen
+        from tuner.outputs.prometheus import check_bindable, parse_listen
 
         addr = parse_listen(args.prometheus, args.prometheus_public)  # a bad address fails before a child starts
         check_bindable(addr, args.prometheus)  # and so does a port already taken

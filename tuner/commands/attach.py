@@ -13,8 +13,8 @@ import psutil
 
 from tuner.commands._common import add_session_options, redact_command, session_options
 from tuner.commands.run import print_brief_summary
+from tuner.core.session import Session, pid_exists_or_error
 from tuner.errors import UserError
-from tuner.session import Session, pid_exists_or_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:

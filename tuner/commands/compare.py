@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuner.html_report import compare, render_compare, render_compare_text
+    from tuner.outputs.html_report import compare, render_compare, render_compare_text
 
     if args.html is not None:
         from tuner.commands._common import check_not_a_trace, require_path

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from tuner.commands.run import supervise
 
     tui = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
-    if tui and importlib.util.find_spec("tui.app") is None:
+    if tui and importlib.util.find_spec("tuner.tui.app") is None:
         if not args.quiet:
             print("tuner: the dashboard is not installed here; running headless", file=sys.stderr)
         tui = False
@@ -198,7 +198,7 @@ def _stop_server(proc: subprocess.Popen[str]) -> int | None:
 def run_serve(args: argparse.Namespace) -> int:
     from tuner.commands.proxy import bind, serve_proxy
     from tuner.commands.run import print_brief_summary
-    from tuner.proxy import ProxyConfig, parse_listen
+    from tuner.proxy.server import ProxyConfig, parse_listen
 
     duration = _serve_checks(args)
     host, port = parse_listen(args.listen, args.public)
@@ -208,7 +208,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         opts.trace = str(default_trace_path(["demo"]))
     tui = not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
-    if tui and importlib.util.find_spec("tui.app") is None:
+    if tui and importlib.util.find_spec("tuner.tui.app") is None:
         if not args.quiet:
             print("tuner: the dashboard is not installed here; running headless", file=sys.stderr)
         tui = False

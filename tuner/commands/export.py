@@ -28,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuner import export
     from tuner.commands._common import check_not_a_trace, require_path
     from tuner.commands.report import check_output
+    from tuner.outputs import export
     from tuner.trace import read_trace
 
     require_path(args.trace, "TRACE")

@@ -8,8 +8,8 @@ import os
 import time
 from typing import Any
 
-from probes.base import discover
 from tuner.commands.attach import parse_pid
+from tuner.probes.base import discover
 from tuner.records import split_key, unit_of
 
 

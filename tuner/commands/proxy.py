@@ -63,7 +63,7 @@ def _bounds(text: str) -> tuple[float, float]:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from tuner.proxy import ProxyConfig, parse_cleanup, parse_upstream
+    from tuner.proxy.server import ProxyConfig, parse_cleanup, parse_upstream
 
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise UserError("--max-concurrency must be at least 1")
@@ -101,7 +101,7 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     from tuner.commands.attach import parse_pid
     from tuner.commands.run import print_brief_summary, want_tui
-    from tuner.proxy import parse_listen
+    from tuner.proxy.server import parse_listen
 
     host, port = parse_listen(args.listen, args.public)
     config = build_config(args)
@@ -142,8 +142,8 @@ def serve_proxy(
     """
     import uvicorn
 
-    from tuner.proxy import Proxy, ProxyChannel
-    from tuner.session import Session
+    from tuner.core.session import Session
+    from tuner.proxy.server import Proxy, ProxyChannel
 
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
@@ -236,7 +236,7 @@ def _dashboard(session: Any) -> None:
     if path is None:
         session.log("no live feed for the dashboard; proxying headless until Ctrl-C")
         threading.Event().wait()
-    from tui.app import run_live
+    from tuner.tui.app import run_live
 
     try:
         run_live(path)

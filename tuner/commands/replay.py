@@ -118,8 +118,8 @@ def replay(
     rec: Recording, config: Any, out: TraceWriter | None = None
 ) -> tuple[list[Applied], list[tuple[float, str, str]]]:
     """Run the agent for ``config`` over ``rec`` with a dry-run actuator; returns (decisions, notes)."""
-    from tuner.actuator import DryRunActuator
-    from tuner.policy_config import build_agent
+    from tuner.core.actuator import DryRunActuator
+    from tuner.core.policy_config import build_agent
 
     writer = _Collector(out)
     agent = build_agent(config, DryRunActuator(), writer, observe_only=True)
@@ -166,7 +166,7 @@ def _fmt(v: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from tuner.commands._common import check_not_a_trace, require_path
     from tuner.commands.report import check_output
-    from tuner.policy_config import load_policy
+    from tuner.core.policy_config import load_policy
 
     require_path(args.trace, "TRACE")
     if args.policy is not None and not args.policy.strip():

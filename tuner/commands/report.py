@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load(path: str, *, skip_bad: bool) -> tuple[TraceData, dict[str, Any]]:
     """Read and summarize a trace; reader warnings go to stderr.  Shared with ``tuner compare``."""
     from tuner.commands._common import require_path
-    from tuner.report import summarize
+    from tuner.outputs.report import summarize
     from tuner.trace import read_trace
 
     require_path(path, "TRACE")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_not_a_trace(args.html, (args.trace,), option="--html")
     data, summary = load(args.trace, skip_bad=args.skip_bad)
     if args.html:
-        from tuner.html_report import render_report
+        from tuner.outputs.html_report import render_report
 
         write_text(args.html, render_report(data, summary))
         print(f"tuner: wrote {args.html}", file=sys.stderr)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(summary, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     else:
-        from tuner.report import render_text
+        from tuner.outputs.report import render_text
 
         print(render_text(summary))
     return 0

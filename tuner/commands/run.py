@@ -13,8 +13,8 @@ from types import FrameType
 from typing import Any
 
 from tuner.commands._common import add_session_options, redact_command, session_options
+from tuner.core.session import Session, SessionOptions
 from tuner.errors import UserError
-from tuner.session import Session, SessionOptions
 from tuner.trace import default_trace_path
 
 GRACE_S = 5.0
@@ -236,7 +236,7 @@ def run_dashboard(
     if path is None:
         session.log("no live feed for the dashboard; recording headless")
         return
-    from tui.app import run_live
+    from tuner.tui.app import run_live
 
     try:
         run_live(path)
@@ -253,7 +253,7 @@ def run_dashboard(
 
 def open_channel() -> Any:
     """The socket the inference's ``tuner.client`` talks to (its path goes into ``TUNER_SOCKET``)."""
-    from tuner.channel import ChannelServer
+    from tuner.link.channel import ChannelServer
 
     try:
         server = ChannelServer()
@@ -266,7 +266,7 @@ def open_channel() -> Any:
 def print_brief_summary(path: object) -> None:
     """A few lines for the terminal; `tuner report` has the full picture."""
     try:
-        from tuner.report import render_text, summarize
+        from tuner.outputs.report import render_text, summarize
         from tuner.trace import read_trace
 
         print(render_text(summarize(read_trace(str(path)))), file=sys.stderr)

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("an empty TRACE or SOCKET: give a file name")
     if bool(args.trace) == bool(args.connect):
         raise UserError("give either a TRACE file or --connect SOCKET (one of them)")
-    from tui.app import TunerApp
-    from tui.source import FileSource, RecordSource, SocketSource
+    from tuner.tui.app import TunerApp
+    from tuner.tui.source import FileSource, RecordSource, SocketSource
 
     source: RecordSource = SocketSource(args.connect) if args.connect else FileSource(args.trace)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from probes.base import Probe, ProbeStatus, discover
+from tuner.core.sampler import MAX_INTERVAL, MIN_INTERVAL, Sampler, Tick
 from tuner.errors import UserError
+from tuner.probes.base import Probe, ProbeStatus, discover
 from tuner.records import Event
-from tuner.sampler import MAX_INTERVAL, MIN_INTERVAL, Sampler, Tick
 from tuner.trace import TraceWriter, default_trace_path, make_header
 
 
@@ -88,7 +88,7 @@ class Session:
         self.statuses: list[ProbeStatus] = statuses
         extra = list(extra_probes or [])
         if channel is not None:
-            from probes.output import OutputProbe
+            from tuner.probes.output import OutputProbe
 
             extra.append(OutputProbe(channel, t0=self.t0, record_text=opts.record_text))
         for p in extra:
@@ -123,7 +123,7 @@ class Session:
             self.writer.add_line_listener(self.observer.publish_line)
 
         if opts.prometheus:
-            from tuner.prometheus import PrometheusExporter, parse_listen
+            from tuner.outputs.prometheus import PrometheusExporter, parse_listen
 
             addr = parse_listen(opts.prometheus, opts.prometheus_public)
             try:
@@ -154,7 +154,7 @@ class Session:
         import tempfile
 
         try:
-            from tuner.observe import ObserverServer
+            from tuner.link.observe import ObserverServer
 
             chan_path = getattr(self.channel, "path", None)
             if isinstance(chan_path, str) and os.path.isdir(os.path.dirname(chan_path)):
@@ -183,8 +183,8 @@ class Session:
             self._own_dir = None
 
     def _build_agent(self, config: Any) -> Any:
-        from tuner.actuator import ChannelActuator, DryRunActuator
-        from tuner.policy_config import build_agent
+        from tuner.core.actuator import ChannelActuator, DryRunActuator
+        from tuner.core.policy_config import build_agent
 
         actuator: Any
         if self.opts.observe_only:

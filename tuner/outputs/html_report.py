@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from tuner.core.stats import ENVELOPE_BINS, MIN_BINS, lower_envelope, theil_sen
+from tuner.outputs.report import human_bytes, human_value
 from tuner.records import split_key
-from tuner.report import human_bytes, human_value
-from tuner.stats import ENVELOPE_BINS, MIN_BINS, lower_envelope, theil_sen
 from tuner.trace import TraceData
 
 MAX_LINE_POINTS = 1500

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from probes.base import Probe
+from tuner.probes.base import Probe
 from tuner.records import Event, Sample
 
 MIN_INTERVAL = 0.001  # 1000 Hz

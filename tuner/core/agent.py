@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
-from policies.base import BITS, COMMAND_KNOBS, Policy
-from tuner.actuator import Actuator
-from tuner.arbiter import Arbiter
+from tuner.core.actuator import Actuator
+from tuner.core.arbiter import Arbiter
+from tuner.core.window import Window
+from tuner.policies.base import BITS, COMMAND_KNOBS, Policy
 from tuner.records import Action, Applied, Event, Knobs
-from tuner.window import Window
 
 KNOB_COLUMNS: tuple[tuple[str, str], ...] = (
     ("temperature", "knob_temperature"),

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.base import PRECISIONS, Bounds
+from tuner.policies.base import PRECISIONS, Bounds
 from tuner.records import Action, Knobs
 
 

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from tuner.channel import peer_refusal
+from tuner.link.channel import peer_refusal
 
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024

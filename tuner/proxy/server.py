@@ -81,8 +81,8 @@ import h11
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from tuner.channel import ROW_FIELDS, expand_rows
 from tuner.errors import UserError
+from tuner.link.channel import ROW_FIELDS, expand_rows
 from tuner.records import Knobs
 
 MEASURED = ("/v1/chat/completions", "/v1/completions")

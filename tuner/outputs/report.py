@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from tuner.core.stats import leak_verdict, percentiles
 from tuner.records import split_key, unit_of
-from tuner.stats import leak_verdict, percentiles
 from tuner.trace import TraceData
 
 MEMORY_TREND_NAMES = (

@@ -19,12 +19,12 @@ from typing import Any
 
 import tomllib
 
-from policies.base import PRECISIONS, Bounds, Policy
-from policies.batch_size import BatchConfig, BatchSizePolicy
-from policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
-from policies.precision import PrecisionConfig, PrecisionPolicy
-from policies.temperature import TemperatureConfig, TemperaturePolicy
 from tuner.errors import UserError
+from tuner.policies.base import PRECISIONS, Bounds, Policy
+from tuner.policies.batch_size import BatchConfig, BatchSizePolicy
+from tuner.policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
+from tuner.policies.precision import PrecisionConfig, PrecisionPolicy
+from tuner.policies.temperature import TemperatureConfig, TemperaturePolicy
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "policies" / "presets"
 PRESETS: tuple[str, ...] = ("interactive", "offline", "edge")
@@ -268,7 +268,7 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
     elif isinstance(cfg, PrecisionConfig):
         if not cfg.ladder or any(p not in PRECISIONS for p in cfg.ladder):
             raise fail(f"{pname}.ladder must list precisions from {', '.join(PRECISIONS)}, got {list(cfg.ladder)}")
-        from policies.base import BITS
+        from tuner.policies.base import BITS
 
         bits = [BITS[p] for p in cfg.ladder]
         if bits != sorted(bits, reverse=True) or len(set(cfg.ladder)) != len(cfg.ladder):
@@ -318,9 +318,9 @@ def build_policies(config: PolicyConfig) -> list[Policy]:
 def build_agent(config: PolicyConfig, actuator: Any, writer: Any, observe_only: bool = False, **kw: Any) -> Any:
     """The agent for ``config``: its policies (switched on as the file says), an arbiter with the
     configured bounds/cooldowns/priority, ``actuator`` (a dry run whatever it is when ``observe_only``)."""
-    from tuner.actuator import DryRunActuator
-    from tuner.agent import Agent
-    from tuner.arbiter import Arbiter
+    from tuner.core.actuator import DryRunActuator
+    from tuner.core.agent import Agent
+    from tuner.core.arbiter import Arbiter
 
     if observe_only and not isinstance(actuator, DryRunActuator):
         actuator = DryRunActuator()

@@ -1,0 +1,1 @@
+"""The core loop: sampler, session, agent, arbiter, actuator, the window the policies read, statistics."""

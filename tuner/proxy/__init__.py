@@ -1,0 +1,1 @@
+"""The OpenAI-compatible proxy in front of a serving engine (``tuner proxy``)."""
