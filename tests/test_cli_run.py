@@ -30,7 +30,7 @@ time.sleep(1.2)
 """
 
 
-@pytest.mark.parametrize("interval", ["0.1", "0.01"])  # 100 Hz runs in batches (tuner.sampler)
+@pytest.mark.parametrize("interval", ["0.1", "0.01"])  # 100 Hz runs in batches (tuner.core.sampler)
 def test_run_sees_a_300mb_allocation_rise_and_fall(tmp_path: Path, interval: str) -> None:
     trace = tmp_path / "t.jsonl"
     cp = tuner("run", "--interval", interval, "--trace", str(trace), "--", sys.executable, "-c", ALLOC_300)

@@ -11,7 +11,7 @@ c.poll()                             # between batches: runs commands the sideca
 ```
 
 What is timed (``time.monotonic()`` stamps taken in this process; the sidecar turns them into seconds,
-``tuner.channel.expand_rows``):
+``tuner.link.channel.expand_rows``):
 
 - ``queue_seconds`` = ``started()`` - ``request()`` (0 when ``started()`` is never called);
 - ``ttft_seconds`` = first ``token()``/``text()`` - ``request()`` (what the user waits, queue included);
@@ -78,7 +78,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 LOOP_MAX_N = 64
 ROWS_PER_FRAME = 256
 IDS_PER_FRAME = 8192  # one C encode call holds the GIL: keep each well under a millisecond
-ROW_IDS = 9  # positions in a ``requests`` row (tuner.channel.ROW_FIELDS)
+ROW_IDS = 9  # positions in a ``requests`` row (tuner.link.channel.ROW_FIELDS)
 ROW_TEXT = 16
 
 _monotonic = time.monotonic
@@ -667,7 +667,7 @@ class Client:
             time.sleep(0)  # hand the GIL back to the inference between batches (no convoy behind us)
 
     def _row(self, r: Request, end: float) -> list[Any]:
-        """One finished request as a ``requests`` row (``tuner.channel.ROW_FIELDS`` order): raw monotonic
+        """One finished request as a ``requests`` row (``tuner.link.channel.ROW_FIELDS`` order): raw monotonic
         stamps; the sidecar derives queue/TTFT/TPOT/e2e from them with the formulas in this module's doc."""
         ids = r.ids
         n = len(ids)

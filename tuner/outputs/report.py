@@ -10,7 +10,7 @@
 - ``memory_trend``: ``{"per_minute": {key: verdict}, "per_1k_requests": {key: verdict}}`` for
   ``tree_rss_bytes`` (always listed) and every device/allocator memory column present; the request-based
   trend is there only when the trace has ``request`` events (x = requests finished by each tick / 1000).
-  A verdict is ``tuner.stats.LeakVerdict.as_dict()``: verdict, slope, p_value, n, unit, reason.
+  A verdict is ``tuner.core.stats.LeakVerdict.as_dict()``: verdict, slope, p_value, n, unit, reason.
 - ``peak_memory_bytes``: ``{key: max}`` for every memory column judged in ``memory_trend`` that has samples
   (per device: ``gpu_mem_used_bytes/0`` ...)
 - ``requests``: None without ``request`` events, else ``{"count", "failed", "output_tokens",

@@ -12,7 +12,7 @@ channel API the output probe and the actuator use (``drain``, ``clients``, ``sta
 ``broadcast_knobs``, ``send_command``), so ``Session(channel=ProxyChannel())`` records exactly the
 ``request`` events and ``req_*`` columns ``tuner run`` records, and an agent (``--policy``) drives the
 proxy through the same actuator it uses for a socket client.  Each finished request becomes a row in
-``tuner.channel.ROW_FIELDS`` order, expanded with ``tuner.channel.expand_rows`` — the same formulas as
+``tuner.link.channel.ROW_FIELDS`` order, expanded with ``tuner.link.channel.expand_rows`` — the same formulas as
 ``tuner.client``:
 
 - ``created`` = the request reached the proxy; ``started`` = it got a concurrency slot, so
@@ -207,7 +207,7 @@ def word_ids(text: str) -> list[int]:
 
 # -- the in-process channel the session reads ---------------------------------------------------------
 class ProxyChannel:
-    """The channel API (``tuner.channel.ChannelServer``'s) for a client living in this process: the proxy.
+    """The channel API (``tuner.link.channel.ChannelServer``'s) for a client living in this process: the proxy.
 
     Any thread may call it: the loop thread posts finished requests, the sampler thread drains them and
     pushes knobs and commands.
