@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tuner.trace as trace_mod
+import tuner.trace.writer as trace_writer
 from tuner.records import Action, Applied, Event
 from tuner.trace import (
     SCHEMA_VERSION,
@@ -373,7 +374,7 @@ def test_full_disk_half_written_line_is_completed_when_space_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     disk = FlakyDisk()
-    monkeypatch.setattr(trace_mod, "_os_write", disk)
+    monkeypatch.setattr(trace_writer, "_os_write", disk)
     p = tmp_path / "t.jsonl"
     w = TraceWriter(p, header())
     w.tick(0.0, {"a_bytes": 0.0})
@@ -398,8 +399,8 @@ def test_full_disk_buffer_is_bounded_oldest_dropped_and_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     disk = FlakyDisk()
-    monkeypatch.setattr(trace_mod, "_os_write", disk)
-    monkeypatch.setattr(trace_mod, "BUFFER_LIMIT", 2000)
+    monkeypatch.setattr(trace_writer, "_os_write", disk)
+    monkeypatch.setattr(trace_writer, "BUFFER_LIMIT", 2000)
     p = tmp_path / "t.jsonl"
     w = TraceWriter(p, header())
     disk.room = 10  # part of the first tick goes out, then the disk is full
@@ -418,7 +419,7 @@ def test_full_disk_buffer_is_bounded_oldest_dropped_and_counted(
 
 
 def test_unwritable_header_is_an_error_and_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trace_mod, "_os_write", FlakyDisk(room=0))
+    monkeypatch.setattr(trace_writer, "_os_write", FlakyDisk(room=0))
     with pytest.raises(OSError):
         TraceWriter(tmp_path / "t.jsonl", header())
     assert not (tmp_path / "t.jsonl").exists()
@@ -496,8 +497,8 @@ def test_any_pattern_of_disk_failures_keeps_order_and_counts_every_drop(
     disk = FlakyDisk()
     p = tmp_path_factory.mktemp("flaky") / "t.jsonl"
     mp = pytest.MonkeyPatch()
-    mp.setattr(trace_mod, "_os_write", disk)
-    mp.setattr(trace_mod, "BUFFER_LIMIT", 1500)
+    mp.setattr(trace_writer, "_os_write", disk)
+    mp.setattr(trace_writer, "BUFFER_LIMIT", 1500)
     try:
         w = TraceWriter(p, header())
         n = 0

@@ -23,7 +23,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import tuner.trace as trace_mod
+import tuner.trace.columns as trace_columns
+import tuner.trace.format as trace_format
+import tuner.trace.reader as trace_reader
+import tuner.trace.writer as trace_writer
 from tuner.records import Action, Applied, Event
 from tuner.trace import TraceData, TraceError, TraceWriter, columns_path, make_header, read_trace
 
@@ -36,7 +39,7 @@ def header() -> dict[str, Any]:
 def counting_blocks() -> Iterator[list[int]]:
     """Counts the companion blocks ``read_trace`` takes (checked against the trace) while inside."""
     taken: list[int] = []
-    real = trace_mod._check_block
+    real = trace_reader._check_block
 
     def check(*args: Any) -> Any:
         blk = real(*args)
@@ -44,11 +47,11 @@ def counting_blocks() -> Iterator[list[int]]:
             taken.append(len(blk.covered.t))
         return blk
 
-    trace_mod._check_block = check  # type: ignore[assignment]
+    trace_reader._check_block = check  # type: ignore[assignment]
     try:
         yield taken
     finally:
-        trace_mod._check_block = real  # type: ignore[assignment]
+        trace_reader._check_block = real  # type: ignore[assignment]
 
 
 def outcome(path: Path, skip_bad: bool) -> TraceData | str:
@@ -247,7 +250,7 @@ def damage(path: Path, how: tuple[str, int, int], other: Path) -> None:
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trace_mod, "_COLS_BLOCK_BYTES", 300)  # many blocks from a few ticks
+    monkeypatch.setattr(trace_columns, "_COLS_BLOCK_BYTES", 300)  # many blocks from a few ticks
 
 
 def check_script(
@@ -395,7 +398,7 @@ def test_companion_write_failure_is_abandoned_and_trace_unharmed(
     ref = tmp_path / "ref.jsonl"
     write_ticks(ref, 80)
     disk = FailingDisk(room, err)
-    monkeypatch.setattr(trace_mod, "_cols_write", disk)
+    monkeypatch.setattr(trace_columns, "_cols_write", disk)
     path = tmp_path / "t.jsonl"
     w = write_ticks(path, 80)  # never raises
     assert disk.calls and w.error is None
@@ -432,8 +435,8 @@ def test_trace_write_failure_leaves_that_range_to_the_trace(
         room[0] -= n
         return n
 
-    monkeypatch.setattr(trace_mod, "_os_write", disk)
-    monkeypatch.setattr(trace_mod, "BUFFER_LIMIT", 400)
+    monkeypatch.setattr(trace_writer, "_os_write", disk)
+    monkeypatch.setattr(trace_writer, "BUFFER_LIMIT", 400)
     path = tmp_path / "t.jsonl"
     w = TraceWriter(path, header())
     for i in range(120):
@@ -454,7 +457,8 @@ KILLED_CHILD = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
 import tuner.trace as t
-t._COLS_BLOCK_BYTES = 2000
+import tuner.trace.columns
+tuner.trace.columns._COLS_BLOCK_BYTES = 2000
 w = t.TraceWriter(sys.argv[1], t.make_header(probes={}, interval_s=0.01))
 i = 0
 while True:
@@ -497,7 +501,7 @@ def test_procs_are_parsed_when_first_asked(tmp_path: Path) -> None:
 
 
 def _same_round(x: float) -> bool:
-    a, b = trace_mod._round6(x), round(x, 6)
+    a, b = trace_format._round6(x), round(x, 6)
     return type(a) is type(b) and (a == b or (a != a and b != b)) and math.copysign(1, a) == math.copysign(1, b)
 
 
@@ -515,7 +519,7 @@ def test_round6_is_round(x: float) -> None:
 def test_round6_on_tick_times() -> None:
     assert all(_same_round(i * 0.1) and _same_round(i / 3) and _same_round(i * 1e-7) for i in range(-20000, 100000))
     assert all(_same_round(x) for x in (0.0, -0.0, 1e-9, -1e-9, 5e-7, 1.5e-6, 2.5e-6, 1e300, -1e300, 1e12, 1e6))
-    assert trace_mod._round6(3) == 3 and type(trace_mod._round6(True)) is int
+    assert trace_format._round6(3) == 3 and type(trace_format._round6(True)) is int
 
 
 @settings(max_examples=60, deadline=None)
@@ -537,12 +541,13 @@ def test_tick_lines_are_what_they_were(
     expected = []
     for t, m, p in ticks:
         if listener:
-            rec: dict[str, Any] = {"k": "tick", "t": round(t, 6), "m": {k: trace_mod._clean(v) for k, v in m.items()}}
+            m = {k: trace_format._clean(v) for k, v in m.items()}
+            rec: dict[str, Any] = {"k": "tick", "t": round(t, 6), "m": m}
             if p:
                 rec["p"] = {str(pid): dict(v) for pid, v in p.items()}
         else:
             rec = {"k": "tick", "t": round(t, 6), "m": m, "p": p} if p else {"k": "tick", "t": round(t, 6), "m": m}
-        expected.append(trace_mod.encode_record(rec))
+        expected.append(trace_format.encode_record(rec))
     assert path.read_bytes().split(b"\n")[1:-1] == expected
 
 
