@@ -54,7 +54,7 @@ class CleanupConfig:
 class CleanupPolicy(Policy):
     name = "cleanup"
     knobs = ("cleanup",)
-    keys = ("tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_count")
+    keys = ("tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_total")
 
     def __init__(self, cfg: CleanupConfig) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ class CleanupPolicy(Policy):
         return {"phase": self.phase, "backoff": self.backoff, "reclaimed_bytes": self.reclaimed_total}
 
     def _requests(self, w: Window) -> float:
-        done = w.latest("req_done_count")
+        done = w.latest("req_done_total")
         return float(done) if done is not None else float(w.request_count)
 
     def decide(self, window: Window, knobs: Knobs) -> list[Action]:

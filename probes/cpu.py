@@ -19,8 +19,8 @@ A process is identified by (PID, starttime): a reused PID is a new process.  A p
 turns zombie) becomes a ``proc_exit`` event ``{pid, name, exit_after_s}``; one that appears, ``proc_start``
 ``{pid, ppid, name}`` (the processes found by the first scan are the starting state, not events).
 Zombies (dead, not yet reaped) are reported once as an exit and never counted: not in ``procs``, not in
-the tree's sums or ``tree_procs_count``.  With no live process left the tree's values are ``None``
-(``tree_procs_count`` 0), never a 0 that would read as a measurement.  Nothing a watched process does
+the tree's sums or ``tree_procs``.  With no live process left the tree's values are ``None``
+(``tree_procs`` 0), never a 0 that would read as a measurement.  Nothing a watched process does
 raises out of ``sample()``.
 
 CPU ratios (per process, tree, machine) are measured over at least ``min_window_s`` (0.05 s: the kernel's
@@ -30,11 +30,11 @@ cadence too.  The tree's RSS, threads and process count are read every tick.
 
 Values (``docs/conventions.md``): ``tree_cpu_ratio`` (cores' worth; ``None`` until a first window),
 ``tree_rss_bytes``, ``tree_uss_bytes`` (sum over processes with a USS reading; ``None`` before the
-first), ``tree_threads_count``, ``tree_fds_count`` (sum over processes whose fds are readable),
-``tree_procs_count``, ``sys_cpu_ratio`` (0..1 of the machine), ``sys_core_cpu_ratio/<n>`` (0..1 of core
+first), ``tree_threads``, ``tree_fds`` (sum over processes whose fds are readable),
+``tree_procs``, ``sys_cpu_ratio`` (0..1 of the machine), ``sys_core_cpu_ratio/<n>`` (0..1 of core
 n), ``sys_mem_total_bytes``, ``sys_mem_available_bytes``, ``sys_mem_used_bytes`` (total - available),
 ``sys_swap_used_bytes``.  ``Sample.procs``: ``{pid: {"name", "ppid", "rss_bytes", "cpu_ratio",
-"threads_count", "fds_count", "uss_bytes"}}`` (``uss_bytes`` once measured).
+"threads", "fds", "uss_bytes"}}`` (``uss_bytes`` once measured).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ TREE_METRICS: dict[str, str] = {
     "tree_cpu_ratio": "ratio",
     "tree_rss_bytes": "bytes",
     "tree_uss_bytes": "bytes",
-    "tree_threads_count": "count",
-    "tree_fds_count": "count",
-    "tree_procs_count": "count",
+    "tree_threads": "count",
+    "tree_fds": "count",
+    "tree_procs": "count",
 }
 SYS_METRICS: dict[str, str] = {
     "sys_cpu_ratio": "ratio",
@@ -541,8 +541,8 @@ class CpuProbe:
                 "ppid": r.ppid,
                 "rss_bytes": r.rss,
                 "cpu_ratio": ratio,
-                "threads_count": r.threads,
-                "fds_count": p.fds,
+                "threads": r.threads,
+                "fds": p.fds,
             }
             if p.fds is not None:
                 fds_sum += p.fds
@@ -557,16 +557,16 @@ class CpuProbe:
                 events.append(self._exit_event(now, p))
         if gone:
             self._pid_list = list(self._procs)
-        values["tree_procs_count"] = len(procs_out)
+        values["tree_procs"] = len(procs_out)
         if not procs_out:  # no live process left (all exited or zombies): nothing to measure, not zeros
-            for key in ("tree_cpu_ratio", "tree_rss_bytes", "tree_uss_bytes", "tree_threads_count", "tree_fds_count"):
+            for key in ("tree_cpu_ratio", "tree_rss_bytes", "tree_uss_bytes", "tree_threads", "tree_fds"):
                 values[key] = None
             return
         values["tree_cpu_ratio"] = cpu_sum if cpu_any else None
         values["tree_rss_bytes"] = rss_sum
         values["tree_uss_bytes"] = uss_sum if uss_any else None
-        values["tree_threads_count"] = threads_sum
-        values["tree_fds_count"] = fds_sum
+        values["tree_threads"] = threads_sum
+        values["tree_fds"] = fds_sum
 
     def _exit_event(self, now: float, p: _Proc, zombie: bool = False) -> Event:
         data: dict[str, Any] = {"pid": p.pid, "name": p.name}

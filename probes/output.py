@@ -15,18 +15,18 @@ Rolling values (``None`` when the window holds no data):
   ``req_queue_p50_seconds``: percentiles (linear interpolation) over requests that ended in the window;
 - ``req_tokens_per_second``, ``req_requests_per_second``: generated tokens and finished requests in the
   window / the window's length (shorter at the start of a session: the time since the first client);
-- ``req_done_count``: finished requests so far; ``req_active_count``: requests in flight, summed over the
+- ``req_done_total``: finished requests so far; ``req_active``: requests in flight, summed over the
   connected clients (their last status, sent every second);
 - ``req_batch_occupancy_ratio``: mean of ``batch_size / batch_capacity`` over requests that report both;
 - ``req_seq_rep_4_ratio``, ``req_rep_32_ratio``: means over responses in the window;
   ``req_loop_ratio``: share of them with a loop; ``req_distinct_2_ratio``: distinct-2 over the last
   ``distinct_last`` responses;
-- ``chan_clients_count``; ``chan_dropped_count``: messages lost so far — client-side drops (bounded
+- ``chan_clients``; ``chan_dropped_total``: messages lost so far — client-side drops (bounded
   queues) + messages the sidecar refused as malformed + its inbound queue overflowing;
 - ``alloc_allocated_bytes``, ``alloc_reserved_bytes``: the last allocator figures a client reported.
 
 Notes (``take_notes()``, written to the trace by the sampler and listed by ``tuner report``): a peer the
-channel refused (another user: who and why), and messages lost — when ``chan_dropped_count`` grew, at
+channel refused (another user: who and why), and messages lost — when ``chan_dropped_total`` grew, at
 most once every ``DROP_NOTE_EVERY_S`` of trace time, with the count split by cause.
 """
 
@@ -49,15 +49,15 @@ METRICS: dict[str, str] = {
     "req_queue_p50_seconds": "seconds",
     "req_tokens_per_second": "per_second",
     "req_requests_per_second": "per_second",
-    "req_done_count": "count",
-    "req_active_count": "count",
+    "req_done_total": "count",
+    "req_active": "count",
     "req_batch_occupancy_ratio": "ratio",
     "req_seq_rep_4_ratio": "ratio",
     "req_rep_32_ratio": "ratio",
     "req_loop_ratio": "ratio",
     "req_distinct_2_ratio": "ratio",
-    "chan_clients_count": "count",
-    "chan_dropped_count": "count",
+    "chan_clients": "count",
+    "chan_dropped_total": "count",
     "alloc_allocated_bytes": "bytes",
     "alloc_reserved_bytes": "bytes",
 }
@@ -195,7 +195,7 @@ class OutputProbe:
                 events.append(ev)
         values = self._values(now)
         self._note_refusals()
-        self._note_drops(now, values.get("chan_dropped_count"))
+        self._note_drops(now, values.get("chan_dropped_total"))
         return Sample(self.name, now, values, events=tuple(events))
 
     def finishing(self) -> None:
@@ -367,12 +367,12 @@ class OutputProbe:
             if span > 0:
                 v["req_tokens_per_second"] = self._stats_tokens / span
                 v["req_requests_per_second"] = len(done) / span
-        v["req_done_count"] = float(self._done_count) if self._done_count or self._first_t is not None else None
+        v["req_done_total"] = float(self._done_count) if self._done_count or self._first_t is not None else None
         v["req_distinct_2_ratio"] = self._distinct.value
         live: set[int] | None = None
         try:
             clients = self.channel.clients()
-            v["chan_clients_count"] = float(len(clients))
+            v["chan_clients"] = float(len(clients))
             if all("conn" in c for c in clients):  # the status of a client already gone does not count
                 live = {int(c["conn"]) for c in clients}
             st = self.channel.stats()
@@ -384,9 +384,9 @@ class OutputProbe:
             server_lost = 0
         active = [int(s.get("active", 0)) for conn, s in self._status.items() if live is None or conn in live]
         if active:
-            v["req_active_count"] = float(sum(active))
+            v["req_active"] = float(sum(active))
         client_lost = self._dropped_gone + sum(int(s.get("dropped", 0)) for s in self._status.values())
         self._lost["client"] = client_lost
-        v["chan_dropped_count"] = float(server_lost + client_lost)
+        v["chan_dropped_total"] = float(server_lost + client_lost)
         v.update(self._alloc)
         return v

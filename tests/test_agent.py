@@ -43,7 +43,7 @@ tick_values = st.fixed_dictionaries(
         "req_ttft_p95_seconds": st.one_of(st.none(), st.floats(0, 20)),
         "req_tpot_p95_seconds": st.one_of(st.none(), st.floats(0, 2)),
         "req_tokens_per_second": st.one_of(st.none(), st.floats(0, 2000)),
-        "req_done_count": maybe,
+        "req_done_total": maybe,
         "tree_rss_bytes": maybe,
         "alloc_allocated_bytes": maybe,
         "alloc_reserved_bytes": maybe,

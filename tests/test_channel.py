@@ -354,7 +354,7 @@ while not os.path.exists(stop) and time.monotonic() - t0 < seconds:
             reqs[e.data["pid"]] = reqs.get(e.data["pid"], 0) + 1
     statm.seek(0)
     rss.append(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-print(json.dumps({"stats": s.stats(), "rss": rss, "requests": reqs, "dropped": smp.values["chan_dropped_count"]}))
+print(json.dumps({"stats": s.stats(), "rss": rss, "requests": reqs, "dropped": smp.values["chan_dropped_total"]}))
 s.close()
 """
 

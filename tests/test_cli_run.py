@@ -81,7 +81,7 @@ def test_run_sums_the_whole_process_tree(tmp_path: Path) -> None:
         seen.update(int(p) for p in procs)
     assert set(kids) <= seen
     assert np.nanmax(d.column("tree_rss_bytes")) >= 240 * MB
-    assert np.nanmax(d.column("tree_procs_count")) >= 3
+    assert np.nanmax(d.column("tree_procs")) >= 3
     exits = {e.data.get("pid") for e in d.events if e.kind == "proc_exit"}
     assert set(kids) <= exits
 

@@ -146,7 +146,7 @@ def test_timings_and_repetition_match_what_the_child_measured(server: ChannelSer
         assert (d["seq_rep_4"], d["rep_32"], d["loop"]) == (m["seq_rep_4"], m["rep_32"], m["loop"])
     assert [e.data["loop"] for e in reqs] == [False, True, True, False, False]  # the plans exercise both
     v = col.values
-    assert v["req_done_count"] == 5
+    assert v["req_done_total"] == 5
     assert v["req_batch_occupancy_ratio"] == pytest.approx(0.5)
     assert v["req_loop_ratio"] == pytest.approx(2 / 5)
     assert v["req_ttft_p50_seconds"] is not None and v["req_tokens_per_second"] > 0
@@ -614,7 +614,7 @@ def test_in_flight_requests_oom_and_allocator_figures_reach_the_probe(server: Ch
 
     def active() -> bool:
         col.tick()
-        return col.values.get("req_active_count") == 3
+        return col.values.get("req_active") == 3
 
     wait_for(active, timeout=5)  # the client's status (every second) says three are in flight
     (oom,) = wait_for(lambda: col.of("oom"))
@@ -625,7 +625,7 @@ def test_in_flight_requests_oom_and_allocator_figures_reach_the_probe(server: Ch
     p.wait(timeout=20)
     assert p.returncode == 0
     wait_for(lambda: (r := col.of("request")) and len(r) == 3)
-    assert col.values["req_done_count"] == 3
+    assert col.values["req_done_total"] == 3
 
 
 def test_inference_sigkilled_the_sidecar_records_the_disconnect_and_serves_on(server: ChannelServer) -> None:

@@ -35,7 +35,7 @@ def test_csv_round_trips_every_value(trace: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(got[:, 0], data.times)
     for j, key in enumerate(rows[0][1:], start=1):
         np.testing.assert_array_equal(got[:, j], data.columns[key], err_msg=key)  # NaN == NaN here
-    assert any(not r[rows[0].index("tree_fds_count")] for r in rows[1:])  # missing stays empty
+    assert any(not r[rows[0].index("tree_fds")] for r in rows[1:])  # missing stays empty
 
 
 def test_parquet_round_trips_ticks_and_events(trace: Path, tmp_path: Path) -> None:

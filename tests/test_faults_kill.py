@@ -183,7 +183,7 @@ def inference_killed(tmp_path: Path, kill_after: float) -> None:
     exits = [r for r in recs if r.get("kind") == "proc_exit" and r["data"]["pid"] == pid]
     assert len(exits) == 1
     ticks = [r for r in recs if r.get("k") == "tick"]
-    assert ticks and ticks[-1]["m"]["tree_procs_count"] == 0  # sampled on after the death, nothing counted
+    assert ticks and ticks[-1]["m"]["tree_procs"] == 0  # sampled on after the death, nothing counted
     assert ticks[-1]["m"]["tree_rss_bytes"] is None  # no live process: no value, not 0
     summary = report_json(trace)
     assert summary["ended"] is True and summary["exit_code"] == 137

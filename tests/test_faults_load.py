@@ -3,7 +3,7 @@
 - 200 connections flooding the channel socket (raw frames of finished requests, as fast as the kernel
   takes them, ~100k events/s offered here) beside two well-behaved ``tuner.client`` processes: the
   sidecar's RSS (read from ``/proc`` while it runs) plateaus instead of following the offered load, the
-  losses are counted (``chan_dropped_count`` in the trace, a warn note ``tuner report`` lists), and the
+  losses are counted (``chan_dropped_total`` in the trace, a warn note ``tuner report`` lists), and the
   well-behaved clients' requests keep being recorded;
 - fuzzed channel messages (hypothesis bytes and JSON garbage on the socket) during a session: the
   sidecar never crashes, the session's own client is served on, the trace is whole.
@@ -152,11 +152,11 @@ def check_flood(res: dict[str, Any], seconds: float, conns_total: int) -> dict[s
     ticks = [r for r in recs if r["k"] == "tick"]
     offered = sum(f["rows"] for f in res["floods"])
     assert sum(f["conns"] for f in res["floods"]) == conns_total  # every flooding connection was accepted
-    dropped = max(t["m"].get("chan_dropped_count") or 0 for t in ticks)
+    dropped = max(t["m"].get("chan_dropped_total") or 0 for t in ticks)
     recorded = sum(1 for r in recs if r["k"] == "event" and r["kind"] == "request")
     # memory: while all the floods are connected, the sidecar's RSS (read from /proc every 0.1 s, on the
     # same monotonic clock as the trace's started_mono) plateaus: the second half no higher than the first
-    flooded = [t["t"] for t in ticks if (t["m"].get("chan_clients_count") or 0) >= conns_total]
+    flooded = [t["t"] for t in ticks if (t["m"].get("chan_clients") or 0) >= conns_total]
     assert len(flooded) >= 2, len(flooded)
     origin = recs[0]["started_mono"]
     start, end = origin + flooded[0], origin + flooded[-1]
@@ -189,7 +189,7 @@ def check_flood(res: dict[str, Any], seconds: float, conns_total: int) -> dict[s
     rep = tuner("report", str(trace), "--json")
     assert rep.returncode == 0, rep.stderr
     summary = json.loads(rep.stdout)
-    assert summary["metrics"]["chan_dropped_count"]["max"] == dropped
+    assert summary["metrics"]["chan_dropped_total"]["max"] == dropped
     assert any("messages lost" in w for w in summary["warnings"])
     return summary
 

@@ -165,7 +165,7 @@ def test_processes_exiting_between_listing_and_reading(
         monkeypatch.undo()
         last = samples[-1]
         assert last.procs is not None and set(last.procs) == {child.pid, pids[2]}
-        assert last.values["tree_procs_count"] == 2
+        assert last.values["tree_procs"] == 2
         seen = {pid for s in samples for pid in (s.procs or {})}
         started = {e.data["pid"] for s in samples for e in s.events if e.kind == "proc_start"}
         exited = {e.data["pid"] for s in samples for e in s.events if e.kind == "proc_exit"}
@@ -214,7 +214,7 @@ def test_a_recycled_pid_is_not_counted_as_the_old_process(child: Child, backend:
         samples = [p.sample(1.0 + 0.1 * k) for k in range(5)]
         for s in samples:
             assert s.procs is not None and old not in s.procs  # not counted as the old one
-            assert s.values["tree_procs_count"] == 1
+            assert s.values["tree_procs"] == 1
         exits = [e.data for s in samples for e in s.events if e.kind == "proc_exit"]
         assert [e["pid"] for e in exits] == [old] and exits[0]["name"] == "sleep"
         assert not [e for s in samples for e in s.events if e.kind == "proc_start"]
@@ -248,7 +248,7 @@ def test_a_recycled_pid_inside_the_tree_is_a_new_process(child: Child, backend: 
         assert ("proc_start", old, "sleep") in kinds
         last = samples[-1]
         assert last.procs is not None and last.procs[old]["name"] == "sleep"
-        assert last.values["tree_procs_count"] == 2
+        assert last.values["tree_procs"] == 2
         ratios = [s.procs[old]["cpu_ratio"] for s in samples if s.procs and old in s.procs]
         assert all(r is None or 0.0 <= r < 0.2 for r in ratios), ratios  # sleep's own (idle) CPU
     finally:
@@ -313,23 +313,23 @@ def test_a_zombie_is_reported_once_and_never_counted(child: Child, backend: str)
     try:
         p.sample(0.0)
         gpid, s = child.start_sleep_seen(p, 0.01)
-        assert s.values["tree_procs_count"] == 2
+        assert s.values["tree_procs"] == 2
         child.do("os.kill(g.pid, 9); time.sleep(0.3)")  # dead, not reaped
         assert psutil.Process(gpid).status() == psutil.STATUS_ZOMBIE
         samples = [p.sample(3.0 + 0.1 * k) for k in range(3)]
         for s in samples:
             assert s.procs is not None and set(s.procs) == {child.pid}
-            assert s.values["tree_procs_count"] == 1
+            assert s.values["tree_procs"] == 1
             assert s.values["tree_rss_bytes"] == s.procs[child.pid]["rss_bytes"]
-            assert s.values["tree_threads_count"] == s.procs[child.pid]["threads_count"]
+            assert s.values["tree_threads"] == s.procs[child.pid]["threads"]
         exits = [e.data for s in samples for e in s.events if e.kind == "proc_exit"]
         assert exits == [{"pid": gpid, "name": "sleep", "exit_after_s": exits[0]["exit_after_s"], "zombie": True}]
         # the root goes too (its zombie child is reaped with it): nothing alive, nothing measured
         os.kill(child.pid, 9)
         child.p.wait()
         s = p.sample(4.0)
-        assert s.values["tree_procs_count"] == 0
-        for key in ("tree_rss_bytes", "tree_cpu_ratio", "tree_threads_count", "tree_fds_count", "tree_uss_bytes"):
+        assert s.values["tree_procs"] == 0
+        for key in ("tree_rss_bytes", "tree_cpu_ratio", "tree_threads", "tree_fds", "tree_uss_bytes"):
             assert s.values[key] is None, key
         assert s.values["sys_mem_total_bytes"]  # the machine is still sampled
     finally:

@@ -25,8 +25,8 @@ from tuner.trace import TraceWriter, make_header, read_trace
 INTERFACE_KEYS = {
     "req_ttft_p50_seconds", "req_ttft_p95_seconds", "req_tpot_p50_seconds", "req_tpot_p95_seconds",
     "req_e2e_p50_seconds", "req_queue_p50_seconds", "req_tokens_per_second", "req_requests_per_second",
-    "req_done_count", "req_active_count", "req_batch_occupancy_ratio", "req_seq_rep_4_ratio", "req_rep_32_ratio",
-    "req_loop_ratio", "req_distinct_2_ratio", "chan_clients_count", "chan_dropped_count",
+    "req_done_total", "req_active", "req_batch_occupancy_ratio", "req_seq_rep_4_ratio", "req_rep_32_ratio",
+    "req_loop_ratio", "req_distinct_2_ratio", "chan_clients", "chan_dropped_total",
     "alloc_allocated_bytes", "alloc_reserved_bytes",
 }  # fmt: skip
 REQUEST_FIELDS = {
@@ -82,7 +82,7 @@ def test_no_data_means_none_not_zero() -> None:
     s = OutputProbe(ch, t0=0.0).sample(1.0)
     assert isinstance(s, Sample) and s.events == ()
     assert all(s.values[k] is None for k in INTERFACE_KEYS if not k.startswith("chan_"))
-    assert s.values["chan_clients_count"] == 0 and s.values["chan_dropped_count"] == 0
+    assert s.values["chan_clients"] == 0 and s.values["chan_dropped_total"] == 0
 
 
 def test_percentile_matches_numpy() -> None:
@@ -129,7 +129,7 @@ def test_rolling_window_values_and_events() -> None:
     assert v["req_ttft_p50_seconds"] == pytest.approx(0.2)
     assert v["req_ttft_p95_seconds"] == pytest.approx(0.1 + 0.95 * 0.2)
     assert v["req_e2e_p50_seconds"] == pytest.approx(0.75)
-    assert v["req_done_count"] == 2 and v["req_active_count"] == 3
+    assert v["req_done_total"] == 2 and v["req_active"] == 3
     # first activity at t=0.5 (the connect): the window so far is 2.5 s long
     assert v["req_tokens_per_second"] == pytest.approx(11 / 2.5)
     assert v["req_requests_per_second"] == pytest.approx(2 / 2.5)
@@ -137,7 +137,7 @@ def test_rolling_window_values_and_events() -> None:
     assert v["req_loop_ratio"] == pytest.approx(0.5)
     assert v["req_seq_rep_4_ratio"] == pytest.approx((0.0 + (1 - 1 / 3)) / 2)
     assert v["req_distinct_2_ratio"] == pytest.approx((4 + 1) / (4 + 5))
-    assert v["chan_clients_count"] == 1 and v["chan_dropped_count"] == 5 + 2
+    assert v["chan_clients"] == 1 and v["chan_dropped_total"] == 5 + 2
     assert v["alloc_allocated_bytes"] == 100 and v["alloc_reserved_bytes"] == 200
 
     # 20 s later the requests have left the 10 s window; the cumulative count stays
@@ -146,9 +146,9 @@ def test_rolling_window_values_and_events() -> None:
     s = p.sample(22.0)
     assert [e.kind for e in s.events] == ["client_disconnect"]
     assert s.values["req_ttft_p50_seconds"] is None and s.values["req_loop_ratio"] is None
-    assert s.values["req_tokens_per_second"] == 0 and s.values["req_done_count"] == 2
-    assert s.values["req_active_count"] is None  # no client left to report requests in flight
-    assert s.values["chan_dropped_count"] == 7  # a gone client's drops are still counted
+    assert s.values["req_tokens_per_second"] == 0 and s.values["req_done_total"] == 2
+    assert s.values["req_active"] is None  # no client left to report requests in flight
+    assert s.values["chan_dropped_total"] == 7  # a gone client's drops are still counted
 
 
 def test_text_only_with_record_text() -> None:
@@ -236,7 +236,7 @@ def test_client_process_to_trace_file(tmp_path: Path) -> None:
         assert e.data["rep_32"] == ref_rep_w(toks)
         assert e.data["loop"] == ref_loop(toks)
         assert 0 < e.t < data.duration + 1
-    done = data.column("req_done_count")
+    done = data.column("req_done_total")
     assert np.nanmax(done) == 12
     d2 = data.column("req_distinct_2_ratio")
     assert d2[~np.isnan(d2)][-1] == pytest.approx(ref_distinct_2(sent, 100))
@@ -352,6 +352,6 @@ def test_tuner_run_records_every_request_of_its_command(tmp_path: Path, record_t
         assert e.data["tokens"] == 3 and e.data["ttft_seconds"] > 0 and e.data["tpot_seconds"] > 0.004
         if record_text:
             assert e.data["text"] == "alpha beta gamma"
-    assert np.nanmax(data.column("req_done_count")) == 8
+    assert np.nanmax(data.column("req_done_total")) == 8
     assert [e.kind for e in data.events].count("client_connect") == 1
     assert ("alpha beta gamma" in trace.read_text()) is record_text

@@ -11,7 +11,7 @@ from tuner.core.window import Window
 from tuner.policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
 from tuner.records import Action, Applied, Knobs
 
-KEYS = ["tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_count"]
+KEYS = ["tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes", "req_done_total"]
 
 
 def feed(
@@ -31,7 +31,7 @@ def feed(
     for i in range(seconds):
         t = t0 + i
         done = done0 + rate * i
-        v = {"req_done_count": done, "alloc_allocated_bytes": alloc(done)}
+        v = {"req_done_total": done, "alloc_allocated_bytes": alloc(done)}
         v["alloc_reserved_bytes"] = reserved(done) if reserved else alloc(done) * 1.1
         v["tree_rss_bytes"] = rss(done) if rss else v["alloc_reserved_bytes"] + 5e8
         w.update(t, v)
@@ -73,7 +73,7 @@ def test_nothing_reclaimed_backs_off_exponentially_and_a_reclaim_resets() -> Non
     done = 0.0
     for t in range(2000):
         done += 1.0
-        w.update(float(t), {"req_done_count": done, "tree_rss_bytes": 1e9})
+        w.update(float(t), {"req_done_total": done, "tree_rss_bytes": 1e9})
         for a in pol.decide(w, Knobs()):
             times.append(done)
             pol.feedback(Applied(float(t), a, "applied", None, {"command_id": "c"}))

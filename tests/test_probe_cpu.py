@@ -238,7 +238,7 @@ def test_is_a_probe_with_declared_units(child: Child) -> None:
         }
         for k, unit in m.items():
             assert unit == unit_of(k), k
-        for k in ("tree_rss_bytes", "tree_threads_count", "tree_procs_count", "sys_cpu_ratio", "sys_mem_used_bytes"):
+        for k in ("tree_rss_bytes", "tree_threads", "tree_procs", "sys_cpu_ratio", "sys_mem_used_bytes"):
             assert s.values[k] is not None, k
     finally:
         p.close()
@@ -285,9 +285,9 @@ def test_grandchild_is_watched_summed_and_its_exit_is_an_event(child: Child, bac
             time.sleep(0.02)
         assert set(s.procs) == {child.pid, gpid} and sorted(p.pids()) == sorted([child.pid, gpid])
         assert s.procs[gpid]["ppid"] == child.pid
-        assert s.values["tree_procs_count"] == 2
+        assert s.values["tree_procs"] == 2
         assert s.values["tree_rss_bytes"] == sum(v["rss_bytes"] for v in s.procs.values())
-        assert s.values["tree_threads_count"] == sum(v["threads_count"] for v in s.procs.values())
+        assert s.values["tree_threads"] == sum(v["threads"] for v in s.procs.values())
         starts = events_of(samples, "proc_start")
         assert starts == [{"pid": gpid, "ppid": child.pid, "name": starts[0]["name"]}]
         assert starts[0]["name"].startswith("python")
@@ -297,7 +297,7 @@ def test_grandchild_is_watched_summed_and_its_exit_is_an_event(child: Child, bac
         assert s.procs is not None and set(s.procs) == {child.pid}
         exits = events_of([s], "proc_exit")
         assert len(exits) == 1 and exits[0]["pid"] == gpid and exits[0]["exit_after_s"] >= 0
-        assert s.values["tree_procs_count"] == 1
+        assert s.values["tree_procs"] == 1
         assert p.pids() == [child.pid]
     finally:
         p.close()
@@ -314,7 +314,7 @@ def test_zombie_is_reported_once_and_never_counted(child: Child, backend: str) -
         s1, s2 = p.sample(0.2), p.sample(0.3)
         for s in (s1, s2):  # dead: not a process with 0 B of memory, just gone
             assert s.procs is not None and gpid not in s.procs
-            assert s.values["tree_procs_count"] == 1
+            assert s.values["tree_procs"] == 1
         exits = events_of([s1, s2], "proc_exit")
         assert len(exits) == 1 and exits[0]["pid"] == gpid and exits[0]["zombie"] is True
         child.do("g.wait()")  # reaped now: gone, and no second exit event
@@ -333,7 +333,7 @@ def test_root_exit_is_an_event_not_an_error(backend: str) -> None:
         c.close()
         s = p.sample(0.1)
         assert [e.kind for e in s.events] == ["proc_exit"] and s.events[0].data["pid"] == c.pid
-        assert s.values["tree_procs_count"] == 0 and s.values["tree_rss_bytes"] is None  # no reading, not 0 B
+        assert s.values["tree_procs"] == 0 and s.values["tree_rss_bytes"] is None  # no reading, not 0 B
         assert s.values["sys_mem_total_bytes"]  # the machine is still sampled
         s = p.sample(0.2)
         assert not s.events and p.pids() == []
@@ -407,7 +407,7 @@ def test_busy_child_is_about_one_core(child: Child) -> None:
         # about one core, unless the machine (2 cores shared here) would not give the child one
         assert ratio <= 1.3 and (ratio >= 0.5 or ref < 0.5), (ratio, ref, os.getloadavg())
         assert s.procs is not None and s.procs[child.pid]["cpu_ratio"] == pytest.approx(ratio)
-        assert s.procs[child.pid]["threads_count"] == 2
+        assert s.procs[child.pid]["threads"] == 2
         child.do("stop[0] = True; th.join()")
     finally:
         p.close()
@@ -424,10 +424,10 @@ def test_values_match_psutil(child: Child) -> None:
         ps = psutil.Process(child.pid)
         v, me = s.values, (s.procs or {})[child.pid]
         assert me["rss_bytes"] == pytest.approx(ps.memory_info().rss, abs=MB)
-        assert me["threads_count"] == ps.num_threads()
+        assert me["threads"] == ps.num_threads()
         assert me["name"] == ps.name() and me["ppid"] == os.getpid()
         if LINUX:
-            assert me["fds_count"] == ps.num_fds() == v["tree_fds_count"]
+            assert me["fds"] == ps.num_fds() == v["tree_fds"]
         assert me["uss_bytes"] == pytest.approx(ps.memory_full_info().uss, abs=2 * MB)
         assert v["tree_uss_bytes"] == me["uss_bytes"]
         vm, sw = psutil.virtual_memory(), psutil.swap_memory()
@@ -679,7 +679,7 @@ def test_psutil_backend_zombie_refusing_calls_keeps_its_name(child: Child, monke
 
         monkeypatch.setattr(psutil.Process, "status", status)
         s = p.sample(0.2)
-        assert s.procs is not None and gpid not in s.procs and s.values["tree_procs_count"] == 1
+        assert s.procs is not None and gpid not in s.procs and s.values["tree_procs"] == 1
         exits = events_of([s, p.sample(0.3)], "proc_exit")
         assert [e["pid"] for e in exits] == [gpid] and exits[0]["name"] == "sleep"
     finally:

@@ -147,7 +147,7 @@ def test_answers_pass_through_intact_and_are_measured(demo: DemoServer, tmp_path
     ttft = td.column("req_ttft_p50_seconds")
     rep = td.column("req_seq_rep_4_ratio")
     assert any(v == v and v is not None for v in ttft) and any(v == v and v is not None for v in rep)
-    assert td.column("req_done_count")[-1] == 4
+    assert td.column("req_done_total")[-1] == 4
     rss = [v for v in td.column("tree_rss_bytes") if v == v and v is not None]
     assert rss and min(rss) > 10e6  # the demo server holds torch and a 13 MB model
     assert td.header["pid"] == demo.proc.pid

@@ -65,7 +65,7 @@ def make_trace(
                 w.action(Applied(t, Action("rep", "temperature", temp, "repetition high", {}), "applied", old_temp))
             values: dict[str, Any] = {
                 "tree_cpu_ratio": float(abs(1.0 + 0.3 * rng.standard_normal())),
-                "tree_threads_count": float(12 + (i % 3)),
+                "tree_threads": float(12 + (i % 3)),
             }
             if memory:
                 rss = 800 * MiB + leak_bytes_per_s * t + rng.normal(scale=4 * MiB)
@@ -81,7 +81,7 @@ def make_trace(
                 values["knob_batch_size"] = float(batch)
                 values["knob_temperature"] = temp
             if i % 7 == 3:
-                values["tree_fds_count"] = None  # missing now and then
+                values["tree_fds"] = None  # missing now and then
             w.tick(t, values, {4242: {"name": "python", "rss_bytes": values.get("tree_rss_bytes")}})
             if i == n // 2:
                 w.skip(t + 0.05, 2)
@@ -134,7 +134,7 @@ def test_summary_numbers_equal_an_independent_numpy_computation(tmp_path: Path) 
     assert s["skipped_ticks"] == 2
     assert s["duration_s"] == pytest.approx(60.0)
     assert s["exit_code"] == 0 and s["ended"] is True
-    assert s["metrics"]["tree_fds_count"] == {
+    assert s["metrics"]["tree_fds"] == {
         "unit": "count",
         "samples": 0,
         "min": None,
@@ -193,7 +193,7 @@ def test_trailing_zero_rss_after_exit_does_not_hide_a_leak(tmp_path: Path) -> No
     path = make_trace(tmp_path / "t.jsonl", seconds=60, leak_bytes_per_s=2 * MiB, requests=False, end=False)
     with open(path, "a") as f:
         for i in range(80):  # a zombie its parent did not reap for 8 s
-            f.write(json.dumps({"k": "tick", "t": 60.0 + i * 0.1, "m": {"tree_rss_bytes": 0, "tree_procs_count": 1}}))
+            f.write(json.dumps({"k": "tick", "t": 60.0 + i * 0.1, "m": {"tree_rss_bytes": 0, "tree_procs": 1}}))
             f.write("\n")
     s = summarize(read_trace(path))
     assert s["metrics"]["tree_rss_bytes"]["min"] == 0  # the table still shows what was recorded

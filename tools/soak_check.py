@@ -76,7 +76,7 @@ def check(d: TraceData, work: dict[str, Any] | None, args: argparse.Namespace) -
     end = d.end or {}
     gaps = np.diff(t) if len(t) > 1 else np.array([0.0])
     requests = d.requests()
-    dropped = d.column("chan_dropped_count")
+    dropped = d.column("chan_dropped_total")
     out["complete"] = {
         "end_record": d.end is not None,
         "end_ticks": end.get("ticks"),

@@ -1,10 +1,18 @@
 """Core records that cross boundaries: samples, events, actions, knobs.
 
-Metric keys are flat strings: ``<name>`` or ``<name>/<device>`` where the name is snake_case and ends in
-its unit (``_bytes``, ``_seconds``, ``_ratio``, ``_count``, ``_celsius``, ``_watts``, ``_hertz``,
-``_per_second``).  ``_ratio`` is a fraction where 1.0 means "one whole unit busy" (a CPU ratio of 1.5 is
-one and a half cores).  The device part (``gpu_util_ratio/0``) becomes a ``device`` label in Prometheus.
-Times are seconds on the monotonic clock, relative to the start of the trace.
+Metric keys are flat strings: ``<name>`` or ``<name>/<device>``, snake_case (``docs/conventions.md``):
+
+- a measurement ends in its unit: ``_bytes``, ``_seconds``, ``_ratio``, ``_celsius``, ``_watts``,
+  ``_joules``, ``_hertz``, ``_per_second``.  ``_ratio`` is 0..1, except the CPU of a process or a tree,
+  which is cores' worth (1.5 = one and a half cores busy);
+- a count of things at this moment is the plural noun with no suffix (``tree_threads``);
+- a value that only grows since a start ends in ``_total`` (``req_done_total``, ``<x>_seconds_total``),
+  after its unit if it has one; a decrease means the source restarted;
+- never ``_count`` (Prometheus reserves it for histograms and summaries).
+
+The device part (``gpu_util_ratio/0``) becomes a ``device`` label in Prometheus.  Keys renamed since
+older traces were written are in ``RENAMED``; the trace reader applies it, so old traces read with
+today's names.  Times are seconds on the monotonic clock, relative to the start of the trace.
 """
 
 from __future__ import annotations
@@ -19,13 +27,27 @@ UNIT_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("_bytes", "bytes"),
     ("_seconds", "seconds"),
     ("_ratio", "ratio"),
-    ("_count", "count"),
     ("_celsius", "celsius"),
     ("_watts", "watts"),
+    ("_joules", "joules"),
     ("_hertz", "hertz"),
     ("_per_second", "per_second"),
-    ("_total", "count"),
 )
+"""Unit suffixes of metric names; a name with none of them (after an optional ``_total``) is a count."""
+
+RENAMED: dict[str, str] = {
+    "tree_threads_count": "tree_threads",
+    "tree_fds_count": "tree_fds",
+    "tree_procs_count": "tree_procs",
+    "req_done_count": "req_done_total",
+    "req_active_count": "req_active",
+    "chan_clients_count": "chan_clients",
+    "chan_dropped_count": "chan_dropped_total",
+    "threads_count": "threads",  # per-process fields (``Sample.procs``)
+    "fds_count": "fds",
+}
+"""Old name -> today's, for metric keys and per-process fields of traces written before the rename."""
+_OLD_NAMES = frozenset(RENAMED)
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -35,12 +57,25 @@ def split_key(key: str) -> tuple[str, str | None]:
 
 
 def unit_of(key: str) -> str:
-    """The unit a metric key declares by its suffix, or ``'value'``."""
+    """The unit a metric key declares by its suffix (``_total`` aside): ``'bytes'``, ``'seconds'``, ...;
+    ``'count'`` for a name without one (a number of things: ``tree_threads``, ``req_done_total``), but
+    ``'value'`` for the knob columns the agent adds (``knob_temperature``: a setting, not a measurement)."""
     name, _ = split_key(key)
+    if name.startswith("knob_"):
+        return "value"
+    name = name.removesuffix("_total")
     for suffix, unit in UNIT_SUFFIXES:
         if name.endswith(suffix):
             return unit
-    return "value"
+    return "count"
+
+
+def renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with old key names (``RENAMED``) replaced by today's, order kept: a new dict, or
+    ``values`` itself when it holds none (then it costs one set test)."""
+    if _OLD_NAMES.isdisjoint(values):
+        return values
+    return {RENAMED.get(k, k): v for k, v in values.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,7 +131,7 @@ def test_cpu_probe_tick_vs_psutil_and_nvitop(benchmark: Any, tree: list[int]) ->
             for name, fn in variants.items():
                 times[name] += timed(fn, seconds / rounds)
         s = probe.sample(time.monotonic() - t0)
-        assert s.values["tree_procs_count"] == len(tree)
+        assert s.values["tree_procs"] == len(tree)
         assert s.values["tree_rss_bytes"] and s.values["tree_cpu_ratio"] is not None
         info: dict[str, Any] = {"procs": len(tree)}
         for name, xs in times.items():

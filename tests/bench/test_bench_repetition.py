@@ -143,7 +143,7 @@ def test_sidecar_path_throughput(benchmark: Any) -> None:
                 m["pid"], m["conn"] = 1, 1
                 feed.pending.append((3.0, m))
         s = probe.sample(3.0)
-        assert s.values["req_done_count"] == len(responses)
+        assert s.values["req_done_total"] == len(responses)
 
     rate = best_rate(sidecar, tokens)
     info = {"tokens": tokens, "sidecar_path_tokens_per_second": round(rate)}

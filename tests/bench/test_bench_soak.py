@@ -36,7 +36,7 @@ def write(path: Path, *, sidecar_leak_mib_min: float = 0.0, inference_controlled
             continue
         leak = (t % 120 if inference_controlled else t) * 2 * MIB  # 2 MiB/s; cleaned every 2 min when held
         w.tick(t, {"self_rss_bytes": 50 * MIB + sidecar_leak_mib_min * MIB * t / 60 + (i % 7) * 4096,
-                   "tree_rss_bytes": 300 * MIB + leak, "chan_dropped_count": 0})
+                   "tree_rss_bytes": 300 * MIB + leak, "chan_dropped_total": 0})
         ticks += 1
     for k in range(requests):
         w.event(Event(k * SECONDS / requests, "request", {"tokens": 10}))

@@ -29,7 +29,7 @@ from tuner.trace import TraceWriter, columns_path, make_header, read_trace
 
 N = int(os.environ.get("TUNER_BENCH_RECORDS", "50000"))
 METRICS = [
-    "tree_cpu_ratio", "tree_rss_bytes", "tree_uss_bytes", "tree_threads_count", "tree_fds_count", "tree_procs_count",
+    "tree_cpu_ratio", "tree_rss_bytes", "tree_uss_bytes", "tree_threads", "tree_fds", "tree_procs",
     "sys_cpu_ratio", "sys_mem_total_bytes", "sys_mem_available_bytes", "sys_mem_used_bytes", "sys_swap_used_bytes",
     "sys_core_cpu_ratio/0", "sys_core_cpu_ratio/1", "gpu_util_ratio/0",
 ]  # fmt: skip
@@ -44,24 +44,24 @@ PROCS = {4242: {"name": "python", "rss_bytes": 123456789, "cpu_ratio": 0.93}, 42
 
 # A real `tuner run` tick (traces/*-soak.jsonl, demo workload): its metric keys, value types and process entry.
 SOAK_METRICS: dict[str, Any] = {
-    "tree_procs_count": 1, "tree_cpu_ratio": 0.19950348171959345, "tree_rss_bytes": 1666723840,
-    "tree_uss_bytes": 1545568256, "tree_threads_count": 5, "tree_fds_count": 6, "sys_cpu_ratio": 1.0,
+    "tree_procs": 1, "tree_cpu_ratio": 0.19950348171959345, "tree_rss_bytes": 1666723840,
+    "tree_uss_bytes": 1545568256, "tree_threads": 5, "tree_fds": 6, "sys_cpu_ratio": 1.0,
     "sys_core_cpu_ratio/0": 1.0, "sys_core_cpu_ratio/1": 1.0, "sys_mem_total_bytes": 25275990016,
     "sys_mem_available_bytes": 21557215232, "sys_mem_used_bytes": 3718774784, "sys_swap_used_bytes": 0,
     "probe_cost_seconds/cpu": 0.00023390900014419458, "req_ttft_p50_seconds": 36.12414627599992,
     "req_ttft_p95_seconds": 41.87676059715002, "req_tpot_p50_seconds": 0.00783950685630211,
     "req_tpot_p95_seconds": 0.018628552380522297, "req_e2e_p50_seconds": 36.6060834325001,
     "req_queue_p50_seconds": 35.95665370100005, "req_tokens_per_second": 207.8,
-    "req_requests_per_second": 3.1333333333333333, "req_done_count": 2250.0, "req_active_count": 202.0,
+    "req_requests_per_second": 3.1333333333333333, "req_done_total": 2250.0, "req_active": 202.0,
     "req_batch_occupancy_ratio": 1.0, "req_seq_rep_4_ratio": 0.08974603101414981,
     "req_rep_32_ratio": 0.5991058049776594,
-    "req_loop_ratio": 0.1276595744680851, "req_distinct_2_ratio": 0.1333436820863086, "chan_clients_count": 1.0,
-    "chan_dropped_count": 0.0, "alloc_allocated_bytes": 1413689856.0, "alloc_reserved_bytes": 1536696320.0,
+    "req_loop_ratio": 0.1276595744680851, "req_distinct_2_ratio": 0.1333436820863086, "chan_clients": 1.0,
+    "chan_dropped_total": 0.0, "alloc_allocated_bytes": 1413689856.0, "alloc_reserved_bytes": 1536696320.0,
     "probe_cost_seconds/output": 0.00026244099990435643, "self_cpu_ratio": 0.0, "self_rss_bytes": 46026752.0,
     "knob_temperature": 0.9, "knob_batch_size": 3, "knob_precision_bits": 8,
 }  # fmt: skip
 SOAK_PROC = {"name": "python", "ppid": 3604, "rss_bytes": 1666723840, "cpu_ratio": 0.19950348171959345,
-             "threads_count": 5, "fds_count": 6, "uss_bytes": 1545568256}  # fmt: skip
+             "threads": 5, "fds": 6, "uss_bytes": 1545568256}  # fmt: skip
 SOAK_EVENT = {"id": 1603, "pid": 3609, "prompt_tokens": 123, "tokens": 75, "queue_seconds": 8.701855398000134,
               "ttft_seconds": 8.78549885800021, "tpot_seconds": 0.007187116621621867, "e2e_seconds": 9.317352998999922,
               "tokens_per_second": 121.85262765959314, "seq_rep_4": 0.2222222222222222, "rep_32": 0.6666666666666666,

@@ -207,7 +207,7 @@ class Sim:
                 "req_seq_rep_4_ratio",
             ):
                 v[k] = None
-        v["req_done_count"] = float(self.done)
+        v["req_done_total"] = float(self.done)
         rss = self.rss() + float(self.rng.normal(0.0, 2e6))
         v["tree_rss_bytes"] = rss
         v["sys_mem_total_bytes"] = self.mem_total

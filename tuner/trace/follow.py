@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuner.trace.format import MAX_LINE_BYTES, TraceError, check_header
+from tuner.trace.format import MAX_LINE_BYTES, TraceError, check_header, renamed_record
 from tuner.trace.reader import _parse_line
 
 
@@ -58,7 +58,7 @@ class TraceFollower:
             if self.header is None:
                 check_header(rec, self.path)
                 self.header = rec
-            out.append(rec)
+            out.append(renamed_record(rec))
         return out
 
     def close(self) -> None:

@@ -17,6 +17,10 @@ Lines are encoded with ``orjson`` (the standard ``json`` module for what orjson 
 64 bits, lone surrogates) and read with it (``json`` again for what orjson refuses but older writers
 produced).  The format is plain JSON either way: non-ASCII text is UTF-8 rather than ``\\u`` escapes and
 exponents are shorter (``1e-7``), which any JSON reader parses to the same values.
+
+Metric keys renamed since a trace was written (``tuner.records.RENAMED``) read with today's names: every
+reader passes records through ``renamed_record`` (``read_trace`` renames its columns once); the schema
+did not change.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import orjson
 
 from tuner import __version__
+from tuner.records import renamed
 
 SCHEMA_VERSION = 1
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -179,6 +184,45 @@ def check_header(rec: Mapping[str, Any], path: Path) -> None:
         raise TraceError(
             f"{path}: trace schema version {schema!r} is not supported (this tuner reads {SCHEMA_VERSION})"
         )
+
+
+def renamed_header(hdr: dict[str, Any]) -> dict[str, Any]:
+    """The header with the metric keys renamed since it was written (``tuner.records.RENAMED``) in its
+    units and its probes' metric tables."""
+    units = hdr.get("units")
+    if type(units) is dict:
+        hdr["units"] = renamed(units)
+    probes = hdr.get("probes")
+    if type(probes) is dict:
+        for entry in probes.values():
+            if type(entry) is dict and type(entry.get("metrics")) is dict:
+                entry["metrics"] = renamed(entry["metrics"])
+    return hdr
+
+
+def renamed_procs(p: Any) -> Any:
+    """A tick's ``"p"`` with per-process fields renamed (``RENAMED``); anything but a dict as it is."""
+    if type(p) is not dict:
+        return p
+    return {pid: renamed(v) if type(v) is dict else v for pid, v in p.items()}
+
+
+def renamed_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record with the metric keys and per-process fields renamed since it was written (``RENAMED``):
+    ``iter_records`` and ``TraceFollower`` pass every record through it (``read_trace`` renames its
+    columns once instead).  A tick without old keys costs one set test."""
+    k = rec.get("k")
+    if k == "tick":
+        m = rec.get("m")
+        if type(m) is dict:
+            new = renamed(m)
+            if new is not m:  # an old trace: its processes' fields are old too
+                rec["m"] = new
+                if "p" in rec:
+                    rec["p"] = renamed_procs(rec["p"])
+    elif k == "header":
+        renamed_header(rec)
+    return rec
 
 
 def _as_float(v: Any) -> float:

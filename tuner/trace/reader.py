@@ -12,9 +12,19 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
-from tuner.records import Event
+from tuner.records import RENAMED, Event, renamed
 from tuner.trace.columns import _Block, _check_block, _companion_blocks, _Covered, _open_companion
-from tuner.trace.format import _INT_T, MAX_LINE_BYTES, TraceError, _as_float, _loads, check_header
+from tuner.trace.format import (
+    _INT_T,
+    MAX_LINE_BYTES,
+    TraceError,
+    _as_float,
+    _loads,
+    check_header,
+    renamed_header,
+    renamed_procs,
+    renamed_record,
+)
 
 _READ_CHUNK = 1024 * 1024
 
@@ -280,7 +290,7 @@ def iter_records(
     batches = _batches(Path(path), skip_bad, warnings)
     try:
         for recs in batches:
-            yield from recs  # type: ignore[misc]
+            yield from map(renamed_record, recs)  # type: ignore[arg-type]
     finally:
         batches.close()
 
@@ -288,9 +298,12 @@ def iter_records(
 _ProcsPart = list[tuple[float, dict[str, Any]]] | tuple[np.ndarray, list[bytes]]
 
 
-def _load_procs(parts: list[_ProcsPart]) -> list[tuple[float, dict[str, Any]]]:
+def _load_procs(parts: list[_ProcsPart], old: bool = False) -> list[tuple[float, dict[str, Any]]]:
     """``TraceData.procs`` from the parts ``read_trace`` kept: parsed ones, and (times, lines) of ticks
-    read from a companion, whose ``"p"`` is parsed now."""
+    read from a companion, whose ``"p"`` is parsed now.  ``old``: a trace with names since renamed
+    (``RENAMED``), whose per-process fields are renamed here."""
+    if len(parts) == 1 and isinstance(parts[0], list) and not old:
+        return parts[0]
     out: list[tuple[float, dict[str, Any]]] = []
     gc_was_on = gc.isenabled()
     gc.disable()
@@ -304,6 +317,8 @@ def _load_procs(parts: list[_ProcsPart]) -> list[tuple[float, dict[str, Any]]]:
     finally:
         if gc_was_on:
             gc.enable()
+    if old:
+        out = [(t, renamed_procs(p)) for t, p in out]
     return out
 
 
@@ -457,7 +472,7 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of fresh dicts, none cyclic: the collector would only rescan them
     try:
-        header = next(batches)[0]  # type: ignore[index]
+        header = renamed_header(next(batches)[0])  # type: ignore[index,arg-type]
         for item in batches:
             if type(item) is _Covered:
                 covered.append((len(times), item.keys, item.values))
@@ -509,6 +524,8 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
                     warnings.append(f"{path}: a malformed '{k}' record was skipped")
             _settle(groups)
         columns = _columns(len(times), groups, order, covered)
+        old = not RENAMED.keys().isdisjoint(columns)
+        columns = renamed(columns)  # keys renamed since the trace was written: once a column, not a value
     finally:
         batches.close()
         if gc_was_on:
@@ -518,7 +535,7 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
         header=header,
         times=np.asarray(times, dtype=np.float64),
         columns=columns,
-        procs=procs if len(procs_parts) == 1 else lambda: _load_procs(procs_parts),
+        procs=_load_procs(procs_parts, old) if len(procs_parts) == 1 else lambda: _load_procs(procs_parts, old),
         events=events,
         actions=actions,
         notes=notes,
