@@ -143,10 +143,12 @@ def test_card_numbers_equal_an_independent_numpy_computation(full: tuple[Path, P
     assert page.card_shown["leak_per_minute"].startswith("leak (+")
 
 
-def test_card_numbers_on_the_committed_demo_trace(tmp_path: Path) -> None:
-    trace = ROOT / "traces" / "example-demo.jsonl"
-    if not trace.exists():
-        pytest.skip("traces/example-demo.jsonl is not in this tree")
+@pytest.mark.parametrize(
+    "trace",
+    [ROOT / "tests" / "data" / "synthetic-demo.jsonl", ROOT / "traces" / "example-demo.jsonl"],
+    ids=["synthetic-fixture", "real-demo-recording"],
+)
+def test_card_numbers_on_the_committed_demo_traces(trace: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo.html"
     cp = tuner("report", str(trace), "--html", str(out))
     assert cp.returncode == 0, cp.stderr

@@ -486,7 +486,7 @@ def test_writer_killed_mid_block(tmp_path: Path) -> None:
 
 
 def test_old_trace_without_companion_reads_as_before() -> None:
-    fixture = Path(__file__).resolve().parents[1] / "traces" / "example-demo.jsonl"
+    fixture = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthetic-demo.jsonl"
     assert not columns_path(fixture).exists()
     d = read_trace(fixture)
     assert len(d.times) > 0 and isinstance(d._procs, list)  # parsed as before, nothing deferred

@@ -19,7 +19,7 @@ from tuner.tui.model import Columns, Model
 from tuner.tui.source import FileSource, QueueSource, SocketSource
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "traces" / "example-demo.jsonl"
+FIXTURE = ROOT / "tests" / "data" / "synthetic-demo.jsonl"  # tests/helpers/make_synthetic_trace.py
 
 
 def screen_text(app: TunerApp) -> str:
@@ -137,7 +137,7 @@ def test_replay_loads_and_scrubs() -> None:
         await wait_for(pilot, lambda: app.loaded)
         await pilot.pause(0.3)
         s = screen_text(app)
-        assert "REPLAY" in s and "python -m tuner.demo --leak" in s
+        assert "REPLAY" in s and "SYNTHETIC" in s and "tests/helpers/make_synthetic" in s
         assert "00:00 / 03:00" in s
         assert "no GPU: NVML library not found" in s and "no NPU: npu-smi not found" in s
         await pilot.press("end")
@@ -263,6 +263,63 @@ def test_small_terminal_80x24() -> None:
         assert "Memory" in s and "03:00 / 03:00" in s and "q quit" in s
 
     run_app(app, go, size=(80, 24))
+
+
+def test_large_terminal_160x48_uses_the_whole_screen() -> None:
+    """At 160x48 the charts grow into the space (three columns, taller than the 7-row minimum) and the
+    tables reach down to the scrubber: no empty band at the bottom.  Integer knobs print as integers."""
+    app = replay_app()
+
+    async def go(pilot: Any) -> None:
+        await wait_for(pilot, lambda: app.loaded)
+        await pilot.press("end")
+        await pilot.pause(0.3)
+        lines = screen_text(app).splitlines()
+        assert len(lines) == 48
+        blank = [i for i, ln in enumerate(lines) if not ln.strip()]
+        assert blank == [], f"empty rows {blank}:\n" + "\n".join(lines)
+        mem = app.query_one("#chart-memory")
+        assert mem.size.height >= 9 and mem.size.width >= 46
+        assert app.query_one("#tables").region.bottom == 48 - 3  # right above scrubber, status, footer
+        last = app.query_one("#chart-knobs_b")  # the 8th chart of 3 columns spans the rest of its row
+        assert last.region.right >= 158
+        s = "\n".join(lines)
+        assert "batch 4  bits 16b" in s and "temp 0.9  pen 1.15" in s
+        assert not any(x in s for x in ("4.00", "0.90", "1.76")), s  # no 16.00-style integers, axis on whole numbers
+        # fewer charts shown: the others grow
+        await pilot.press("m", "space", "escape")
+        await pilot.pause(0.3)
+        assert app.query_one("#chart-util").size.height > mem.size.height
+
+    run_app(app, go, size=(160, 48))
+
+
+@pytest.mark.parametrize(
+    ("v", "unit", "shown"),
+    [(16.0, "value", "16"), (16, "value", "16"), (0.9, "value", "0.9"), (1.15, "value", "1.15"),
+     (38.35, "value", "38.4"), (288.4, "value", "288"), (0.0, "value", "0"), (None, "value", "-")],
+)
+def test_values_print_integers_as_integers(v: float | None, unit: str, shown: str) -> None:
+    from tuner.tui.model import fmt_value
+
+    assert fmt_value(v, unit) == shown
+
+
+def test_integer_chart_axis_ends_on_whole_numbers() -> None:
+    from tuner.tui.widgets import y_range
+
+    spec = next(c for c in Model().charts() if c.id == "knobs_b")
+    lo, hi = y_range(spec, [np.array([4.0, 8.0, 32.0])]) or (0.0, 0.0)
+    assert lo == int(lo) and hi == int(hi) and lo < 4 and hi > 32
+
+
+def test_layout_for_terminal_sizes() -> None:
+    from tuner.tui.app import layout_for
+
+    assert layout_for(80, 24, 8, True) == (2, 7, 8)  # the smallest charts; the body scrolls
+    cols, chart, tables = layout_for(160, 48, 8, True)
+    assert cols == 3 and chart * 3 + tables == 48 - 8  # every row of the body used
+    assert layout_for(220, 60, 8, False)[0] == 4
 
 
 # -- following a growing file ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""SVG snapshots of the dashboard at 80x24 and 160x48, fed by the committed demo trace with a frozen
-clock (the replay playhead moves only by keys).  Update with ``pytest tests/test_tui_snapshots.py
---snapshot-update`` after checking the diff report."""
+"""SVG snapshots of the dashboard at 80x24 and 160x48, fed by the synthetic fixture
+(tests/data/synthetic-demo.jsonl, tests/helpers/make_synthetic_trace.py) with a frozen clock (the replay
+playhead moves only by keys).  Update with ``pytest tests/test_tui_snapshots.py --snapshot-update`` after
+checking the diff report; look at the pictures too (``rsvg-convert -w 1600 X.svg -o X.png``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from tuner.tui.app import TunerApp
 from tuner.tui.source import FileSource
 
-FIXTURE = Path(__file__).resolve().parents[1] / "traces" / "example-demo.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "synthetic-demo.jsonl"
 
 
 def frozen_app() -> TunerApp:

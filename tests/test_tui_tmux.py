@@ -74,7 +74,7 @@ def test_follow_growing_trace_in_tmux(tmux: Tmux, tmp_path: Path) -> None:
     writer = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "tests" / "helpers" / "make_example_trace.py"),
+            str(ROOT / "tests" / "helpers" / "make_synthetic_trace.py"),
             str(trace),
             "--seconds",
             "60",

@@ -185,17 +185,29 @@ class TunerApp(App[None]):
         for label, width in req_cols:
             reqs.add_column(label, width=width, key=label)
         self.query_one("#scrubber").display = self.replay
-        self._layout_grid(self.size.width)
+        self._layout(self.size.width, self.size.height)
         self._read_source()
         self.set_interval(self.redraw_interval, self._on_timer)
         self.redraw()
 
     def on_resize(self, event: Any) -> None:
-        self._layout_grid(event.size.width)
+        self._layout(event.size.width, event.size.height)
 
-    def _layout_grid(self, width: int) -> None:
+    def _layout(self, width: int, height: int) -> None:
+        """Size the charts to the terminal: columns by width, and the rows left between the fixed lines
+        (header, devices, scrubber, status, footer) shared between the chart grid and the tables, so a
+        large terminal shows taller charts instead of an empty bottom.  When even the smallest charts do
+        not fit (80x24) the body scrolls."""
+        cols, chart_h, tables_h = layout_for(width, height, len(self.shown) or 1, self.replay)
         grid = self.query_one("#charts", Grid)
-        grid.styles.grid_size_columns = 4 if width >= 150 else 3 if width >= 120 else 2
+        grid.styles.grid_size_columns = cols
+        grid.styles.grid_rows = str(chart_h)
+        self.query_one("#tables").styles.height = tables_h
+        shown = [c for c in self.query(Chart) if c.spec.id in self.shown]
+        for c in self.query(Chart):
+            c.styles.column_span = 1
+        if shown and len(shown) % cols:  # the last chart widens to the end of its row: no empty cell
+            shown[-1].styles.column_span = cols - len(shown) % cols + 1
 
     # -- data ----------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, exit_on_error=False)
@@ -218,6 +230,7 @@ class TunerApp(App[None]):
         self.model.apply_many(msg.records)
         if first and self.model.header is not None:
             self.shown = {c.id for c in self.model.charts()}
+            self._layout(self.size.width, self.size.height)
 
     def on_source_done(self, msg: SourceDone) -> None:
         self.loaded = True
@@ -286,15 +299,22 @@ class TunerApp(App[None]):
             _set(self.query_one("#hdr", Static), Text("waiting for the trace header…", style="italic"))
             return
         mode = "REPLAY" if self.replay else ("LIVE" if not self.source.describe.startswith("follow") else "FOLLOW")
-        line1 = Text.assemble(
-            ("tuner ", "bold #5fafff"),
-            (f"{mode} ", "bold reverse"),
-            (" ", ""),
-            (m.command()[:60], "bold"),
-            f"  │ {m.tree_pids()}  │ up {clock(now)}  │ window {nice_window(self.window)}",
-        )
+        width = max(10, self.size.width - 2)
+        line1 = Text.assemble(("tuner ", "bold #5fafff"), (f"{mode} ", "bold reverse"))
+        if m.header.get("synthetic"):  # a generated fixture, not a recording: say so first
+            line1.append(" SYNTHETIC ", "bold reverse #ffaf5f")
+        tail = Text(f"  │ {m.tree_pids()}  │ up {clock(now)}  │ window {nice_window(self.window)}")
+        if line1.cell_len + 17 + tail.cell_len > width:  # a narrow terminal: uptime before the process list
+            tail = Text(f"  │ up {clock(now)}  │ window {nice_window(self.window)}")
         if self.paused:
-            line1.append("  PAUSED", "bold #ffaf5f")
+            tail.append("  PAUSED", "bold #ffaf5f")
+        # the command gets what is left of the line (at least 16 cells): uptime and window stay visible
+        room = max(16, width - line1.cell_len - 1 - tail.cell_len)
+        cmd = Text(m.command(), "bold")
+        cmd.truncate(room, overflow="ellipsis")
+        line1.append(" ")
+        line1.append_text(cmd)
+        line1.append_text(tail)
         parts = Text("probes: ")
         for name, st in m.probes.items():
             if isinstance(st, dict) and st.get("available", True):
@@ -302,7 +322,6 @@ class TunerApp(App[None]):
             else:
                 reason = st.get("reason") if isinstance(st, dict) else None
                 parts.append(f"{name} ✗ ({reason or 'unavailable'})  ", "#d7875f")
-        width = max(10, self.size.width - 2)
         line1.truncate(width, overflow="ellipsis")
         parts.truncate(width, overflow="ellipsis")
         _set(self.query_one("#hdr", Static), Text("\n").join([line1, parts]))
@@ -384,18 +403,16 @@ class TunerApp(App[None]):
         _set(self.query_one("#status", Static), Text("  │  ".join(bits), style="#a0a0a0"))
         if self.replay:
             dur = max(m.last_t, 1e-9)
-            w = max(10, self.size.width - 40)
+            nxt = m.next_action_after(self.playhead)
+            state = "⏸" if self.paused else "▶"
+            head = f"{state} {self.speed:g}x  {clock(self.playhead)} / {clock(m.last_t)} "
+            tail = f"  next action {clock(nxt) if nxt is not None else '-'}"
+            w = max(10, self.size.width - 2 - len(head) - len(tail))  # the track takes what the text leaves
             pos = round(self.playhead / dur * (w - 1)) if m.last_t > 0 else 0
             track = Text("━" * pos, "#5fafff")
             track.append("●", "bold #ffffff")
             track.append("─" * (w - 1 - pos), "#606060")
-            nxt = m.next_action_after(self.playhead)
-            state = "⏸" if self.paused else "▶"
-            scrub = Text.assemble(
-                f"{state} {self.speed:g}x  {clock(self.playhead)} / {clock(m.last_t)} ",
-                track,
-                f"  next action {clock(nxt) if nxt is not None else '-'}",
-            )
+            scrub = Text.assemble(head, track, tail)
             _set(self.query_one("#scrubber", Static), scrub)
 
     # -- keys ----------------------------------------------------------------------------------------
@@ -454,6 +471,7 @@ class TunerApp(App[None]):
             if selected is not None:
                 self.shown = set(selected)
                 self.message = f"{len(self.shown)} of {len(charts)} charts shown"
+                self._layout(self.size.width, self.size.height)
                 self.redraw()
 
         self.push_screen(MetricsScreen(charts, set(self.shown)), done)
@@ -490,6 +508,25 @@ class TunerApp(App[None]):
             self.source.close()
         except Exception:
             pass
+
+
+CHROME_ROWS = 2 + 3 + 1 + 1  # header, device panels, status line, footer (+1 for a replay's scrubber)
+CHART_MIN_ROWS = 7
+CHART_MIN_COLS = 46  # wide enough for a title with its values (e.g. "Batch size / precision  batch 16  bits fp32")
+
+
+def layout_for(width: int, height: int, charts: int, replay: bool) -> tuple[int, int, int]:
+    """(chart columns, rows per chart, rows of the tables) for a terminal of ``width`` x ``height``.
+
+    Columns: as many as keep each chart at least ``CHART_MIN_COLS`` wide (2 to 4).  Rows: the tables take
+    a quarter of the body (8 to 16 rows) and the charts share the rest, at least ``CHART_MIN_ROWS`` each.
+    """
+    cols = max(2, min(4, (width - 2) // CHART_MIN_COLS))
+    body = max(0, height - CHROME_ROWS - (1 if replay else 0))
+    tables = max(8, min(16, body // 4))
+    rows = -(-max(1, charts) // cols)
+    chart = max(CHART_MIN_ROWS, (body - tables) // rows)
+    return cols, chart, tables
 
 
 def _short(v: Any) -> str:

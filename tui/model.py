@@ -117,10 +117,13 @@ class ChartSpec:
     step: bool = False
     trend: str | None = None
     band: tuple[float, float] | None = None
+    integer: bool = False
+    """Integer values (batch size, bits): the y axis ends on whole numbers."""
 
 
 def fmt_value(v: float | None, unit: str) -> str:
-    """Human figures: bytes in KiB..GiB, seconds in ms/s, ratios as %, cores as ``1.5c``."""
+    """Human figures: bytes in KiB..GiB, seconds in ms/s, ratios as %, cores as ``1.5c``; plain values with
+    three significant digits, integers (a batch size) as integers."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     if unit == "bytes":
@@ -137,9 +140,9 @@ def fmt_value(v: float | None, unit: str) -> str:
         return f"{v:.2f}c"
     if unit == "bits":
         return {32: "fp32", 16: "16b", 8: "int8"}.get(round(v), f"{v:.0f}b")
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    return f"{v:.2f}"
+    if abs(v) >= 100 or float(v).is_integer():
+        return f"{v:.0f}"  # a batch size is 16, not 16.00
+    return f"{v:.3g}"
 
 
 class Model:
@@ -329,6 +332,7 @@ class Model:
                 (("knob_batch_size", "batch"), ("knob_precision_bits", "bits")),
                 "value",
                 step=True,
+                integer=True,
             ),
         ]
 

@@ -96,16 +96,20 @@ def y_range(spec: ChartSpec, arrays: Sequence[np.ndarray]) -> tuple[float, float
         lo = min(lo, spec.band[0])
     if hi - lo < 1e-12:
         pad = abs(hi) * 0.1 or 1.0
-        return lo - pad, hi + pad
-    pad = (hi - lo) * 0.08
-    return (lo - pad if lo != 0.0 else lo), hi + pad
+        lo, hi = lo - pad, hi + pad
+    else:
+        pad = (hi - lo) * 0.08
+        lo, hi = (lo - pad if lo != 0.0 else lo), hi + pad
+    if spec.integer:
+        lo, hi = float(math.floor(lo)), float(math.ceil(hi))
+    return lo, hi
 
 
 class Chart(Widget):
     """A titled braille chart of one ``ChartSpec`` over a time window."""
 
     DEFAULT_CSS = """
-    Chart { height: 7; min-width: 30; }
+    Chart { height: 100%; min-height: 7; min-width: 30; }
     """
 
     def __init__(self, spec: ChartSpec, *, id: str | None = None) -> None:
@@ -270,13 +274,21 @@ class DevicePanel(Vertical):
         self.info = Static("", classes="info")
         self.meter = Static("", classes="meter")
         self.spark = Sparkline([], summary_function=max)
+        self._last: tuple[Model, float, float] | None = None
 
     def compose(self) -> ComposeResult:
         yield self.info
         yield self.meter
         yield self.spark
 
+    def on_resize(self) -> None:
+        # the bar's width comes from the panel's: a panel laid out after its first update draws it again
+        # (else a frozen replay kept the 4-cell bar of a not-yet-sized panel)
+        if self._last is not None:
+            self.update_from(*self._last)
+
     def update_from(self, model: Model, t0: float, t1: float) -> None:
+        self._last = (model, t0, t1)
         d = self.device
         cols = model.cols
         w = max(4, self.size.width - 12)

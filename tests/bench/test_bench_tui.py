@@ -23,7 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/bench is not a package
 
-from tests.helpers.make_example_trace import write
+from tests.helpers.make_synthetic_trace import write
 from tuner.link.observe import ObserverServer
 from tuner.trace import iter_records
 from tuner.tui.app import TunerApp
