@@ -52,6 +52,7 @@ def discover(
     ``pids`` are the roots of the process trees to watch (``None``: system-wide only).  Returns the
     available probes and a status for every probe, with the reason for each unavailable one.
     """
+    from tuner.probes.cgroup import CgroupProbe
     from tuner.probes.cpu import CpuProbe
     from tuner.probes.npu import AscendNpuProbe, IntelNpuProbe
     from tuner.probes.nvidia import NvidiaProbe
@@ -60,7 +61,9 @@ def discover(
     # the device probes attribute per-process figures to the live tree the CPU probe tracks (servers
     # fork workers after start); without target PIDs they report devices only
     tree = cpu.pids if pids else None
-    candidates: list[Probe] = [cpu, NvidiaProbe(tree), AscendNpuProbe(tree), IntelNpuProbe()]
+    # the memory limit that can kill the process is its cgroup's (the root's: children inherit it)
+    cgroup = CgroupProbe(pids[0] if pids else None)
+    candidates: list[Probe] = [cpu, cgroup, NvidiaProbe(tree), AscendNpuProbe(tree), IntelNpuProbe()]
     if include is not None:
         candidates = [p for p in candidates if p.name in include]
     usable: list[Probe] = []

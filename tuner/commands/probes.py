@@ -62,6 +62,19 @@ def read_all(pid: int) -> list[dict[str, Any]]:
         unsupported = getattr(p, "unsupported", None)
         if unsupported:
             entry["unsupported"] = dict(unsupported)
+        for attr in ("summary", "describe"):  # what the probe reads (the cgroup probe: which cgroup, version)
+            fn = getattr(p, attr, None)
+            if fn is not None:
+                try:
+                    entry["detail" if attr == "describe" else "summary"] = fn()
+                except Exception:
+                    pass
+        notes = getattr(p, "take_notes", None)
+        if notes is not None:
+            try:
+                entry["notes"] = [msg for msg, _ in notes()]
+            except Exception:
+                pass
         readings[p.name] = entry
         p.close()
     out = []
@@ -72,11 +85,30 @@ def read_all(pid: int) -> list[dict[str, Any]]:
     return out
 
 
+def memory_limits(result: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every memory limit that can end the process, tightest first, from one reading of each probe."""
+    from tuner.core import limits
+
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for r in result:
+        values.update(r.get("values") or {})
+        mem = (r.get("detail") or {}).get("memory") if r["name"] == "cgroup" else None
+        if isinstance(mem, dict) and isinstance(mem.get("path"), str):
+            labels["cgroup"] = mem["path"]
+    terms = limits.terms(limits.DictReader(values, labels))
+    return {
+        "binding": terms[0].describe() if terms else None,
+        "terms": [{"name": t.name, "limit": t.describe(), "headroom": round(t.headroom, 4)} for t in terms],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     pid = parse_pid(args.pid) if args.pid is not None else os.getpid()
     result = read_all(pid)
+    mem = memory_limits(result)
     if args.json:
-        print(json.dumps({"pid": pid, "probes": result}, indent=2))
+        print(json.dumps({"pid": pid, "probes": result, "memory_limits": mem}, indent=2))
         return 0
     width = max(len(r["name"]) for r in result)
     for r in result:
@@ -86,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         if "error" in r:
             print(f"{r['name']:<{width}}  error: {r['error']}")
             continue
-        print(f"{r['name']:<{width}}  ok")
+        summary = f"  {r['summary']}" if r.get("summary") else ""
+        print(f"{r['name']:<{width}}  ok{summary}")
         values: dict[str, Any] = r.get("values", {})
         groups: dict[str, list[str]] = {}
         for key, v in values.items():
@@ -101,6 +134,15 @@ def run(args: argparse.Namespace) -> int:
                     line = "    "
                 line += it + "  "
             print(line.rstrip())
+        by_reason: dict[str, list[str]] = {}
         for metric, why in r.get("unsupported", {}).items():
-            print(f"    {metric}: not supported ({why})")
+            by_reason.setdefault(str(why), []).append(metric)
+        for why, metrics in by_reason.items():
+            print(f"    not read: {', '.join(metrics)} ({why})")
+        for note in r.get("notes", []):
+            print(f"    note: {note}")
+    if mem["terms"]:
+        print("memory limits (tightest first; the first one binds):")
+        for t in mem["terms"]:
+            print(f"    {t['limit']}  ({t['headroom']:.0%} free)")
     return 0

@@ -223,6 +223,12 @@ class Session:
                     entry["metrics"] = p.metrics()
                 except Exception:
                     entry["metrics"] = {}
+                describe = getattr(p, "describe", None)  # what the probe reads (the cgroup probe: which cgroup)
+                if describe is not None:
+                    try:
+                        entry["detail"] = describe()
+                    except Exception:
+                        pass
             table[st.name] = entry
         return table
 

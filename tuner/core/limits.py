@@ -1,0 +1,299 @@
+"""The limits that can kill the inference, which one binds, and when the memory trend reaches it.
+
+**Terms.**  Memory headroom is the minimum over every limit that can actually end the process: the cgroup's
+effective limit against its working set (the kernel OOM killer acts there, not at the host's total), the
+host's memory, each accelerator's memory.  A term is ``(name, used, limit)`` plus how to describe it and
+which metric grows toward it; a *source* turns the latest metric values into terms.  Any probe may contribute
+one: ``register(TermSource(...))`` — the engines issue adds the KV cache (``used = kv_cache_usage``, ``limit =
+1``), the GPU issue the devices the tree really uses; the window, the policies, ``tuner probes``, the TUI
+and the report all see every term through ``binding()`` and ``terms()``.
+
+**Time to limit.**  ``project(x, y, limit, used)``: like Prometheus' ``predict_linear`` alerting, but on the
+memory *floor* (what is held throughout; a sawtooth of batches does not count as growth): the lower envelope
+of the series (``tuner.core.stats.lower_envelope``), Mann-Kendall significance on it, and the Theil-Sen slope
+of its recent half (the current rate: a start-up ramp earlier in the window neither hides nor inflates it).
+Time to limit = (limit - used now) / slope.  A flat workload has no significant rising floor, so no time to
+limit: no action (``tests/test_limits.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tuner.core.stats import lower_envelope, mann_kendall, theil_sen
+
+
+class ValueReader(Protocol):
+    """What a source reads: the latest value of a key, the keys seen, and labels (``"cgroup"``: its path)."""
+
+    def latest(self, key: str) -> float | None: ...
+
+    @property
+    def keys(self) -> Sequence[str]: ...
+
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+
+
+@dataclass(frozen=True)
+class LimitTerm:
+    """One limit that can kill the process: ``used`` of ``limit`` (same unit)."""
+
+    name: str
+    """``"cgroup"``, ``"host"``, ``"gpu/0"``, ``"kv_cache"`` ... (what ``Window.headroom()`` names)."""
+    used: float
+    limit: float
+    what: str = "used"
+    """How ``used`` is measured, for people: ``"working set"``, ``"used"``, ``"KV cache"``."""
+    label: str = ""
+    """Where, for people: the cgroup's path."""
+    unit: str = "bytes"
+    series: str | None = None
+    """The metric key whose trend approaches the limit (the projection's input); None: not projected."""
+    pool: str = ""
+    """What the ``used`` bytes come out of (``"ram"`` for the host and the cgroup; default: the name).  Within a
+    pool the limit with the least room left binds (the next allocation fails there first); across pools, the
+    least free share."""
+
+    @property
+    def room(self) -> float:
+        return self.limit - self.used
+
+    @property
+    def headroom(self) -> float:
+        """Free share of the limit (negative when usage is above a limit lowered under it)."""
+        return 1.0 - self.used / self.limit if self.limit > 0 else 0.0
+
+    def describe(self) -> str:
+        """``cgroup /kubepods/pod1 working set 612 MiB of 640 MiB``."""
+        where = f"{self.name} {self.label}" if self.label else self.name
+        return f"{where} {self.what} {fmt(self.used, self.unit)} of {fmt(self.limit, self.unit)}"
+
+
+@dataclass(frozen=True)
+class TermSource:
+    """Turns the latest metric values into terms; ``keys``/``prefixes``: what the window must keep for it."""
+
+    name: str
+    keys: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    terms: Callable[[ValueReader], Iterable[LimitTerm]]
+
+
+def fmt(v: float, unit: str = "bytes") -> str:
+    if unit != "bytes":
+        return f"{v:.0%}" if unit == "ratio" else f"{v:g}"
+    a = abs(v)
+    for suffix, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if a >= div:
+            return f"{v / div:.1f} {suffix}" if suffix == "GiB" else f"{v / div:.0f} {suffix}"
+    return f"{v:.0f} B"
+
+
+# -- the built-in sources --------------------------------------------------------------------------------
+def _host(r: ValueReader) -> Iterable[LimitTerm]:
+    avail, total = r.latest("sys_mem_available_bytes"), r.latest("sys_mem_total_bytes")
+    if avail is not None and total:
+        yield LimitTerm("host", total - avail, total, "memory used", series="sys_mem_used_bytes", pool="ram")
+
+
+def _cgroup(r: ValueReader) -> Iterable[LimitTerm]:
+    limit = r.latest("cgroup_mem_limit_bytes")
+    ws = r.latest("cgroup_mem_working_set_bytes")
+    if limit and ws is not None:
+        label = r.labels.get("cgroup", "")
+        yield LimitTerm("cgroup", ws, limit, "working set", label, series="cgroup_mem_working_set_bytes", pool="ram")
+
+
+def _devices(r: ValueReader) -> Iterable[LimitTerm]:
+    for key in r.keys:
+        if key.startswith(("gpu_mem_used_bytes/", "npu_mem_used_bytes/")):
+            used = r.latest(key)
+            if used is None:
+                continue
+            kind, dev = key.split("_", 1)[0], key.split("/", 1)[1]
+            tot = r.latest(f"{kind}_mem_total_bytes/{dev}")
+            if tot:
+                yield LimitTerm(f"{kind}/{dev}", used, tot, "memory used", series=key)
+
+
+SOURCES: list[TermSource] = [
+    TermSource("host", ("sys_mem_available_bytes", "sys_mem_total_bytes", "sys_mem_used_bytes"), (), _host),
+    TermSource("cgroup", ("cgroup_mem_limit_bytes", "cgroup_mem_working_set_bytes"), (), _cgroup),
+    TermSource("devices", (), ("gpu_mem_", "npu_mem_"), _devices),
+]
+"""Every source of limit terms; ``register`` adds one (the device and KV-cache terms of later issues)."""
+
+PRESSURE_KEYS: tuple[str, ...] = (
+    "cgroup_mem_pressure_some_ratio",
+    "cgroup_mem_pressure_full_ratio",
+    "sys_mem_pressure_some_ratio",
+    "sys_mem_pressure_full_ratio",
+)
+"""PSI figures the window keeps as evidence (per cgroup on v2, the host's otherwise)."""
+
+
+def register(source: TermSource) -> None:
+    """Add (or replace, by name) a source of limit terms."""
+    SOURCES[:] = [s for s in SOURCES if s.name != source.name] + [source]
+
+
+def tracked() -> tuple[set[str], set[str]]:
+    """Keys and prefixes a window must keep for every source (and the pressure evidence)."""
+    keys: set[str] = set(PRESSURE_KEYS)
+    prefixes: set[str] = set()
+    for s in SOURCES:
+        keys.update(s.keys)
+        prefixes.update(s.prefixes)
+    return keys, prefixes
+
+
+def terms(r: ValueReader) -> list[LimitTerm]:
+    """Every term the sources give for the latest values, tightest first (a failing source is skipped): per
+    pool the term with the least room left, those by free share; then the others, by free share."""
+    out: list[LimitTerm] = []
+    for s in SOURCES:
+        try:
+            out.extend(t for t in s.terms(r) if t.limit > 0 and math.isfinite(t.used) and math.isfinite(t.limit))
+        except Exception:  # a contributed source must never take the agent down
+            continue
+    first: dict[str, LimitTerm] = {}
+    for t in out:
+        pool = t.pool or t.name
+        if pool not in first or t.room < first[pool].room:
+            first[pool] = t
+    lead = sorted(first.values(), key=lambda t: t.headroom)
+    return lead + sorted((t for t in out if t not in lead), key=lambda t: t.headroom)
+
+
+def binding(r: ValueReader) -> LimitTerm | None:
+    """The limit with the least headroom, or None when nothing reports memory."""
+    ts = terms(r)
+    return ts[0] if ts else None
+
+
+class DictReader:
+    """A ``ValueReader`` over one dict of values (a tick, a ``tuner probes`` reading)."""
+
+    def __init__(self, values: Mapping[str, float | None], labels: Mapping[str, str] | None = None) -> None:
+        self._v = values
+        self._labels = dict(labels or {})
+
+    def latest(self, key: str) -> float | None:
+        v = self._v.get(key)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None
+        return float(v)
+
+    @property
+    def keys(self) -> Sequence[str]:
+        return list(self._v)
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self._labels
+
+
+# -- projection ------------------------------------------------------------------------------------------
+PROJECTION_WINDOW_S = 60.0
+"""How much of the recent past the projection looks at."""
+MIN_POINTS = 20
+MIN_SPAN_S = 10.0
+ALPHA = 0.01
+ENVELOPE_BINS = 12
+MIN_BINS = 6
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The floor trend of one term's series: ``verdict`` ``"rising"`` (``seconds`` to the limit),
+    ``"flat"`` (no significant rise, or not any more) or ``"insufficient data"``."""
+
+    verdict: str
+    seconds: float | None
+    slope: float | None
+    """Units per second of the floor's recent half."""
+    p_value: float | None
+    n: int
+    span_s: float
+
+
+def project(
+    x: np.ndarray,
+    y: np.ndarray,
+    limit: float,
+    used: float,
+    *,
+    alpha: float = ALPHA,
+    min_points: int = MIN_POINTS,
+    min_span_s: float = MIN_SPAN_S,
+) -> Projection:
+    """Extrapolate the floor of ``y`` (over times ``x`` in seconds) to ``limit`` from ``used`` now."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = int(x.size)
+    span = float(x[-1] - x[0]) if n else 0.0
+    if n < min_points or span < min_span_s:
+        return Projection("insufficient data", None, None, None, n, span)
+    bins = min(ENVELOPE_BINS, n // 3)
+    if bins < MIN_BINS:
+        return Projection("insufficient data", None, None, None, n, span)
+    ex, ey = lower_envelope(x, y, bins)
+    if ex.size < MIN_BINS:
+        return Projection("insufficient data", None, None, None, n, span)
+    s, _, p = mann_kendall(ey)
+    if not (s > 0 and p < alpha):
+        return Projection("flat", None, None, p, n, span)
+    half = ex.size // 2
+    slope, _ = theil_sen(ex[half:], ey[half:])
+    if not (slope > 0 and math.isfinite(slope)):
+        return Projection("flat", None, slope if math.isfinite(slope) else None, p, n, span)
+    seconds = max(0.0, (limit - used) / slope)
+    return Projection("rising", seconds, slope, p, n, span)
+
+
+@dataclass(frozen=True)
+class MemoryPressure:
+    """The memory-pressure signal the policies read (``Window.memory_pressure()``): the binding limit is
+    projected to be reached within the horizon.
+
+    ``cleanup_helped``: whether the last cleanup in this episode gave back at least a quarter of the room
+    that was left (None: no cleanup result yet) — cleanup comes first; a smaller batch and a lower precision
+    only when it did not help.
+    """
+
+    seconds: float
+    horizon_s: float
+    term: LimitTerm
+    slope: float
+    since: float
+    """When this episode began (trace time)."""
+    cleanup_helped: bool | None
+    psi_some: float | None
+    psi_host_wide: bool
+
+    @property
+    def escalate(self) -> bool:
+        """Cleanup was tried and did not buy the time back: a smaller batch, then a lower precision."""
+        return self.cleanup_helped is False
+
+    def evidence(self) -> dict[str, object]:
+        ev: dict[str, object] = {
+            "time_to_limit_s": round(self.seconds, 1),
+            "horizon_s": self.horizon_s,
+            "limit": self.term.describe(),
+            "growth_bytes_per_s": round(self.slope, 1),
+        }
+        if self.psi_some is not None:
+            ev["memory_psi_some"] = self.psi_some
+            ev["memory_psi_scope"] = "host" if self.psi_host_wide else "cgroup"
+        return ev
+
+    def describe(self) -> str:
+        """``cgroup /x working set 420 MiB of 448 MiB, limit in 38 s at +5.1 MiB/s``."""
+        return f"{self.term.describe()}, limit in {self.seconds:.0f} s at +{fmt(self.slope, self.term.unit)}/s"
