@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.probes.procfs import ProcFile
-from tuner.records import Event, Sample, Value
+from tuner.records import Event, Sample, Value, unit_of
 
 UNLIMITED_V1 = 1 << 62
 """A v1 limit at or above this is "no limit" (kubelet: not MaxInt64, the kernel rounds it to pages)."""
@@ -561,7 +561,7 @@ class CgroupProbe:
         keys += HOST_PSI if self.psi_host_wide else CGROUP_PSI
         for k in keys:
             if k not in self.unsupported:
-                out[k] = "count" if k.endswith("_total") or k.startswith("cgroup_pids") else k.rsplit("_", 1)[1]
+                out[k] = unit_of(k)
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -172,6 +172,9 @@ def test_v2_canned_tree_limit_on_the_parent(tmp_path: Path) -> None:
     assert (v["cgroup_pids"], v["cgroup_pids_limit"]) == (17, 1024)
     assert [e.kind for e in s.events] == ["cgroup"] and s.events[0].data["memory"]["path"] == "/kubepods/pod1/ctr"
     assert p.unsupported == {} and set(p.metrics()) == set(v)
+    units = p.metrics()
+    assert units["cgroup_cpu_throttled_seconds_total"] == "seconds" and units["cgroup_oom_kills_total"] == "count"
+    assert units["cgroup_pids"] == "count" and units["cgroup_mem_pressure_some_ratio"] == "ratio"
     # usage every tick from the kept-open file; memory.stat and limits only once a slow cadence
     (ctr / "memory.current").write_text(f"{460 * MIB}\n")
     (ctr / "memory.events").write_text(V2_EVENTS.replace("oom_kill 1", "oom_kill 2"))
