@@ -12,7 +12,7 @@ from types import FrameType
 import psutil
 
 from tuner.commands._common import add_session_options, redact_command, session_options
-from tuner.commands.run import print_brief_summary
+from tuner.commands.run import add_engine_metrics_option, engine_metrics_url, print_brief_summary
 from tuner.core.session import Session, pid_exists_or_error
 from tuner.errors import UserError
 
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Sample a running process tree until it exits (or Ctrl-C) and write the trace.",
     )
     add_session_options(p)
+    add_engine_metrics_option(p)
     p.add_argument("pid", metavar="PID", help="process to watch")
     p.set_defaults(func=run)
 
@@ -64,6 +65,7 @@ def _is_kernel_thread(pid: int) -> bool:
 def run(args: argparse.Namespace) -> int:
     pid = parse_pid(args.pid, allow_self=False)
     opts = session_options(args)
+    opts.engine_metrics = engine_metrics_url(args.engine_metrics)
     try:
         proc = psutil.Process(pid)
         command = proc.cmdline() or [proc.name()]

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from tuner.commands.attach import parse_pid
-from tuner.probes.base import discover
+from tuner.probes.base import ProbeStatus, discover
 from tuner.records import split_key, unit_of
 
 
@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probes", help="list the probes, one reading each, and why any is unavailable")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--pid", help="also read this process tree (default: this command's own process)")
+    p.add_argument("--engine-metrics", metavar="URL",
+                   help="also read a serving engine's Prometheus page and show what was recognised")
     p.set_defaults(func=run)
 
 
@@ -42,8 +44,14 @@ def humanize(key: str, v: float | None) -> str:
     return f"{v:g}"
 
 
-def read_all(pid: int) -> list[dict[str, Any]]:
+def read_all(pid: int, engine_url: str | None = None) -> list[dict[str, Any]]:
     probes, statuses = discover([pid])
+    engine = None
+    if engine_url is not None:
+        from tuner.probes.engine import EngineProbe
+
+        engine = EngineProbe(engine_url, autostart=False, timeout=5.0)
+        engine.scrape_once()
     t0 = time.monotonic()
     for p in probes:  # a first reading primes the rate-based values (CPU ratio, utilization)
         try:
@@ -51,6 +59,9 @@ def read_all(pid: int) -> list[dict[str, Any]]:
         except Exception:
             pass
     time.sleep(0.2)
+    if engine is not None:
+        statuses.append(_engine_reading(engine))
+        probes.append(engine)
     readings: dict[str, dict[str, Any]] = {}
     for p in probes:
         entry: dict[str, Any] = {}
@@ -75,6 +86,8 @@ def read_all(pid: int) -> list[dict[str, Any]]:
                 entry["notes"] = [msg for msg, _ in notes()]
             except Exception:
                 pass
+        if p is engine:  # the page's values only: the vocabulary's other keys are listed as recognised or not
+            entry["values"] = {k: v for k, v in entry.get("values", {}).items() if v is not None}
         readings[p.name] = entry
         p.close()
     out = []
@@ -103,9 +116,20 @@ def memory_limits(result: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _engine_reading(engine: Any) -> ProbeStatus:
+    """The second scrape (rates need two) and whether the page gave anything."""
+    reason = engine.available()
+    if reason is None:
+        engine.scrape_once()
+        reason = engine.status()
+    return ProbeStatus(engine.name, reason)
+
+
 def run(args: argparse.Namespace) -> int:
+    from tuner.commands.run import engine_metrics_url
+
     pid = parse_pid(args.pid) if args.pid is not None else os.getpid()
-    result = read_all(pid)
+    result = read_all(pid, engine_metrics_url(args.engine_metrics))
     mem = memory_limits(result)
     if args.json:
         print(json.dumps({"pid": pid, "probes": result, "memory_limits": mem}, indent=2))
@@ -139,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
             by_reason.setdefault(str(why), []).append(metric)
         for why, metrics in by_reason.items():
             print(f"    not read: {', '.join(metrics)} ({why})")
+        if r["name"] == "engine":
+            _print_engine(r.get("detail"))
         for note in r.get("notes", []):
             print(f"    note: {note}")
     if mem["terms"]:
@@ -146,3 +172,14 @@ def run(args: argparse.Namespace) -> int:
         for t in mem["terms"]:
             print(f"    {t['limit']}  ({t['headroom']:.0%} free)")
     return 0
+
+
+def _print_engine(d: dict[str, Any] | None) -> None:
+    if not d:
+        return
+    from tuner.probes.engine import ENGINES, SLOT_KEYS
+
+    name = ENGINES.get(str(d.get("engine")), "no engine")
+    print(f"    {name} at {d['url']}: {len(d['recognised'])} of {d['families']} families recognised")
+    for family, slot in d["recognised"].items():
+        print(f"      {family} -> {SLOT_KEYS.get(slot, slot)}")

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and exit with CMD's exit code.",
     )
     add_session_options(p)
+    add_engine_metrics_option(p)
     p.add_argument(
         "--tui",
         action="store_true",
@@ -35,6 +36,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command to run")
     p.set_defaults(func=run)
+
+
+def add_engine_metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine-metrics",
+        metavar="URL",
+        help="also scrape a serving engine's Prometheus page (vLLM, SGLang, TGI, llama.cpp), e.g. "
+        "http://127.0.0.1:8000/metrics, once a second",
+    )
+
+
+def engine_metrics_url(text: str | None) -> str | None:
+    """``--engine-metrics URL`` checked (``/metrics`` added to a bare origin); a one-line error when bad."""
+    if text is None:
+        return None
+    from tuner.probes.engine import check_url
+
+    try:
+        return check_url(text)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def exit_code_of(returncode: int) -> int:
@@ -105,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if not cmd[0].strip():
         raise UserError(f"the command name {cmd[0]!r} is empty: use 'tuner run [options] -- CMD ...'")
     opts = session_options(args)
+    opts.engine_metrics = engine_metrics_url(args.engine_metrics)
     if args.tui and args.headless:
         raise UserError("--tui and --headless contradict each other: choose one")
     return supervise(cmd, opts, headless=args.headless, tui=args.tui)

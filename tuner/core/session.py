@@ -36,6 +36,8 @@ class SessionOptions:
     record_text: bool = False
     observer: bool = True
     """Serve the live feed ``tuner tui --connect`` reads (a Unix socket next to the channel's)."""
+    engine_metrics: str | None = None
+    """A serving engine's Prometheus page to scrape (``--engine-metrics URL``; ``tuner.probes.engine``)."""
 
 
 def _policy_header(config: Any) -> dict[str, Any]:
@@ -91,9 +93,17 @@ class Session:
             from tuner.probes.output import OutputProbe
 
             extra.append(OutputProbe(channel, t0=self.t0, record_text=opts.record_text))
+        if opts.engine_metrics:
+            from tuner.probes.engine import EngineProbe
+
+            extra.append(EngineProbe(opts.engine_metrics))
         for p in extra:
-            probes.append(p)
-            self.statuses.append(ProbeStatus(p.name, None))
+            reason = p.available()
+            self.statuses.append(ProbeStatus(p.name, reason))
+            if reason is None:
+                probes.append(p)
+            else:
+                p.close()
         self.probes = probes
 
         self.trace_path = Path(opts.trace) if opts.trace else default_trace_path(command)
