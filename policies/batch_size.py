@@ -1,43 +1,74 @@
-"""Batch size: the most tokens/s the memory and the latency SLO allow — at the knee, not at the wall.
+"""Batch size: the most tokens/s the memory and the latency SLO allow — at the knee, not at the wall — and
+never worse than leaving the knob alone.
 
 Each candidate batch size is *measured*: after a change, responses that end in the first ``settle_s``
 are ignored (they were batched under the old size), then ``measure_s`` of responses give one
-measurement: generated tokens / elapsed time, p95 TTFT and TPOT, how many responses.
+measurement window: generated tokens / elapsed time, p95 *service* TTFT (the request's time to first
+token minus its time in the queue: under overload a smaller batch only makes the queue longer) and TPOT,
+and the queue: its median wait, how fast the wait grows (seconds of wait per second, the slope over the
+window: ``arrivals / service - 1`` when the queue grows) and how full the batches ran.  With *static*
+batches (each batch's requests start together and the next batch starts after the last of them ended:
+the demo, a hand-written loop) tokens/s is taken over whole batches that started after the settle time
+and the window lasts until ``min_batches`` of them completed (counting the responses that happen to end
+in a 10 s window swung 2-3x at batch 32-64 on the demo).  Otherwise (continuous batching) it is the tokens
+of the responses that ended in the window / its length.
+
+Two facts about a window decide what it can show:
+
+- *saturated*: the server, not the demand, set the pace — a backlog (the median request waited more than
+  twice its own service time, or the wait grew by ``backlog_growth``), or a closed loop (nobody waits: the
+  demand is whatever the server lets in, as in an offline job) whose batches ran full
+  (``saturated_occupancy``).  Only then can a larger size show more tokens/s; otherwise the size kept up
+  with the demand: a larger one serves what arrives and no more, so the policy holds still (it cannot
+  show that a change helps);
+- *evidence*: one window swings 10-30% with the other jobs of a shared host.  A size replaces the one
+  held (the *incumbent*: the start size, later the held knee) only when it beats it by ``min_gain`` and
+  by ``evidence_z`` standard errors of the difference (a window's error is at least ``noise_cv`` of its
+  figure; windows of one size are pooled).
 
 State machine (the Zeus power-limit optimizer's shape: each state knows what it waits for):
 
-- ``measure``  waiting for the current batch size's measurement (TTFT there is *service* time: the
-  request's time to first token minus its time in the queue, since under overload a smaller batch
-  only makes the queue longer).  With *static* batches (each batch's requests start together and the
-  next batch starts after the last of them ended: the demo, a hand-written loop) tokens/s is taken over
-  whole batches that started after the settle time — their tokens / (start of the batch after them -
-  start of the first) — and the window lasts until ``min_batches`` of them completed: counting the
-  responses that happen to end in a 10 s window swung 2-3x at batch 32-64 on the demo, where one batch
-  takes 5-15 s, and the policy settled below the knee.  Otherwise (continuous batching) it is the
-  tokens of the responses that ended in the window / its length;
-- ``explore``  doubling while throughput still rises by ``min_gain`` (or rises at all right after a doubling
-  that gained: one more look, since a window's noise can hide a real gain), the SLO holds and memory
-  has ``min_headroom``; then ``refine``: the midpoint between the knee and a measured neighbour while the gap
-  is at least ``refine_min_gap`` and more than ``refine_min_frac`` of the knee (a golden-section-like
-  shrink on measured windows; finer steps than a quarter of the size change the throughput by less than
-  one window's noise on a shared machine: 48, 56, 52, 54 were bisected there and 54 held by chance);
-- ``confirm``  (``confirm = true``) before holding, the knee and its strongest rival (the best feasible
-  measured size above it; else, when no size above missed the SLO, the largest below it that missed the
-  tolerance by less than the tolerance again) are measured once more, back to back, and the knee is
-  chosen again from the pooled figures (a size measured more than once counts the mean of its windows).
-  One window swings 10-30% with the other jobs of a shared host, as much as 32 and 64 differ on the demo:
-  a lucky window made a size look within ``knee_tolerance`` of the best;
-- ``hold``     at the knee: the *smallest* measured size within ``knee_tolerance`` of the best feasible
-  throughput (on this machine 32 gives 420 tok/s and 64 gives 419 at 2.8x the TTFT: 32 is chosen);
-  re-tunes when the request rate or the prompt-length mix shifts by ``retune_shift``, and halves when
-  the SLO is missed for a whole measurement window;
+- ``measure``  waiting for the current batch size's window;
+- ``explore``  (the first tuning, saturated) stepping up — doubling, or less when the measured service
+  TTFT scaled with the size would break the SLO — while throughput rises by ``min_gain`` (or rises at
+  all right after a step that gained: one more look, a window's noise can hide a real gain), the SLO holds
+  and memory has ``min_headroom``; a step that lowered throughput under a backlog is undone at once (the
+  knee is held without refining around it), and a size that kept up with the demand ends the search;
+  then ``refine``: the midpoint between the knee and a measured neighbour while the gap is at least
+  ``refine_min_gap`` and more than ``refine_min_frac`` of the knee (below the knee only without a backlog);
+- ``confirm``  (``confirm = true``) before holding, the knee and its strongest rival are measured once
+  more, back to back, and the knee is chosen again from the pooled figures;
+- ``hold``     at the knee: the smallest feasible size that kept up with the demand, else the *smallest*
+  measured size within ``knee_tolerance`` of the best feasible throughput — unless it is larger than the
+  incumbent without beating it on the evidence rule (then the incumbent).  While holding, every window at
+  the held size is measured again, and:
+
+  * the latency SLO missed for a whole window without a backlog: one step down (half), judged on the
+    next window: a backlog stands -> undone at once (the larger size comes back; a smaller one is not
+    tried again until a window there shows no backlog); still missed -> another step down; met -> held;
+  * a backlog (two windows with the wait growing, or one with a standing one) -> one bounded step up from
+    the held size, judged on the next windows against the held size's figures: kept when it keeps up
+    with the demand (the backlog gone, more tokens/s) or beats them on the evidence rule (up to
+    ``judge_windows`` windows to show it), undone at once when it is no better; a size judged no better is
+    not tried again for ``retune_wait_s`` (unless the prompt mix changes);
+  * the prompt-length mix shifts by ``retune_shift``: the measurements of other sizes are forgotten (the
+    curve changed) and the held size is measured afresh, where it is;
+  * a change in the request rate alone does nothing: a lower rate does not move the batch below the held
+    knee (re-searching from the bottom under load turned a rate change into minutes of queueing), and a
+    higher rate shows as a backlog.
+
 - an ``oom`` event at any time: halve, mark the OOM size as a ceiling (never tried again until the
   memory headroom has risen by ``ceiling_release`` over what it was at the OOM), ask for a cleanup.
+
+The precision policy reads this policy's moves (``Window.actions``): a step down for latency, and whether
+the requests served at the smaller size still missed, decide whether a precision step is the next lever
+(``policies/precision.py``).  Undoing a step down because the queue grew carries ``cause = "queue"``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +76,10 @@ import numpy as np
 from tuner.core.window import Window
 from tuner.policies.base import Bounds, Policy
 from tuner.records import Action, Applied, Knobs
+
+WINDOW_FIELDS: tuple[str, ...] = (
+    "t", "tokens", "ttft_seconds", "queue_seconds", "e2e_seconds", "tpot_seconds", "prompt_tokens", "batch_size"
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +105,21 @@ class BatchConfig:
     slo_tpot_p95_s: float | None = None
     min_headroom: float = 0.10
     retune_shift: float = 0.3
+    """A shift of the prompt-length mean by this share re-measures the held size (the curve changed)."""
     ceiling_release: float = 0.10
     cleanup_steps: tuple[str, ...] = ("caches", "gc", "empty_cache", "malloc_trim")
+    noise_cv: float = 0.15
+    """One window's relative standard error at least (this host: one window swings 10-30%)."""
+    evidence_z: float = 1.28
+    """A size replaces the incumbent only when better by this many standard errors of the difference."""
+    saturated_occupancy: float = 0.9
+    """Batches this full on average (actual size / batch size) mean the server, not the demand, set the pace."""
+    backlog_growth: float = 0.05
+    """The queue grows when the wait rises faster than this (seconds of wait per second of time)."""
+    judge_windows: int = 3
+    """Windows a step up from the held size may take to show it beats the held size."""
+    retune_wait_s: float = 60.0
+    """A step up judged no better is not tried again for this long (unless the prompt mix changes)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +132,19 @@ class Measurement:
     rate: float
     prompt_mean: float | None
     windows: int = 1
+    m2: float = 0.0
+    """Sum of squared deviations of the windows' tokens/s from their mean (pooled windows' spread)."""
+    occupancy: float | None = None
+    """Mean actual batch size / the batch size (None: the requests do not say)."""
+    queue_p50: float | None = None
+    queue_growth: float | None = None
+    """Slope of the requests' queue time against their start time (s/s); > 0: the queue grows."""
+    backlog: bool = False
+    standing: bool = False
+    """A backlog by the median wait (over twice the service time), not only by its growth."""
+    saturated: bool = True
+    t: float = 0.0
+    """When the (last) window ended."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,12 +153,17 @@ class Measurement:
             "tpot_p95": self.tpot_p95,
             "n": self.requests,
             "windows": self.windows,
+            "queue_p50": self.queue_p50,
+            "queue_growth": self.queue_growth,
+            "occupancy": self.occupancy,
+            "saturated": self.saturated,
         }
 
 
 def _pool(old: Measurement, new: Measurement) -> Measurement:
-    """Two measurements of one batch size as one: the mean of their windows (tokens/s and the p95s); the
-    request rate and prompt mix are the newest (what a held knee compares later load with)."""
+    """Two measurements of one batch size as one: the mean of their windows (tokens/s and the p95s) and the
+    spread between them; the request rate, prompt mix and queue are the newest (what a held knee compares
+    later load with)."""
     n = old.windows + new.windows
 
     def mean(a: float | None, b: float | None) -> float | None:
@@ -105,15 +171,18 @@ def _pool(old: Measurement, new: Measurement) -> Measurement:
             return b if a is None else a
         return (a * old.windows + b * new.windows) / n
 
-    return Measurement(
-        batch=new.batch,
-        tokens_per_second=(old.tokens_per_second * old.windows + new.tokens_per_second * new.windows) / n,
+    tok = (old.tokens_per_second * old.windows + new.tokens_per_second * new.windows) / n
+    delta = new.tokens_per_second - old.tokens_per_second
+    return replace(
+        new,
+        tokens_per_second=tok,
         ttft_p95=mean(old.ttft_p95, new.ttft_p95),
         tpot_p95=mean(old.tpot_p95, new.tpot_p95),
         requests=old.requests + new.requests,
-        rate=new.rate,
-        prompt_mean=new.prompt_mean,
         windows=n,
+        m2=old.m2 + new.m2 + delta * delta * old.windows * new.windows / n,
+        saturated=old.saturated and new.saturated,
+        backlog=old.backlog and new.backlog,
     )
 
 
@@ -134,14 +203,36 @@ def _service_ttft(cols: dict[str, np.ndarray]) -> np.ndarray:
     return np.maximum(service[~np.isnan(service)], 0.0)
 
 
-def _saturated(cols: dict[str, np.ndarray]) -> bool:
-    """A backlog: the median request waited in the queue more than twice its own service time."""
-    q, e2e = cols["queue_seconds"], cols["e2e_seconds"]
-    ok = np.isfinite(q) & np.isfinite(e2e)
-    if not ok.any():
-        return False
-    return bool(np.median(q[ok]) > 2.0 * np.median(np.maximum(e2e[ok] - q[ok], 0.0)))
+def service_ttft_p95(cols: dict[str, np.ndarray], min_requests: int = 1) -> float | None:
+    """p95 of the service TTFT of ``cols`` (``ttft_seconds``, ``queue_seconds``), None under ``min_requests``."""
+    s = _service_ttft(cols)
+    return _p95(s) if s.size >= max(1, min_requests) else None
 
+
+def _queue(cols: dict[str, np.ndarray], backlog_growth: float) -> tuple[float | None, float | None, bool, bool]:
+    """(median queue time, its growth in s/s over the window, a backlog stands, nobody waits): a backlog is a
+    median wait over twice the median service time (e2e - queue) or a wait growing faster than
+    ``backlog_growth``; nobody waits (a closed loop: the demand is whatever the server lets in) when the
+    median wait is under 5% of the median service time, or the requests do not say."""
+    q, e2e, t = cols["queue_seconds"], cols["e2e_seconds"], cols["t"]
+    ok = np.isfinite(q) & np.isfinite(e2e) & np.isfinite(t)
+    if not ok.any():
+        return None, None, False, True
+    q, e2e, t = q[ok], e2e[ok], t[ok]
+    q50 = float(np.median(q))
+    service = float(np.median(np.maximum(e2e - q, 0.0)))
+    start = t - e2e + q
+    growth: float | None = None
+    growing = False
+    if start.size >= 6 and float(np.ptp(start)) >= 1.0:
+        x = start - start.mean()
+        sxx = float(np.dot(x, x))
+        growth = float(np.dot(x, q - q.mean()) / sxx)
+        res = q - q.mean() - growth * x
+        se = math.sqrt(float(np.dot(res, res)) / (start.size - 2) / sxx)
+        growing = growth - 1.64 * se > backlog_growth  # beyond the sawtooth of static batches
+    backlog = q50 > 2.0 * service or growing
+    return q50, growth, backlog, q50 <= 0.05 * service
 
 def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | None, int, np.ndarray] | None:
     """Tokens/s over the whole static batches that started at or after ``since``; None when the requests
@@ -183,15 +274,20 @@ def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | 
     keep[order[sel]] = True
     return float(tok[order[sel]].sum()) / span, int(use.size), keep
 
-
 class BatchSizePolicy(Policy):
     name = "batch_size"
     knobs = ("batch_size", "cleanup")
     keys = ("req_tpot_p95_seconds",)
 
     def __init__(self, cfg: BatchConfig) -> None:
-        if not 0.0 <= cfg.refine_min_frac <= 1.0:
-            raise ValueError(f"refine_min_frac = {cfg.refine_min_frac:g} is out of range (0 to 1)")
+        for key, lo, hi in (("refine_min_frac", 0.0, 1.0), ("noise_cv", 0.0, 10.0), ("evidence_z", 0.0, 10.0),
+                            ("saturated_occupancy", 0.0, 1.0), ("backlog_growth", 0.0, 10.0),
+                            ("retune_wait_s", 0.0, 86_400.0)):
+            v = getattr(cfg, key)
+            if not lo <= v <= hi:
+                raise ValueError(f"{key} = {v:g} is out of range ({lo:g} to {hi:g})")
+        if cfg.judge_windows < 1:
+            raise ValueError(f"judge_windows = {cfg.judge_windows} must be at least 1")
         super().__init__({"batch_size": Bounds(cfg.min, cfg.max)})
         self.cfg = cfg
         self.phase = "measure"
@@ -201,17 +297,26 @@ class BatchSizePolicy(Policy):
         self.ceiling_headroom: float | None = None
         self.next_phase = "explore"
         self.hold_ref: Measurement | None = None
-        self.slo_bad_since: float | None = None
-        self.refine_lo: int | None = None
-        self.next_shift_check = 0.0
+        """The held size's window when it was settled (the prompt mix later windows are compared with)."""
         self.windows = 0
         """Measurement windows completed (all tunings): the evidence of every action carries it."""
-        self.last_service_ttft: float | None = None
-        self.next_slo_check = 0.0
         self.confirmed = False
         """This tuning's knee has been confirmed (or needed no confirmation): at most once per tuning."""
         self.confirm_queue: list[int] = []
         """Sizes still to measure again before the knee is chosen from the pooled figures."""
+        self.incumbent: int | None = None
+        """The size a larger one must beat on the evidence rule (the start size, then the held size)."""
+        self.track: Measurement | None = None
+        """The last window measured at the held size."""
+        self.trial: dict[str, Any] | None = None
+        """A step from the held size being judged: kind (up/down), the size it came from, the window before."""
+        self.no_up: dict[int, float] = {}
+        """Size -> until when a step up to it is not tried again (it was judged no better)."""
+        self.backlog_windows = 0
+        """Consecutive windows at the held size with a backlog (a growing one takes two: one can be noise)."""
+        self.no_down: tuple[int, float] | None = None
+        """(size, since): no step down from this size until a window there shows no backlog (a smaller one
+        grew the queue)."""
 
     def status(self) -> dict[str, Any]:
         return {
@@ -219,6 +324,8 @@ class BatchSizePolicy(Policy):
             "ceiling": self.ceiling,
             "measured": {b: round(m.tokens_per_second, 1) for b, m in sorted(self.measured.items())},
             "windows": self.windows,
+            "incumbent": self.incumbent,
+            "trial": None if self.trial is None else {"kind": self.trial["kind"], "from": self.trial["from"]},
         }
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -228,18 +335,29 @@ class BatchSizePolicy(Policy):
             return False
         return not (c.slo_tpot_p95_s is not None and m.tpot_p95 is not None and m.tpot_p95 > c.slo_tpot_p95_s)
 
+    def _se(self, m: Measurement) -> float:
+        """Standard error of a (pooled) tokens/s figure: the windows' own spread, at least ``noise_cv``."""
+        spread = math.sqrt(m.m2 / (m.windows - 1)) if m.windows > 1 else 0.0
+        return max(spread, self.cfg.noise_cv * m.tokens_per_second) / math.sqrt(m.windows)
+
+    def _beats(self, a: Measurement, b: Measurement) -> bool:
+        """``a`` gives more tokens/s than ``b`` by ``min_gain`` and beyond this host's noise."""
+        c = self.cfg
+        diff = a.tokens_per_second - b.tokens_per_second
+        return diff > c.min_gain * b.tokens_per_second and diff > c.evidence_z * math.hypot(self._se(a), self._se(b))
+
     def _knee(self) -> int | None:
+        """The smallest feasible size that kept up with the demand (its batches ran part-full without a
+        backlog: a larger one cannot serve more), else the throughput knee: the smallest feasible size within
+        ``knee_tolerance`` of the best tokens/s."""
         ok = [m for m in self.measured.values() if self._feasible(m)]
         if not ok:
             return None
+        keeping_up = [m.batch for m in ok if not m.saturated]
+        if keeping_up:
+            return min(keeping_up)
         best = max(m.tokens_per_second for m in ok)
         return min(m.batch for m in ok if m.tokens_per_second >= (1 - self.cfg.knee_tolerance) * best)
-
-    def _new_tuning(self) -> None:
-        """Forget the measurements (load shifted, SLO missed): the next knee is confirmed afresh."""
-        self.measured.clear()
-        self.confirmed = False
-        self.confirm_queue = []
 
     def _rival(self, knee: int) -> int | None:
         """The size a lucky or unlucky window may have ranked wrongly against the knee: the best feasible
@@ -265,6 +383,21 @@ class BatchSizePolicy(Policy):
         hi = self.cfg.max if self.ceiling is None else min(self.cfg.max, self.ceiling - 1)
         return max(self.cfg.min, min(int(b), hi))
 
+    def _memory_room(self, w: Window) -> bool:
+        """Memory allows a larger batch: the headroom is at least ``min_headroom`` (or unknown)."""
+        headroom, _ = w.headroom()
+        return headroom is None or headroom >= self.cfg.min_headroom
+
+    def _up_size(self, cur: int, m: Measurement) -> int | None:
+        """The next size up from ``cur``: double, or less when the measured service TTFT scaled with the
+        size would break the SLO; None when that step is under a quarter of ``cur`` (below a window's noise)
+        or out of bounds."""
+        c = self.cfg
+        nxt = self._cap(cur * 2)
+        if c.slo_ttft_p95_s is not None and m.ttft_p95 is not None and m.ttft_p95 > 0:
+            nxt = min(nxt, int(0.9 * cur * c.slo_ttft_p95_s / m.ttft_p95))  # 10% short of the SLO
+        return nxt if nxt >= cur + max(1, math.ceil(cur / 4)) else None
+
     def _measure(self, w: Window, batch: int) -> Measurement | None:
         c = self.cfg
         if self.changed_at is None:
@@ -273,9 +406,7 @@ class BatchSizePolicy(Policy):
         elapsed = w.t - start
         if elapsed < c.measure_s:
             return None
-        cols = w.request_columns(
-            start, ("t", "tokens", "ttft_seconds", "queue_seconds", "e2e_seconds", "tpot_seconds", "prompt_tokens")
-        )
+        cols = w.request_columns(start, WINDOW_FIELDS)
         n = int(cols["tokens"].size)
         if n < c.min_requests and elapsed < c.max_wait_s:
             return None
@@ -293,6 +424,11 @@ class BatchSizePolicy(Policy):
         ttft, tpot = _service_ttft(cols), cols["tpot_seconds"]
         tpot = tpot[~np.isnan(tpot)]
         prompt = cols["prompt_tokens"][~np.isnan(cols["prompt_tokens"])]
+        sizes = cols["batch_size"][np.isfinite(cols["batch_size"])]
+        occupancy = float(sizes.mean()) / batch if sizes.size and batch > 0 else None
+        q50, growth, backlog, closed = _queue(cols, c.backlog_growth)
+        if occupancy is not None and occupancy < c.saturated_occupancy:
+            backlog = False  # a queue that stands or grows fills every batch: part-full ones say it did not
         return Measurement(
             batch=batch,
             tokens_per_second=tokens_per_second,
@@ -301,6 +437,13 @@ class BatchSizePolicy(Policy):
             requests=n,
             rate=n / elapsed,
             prompt_mean=float(prompt.mean()) if prompt.size else None,
+            occupancy=occupancy,
+            queue_p50=q50,
+            queue_growth=growth,
+            backlog=backlog,
+            standing=q50 is not None and backlog and not (growth is not None and growth > c.backlog_growth),
+            saturated=backlog or (closed and (occupancy is None or occupancy >= c.saturated_occupancy)),
+            t=w.t,
         )
 
     def _evidence(self, w: Window, **more: Any) -> dict[str, Any]:
@@ -311,6 +454,7 @@ class BatchSizePolicy(Policy):
             "device": dev,
             "ceiling": self.ceiling,
             "windows": self.windows,
+            "incumbent": self.incumbent,
         }
         ev.update(more)
         return ev
@@ -338,22 +482,33 @@ class BatchSizePolicy(Policy):
             self.ceiling = None  # memory freed since the OOM: the ceiling no longer holds
             self.ceiling_headroom = None
         if knobs.batch_size is None:
-            start = c.start if c.start is not None else (8 if c.min <= 8 <= c.max else c.min)
+            start = self._cap(c.start if c.start is not None else (8 if c.min <= 8 <= c.max else c.min))
             self.phase, self.next_phase = "measure", "explore"
-            return [self.act("batch_size", self._cap(start), "starting batch size", **self._evidence(w))]
+            self.incumbent = start
+            return [self.act("batch_size", start, "starting batch size", **self._evidence(w))]
         cur = int(knobs.batch_size)
+        if self.incumbent is None:
+            self.incumbent = cur  # set before this policy ran (the user's or the inference's own size)
         if self.phase == "measure":
             m = self._measure(w, cur)
             if m is None:
                 return []
             self.windows += 1
+            self.changed_at = w.t - c.settle_s  # a next window at this size starts now
+            if self.next_phase == "judge":
+                return self._judge(w, cur, m)
             old = self.measured.get(cur)
             self.measured[cur] = _pool(old, m) if old is not None else m
             if self.confirm_queue and self.confirm_queue[0] == cur and self.next_phase == "confirm":
                 self.confirm_queue.pop(0)
             self.phase = self.next_phase
+            if self.phase == "hold":
+                self.track = m
+                if self.hold_ref is None:
+                    self.hold_ref = m
+                return []
         if self.phase == "explore":
-            return self._explore(w, cur, headroom)
+            return self._explore(w, cur)
         if self.phase == "refine":
             return self._refine(w, cur)
         if self.phase == "confirm":
@@ -362,28 +517,47 @@ class BatchSizePolicy(Policy):
             return self._hold(w, cur)
         return []
 
-    def _explore(self, w: Window, cur: int, headroom: float | None) -> list[Action]:
+    def _explore(self, w: Window, cur: int) -> list[Action]:
         c = self.cfg
         m = self.measured[cur]
-        prev = self.measured.get(cur // 2) if cur > 1 else None
+        below = sorted(b for b in self.measured if b < cur)
+        prev = self.measured[below[-1]] if below else None
+        if prev is None and not self._feasible(m):  # a step down, judged like one from a held size
+            acts = self._step_down(w, cur, m, f"latency SLO missed at {cur}")
+            if acts:
+                return acts
+            self.phase = "refine"
+            return self._refine(w, cur)
+        if prev is None and not m.saturated:
+            # no backlog, and no closed loop running full: the demand, not the size, set the pace, and a
+            # larger size cannot show a gain (holding still)
+            return self._settle(w, cur, cur)
+        if prev is None and m.windows < 2 and not m.standing and m.queue_p50 is not None and m.backlog:
+            # a backlog by the wait's growth alone, in one window: measured once more before exploring
+            self.phase, self.next_phase = "measure", "explore"
+            return []
+        if prev is not None and m.backlog and m.tokens_per_second < prev.tokens_per_second:
+            # the step lowered throughput under a backlog (the queue grows faster): undone at once
+            knee = self._knee()
+            if knee is not None:
+                return self._settle(w, cur, knee, why=f"{cur} gave {m.tokens_per_second:.0f} tok/s, less than "
+                                    f"{prev.batch}'s {prev.tokens_per_second:.0f} under a backlog: undoing")
         gaining = prev is None or m.tokens_per_second > prev.tokens_per_second * (1 + c.min_gain)
-        # still rising, by less than min_gain, right after a doubling that gained: one window's noise can
-        # hide a real gain (16 -> 32 measured +4.6% on the demo, 64 then gave another +15%): one more look
-        before = self.measured.get(cur // 4) if cur > 3 else None
+        # still rising, by less than min_gain, right after a step that gained: one window's noise can hide a
+        # real gain (16 -> 32 measured +4.6% on the demo, 64 then gave another +15%): one more look
+        before = self.measured[below[-2]] if len(below) >= 2 else None
         prev_gained = prev is not None and (
             before is None or prev.tokens_per_second > before.tokens_per_second * (1 + c.min_gain)
         )
         rising = prev is not None and prev_gained and m.tokens_per_second > prev.tokens_per_second
-        room = headroom is None or headroom >= c.min_headroom
-        nxt = self._cap(cur * 2)
-        if self._feasible(m) and (gaining or rising) and room and nxt > cur and nxt not in self.measured:
+        room = self._memory_room(w)
+        nxt = self._up_size(cur, m)
+        # a size whose batches ran part-full without a backlog kept up with the demand: nothing to gain above
+        if (self._feasible(m) and m.saturated and (gaining or rising) and room and nxt is not None
+                and nxt not in self.measured):
             self.next_phase = "explore"
             self.phase = "measure"
             return self._go(w, cur, nxt, f"exploring: {cur} gave {m.tokens_per_second:.0f} tok/s, trying {nxt}")
-        if not self._feasible(m) and cur // 2 >= c.min and cur // 2 not in self.measured:
-            self.next_phase = "explore"
-            self.phase = "measure"
-            return self._go(w, cur, cur // 2, f"exploring: {cur} misses the latency SLO, trying {cur // 2}")
         self.phase = "refine"
         return self._refine(w, cur)
 
@@ -396,7 +570,8 @@ class BatchSizePolicy(Policy):
         if knee is None:  # nothing feasible measured: the smallest size is the best we can do
             self.phase = "measure"
             self.next_phase = "hold"
-            return self._go(w, cur, c.min, "no measured batch size meets the SLO: smallest")
+            self.incumbent = c.min
+            return self._go(w, cur, c.min, "no measured batch size meets the SLO: smallest", cause="latency")
         k = self.measured[knee]
         upper = min((b for b in self.measured if b > knee), default=None)
         lower = max((b for b in self.measured if b < knee), default=None)
@@ -405,8 +580,8 @@ class BatchSizePolicy(Policy):
             u = self.measured[upper]
             if not self._feasible(u) or u.tokens_per_second > k.tokens_per_second * (1 + c.knee_tolerance):
                 mid = (knee + upper) // 2
-        if mid is None and lower is not None and self._refine_gap(knee - lower, knee):
-            mid = (lower + knee) // 2
+        if mid is None and lower is not None and self._refine_gap(knee - lower, knee) and not k.backlog:
+            mid = (lower + knee) // 2  # (under a backlog a smaller size only lengthens the queue)
         if mid is not None:
             mid = self._cap(mid)
             if mid not in self.measured and mid != knee:
@@ -444,87 +619,150 @@ class BatchSizePolicy(Policy):
             return self._refine(w, cur)  # nothing feasible any more: the smallest size
         return self._settle(w, cur, knee)
 
-    def _settle(self, w: Window, cur: int, knee: int) -> list[Action]:
-        """Hold the knee (moving there first when the current size is another)."""
+    def _settle(self, w: Window, cur: int, knee: int, why: str | None = None) -> list[Action]:
+        """Hold the knee (moving there first when the current size is another) — or the incumbent, when the
+        knee is larger and did not beat it on the evidence rule."""
+        inc = self.incumbent
+        im, km = self.measured.get(inc) if inc is not None else None, self.measured.get(knee)
+        if (inc is not None and knee > inc and im is not None and km is not None and self._feasible(im)
+                and not self._beats(km, im) and not (im.backlog and not km.saturated)):
+            why = (f"{knee} gave {km.tokens_per_second:.0f} tok/s against {im.tokens_per_second:.0f} at {inc}: "
+                   "not beyond the noise, holding")
+            knee = inc
         self.confirm_queue = []
+        self.trial = None
         self.phase = "measure" if knee != cur else "hold"
         self.next_phase = "hold"
         self.hold_ref = self.measured.get(knee)
-        self.slo_bad_since = None
+        self.incumbent = knee
+        self.changed_at = w.t - self.cfg.settle_s if knee == cur else self.changed_at
         if knee == cur:
             return []
         best = self.measured[knee]
-        return self._go(w, cur, knee, f"knee: {knee} gives {best.tokens_per_second:.0f} tok/s", knee=knee)
+        return self._go(w, cur, knee, why or f"knee: {knee} gives {best.tokens_per_second:.0f} tok/s", knee=knee)
 
     def _hold(self, w: Window, cur: int) -> list[Action]:
+        """Measure the held size window after window and act on what a window shows (see the module doc)."""
         c = self.cfg
-        if self.hold_ref is None:
-            self.hold_ref = self.measured.get(cur)
-        # SLO missed for a whole measurement window: halve.  TTFT is judged without the queueing: under
-        # overload a smaller batch only lengthens the queue (the precision policy and the user own that).
-        slo_missed = False
-        ttft: float | None = None
-        tpot = w.current("req_tpot_p95_seconds")
-        if c.slo_ttft_p95_s is not None and w.t >= self.next_slo_check:
-            self.next_slo_check = w.t + c.measure_s / 4
-            cols = w.request_columns(w.t - c.measure_s, ("ttft_seconds", "queue_seconds"))
-            service = _service_ttft(cols)
-            self.last_service_ttft = _p95(service) if service.size >= c.min_requests else None
-        if c.slo_ttft_p95_s is not None:
-            ttft = self.last_service_ttft
-        if c.slo_ttft_p95_s is not None and ttft is not None and ttft > c.slo_ttft_p95_s:
-            slo_missed = True
-        if c.slo_tpot_p95_s is not None and tpot is not None and tpot > c.slo_tpot_p95_s:
-            slo_missed = True
-        if slo_missed:
-            if self.slo_bad_since is None:
-                self.slo_bad_since = w.t
-            elif w.t - self.slo_bad_since >= c.measure_s and cur > c.min:
-                self.slo_bad_since = None
-                self._new_tuning()
-                self.phase, self.next_phase = "measure", "explore"
-                return self._go(
-                    w, cur, cur // 2, "latency SLO missed for a whole window: halving", ttft_p95=ttft, tpot_p95=tpot
-                )
-        else:
-            self.slo_bad_since = None
-        # load or prompt mix shifted: re-tune
+        m = self._measure(w, cur)
+        if m is None:
+            return []
+        self.windows += 1
+        self.changed_at = w.t - c.settle_s  # the next window starts now
+        self.track = m
+        old = self.measured.get(cur)
+        if m.saturated:  # a figure of the server's pace (a demand-limited one would drag the mean down)
+            self.measured[cur] = _pool(old, m) if old is not None and old.saturated else m
+        elif old is None:
+            self.measured[cur] = m
         ref = self.hold_ref
-        if ref is not None and w.t >= self.next_shift_check:
-            self.next_shift_check = w.t + c.measure_s / 2
-            since = w.t - c.measure_s * 2
-            cols = w.request_columns(since, ("tokens", "prompt_tokens", "queue_seconds", "e2e_seconds"))
-            n = cols["tokens"].size
-            if n >= c.min_requests * 2:
-                rate = n / (c.measure_s * 2)
-                prompt = cols["prompt_tokens"][~np.isnan(cols["prompt_tokens"])]
-                pm = float(prompt.mean()) if prompt.size else None
-                # saturated (a backlog: requests wait longer than they take to serve): the completion rate
-                # is the service rate, which moves with the machine, not the demand; only the prompt mix
-                # says something then.  On the shared demo host this re-tuned a held knee twice in 200 s.
-                shift_rate = 0.0 if _saturated(cols) else abs(rate - ref.rate) / max(ref.rate, 1e-9)
-                shift_prompt = (
-                    abs(pm - ref.prompt_mean) / max(ref.prompt_mean, 1e-9)
-                    if pm is not None and ref.prompt_mean
-                    else 0.0
-                )
-                if max(shift_rate, shift_prompt) > c.retune_shift:
-                    self._new_tuning()
-                    self.hold_ref = None
-                    start = self._cap(max(c.min, cur // 4))
-                    self.phase, self.next_phase = "measure", "explore"
-                    if start == cur:
-                        self.changed_at = w.t
-                        return []
+        if ref is not None and ref.prompt_mean and m.prompt_mean is not None:
+            shift = abs(m.prompt_mean - ref.prompt_mean) / ref.prompt_mean
+            if shift > c.retune_shift:
+                # another prompt mix: other sizes' figures no longer hold; measure again from here
+                self.measured = {cur: m}
+                self.no_up.clear()
+                self.hold_ref = m
+                self.incumbent = cur
+                return []
+        if self.hold_ref is None:
+            self.hold_ref = m
+        if self.no_down is not None and self.no_down[0] == cur and not m.backlog:
+            self.no_down = None  # the queue is clear again: a smaller size may keep up now
+        if not self._feasible(m) and not m.backlog:  # (under a backlog a smaller size only lengthens the queue)
+            return self._step_down(w, cur, m, f"latency SLO missed for a whole window at {cur}")
+        self.backlog_windows = self.backlog_windows + 1 if m.backlog else 0
+        standing = m.queue_p50 is not None and m.backlog and (m.queue_growth or 0.0) <= c.backlog_growth
+        if (self.backlog_windows >= 2 or standing) and self._memory_room(w):
+            up = self._up_size(cur, m)
+            if up is not None and self.no_up.get(up, -math.inf) <= w.t:
+                known = self.measured.get(up)
+                if known is None or not known.saturated or known.tokens_per_second > m.tokens_per_second:
+                    self.trial = {"kind": "up", "from": cur, "before": self.measured[cur], "windows": 0,
+                                  "pooled": None}
+                    self.phase, self.next_phase = "measure", "judge"
                     return self._go(
-                        w,
-                        cur,
-                        start,
-                        f"re-tuning: request rate {ref.rate:.2f} -> {rate:.2f}/s, prompt mean "
-                        f"{ref.prompt_mean or 0:.0f} -> {pm or 0:.0f} tokens",
-                        shift_rate=shift_rate,
-                        shift_prompt=shift_prompt,
-                    )
+                        w, cur, up, f"backlog at {cur} (queue p50 {m.queue_p50 or 0:.1f} s, growing "
+                        f"{m.queue_growth or 0:+.2f} s/s): trying {up}", cause="queue",
+                        queue_p50=m.queue_p50, queue_growth=m.queue_growth)
+        return []
+
+    def _step_down(self, w: Window, cur: int, m: Measurement, why: str) -> list[Action]:
+        c = self.cfg
+        down = self._cap(max(c.min, cur // 2))
+        blocked = self.no_down is not None and self.no_down[0] == cur
+        if down >= cur or blocked:
+            return []
+        self.measured[cur] = m  # this size misses now: not explored back into
+        self.trial = {"kind": "down", "from": cur, "before": m}
+        self.phase, self.next_phase = "measure", "judge"
+        return self._go(w, cur, down, f"{why} (service TTFT p95 {m.ttft_p95 or 0:.2f} s): trying {down}",
+                        cause="latency", ttft_p95=m.ttft_p95, tpot_p95=m.tpot_p95)
+
+    def _judge(self, w: Window, cur: int, m: Measurement) -> list[Action]:
+        """A window after a step from the held size: keep it, go on, or undo it (see the module doc)."""
+        c = self.cfg
+        tr = self.trial
+        if tr is None:  # nothing to judge (an OOM or a refusal ended the trial): hold here
+            self.measured[cur] = m
+            self.phase, self.next_phase = "hold", "hold"
+            return []
+        frm, before = int(tr["from"]), tr["before"]
+
+        def growth(x: Measurement) -> float:
+            return x.queue_growth if x.queue_growth is not None else 0.0
+
+        grew = (m.backlog and not before.backlog) or growth(m) > growth(before) + c.backlog_growth
+        if tr["kind"] == "down":
+            self.measured[cur] = m
+            if m.backlog:  # a backlog stands at the smaller size (the larger had none)
+                self.trial = None
+                self.no_down = (frm, w.t)
+                self.phase, self.next_phase = "measure", "hold"
+                self.incumbent = frm
+                return self._go(
+                    w, cur, frm, f"{cur} grew the queue (growing {growth(m):+.2f} s/s, was {growth(before):+.2f}): "
+                    f"back to {frm}", cause="queue", latency_fixed=False, ttft_p95=m.ttft_p95)
+            if not self._feasible(m) and cur > c.min:
+                return self._step_down(w, cur, m, f"latency SLO still missed at {cur}")
+            self.trial = None
+            self.phase, self.next_phase = "hold", "hold"
+            self.incumbent = cur
+            self.hold_ref = m
+            self.track = m
+            return []
+        pooled = m if tr["pooled"] is None else _pool(tr["pooled"], m)
+        tr["pooled"] = pooled
+        tr["windows"] += 1
+        keeps_up = (before.backlog and not pooled.saturated and self._feasible(pooled)
+                    and pooled.tokens_per_second > before.tokens_per_second)
+        if not keeps_up and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second
+                             or grew):
+            self.measured[cur] = pooled
+            self.no_up[cur] = w.t + c.retune_wait_s
+            self.trial = None
+            self.phase, self.next_phase = "measure", "hold"
+            what = "misses the latency SLO" if not self._feasible(pooled) else "is no better"
+            return self._go(
+                w, cur, frm, f"{cur} {what} ({pooled.tokens_per_second:.0f} tok/s against "
+                f"{before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")
+        if keeps_up or self._beats(pooled, before):
+            self.measured[cur] = pooled
+            self.trial = None
+            self.phase, self.next_phase = "hold", "hold"
+            self.incumbent = cur
+            self.hold_ref = pooled
+            self.track = m
+            return []
+        if tr["windows"] >= c.judge_windows:
+            self.measured[cur] = pooled
+            self.no_up[cur] = w.t + c.retune_wait_s
+            self.trial = None
+            self.phase, self.next_phase = "measure", "hold"
+            return self._go(
+                w, cur, frm, f"{cur} not shown better in {tr['windows']} windows ({pooled.tokens_per_second:.0f} "
+                f"tok/s against {before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")
+        self.phase, self.next_phase = "measure", "judge"  # better, not yet beyond the noise: another window
         return []
 
     def _oom(self, w: Window, knobs: Knobs, oom_bs: Any, headroom: float | None) -> list[Action]:
@@ -536,8 +774,10 @@ class BatchSizePolicy(Policy):
         for k in [k for k in self.measured if k >= self.ceiling]:
             del self.measured[k]
         self.confirm_queue = []
+        self.trial = None
         new = self._cap(max(c.min, min(cur, b) // 2))
         self.phase, self.next_phase = "measure", "hold"
+        self.incumbent = new
         self.changed_at = w.t
         ev = self._evidence(w, oom_batch=b, urgent=True)
         acts = [self.act("cleanup", list(c.cleanup_steps), f"out of memory at batch {b}: freeing memory", **ev)]
@@ -556,13 +796,15 @@ class BatchSizePolicy(Policy):
             applied.action.knob == "batch_size"
             and applied.outcome in ("rejected", "failed")
             and self.phase == "measure"
-            and self.next_phase in ("explore", "refine", "confirm")
+            and self.next_phase in ("explore", "refine", "confirm", "judge")
         ):
-            # not changed.  A cooldown passes: propose again from the same measurements.  Anything else
-            # (memory pressure, no client) ends the exploration here.
-            if str(applied.result.get("why", "")).startswith("cooldown"):
+            # not changed.  A cooldown passes: propose again from the same measurements (a step from the held
+            # size is proposed again by a later window if still called for).  Anything else (memory pressure,
+            # no client) ends the exploration here.
+            if str(applied.result.get("why", "")).startswith("cooldown") and self.next_phase != "judge":
                 self.phase = self.next_phase
             else:
                 self.phase = "hold" if self.measured else "measure"
                 self.changed_at = applied.t
                 self.confirm_queue = []
+                self.trial = None

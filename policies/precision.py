@@ -1,6 +1,16 @@
 """Precision: step down (fp32 -> bf16/fp16 -> int8, along the configured ladder) when memory headroom
-stays under a threshold, or the latency SLO stays missed after the batch size went down; step back
-up once the pressure has been gone for ``hold_s``.
+stays under a threshold, or when the latency SLO stays missed and a smaller batch was tried *and measured*
+not to fix it; step back up once the cause has been gone for ``hold_s``.
+
+Latency here is the *service* time to first token (TTFT minus the time queued), p95 over the last
+``latency_window_s``: a queue is a matter of throughput (the batch policy's), and a precision step taken on
+queueing latency changed the model for a backlog a larger batch could drain (the demo, seed 7: int8 while
+the batch policy re-searched from batch 2).  "Tried and measured": the batch policy applied a smaller batch
+(within ``batch_tried_s``, or it is still in force, and after this policy's last step) and either the requests served at it still missed the
+SLO (at least ``min_requests`` of them, service p95 over the SLO), or the batch policy undid it because the
+queue grew (its action's ``cause = "queue"``).  The cause is gone when the service TTFT predicted back at
+the higher precision (the current p95 times the ratio measured across the step) is ``release_margin`` under
+the SLO (latency), or the headroom is back over ``release_headroom`` (memory).
 
 The quality guard runs on the inference side (``PrecisionManager``: a fixed canary prompt set, KL
 divergence and top-1 agreement against the fp32 reference).  Its figures come back in the
@@ -16,12 +26,16 @@ States: ``watch`` -> ``pending`` (command sent, awaiting its result) -> ``settle
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from tuner.core.window import Window
 from tuner.policies.base import BITS, Bounds, Policy
+from tuner.policies.batch_size import service_ttft_p95
 from tuner.records import Action, Applied, Knobs
 
 
@@ -40,8 +54,14 @@ class PrecisionConfig:
     """A step made for latency that lowers tokens/s by more than this share is rolled back."""
     retry_s: float = 10.0
     """After a command that could not be sent (no client connected), wait this long before trying again."""
-    batch_tried_s: float = 30.0
-    """The SLO counts as "not fixed by a smaller batch" when the batch went down within this long."""
+    batch_tried_s: float = 120.0
+    """A smaller batch counts as tried when it was applied within this long (or is still in force)."""
+    latency_window_s: float = 20.0
+    """Service TTFT p95 over the requests that ended in this many seconds."""
+    min_requests: int = 8
+    """Requests a service TTFT figure needs."""
+    release_margin: float = 0.2
+    """Latency cause gone: the TTFT predicted at the higher precision is this share under the SLO."""
 
 
 class PrecisionPolicy(Policy):
@@ -61,6 +81,8 @@ class PrecisionPolicy(Policy):
         self.changed_at = 0.0
         self.cause = ""
         self.rolling_back = False
+        self.stepped_at = -math.inf
+        """When this policy last changed the precision (a batch tried before that was tried at another one)."""
 
     def status(self) -> dict[str, Any]:
         return {"phase": self.phase, "hold_until": self.hold_until, "last_change": self.last_change}
@@ -73,7 +95,32 @@ class PrecisionPolicy(Policy):
             "rss_bytes": w.mean("tree_rss_bytes", 5.0),
             "tok_s": w.mean("req_tokens_per_second", 10.0),
             "ttft_p95": w.mean("req_ttft_p95_seconds", 10.0),
+            "service_ttft_p95": self._service_ttft(w),
         }
+
+    def _service_ttft(self, w: Window, since: float | None = None, until: float | None = None) -> float | None:
+        """p95 service TTFT (TTFT - queue) of the requests that ended in the last ``latency_window_s`` (at
+        least the last ``min_requests`` of ``hold_s``), or of those that *started* in ``(since, until]``; None
+        with fewer than ``min_requests``."""
+        c = self.cfg
+        cols = w.request_columns(w.t - max(c.latency_window_s, c.hold_s) if since is None else since,
+                                 ("t", "ttft_seconds", "queue_seconds", "e2e_seconds"))
+        if since is None:  # the last latency_window_s, or the last min_requests when fewer ended in it
+            n = max(int(np.count_nonzero(cols["t"] > w.t - c.latency_window_s)), c.min_requests)
+            cols = {k: v[-n:] for k, v in cols.items()}
+        else:
+            start = cols["t"] - cols["e2e_seconds"] + np.where(np.isnan(cols["queue_seconds"]), 0.0,
+                                                                cols["queue_seconds"])
+            keep = (start > since) & (start <= (w.t if until is None else until))
+            cols = {k: v[keep] for k, v in cols.items()}
+        return service_ttft_p95(cols, c.min_requests)
+
+    def _low_memory(self, w: Window) -> str | None:
+        """Why memory counts as under pressure (None when it does not): headroom under ``min_headroom``."""
+        headroom, dev = w.headroom()
+        if headroom is not None and headroom < self.cfg.min_headroom:
+            return f"memory headroom {headroom:.0%} on {dev} under {self.cfg.min_headroom:.0%}"
+        return None
 
     def _level(self, knobs: Knobs) -> int:
         p = knobs.precision or self.cfg.ladder[0]
@@ -126,27 +173,27 @@ class PrecisionPolicy(Policy):
             return []
         if self.phase == "hold":
             self.phase = "watch"
-        headroom, dev = w.headroom()
-        ttft = w.current("req_ttft_p95_seconds")
-        low_mem = headroom is not None and headroom < c.min_headroom
+        headroom, _ = w.headroom()
+        low_mem = self._low_memory(w)
+        ttft = self._service_ttft(w) if c.slo_ttft_p95_s is not None else None
         slo_missed = c.slo_ttft_p95_s is not None and ttft is not None and ttft > c.slo_ttft_p95_s
-        pressure = low_mem or (slo_missed and self._batch_tried(w))
+        tried = self._batch_tried(w) if slo_missed else None
+        pressure = low_mem is not None or tried is not None
         level = self._level(knobs)
         if pressure:
             self.calm_since = None
             if self.pressure_since is None:
                 self.pressure_since = w.t
             if w.t - self.pressure_since >= c.trigger_s and level + 1 < len(c.ladder):
-                self.cause = "memory" if low_mem else "latency"
-                why = (
-                    f"memory headroom {headroom:.0%} on {dev} under {c.min_headroom:.0%}"
-                    if low_mem and headroom is not None
-                    else f"p95 TTFT {ttft:.2f} s over the SLO {c.slo_ttft_p95_s:g} s after a smaller batch"
-                )
-                return [self._step(w, knobs, c.ladder[level + 1], f"{why}: stepping down")]
+                self.cause = "memory" if low_mem is not None else "latency"
+                why = low_mem or f"service TTFT p95 {ttft:.2f} s over the SLO {c.slo_ttft_p95_s:g} s; {tried}"
+                return [self._step(w, knobs, c.ladder[level + 1], f"{why}: stepping down", service_ttft_p95=ttft)]
             return []
         self.pressure_since = None
-        calm = (headroom is None or headroom >= c.release_headroom) and not slo_missed
+        latency_calm = self._latency_calm(ttft)
+        if latency_calm is None:  # too few requests to tell: neither calm nor pressed
+            return []
+        calm = (headroom is None or headroom >= c.release_headroom) and latency_calm
         if level > 0 and calm:
             if self.calm_since is None:
                 self.calm_since = w.t
@@ -158,33 +205,67 @@ class PrecisionPolicy(Policy):
             self.calm_since = None
         return []
 
-    def _batch_tried(self, w: Window) -> bool:
-        """Did a smaller batch get a chance: the batch size went down lately, or a decrease was refused
-        (already at its minimum)?"""
-        recent = list(w.actions)[-16:]
-        for a in recent:
-            if a.action.knob != "batch_size" or not isinstance(a.previous, (int, float)):
+    def _batch_tried(self, w: Window) -> str | None:
+        """How a smaller batch was tried and measured not to fix the latency (None: it was not): the latest
+        batch decrease (applied within ``batch_tried_s``, or still in force, and since this policy's last
+        step) was undone because the queue grew, or the requests that started while it was in force still
+        missed the SLO."""
+        c = self.cfg
+        slo = c.slo_ttft_p95_s
+        acts = [a for a in w.actions if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "dry-run")
+                and isinstance(a.action.value, (int, float)) and isinstance(a.previous, (int, float))]
+        for i in range(len(acts) - 1, -1, -1):
+            dec = acts[i]
+            if dec.t < self.stepped_at:
+                return None  # tried at another precision: the batch is tried again at this one first
+            if dec.action.value >= dec.previous:
                 continue
-            if not isinstance(a.action.value, (int, float)) or a.action.value >= a.previous:
-                continue
-            if a.outcome in ("applied", "clamped", "dry-run") and w.t - a.t <= self.cfg.batch_tried_s:
-                return True
-            if a.outcome == "rejected":
-                return True
-        return False
+            later = acts[i + 1] if i + 1 < len(acts) else None
+            if later is not None and w.t - later.t > c.batch_tried_s:
+                return None  # long ago, and no longer in force
+            undone = later is not None and later.action.value > dec.action.value
+            if undone and later is not None and later.action.evidence.get("cause") == "queue":
+                return f"batch {dec.action.value} (from {dec.previous}) grew the queue and was undone"
+            if later is None and w.t - dec.t < c.latency_window_s:
+                return None  # still being measured
+            p95 = self._service_ttft(w, since=dec.t, until=later.t if later is not None else None)
+            if p95 is not None and slo is not None and p95 > slo:
+                return f"still {p95:.2f} s at batch {dec.action.value} (from {dec.previous})"
+            return None
+        return None
 
-    def _step(self, w: Window, knobs: Knobs, to: str, reason: str) -> Action:
+    def _latency_calm(self, ttft: float | None) -> bool | None:
+        """The latency cause is gone: the service TTFT predicted at the higher precision (now times the ratio
+        measured across the step, when this policy stepped for latency) is ``release_margin`` under the SLO;
+        None when a step for latency is in force and too few requests ended to tell."""
+        c = self.cfg
+        if c.slo_ttft_p95_s is None:
+            return True
+        if ttft is None:
+            return None if self.last_change.get("cause") == "latency" else True
+        ratio = 1.0
+        if self.last_change.get("cause") == "latency":
+            b = (self.last_change.get("before") or {}).get("service_ttft_p95")
+            a = (self.last_change.get("after") or {}).get("service_ttft_p95")
+            ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > 0 and b > a else 1.0
+        return ttft * ratio <= (1 - c.release_margin) * c.slo_ttft_p95_s
+
+    def _step(self, w: Window, knobs: Knobs, to: str, reason: str, **more: Any) -> Action:
         self.before = self._snapshot(w)
+        self.stepped_at = w.t
         self.phase = "pending"
         self.changed_at = w.t
         self.rolling_back = False
-        self.last_change = {"from": knobs.precision or self.cfg.ladder[0], "to": to, "before": self.before}
+        self.last_change = {"from": knobs.precision or self.cfg.ladder[0], "to": to, "before": self.before,
+                            "cause": self.cause}
         return self.act(
             "precision",
             to,
             reason,
             before=self.before,
             budget={"max_kl": self.cfg.max_kl, "min_top1": self.cfg.min_top1},
+            cause=self.cause,
+            **more,
         )
 
     def feedback(self, applied: Applied) -> None:

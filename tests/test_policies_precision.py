@@ -100,21 +100,100 @@ def test_steps_back_up_after_the_pressure_is_gone_for_the_hold_period() -> None:
     assert out[0].evidence["phase"] == "pending"
 
 
-def test_latency_slo_alone_does_not_step_down_until_a_smaller_batch_was_tried() -> None:
-    cfg = PrecisionConfig(slo_ttft_p95_s=0.5, trigger_s=1.0)
+def _latency_run(after_decrease_ttft: float, queue_s: float = 0.0, undo_cause: str | None = None) -> list[str]:
+    """The precision policy alone, fed requests whose TTFT is 2 s (``queue_s`` of it queued) until a batch
+    decrease 8 -> 4 at t = 10 s, then ``after_decrease_ttft`` of service time (plus the same queue); with
+    ``undo_cause``, the batch policy undoes the decrease at t = 25 s for that cause.  Returns the precision
+    decisions as "value@t"."""
+    from tuner.records import Action, Applied
+
+    cfg = PrecisionConfig(slo_ttft_p95_s=0.5, trigger_s=1.0, latency_window_s=10.0)
     pol = PrecisionPolicy(cfg)
     agent = Agent(
         [pol], Arbiter(bounds=pol.bounds), DryRunActuator(), None, knobs=Knobs(precision="fp32", batch_size=8)
     )
-    for i in range(100):
-        agent.step(_Tick(i * 0.1, {"req_ttft_p95_seconds": 2.0}, []))
-    assert agent.applied == []
+    for i in range(600):
+        t = round(i * 0.1, 6)
+        service = 2.0 if t < 10.0 else after_decrease_ttft
+        ev = [Event(t, "request", {"tokens": 32, "queue_seconds": queue_s, "ttft_seconds": queue_s + service,
+                                   "e2e_seconds": queue_s + service + 0.3})] if i % 2 == 0 else []
+        if i == 100:
+            agent.window.add_action(Applied(t, Action("batch_size", "batch_size", 4, "slo", {"cause": "latency"}),
+                                            "applied", 8))
+        if i == 250 and undo_cause is not None:
+            agent.window.add_action(Applied(t, Action("batch_size", "batch_size", 8, "undo", {"cause": undo_cause}),
+                                            "applied", 4))
+        agent.step(_Tick(t, {}, ev))
+    return [f"{a.action.value}@{a.t:g}" for a in agent.applied if a.action.knob == "precision"]
+
+
+def test_latency_steps_down_only_after_a_smaller_batch_was_measured_not_to_fix_it() -> None:
+    """Service TTFT 2 s against a 0.5 s SLO: nothing before the batch went down (t = 10 s), nothing while the
+    requests served at the smaller batch are still being measured (the latency window, 10 s), then a step."""
+    moves = _latency_run(after_decrease_ttft=1.5)
+    assert len(moves) == 1 and moves[0].startswith("bf16@")
+    assert float(moves[0].split("@")[1]) >= 20.0
+
+
+def test_a_smaller_batch_that_fixes_the_latency_means_no_precision_step() -> None:
+    assert _latency_run(after_decrease_ttft=0.2) == []
+
+
+def test_queueing_latency_is_not_a_precision_matter() -> None:
+    """TTFT 2.1 s, but 2 s of it queued (service 0.1 s): a backlog is the batch policy's to drain."""
+    assert _latency_run(after_decrease_ttft=0.1, queue_s=2.0) == []
+
+
+def test_a_smaller_batch_undone_because_the_queue_grew_counts_as_tried() -> None:
+    """The smaller batch met the SLO (0.2 s) but grew the queue, and the batch policy undid it: the latency
+    that comes back at the larger size is the precision policy's."""
+
+    moves = _latency_run(after_decrease_ttft=0.2, undo_cause="queue")
+    assert moves == []  # the requests after the undo still meet it in this run: nothing to do
     from tuner.records import Action, Applied
 
-    agent.window.add_action(Applied(10.0, Action("batch_size", "batch_size", 4, "slo"), "applied", 8))
-    for i in range(100, 200):
-        agent.step(_Tick(i * 0.1, {"req_ttft_p95_seconds": 2.0}, []))
-    assert [(a.action.value, a.outcome) for a in agent.applied][:1] == [("bf16", "dry-run")]
+    pol = PrecisionPolicy(PrecisionConfig(slo_ttft_p95_s=0.5, trigger_s=1.0, latency_window_s=10.0))
+    agent = Agent([pol], Arbiter(bounds=pol.bounds), DryRunActuator(), None,
+                  knobs=Knobs(precision="fp32", batch_size=8))
+    for i in range(400):
+        t = round(i * 0.1, 6)
+        service = 0.2 if 10.0 <= t < 25.0 else 2.0
+        ev = [Event(t, "request", {"tokens": 32, "queue_seconds": 0.0, "ttft_seconds": service,
+                                   "e2e_seconds": service + 0.3})] if i % 2 == 0 else []
+        if i == 100:
+            agent.window.add_action(Applied(t, Action("batch_size", "batch_size", 4, "slo"), "applied", 8))
+        if i == 250:
+            agent.window.add_action(Applied(t, Action("batch_size", "batch_size", 8, "queue grew",
+                                                      {"cause": "queue"}), "applied", 4))
+        agent.step(_Tick(t, {}, ev))
+    steps = [a for a in agent.applied if a.action.knob == "precision"]
+    assert [a.action.value for a in steps] == ["bf16"] and steps[0].t > 25.0
+    assert "grew the queue" in steps[0].action.reason
+
+
+def test_closed_loop_the_precision_step_waits_for_the_batch_and_returns_when_the_cause_is_gone() -> None:
+    """A plant with a queue (``QueueSim``): 1,200-token prompts make even batch 1 miss the 1 s SLO.  With the
+    interactive preset's batch and precision tables, the batch policy steps 8 -> 4 -> 2 -> 1, each measured;
+    int8 comes only after the smallest batch was measured missing, and fp32 comes back once the prompts are
+    short again (the cause gone for the hold period)."""
+    from tests.replay.sim import QueueActuator, QueueSim
+    from tuner.core.policy_config import build_agent, load_policy, parse_policy
+
+    preset = load_policy("interactive")
+    data = {"agent": {"cooldown_s": dict(preset.agent.cooldown_s)},
+            "batch_size": {"min": 1, "max": 64, "slo_ttft_p95_s": 1.0},
+            "precision": {"ladder": ["fp32", "int8"], "slo_ttft_p95_s": 1.0, "hold_s": 30.0}}
+    sim = QueueSim(seed=5, rate=lambda t: 0.2, prompt_tokens=lambda t: 1200.0 if t < 300 else 64.0)
+    agent = build_agent(parse_policy(data), QueueActuator(sim), None)
+    for _ in range(int(500 / sim.dt)):
+        agent.step(sim.tick())
+    applied = [a for a in agent.applied if a.outcome in ("applied", "clamped")]
+    batch = [(a.t, a.action.value) for a in applied if a.action.knob == "batch_size"]
+    prec = [(a.t, a.action.value) for a in applied if a.action.knob == "precision"]
+    assert [v for _, v in batch] == [8, 4, 2, 1]
+    assert [v for _, v in prec] == ["int8", "fp32"]
+    assert prec[0][0] >= batch[-1][0] + 20.0  # after the requests at batch 1 were measured
+    assert prec[1][0] > 300.0  # back once the long prompts are gone
 
 
 class _Tick:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,191 @@ class SimActuator:
         if action.knob in ("cleanup", "precision"):
             self.n += 1
             cid = f"c{self.n}"
+            self.sim.command(cid, action)
+            return "applied", {"command_id": cid}
+        self.sim.apply_knobs(knobs)
+        return "applied", {}
+
+
+# -- a plant with a queue: static batches served from a FIFO fed by a time-varying Poisson stream ---------------
+RateFn = Callable[[float], float]
+
+
+@dataclass
+class Served:
+    arrived: float
+    started: float
+    first: float
+    end: float
+    tokens: int
+    batch: int
+    prompt: int = 64
+
+
+@dataclass
+class QueueSim:
+    """An inference server like the demo's: requests arrive as a Poisson stream of rate ``rate(t)`` (per
+    second), wait in a FIFO queue (at most ``max_queue``; beyond it they are rejected), and are served in
+    static batches of up to the ``batch_size`` knob (read when a batch starts, as the demo does): a batch of
+    ``k`` takes ``prefill(k)`` then ``max(lengths)`` decode steps of ``k / tok_s(k)`` seconds; each request
+    ends after its own length.  Full-batch tokens/s follow ``tok_s`` (default: this machine's measured curve,
+    ``TOK_S``); the machine's other jobs scale every time by a slow factor (a smoothed random walk,
+    ``drift`` its standard deviation, identical for every run of one ``seed``: tuned and untuned runs see the
+    same arrivals and the same machine) times a per-batch noise (``batch_noise``).  int8 runs ``SPEED``
+    times faster.  Ticks report what the output probe would (``req_*``) and finished ``request`` events."""
+
+    seed: int = 0
+    dt: float = 0.25
+    batch_size: int = 8
+    precision: str = "fp32"
+    rate: RateFn = lambda t: 4.0
+    prompt_tokens: RateFn = lambda t: 64.0
+    min_new: int = 32
+    max_new: int = 96
+    tok_s: np.ndarray = field(default_factory=lambda: TOK_S.copy())
+    ttft: np.ndarray = field(default_factory=lambda: TTFT.copy())
+    drift: float = 0.10
+    batch_noise: float = 0.05
+    max_queue: int = 512
+    mem_total: float = 8e9
+    t: float = 0.0
+    queue: deque[tuple[float, int, int]] = field(default_factory=deque)
+    served: list[Served] = field(default_factory=list)
+    rejected: int = 0
+    arrived: int = 0
+    pending: list[Event] = field(default_factory=list)
+    _busy_until: float = 0.0
+    _running: list[Served] = field(default_factory=list)
+    _next_arrival: float = 0.0
+    _recent: deque[Served] = field(default_factory=deque)
+    _machine: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self._arr_rng = np.random.default_rng([self.seed, 1])
+        self._svc_rng = np.random.default_rng([self.seed, 2])
+        steps = self._svc_rng.normal(0.0, 1.0, 4000)  # one a second: the other jobs' share of the machine
+        walk = np.zeros(steps.size)
+        for i in range(1, steps.size):  # AR(1), time constant ~20 s
+            walk[i] = 0.95 * walk[i - 1] + math.sqrt(1 - 0.95**2) * steps[i]
+        self._machine = np.exp(self.drift * walk)
+        self._next_arrival = self._draw_gap(0.0)
+
+    def _draw_gap(self, t: float) -> float:
+        # thinning against a bound: exact for any rate function under it
+        bound = 200.0
+        while True:
+            t += float(self._arr_rng.exponential(1.0 / bound))
+            r = max(0.0, float(self.rate(t)))
+            if self._arr_rng.random() * bound <= min(r, bound):
+                return t
+
+    def machine(self, t: float) -> float:
+        assert self._machine is not None
+        return float(self._machine[min(int(t), self._machine.size - 1)])
+
+    def apply_knobs(self, k: Knobs) -> None:
+        if k.batch_size is not None:
+            self.batch_size = int(k.batch_size)
+
+    def command(self, cid: str, action: Action) -> None:
+        if action.knob == "precision":
+            p = str(action.value)
+            kl, top1 = QUALITY[p]
+            res = {"precision": p, "previous": self.precision, "kl": kl, "top1": top1, "changed": True}
+            self.precision = p
+        else:
+            res = {"reclaimed_bytes": 0, "steps": []}
+        self.pending.append(Event(self.t, "command_result", {"id": cid, "cmd": action.knob, "ok": True,
+                                                            "result": res, "error": None}))
+
+    def _start_batch(self, at: float) -> None:
+        k = min(self.batch_size, len(self.queue))
+        jobs = [self.queue.popleft() for _ in range(k)]
+        slow = self.machine(at) * float(self._svc_rng.lognormal(0.0, self.batch_noise)) / SPEED[self.precision]
+        prompt = max(float(np.mean([p for _, p, _ in jobs])), 1.0)
+        prefill = curve(k, self.ttft) * prompt / 64.0 * slow
+        step = k / curve(k, self.tok_s) * slow
+        for arrived, p, n in jobs:
+            self._running.append(Served(arrived, at, at + prefill + step, at + prefill + n * step, n, k, p))
+        self._busy_until = at + prefill + max(n for _, _, n in jobs) * step
+
+    def _arrivals_until(self, t: float) -> None:
+        while self._next_arrival <= t:
+            a = self._next_arrival
+            self.arrived += 1
+            if len(self.queue) >= self.max_queue:
+                self.rejected += 1
+            else:
+                n = int(self._arr_rng.integers(self.min_new, self.max_new + 1))
+                self.queue.append((a, int(self.prompt_tokens(a)), n))
+            self._next_arrival = self._draw_gap(a)
+
+    def tick(self) -> SimTick:
+        t_end = round(self.t + self.dt, 6)
+        events: list[Event] = list(self.pending)
+        self.pending.clear()
+        while True:
+            free = self._busy_until
+            if free > t_end:
+                break
+            self._arrivals_until(max(free, self.t))
+            if self.queue:
+                self._start_batch(max(free, self.queue[0][0]))
+                continue
+            if self._next_arrival > t_end:
+                break
+            self._arrivals_until(self._next_arrival)
+            self._busy_until = max(free, self.queue[0][0])
+        self._arrivals_until(t_end)
+        self.t = t_end
+        done = [r for r in self._running if r.end <= t_end]
+        self._running = [r for r in self._running if r.end > t_end]
+        for r in sorted(done, key=lambda r: r.end):
+            self.served.append(r)
+            self._recent.append(r)
+            n = r.tokens
+            events.append(Event(round(r.end, 6), "request", {
+                "id": f"r{len(self.served)}", "pid": 1, "prompt_tokens": r.prompt, "tokens": n,
+                "queue_seconds": r.started - r.arrived, "ttft_seconds": r.first - r.arrived,
+                "tpot_seconds": (r.end - r.first) / max(n - 1, 1), "e2e_seconds": r.end - r.arrived,
+                "batch_size": r.batch, "temperature": 0.7, "precision": self.precision}))
+        while self._recent and self._recent[0].end < t_end - 10.0:
+            self._recent.popleft()
+        v: dict[str, Any] = {"sys_mem_total_bytes": self.mem_total, "sys_mem_available_bytes": self.mem_total * 0.6,
+                             "tree_rss_bytes": self.mem_total * 0.4,
+                             "req_active": float(len(self.queue) + len(self._running))}
+        win = list(self._recent)
+        if win:
+            ttfts = sorted(r.first - r.arrived for r in win)
+            v["req_ttft_p95_seconds"] = _pct(ttfts, 0.95)
+            v["req_tpot_p95_seconds"] = _pct(sorted((r.end - r.first) / max(r.tokens - 1, 1) for r in win), 0.95)
+            v["req_tokens_per_second"] = sum(r.tokens for r in win) / min(10.0, t_end)
+        return SimTick(t_end, v, events)
+
+    # -- what a run achieved ----------------------------------------------------------------------------
+    def queue_p95(self) -> float:
+        waits = [r.started - r.arrived for r in self.served] + [self.t - a for a, _, _ in self.queue]
+        return float(np.percentile(waits, 95)) if waits else 0.0
+
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.served)
+
+    def attainment(self, slo: float) -> float:
+        ok = sum(1 for r in self.served if r.first - r.arrived <= slo)
+        return ok / max(self.arrived, 1)
+
+
+class QueueActuator:
+    """Carries the agent's decisions into a ``QueueSim``."""
+
+    def __init__(self, sim: QueueSim) -> None:
+        self.sim = sim
+        self.n = 0
+
+    def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict[str, Any]]:
+        if action.knob in ("cleanup", "precision"):
+            self.n += 1
+            cid = f"q{self.n}"
             self.sim.command(cid, action)
             return "applied", {"command_id": cid}
         self.sim.apply_knobs(knobs)
