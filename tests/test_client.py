@@ -686,7 +686,8 @@ def test_sidecar_sigkilled_at_any_moment_the_inference_finishes(tmp_path: Path, 
         [
             sys.executable,
             "-c",
-            "import sys,time\nfrom tuner.probes.output import OutputProbe\nfrom tuner.link.channel import ChannelServer\n"
+            "import sys,time\nfrom tuner.probes.output import OutputProbe\n"
+            "from tuner.link.channel import ChannelServer\n"
             "s=ChannelServer(directory=sys.argv[1]); s.start(); p=OutputProbe(s, t0=time.monotonic())\n"
             "print('up', flush=True)\nwhile True:\n time.sleep(0.05); p.sample(1.0)",
             str(d),
