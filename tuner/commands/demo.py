@@ -62,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--listen", default="127.0.0.1:8100", metavar="HOST:PORT",
                    help="with --serve: where clients connect (default 127.0.0.1:8100; port 0 = any free port)")
     s.add_argument("--public", action="store_true", help="with --serve: allow --listen on a non-loopback address")
+    e = p.add_argument_group("export")
+    e.add_argument("--export-hf", metavar="DIR",
+                   help="write the model in Hugging Face Llama format into DIR (new or empty) for an engine such "
+                   "as vLLM to serve, then exit")
     p.set_defaults(func=run)
 
 
@@ -96,6 +100,8 @@ def workload_command(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None:
         raise UserError("tuner demo needs torch: pip install 'inference-tuner[torch]'")
+    if args.export_hf is not None:
+        return run_export(args)
     if args.serve:
         return run_serve(args)
     cmd = workload_command(args)
@@ -118,6 +124,23 @@ def run(args: argparse.Namespace) -> int:
             print("tuner: the dashboard is not installed here; running headless", file=sys.stderr)
         tui = False
     return supervise(cmd, opts, headless=not tui, tui=tui, stop_on_quit=True)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tuner.demo.export_hf import export
+
+    if args.serve:
+        raise UserError("--export-hf writes the model and exits; run --serve separately")
+    out = Path(args.export_hf)
+    export(out)
+    # stdout, even with --quiet: it is what the command is for
+    print(f"tuner demo: Hugging Face Llama model written to {out}", flush=True)
+    if not args.quiet:
+        print(f"tuner: serve it with e.g. python -m vllm.entrypoints.openai.api_server --model {out} "
+              "--served-model-name tuner-demo --dtype float32 --max-model-len 256", file=sys.stderr, flush=True)
+    return 0
 
 
 SERVER_START_S = 120.0  # loading the model: ~2 s on an idle machine, far more on a busy one
