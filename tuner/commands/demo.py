@@ -29,6 +29,8 @@ from tuner.commands._common import add_session_options, session_options
 from tuner.errors import UserError
 
 DEFAULT_DURATION = 120.0
+DEFAULT_RATE = 5.0
+WORKLOADS = ("steady", "step", "burst", "ramp", "mix")  # tuner.demo.workload.WORKLOADS (not imported: torch)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="run the built-in model on a request stream under the tuner",
         description="Serve a small built-in language model (trained on Python's own documentation) with a "
-        "Poisson stream of prompts, under the sidecar, and record the run. Nothing is downloaded.",
+        "stream of prompts (Poisson, or shaped by --workload), under the sidecar, and record the run. Nothing "
+        "is downloaded.",
     )
     add_session_options(p)
     w = p.add_argument_group("workload")
@@ -47,7 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--leak", action="store_true",
                    help="inject a memory leak: a per-request prefix cache that is never evicted (~1 MB a request)")
     w.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompts and sampling (default 0)")
-    w.add_argument("--rate", type=float, default=5.0, metavar="R", help="mean requests per second (default 5)")
+    w.add_argument("--rate", type=float, metavar="R",
+                   help=f"steady workload: mean requests per second (default {DEFAULT_RATE:g})")
+    w.add_argument("--workload", choices=WORKLOADS, default="steady",
+                   help="shape of the arrivals (default steady: Poisson at --rate); step, burst, ramp and mix are "
+                   "set against the requests/s the demo measures it serves at the start: step 0.5x -> 1.3x -> "
+                   "0.5x over thirds of the run, burst 0.5x with 5 s of 2.6x every 20 s, ramp a diurnal "
+                   "0.5x -> 1.3x -> 0.5x, mix 0.8x with short prompts then long ones")
+    w.add_argument("--capacity", type=float, metavar="RPS",
+                   help="shaped workloads: take RPS requests/s as the capacity instead of measuring it "
+                   "(e.g. the same stream for paired runs)")
     w.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="batch size while the batch policy has not set one (default 8)")
     w.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -80,13 +92,26 @@ def workload_command(args: argparse.Namespace) -> list[str]:
         if not duration > 0:
             raise UserError(f"--duration {duration:g} must be more than 0 seconds")
         cmd += ["--duration", f"{duration:g}"]
-    if args.rate <= 0:
-        raise UserError(f"--rate {args.rate:g} must be more than 0 requests per second")
+    if args.workload != "steady":
+        if args.rate is not None:
+            raise UserError(f"--rate sets the steady workload; --workload {args.workload} takes its rates from the "
+                            "capacity measured at the start (--capacity RPS to give it)")
+        if args.capacity is not None and not args.capacity > 0:
+            raise UserError(f"--capacity {args.capacity:g} must be more than 0 requests per second")
+    elif args.capacity is not None:
+        raise UserError("--capacity sets the shaped workloads' rates; the steady workload takes --rate")
+    rate = DEFAULT_RATE if args.rate is None else args.rate
+    if rate <= 0:
+        raise UserError(f"--rate {rate:g} must be more than 0 requests per second")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     if args.temperature < 0:
         raise UserError(f"--temperature {args.temperature:g} must be 0 (greedy) or more")
-    cmd += ["--seed", str(args.seed), "--rate", f"{args.rate:g}", "--batch-size", str(args.batch_size),
+    if args.workload != "steady":
+        cmd += ["--workload", args.workload]
+        if args.capacity is not None:
+            cmd += ["--capacity", f"{args.capacity:g}"]
+    cmd += ["--seed", str(args.seed), "--rate", f"{rate:g}", "--batch-size", str(args.batch_size),
             "--temperature", f"{args.temperature:g}"]
     if args.leak:
         cmd.append("--leak")
@@ -149,7 +174,8 @@ SERVER_START_S = 120.0  # loading the model: ~2 s on an idle machine, far more o
 def _serve_checks(args: argparse.Namespace) -> float | None:
     """Options of the built-in workload make no sense with --serve (the requests come from the user)."""
     for flag, given in (("--requests", args.requests is not None), ("--leak", args.leak),
-                        ("--mirostat", args.mirostat)):
+                        ("--mirostat", args.mirostat), ("--workload", args.workload != "steady"),
+                        ("--capacity", args.capacity is not None)):
         if given:
             raise UserError(f"{flag} drives the built-in workload; with --serve the requests come from your client")
     if args.duration is not None and not args.duration > 0:

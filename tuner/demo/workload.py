@@ -5,6 +5,19 @@
 - Requests arrive as a Poisson process (``--rate`` per second) with prompts cut from the held-out part of
   the corpus and a response length drawn per request; an arrival thread opens each request with the
   tuner client at its arrival, so queue time is real.  A full queue (``--max-queue``) rejects arrivals.
+- ``--workload`` shapes the stream (``steady`` is the plain ``--rate``); the others are set against the
+  rate this machine serves *now*: before the first arrival the workload times ``CAPACITY_BATCHES`` batches of
+  ``--batch-size`` (after one warm-up batch) and takes their requests per second as the capacity C (or
+  ``--capacity C`` pins it, e.g. to give paired runs the same stream).  With the run's arrival time T:
+
+  * ``step``:  0.5 C, then 1.3 C over the middle third of T, then 0.5 C again (a rate step up and down);
+  * ``burst``: 0.5 C with bursts of 2.6 C (twice the over-capacity rate) for 5 s in every 20 s;
+  * ``ramp``:  a diurnal cycle over T: 0.5 C at the start and the end, 1.3 C at the middle (raised cosine);
+  * ``mix``:   0.8 C throughout; prompts of 16-48 bytes in the first half, 120-160 bytes in the second (a
+    shift in the prompt-length mix: the same rate costs more prefill);
+
+  over capacity is 1.3 C, under capacity 0.5 C.  Arrivals are drawn by thinning a Poisson stream at the
+  shape's peak rate (the seed fixes the stream for one C).  ``--requests N`` with a shape: T is N / mean rate.
 - The serving loop forms static batches of up to ``c.knobs.batch_size`` (default ``--batch-size``),
   samples at ``c.knobs.temperature`` (default ``--temperature``, the user's request) and
   ``c.knobs.repetition_penalty``, streams every token to the client, and between batches calls
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import random
@@ -118,6 +132,38 @@ class Stats:
     client_call_seconds: float = 0.0  # main-thread time inside the client's per-token calls
 
 
+WORKLOADS: tuple[str, ...] = ("steady", "step", "burst", "ramp", "mix")
+OVER, UNDER = 1.3, 0.5
+"""Over- and under-capacity, as multiples of the rate the demo measured it serves at the start."""
+CAPACITY_BATCHES = 4
+MIX_SHORT, MIX_LONG = (16, 48), (120, 160)
+"""Prompt lengths (bytes) of the ``mix`` workload's first and second half."""
+
+
+def shape_rate(shape: str, t: float, period: float, capacity: float) -> float:
+    """Arrivals per second of ``shape`` at ``t`` seconds into a stream of ``period`` seconds."""
+    x = t / period if period > 0 else 0.0
+    if shape == "step":
+        return capacity * (OVER if 1 / 3 <= x < 2 / 3 else UNDER)
+    if shape == "burst":
+        return capacity * (2 * OVER if (t % 20.0) < 5.0 else UNDER)
+    if shape == "ramp":
+        return capacity * (UNDER + (OVER - UNDER) * 0.5 * (1.0 - math.cos(2.0 * math.pi * x)))
+    if shape == "mix":
+        return capacity * 0.8
+    raise ValueError(f"unknown workload {shape!r}")
+
+
+def shape_peak(shape: str, capacity: float) -> float:
+    return capacity * {"step": OVER, "burst": 2 * OVER, "ramp": OVER, "mix": 0.8}[shape]
+
+
+def shape_mean(shape: str, capacity: float) -> float:
+    """The mean rate over one period (what ``--requests N`` divides by)."""
+    return capacity * {"step": (2 * UNDER + OVER) / 3, "burst": 0.25 * 2 * OVER + 0.75 * UNDER,
+                       "ramp": (UNDER + OVER) / 2, "mix": 0.8}[shape]
+
+
 def client_thread_cpu_seconds() -> float | None:
     """CPU time of the tuner client's sender thread (Linux /proc), to separate the client's cost."""
     import threading as th
@@ -150,12 +196,41 @@ class Arrivals(threading.Thread):
         self.rng = random.Random(args.seed)
         self.count = 0
         self.finished = threading.Event()
+        self.period = 0.0
+        """The shape's period: the arrival time (``--duration``, or ``--requests`` / the mean rate)."""
+        if args.workload != "steady":
+            self.period = args.duration or (args.requests or 0) / shape_mean(args.workload, args.capacity)
+        self.short: list[str] = []
+        self.long: list[str] = []
+        if args.workload == "mix":
+            self.short = held_out_prompts(args.prompts, seed=args.seed, min_bytes=MIX_SHORT[0], max_bytes=MIX_SHORT[1])
+            self.long = held_out_prompts(args.prompts, seed=args.seed + 1, min_bytes=MIX_LONG[0],
+                                         max_bytes=MIX_LONG[1])
 
     def run(self) -> None:
         try:
             self._run()
         finally:
             self.finished.set()
+
+    def _next_gap(self, t: float) -> float:
+        """Seconds from ``t`` (since the first arrival) to the next arrival: exponential at ``--rate``, or
+        at the shape's peak rate thinned down to the shape's rate at that moment."""
+        a = self.args
+        if a.workload == "steady":
+            return self.rng.expovariate(a.rate) if a.rate > 0 else 0.0
+        peak = shape_peak(a.workload, a.capacity)
+        gap = 0.0
+        while True:
+            gap += self.rng.expovariate(peak)
+            if self.rng.random() * peak <= shape_rate(a.workload, t + gap, self.period, a.capacity):
+                return gap
+
+    def _prompt(self, t: float) -> str:
+        if self.args.workload == "mix":
+            pool = self.short if t < self.period / 2 else self.long
+            return pool[self.rng.randrange(len(pool))]
+        return self.prompts[self.rng.randrange(len(self.prompts))]
 
     def _run(self) -> None:
         a = self.args
@@ -170,7 +245,7 @@ class Arrivals(threading.Thread):
             wait = next_at - time.monotonic()
             if wait > 0 and self.stop.wait(wait):
                 return
-            prompt = self.prompts[self.rng.randrange(len(self.prompts))]
+            prompt = self._prompt(next_at - t0)
             ids = self.tok.encode(prompt, bos=True)
             max_new = self.rng.randint(a.min_new_tokens, a.max_new_tokens)
             self.count += 1
@@ -179,7 +254,43 @@ class Arrivals(threading.Thread):
             else:
                 req = self.loop.request(len(ids))
                 self.q.put(Job(f"conv-{self.args.seed}-{self.count}", prompt, ids, max_new, time.monotonic(), req))
-            next_at += self.rng.expovariate(a.rate) if a.rate > 0 else 0.0
+            next_at += self._next_gap(next_at - t0)
+
+
+def measure_capacity(model: TinyLlama, prompts: list[str], args: argparse.Namespace) -> tuple[float, float]:
+    """Requests per second this machine serves now at ``--batch-size``: one warm-up batch, then
+    ``CAPACITY_BATCHES`` timed ones drawn like the stream's (prompts, response lengths, temperature), decoded
+    as the serving loop decodes them (a row ends at its length or at EOS, a batch when its rows have).  Not
+    seen by the tuner (no client requests).  Returns (requests/s, seconds timed)."""
+    tok = ByteTokenizer()
+    rng = random.Random(args.seed + 7919)
+    gen = torch.Generator().manual_seed(args.seed + 7919)  # the serving loop's own stream stays as it was
+    params = SamplingParams(temperature=args.temperature, repetition_penalty=1.0)
+
+    def one(size: int) -> None:
+        ids = [tok.encode(prompts[rng.randrange(len(prompts))], bos=True) for _ in range(size)]
+        lens = [rng.randint(args.min_new_tokens, args.max_new_tokens) for _ in ids]
+        with torch.inference_mode():
+            dec = BatchDecoder(model, ids, max(lens))
+            logits = dec.prefill()
+            made = [0] * size
+            done = [False] * size
+            for step in range(dec.max_new_tokens):
+                nxt = sample(logits, params, None, gen)
+                for row, t in enumerate(nxt.tolist()):
+                    if not done[row]:
+                        made[row] += 1
+                        done[row] = t == EOS or made[row] >= lens[row]
+                if all(done) or step == dec.max_new_tokens - 1:
+                    break
+                logits = dec.step(nxt)
+
+    one(2)  # warm-up: the first calls pay for allocations and kernel choices
+    t0 = time.monotonic()
+    for _ in range(CAPACITY_BATCHES):
+        one(args.batch_size)
+    seconds = time.monotonic() - t0
+    return CAPACITY_BATCHES * args.batch_size / seconds, seconds
 
 
 def take_batch(q: queue.Queue[Job], size: int, wait: float) -> list[Job]:
@@ -325,6 +436,9 @@ def summary(stats: Stats, seconds: float, args: argparse.Namespace, rss_start: i
         "precision": loop.precision.precision,
         "precision_changes": loop.precision_changes,
         "seed": args.seed,
+        "shape": args.workload,
+        "capacity_rps": args.capacity,
+        "capacity_measured": args.capacity_measured,
     }
 
 
@@ -337,7 +451,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--serve", action="store_true", help="serve until SIGINT/SIGTERM")
     ap.add_argument("--leak", action="store_true", help="inject the never-evicted prefix cache")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rate", type=float, default=5.0, help="mean arrivals per second (0 = all at once)")
+    ap.add_argument("--rate", type=float, default=5.0,
+                    help="steady workload: mean arrivals per second (0 = all at once)")
+    ap.add_argument("--workload", choices=WORKLOADS, default="steady",
+                    help="shape of the arrivals: steady (--rate), or step, burst, ramp, mix set against the "
+                    "capacity measured at the start (see above)")
+    ap.add_argument("--capacity", type=float, help="shaped workloads: requests per second taken as the capacity "
+                    "instead of measuring it")
     ap.add_argument("--drain-seconds", type=float, default=60.0,
                     help="with --duration: after the last arrival, serve the queue for at most this long "
                     "(default 60); --requests N always serves all N")
@@ -364,6 +484,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 0:
             ap.error(f"--{name} must be >= 0")
+    if args.capacity is not None and not (args.capacity > 0 and math.isfinite(args.capacity)):
+        ap.error("--capacity must be more than 0 requests per second")
+    if args.capacity is not None and args.workload == "steady":
+        ap.error("--capacity sets the shaped workloads' rates; the steady one takes --rate")
+    if args.workload != "steady" and args.serve:
+        ap.error("--workload shapes need --duration or --requests")
+    args.capacity_measured = False
     if args.requests is not None and args.requests < 0:
         ap.error("--requests must be >= 0")
     if args.min_new_tokens is None:
@@ -405,6 +532,16 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    if args.workload != "steady":
+        if args.capacity is None:
+            args.capacity, secs = measure_capacity(model, prompts, args)
+            args.capacity_measured = True
+            how = f"measured over {CAPACITY_BATCHES} batches of {args.batch_size} in {secs:.1f} s"
+        else:
+            how = "given"
+        print(f"tuner demo workload {args.workload}: capacity {args.capacity:.2f} requests/s ({how}); under "
+              f"{UNDER:g}x = {UNDER * args.capacity:.2f}/s, over {OVER:g}x = {OVER * args.capacity:.2f}/s",
+              file=sys.stderr, flush=True)
     arrivals = Arrivals(loop, prompts, args, q, stats, stop)
     t0 = time.monotonic()
     cpu0 = time.process_time()  # all threads of this process: the client's sender included
@@ -464,6 +601,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         result["tokens_per_cpu_second"] = result["tokens"] / cpu_seconds if cpu_seconds > 0 else None
         result["client_call_seconds"] = round(stats.client_call_seconds, 6)
         result["client_thread_cpu_seconds"] = client_thread_cpu_seconds()
+        result["requests_arrived"] = arrivals.count
         print(json.dumps(result), file=out, flush=True)
         loop.close()
         c.close()
