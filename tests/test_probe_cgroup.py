@@ -440,3 +440,26 @@ def test_tuner_probes_from_another_cgroup_namespace_says_why(v1: V1Memory) -> No
             pytest.skip(f"cannot make a cgroup namespace here: {cp.stderr.strip()}")
         assert cp.returncode == 0, cp.stderr
         assert "outside this cgroup namespace (another container)" in cp.stdout, cp.stdout
+
+
+def test_a_run_in_a_limited_cgroup_reports_and_shows_the_binding_limit(v1: V1Memory, tmp_path: Path) -> None:
+    """``tuner run`` inside a 300 MiB cgroup: the trace names the cgroup, ``tuner report`` says the cgroup's
+    limit binds (not the host's 23 GiB) and the live view's header says so too."""
+    from tuner.trace import iter_records
+    from tuner.tui.model import Model
+
+    cg = v1.make(memory__limit_in_bytes=300 * MIB)
+    trace = tmp_path / "t.jsonl"
+    run = v1.popen(cg, [sys.executable, "-m", "tuner", "run", "--headless", "--quiet", "--trace", str(trace), "--",
+                        sys.executable, "-c", ALLOC.replace("600", "1.5"), str(64 * MIB)],
+                   env=ENV, stdout=subprocess.DEVNULL)  # fmt: skip
+    assert run.wait(timeout=120) == 0
+    cp = subprocess.run([sys.executable, "-m", "tuner", "report", str(trace)], capture_output=True, text=True,
+                        env=ENV, timeout=120)  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("memory "))
+    assert line.startswith("memory    cgroup /") and cg.name in line and "of 300 MiB at the end" in line, line
+    m = Model()
+    m.apply_many(iter_records(str(trace)))
+    shown = m.memory_line(m.last_t) or ""
+    assert shown.startswith("memory: cgroup /") and cg.name in shown and "of 300 MiB" in shown, shown

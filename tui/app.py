@@ -322,6 +322,10 @@ class TunerApp(App[None]):
             else:
                 reason = st.get("reason") if isinstance(st, dict) else None
                 parts.append(f"{name} ✗ ({reason or 'unavailable'})  ", "#d7875f")
+        mem = m.memory_line(now)  # the binding memory limit (a cgroup's, a device's) or the OOM kill
+        if mem is not None:
+            style = "bold #ff5f5f" if mem.startswith("OOM") else ("#ffaf5f" if "limit in" in mem else "#87afd7")
+            parts = Text.assemble((mem, style), "  │  ", parts)
         line1.truncate(width, overflow="ellipsis")
         parts.truncate(width, overflow="ellipsis")
         _set(self.query_one("#hdr", Static), Text("\n").join([line1, parts]))

@@ -162,6 +162,8 @@ class Model:
         self.skipped = 0
         self.dropped = 0
         self.end: dict[str, Any] | None = None
+        self.oom: dict[str, Any] | None = None
+        """The ``oom_kill`` event (who the kernel OOM killer killed), once it arrived."""
         self.policies: dict[str, bool] = {}
         self.records = 0
         self.newest_t = 0.0  # the newest time of any record (live view time)
@@ -189,6 +191,8 @@ class Model:
             elif k == "event":
                 if rec.get("kind") == "request" and isinstance(rec.get("data"), Mapping):
                     self._add(self.req_t, self.requests, float(rec["t"]), dict(rec["data"]), self.keep_requests)
+                elif rec.get("kind") == "oom_kill" and isinstance(rec.get("data"), Mapping):
+                    self.oom = {**rec["data"], "t": float(rec["t"])}
             elif k == "action":
                 a = dict(rec)
                 self._add(self.act_t, self.actions, float(rec["t"]), a, self.keep_actions)
@@ -261,6 +265,23 @@ class Model:
             if isinstance(b, (list, tuple)) and len(b) == 2:
                 return (float(b[0]), float(b[1])), True
         return DEFAULT_REP_BAND, False
+
+    def memory_line(self, now: float) -> str | None:
+        """The binding memory limit, how close it is and the projected time to it — shown when it is not
+        simply the host's (a cgroup, a device) or a time to limit is projected; the OOM kill once it came."""
+        if self.oom is not None and self.oom["t"] <= now + 1e-6:
+            return f"OOM KILLED: {self.oom.get('message') or 'by the kernel OOM killer'}"
+        from tuner.core import limits
+
+        b = limits.binding(_ModelReader(self, now))
+        if b is None:
+            return None
+        ttl = self.cols.latest("mem_time_to_limit_seconds", now)
+        horizon = (self.header or {}).get("limit_horizon_s")
+        soon = ttl is not None and (not isinstance(horizon, (int, float)) or ttl < horizon)
+        if b.name == "host" and not soon:
+            return None
+        return f"memory: {b.describe()} ({b.headroom:.0%} free)" + (f", limit in {ttl:.0f} s" if soon else "")
 
     # -- derived views ----------------------------------------------------------------------------------
     @property
@@ -379,6 +400,22 @@ class Model:
         parts = [f"{pid} {str(v.get('name', '?'))[:16]}" for pid, v in list(self.procs.items())[:4]]
         more = len(self.procs) - 4
         return ", ".join(parts) + (f" +{more}" if more > 0 else "")
+
+
+class _ModelReader:
+    """``tuner.core.limits.ValueReader`` over the model's columns at view time ``now``."""
+
+    def __init__(self, model: Model, now: float) -> None:
+        self.model, self.now = model, now
+        mem = ((model.probes.get("cgroup") or {}).get("detail") or {}).get("memory")
+        self.labels = {"cgroup": mem["path"]} if isinstance(mem, dict) and isinstance(mem.get("path"), str) else {}
+
+    def latest(self, key: str) -> float | None:
+        return self.model.cols.latest(key, self.now)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.model.cols.cols)
 
 
 def nice_window(seconds: float) -> str:

@@ -190,6 +190,7 @@ class Agent:
         return None
 
     def _carry_out(self, t: float, action: Action, verdict: str, why: str) -> None:
+        action = self._name_limit(action)
         policy = self._policy(action.policy)
         previous = getattr(self.knobs, action.knob, None) if action.knob != "cleanup" else None
         if verdict == "rejected":
@@ -221,6 +222,20 @@ class Agent:
         self._record(applied)
         self.window.add_action(applied)
         self._feedback(policy, applied)
+
+    def _name_limit(self, action: Action) -> Action:
+        """Every action's evidence names the binding memory limit and how close it is (and, under memory
+        pressure, the projected time to it)."""
+        if "limit" in action.evidence:
+            return action
+        b = self.window.binding()
+        if b is None:
+            return action
+        ev: dict[str, Any] = {**action.evidence, "limit": b.describe(), "limit_headroom": round(b.headroom, 4)}
+        mp = self.window.memory_pressure()
+        if mp is not None:
+            ev.setdefault("time_to_limit_s", round(mp.seconds, 1))
+        return replace(action, evidence=ev)
 
     def _feedback(self, policy: Policy | None, applied: Applied) -> None:
         if policy is None or not self.enabled.get(policy.name, False):
@@ -257,6 +272,8 @@ class Agent:
             self.writer.action(a)
 
     def _write_knobs(self, values: dict[str, Any]) -> None:
+        """The knob columns, and once a second the binding limit's headroom and projected time to it."""
+        values.update(self.window.limit_columns())
         k = self.knobs
         if k is not self._cols_for:  # Knobs is frozen: a new object is a change
             cols: dict[str, Any] = {}

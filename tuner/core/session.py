@@ -45,6 +45,9 @@ def _policy_header(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
     out: dict[str, Any] = {"policies": list(config.policies)}
+    horizon = getattr(config.agent, "limit_horizon_s", None)
+    if horizon is not None:
+        out["limit_horizon_s"] = horizon
     t = config.policies.get("temperature")
     if t is not None:
         out["targets"] = {"req_seq_rep_4_ratio": [t.band_low, t.band_high]}

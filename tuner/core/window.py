@@ -8,6 +8,9 @@
 - Finished requests (``request`` events): columns of the fields policies use (temperature, seq-rep-4,
   tokens, TTFT, queue time, batch size ...), in their own rings.
 - The current tick's other events (``oom``, ``command_result``, ...) and the recent applied actions.
+- Memory headroom against the *binding* limit (``tuner.core.limits``: the cgroup's limit on its working set,
+  the host's memory, each device; any probe can add a term), and the memory-pressure signal: the binding
+  limit's floor trend projected to the limit (``memory_pressure()``), restarted after every memory action.
 
 Appends are O(1) and nothing grows: every buffer has a fixed capacity.
 """
@@ -21,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from tuner.core import limits
+from tuner.core.limits import LimitTerm, MemoryPressure, Projection
 from tuner.records import Applied, Event
 
 REQUEST_FIELDS: tuple[str, ...] = (
@@ -38,6 +43,12 @@ REQUEST_FIELDS: tuple[str, ...] = (
 
 _NAN = math.nan
 _FLUSH_ROWS = 64
+PROJECT_EVERY_S = 2.0
+"""The time-to-limit projection is computed at most this often (trace time): horizons are minutes, and at
+~60 us a term it is the agent's largest fixed cost (the replay benchmark)."""
+_NO_COLUMNS: dict[str, float] = {}
+MEMORY_COMMANDS = ("cleanup", "precision")
+"""Commands whose result changes memory: the projection restarts on data after them."""
 
 
 class Ring:
@@ -110,6 +121,8 @@ class Window:
         """Rows of the latest ticks not yet copied into ``_block`` (copied in bulk when read or every
         ``_FLUSH_ROWS`` ticks: one ``np.array`` call for many ticks instead of one store per value)."""
         self._pending_start = 0
+        self._present: set[str] = set()
+        """Keys that had a value in some flushed row: ``latest`` of a key never seen costs no scan."""
         self._all = keys is None
         self._keys = set(keys or ())
         self._prefixes = tuple(prefixes)
@@ -126,7 +139,24 @@ class Window:
         self._nvalues = -1
         self._index: dict[str, int] = {}
         self._headroom: tuple[float | None, str | None] = (None, None)
+        self._binding: LimitTerm | None = None
+        self._terms: list[LimitTerm] = []
         self._headroom_at = -1
+        if not self._all:  # the limits' own keys (cgroup, host, devices, contributed terms, PSI)
+            lk, lp = limits.tracked()
+            self._keys |= lk
+            self._prefixes = tuple(sorted(set(self._prefixes) | lp))
+        self.labels: dict[str, str] = {}
+        """Names for the limits' descriptions: ``"cgroup"`` -> its path (from the probe's ``cgroup`` event)."""
+        self.horizon_s: float | None = None
+        """Memory pressure: the binding limit projected to be reached within this many seconds (None: off)."""
+        self._trend_since = -math.inf
+        self._projected_at = -math.inf
+        self._columns_at = -math.inf
+        self._projection: tuple[Projection, LimitTerm] | None = None
+        self._episode: float | None = None
+        self._cleanups: deque[tuple[float, float, float | None]] = deque(maxlen=16)
+        """Cleanup results: (time, reclaimed bytes, room left under the binding limit then)."""
         self._add_columns(sorted(self._keys))
 
     # -- feeding ------------------------------------------------------------------------------------
@@ -159,6 +189,8 @@ class Window:
                 self.add_request(e)
             else:
                 self.events.append(e)
+                if e.kind in ("cgroup", "command_result"):
+                    self._memory_event(e)
 
     def _discover(self, values: Mapping[str, Any]) -> None:
         self._nvalues = len(values)
@@ -197,6 +229,9 @@ class Window:
             start += len(rows) - self.capacity
         idx = (start + np.arange(arr.shape[0])) % self.capacity
         self._block[idx] = arr
+        if len(self._present) < width:
+            for j in np.flatnonzero(~np.isnan(arr).all(axis=0)).tolist():
+                self._present.add(self._order[j])
 
     def add_request(self, e: Event) -> None:
         d = e.data
@@ -209,6 +244,25 @@ class Window:
 
     def add_action(self, a: Applied) -> None:
         self.actions.append(a)
+        if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped"):
+            self._trend_since = a.t  # memory per batch changed: judge the trend on what follows
+
+    def _memory_event(self, e: Event) -> None:
+        d = e.data
+        if e.kind == "cgroup":
+            mem = d.get("memory")
+            if isinstance(mem, dict) and isinstance(mem.get("path"), str):
+                self.labels["cgroup"] = mem["path"]
+            return
+        if d.get("cmd") not in MEMORY_COMMANDS:
+            return
+        self._trend_since = e.t
+        if d.get("cmd") == "cleanup":
+            res = d.get("result")
+            got = res.get("reclaimed_bytes") if isinstance(res, dict) and d.get("ok") else 0.0
+            b = self.binding()
+            room = b.limit - b.used if b is not None and b.unit == "bytes" else None
+            self._cleanups.append((e.t, _num(got) if _num(got) == _num(got) else 0.0, room))
 
     # -- reading ------------------------------------------------------------------------------------
     @property
@@ -233,12 +287,21 @@ class Window:
                     x = _num(row[j]) if j < len(row) else _NAN
                     if x == x:
                         return x
+        if key not in self._present:
+            return None
         col = self._column(key)
         if col is None:
             return None
         v = self._view(col, len(self.times))
         ok = np.flatnonzero(~np.isnan(v))
         return float(v[ok[-1]]) if ok.size else None
+
+    def _has(self, key: str) -> bool:
+        """Whether ``key`` had a value in some kept tick (cheap: no scan of the block)."""
+        if key in self._present:
+            return True
+        j = self._index.get(key)
+        return j is not None and any(j < len(row) and row[j] is not None for row in self._pending)
 
     def current(self, key: str) -> float | None:
         """This tick's value of ``key``, or None when this tick did not have it."""
@@ -306,31 +369,96 @@ class Window:
         n = ts.size if since is None else ts.size - int(np.searchsorted(ts, since, side="right"))
         return {f: self.requests[f].last(n) for f in fields}
 
+    @property
+    def keys(self) -> list[str]:
+        """The tracked keys seen so far (``tuner.core.limits.ValueReader``)."""
+        return self._order
+
     def headroom(self) -> tuple[float | None, str | None]:
-        """Free memory on the binding device (computed once per tick)."""
+        """Free share of the binding limit and its name (``"cgroup"``, ``"host"``, ``"gpu/0"`` ...), computed
+        once per tick; ``(None, None)`` when nothing reports memory."""
         if self._headroom_at != self.ticks:
-            self._headroom = self._compute_headroom()
+            ts = self._terms = limits.terms(self)
+            b = self._binding = ts[0] if ts else None
+            self._headroom = (b.headroom, b.name) if b is not None else (None, None)
             self._headroom_at = self.ticks
         return self._headroom
 
-    def _compute_headroom(self) -> tuple[float | None, str | None]:
-        """Free memory on the binding device: ``(free / total, which)``, the smallest over the host
-        (``sys_mem_available_bytes``) and every GPU/NPU with used and total figures; ``(None, None)``
-        when nothing reports memory."""
-        best: tuple[float | None, str | None] = (None, None)
-        avail, total = self.latest("sys_mem_available_bytes"), self.latest("sys_mem_total_bytes")
-        if avail is not None and total:
-            best = (avail / total, "host")
-        for key in self._order:
-            if key.startswith(("gpu_mem_used_bytes/", "npu_mem_used_bytes/")):
-                used = self.latest(key)
-                if used is None:
-                    continue
-                dev = key.split("/", 1)[1]
-                kind = key.split("_", 1)[0]
-                tot = self.latest(f"{kind}_mem_total_bytes/{dev}")
-                if tot:
-                    h = 1.0 - used / tot
-                    if best[0] is None or h < best[0]:
-                        best = (h, f"{kind}/{dev}")
+    def terms(self) -> list[LimitTerm]:
+        """Every limit term this tick, tightest first (``tuner.core.limits.terms``; once per tick)."""
+        self.headroom()
+        return self._terms
+
+    def binding(self) -> LimitTerm | None:
+        """The limit with the least headroom (``describe()``: ``cgroup /x working set 612 MiB of 640 MiB``)."""
+        self.headroom()
+        return self._binding
+
+    def projection(self) -> tuple[Projection, LimitTerm] | None:
+        """The soonest-reached limit's projection (recomputed at most every ``PROJECT_EVERY_S``), over the
+        last ``limits.PROJECTION_WINDOW_S`` but not before the last memory action."""
+        if self.t - self._projected_at < PROJECT_EVERY_S:
+            return self._projection
+        self._projected_at = self.t
+        best: tuple[Projection, LimitTerm] | None = None
+        for term in self.terms():
+            if term.series is None or not self._has(term.series):
+                continue
+            ts, vs = self.pairs(term.series, limits.PROJECTION_WINDOW_S)
+            keep = ts >= self._trend_since
+            p = limits.project(ts[keep], vs[keep], term.limit, term.used)
+            rank = (p.seconds if p.seconds is not None else math.inf, term.headroom)
+            if best is None or rank < (
+                best[0].seconds if best[0].seconds is not None else math.inf,
+                best[1].headroom,
+            ):
+                best = (p, term)
+        self._projection = best
+        self._update_episode()
         return best
+
+    def _update_episode(self) -> None:
+        got = self._projection
+        if got is None or self.horizon_s is None:
+            self._episode = None
+            return
+        p, _ = got
+        if p.seconds is not None and p.seconds < self.horizon_s:
+            if self._episode is None:
+                self._episode = self.t
+        elif p.verdict != "insufficient data":  # a real verdict, not a restart after an action
+            self._episode = None
+
+    def memory_pressure(self) -> MemoryPressure | None:
+        """The binding limit is projected to be reached within ``horizon_s``: the signal the cleanup, batch
+        and precision policies act on (None otherwise, and while ``horizon_s`` is None)."""
+        got = self.projection()
+        if got is None or self._episode is None or self.horizon_s is None:
+            return None
+        p, term = got
+        if p.seconds is None or p.seconds >= self.horizon_s or p.slope is None:
+            return None
+        helped: bool | None = None
+        for t, reclaimed, room in self._cleanups:
+            if t >= self._episode:
+                helped = room is not None and reclaimed >= 0.25 * max(room, 0.0)
+        host = self.latest("cgroup_mem_pressure_some_ratio") is None
+        psi = self.latest("sys_mem_pressure_some_ratio" if host else "cgroup_mem_pressure_some_ratio")
+        return MemoryPressure(p.seconds, self.horizon_s, term, p.slope, self._episode, helped, psi, host)
+
+    def limit_columns(self) -> dict[str, float]:
+        """``mem_headroom_ratio`` and ``mem_time_to_limit_seconds`` when the projection was just computed
+        (once a ``PROJECT_EVERY_S``): the agent writes them with the tick."""
+        if self._projected_at <= self._columns_at and self.t - self._projected_at < PROJECT_EVERY_S:
+            return _NO_COLUMNS  # the common tick: nothing new since the last columns
+        got = self.projection()
+        if self._projected_at <= self._columns_at:
+            return _NO_COLUMNS
+        self._columns_at = self._projected_at
+        out: dict[str, float] = {}
+        h, _ = self.headroom()
+        if h is not None:
+            out["mem_headroom_ratio"] = round(h, 6)
+        if got is not None and got[0].seconds is not None:
+            out["mem_time_to_limit_seconds"] = round(got[0].seconds, 3)
+        return out

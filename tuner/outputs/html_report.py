@@ -622,6 +622,19 @@ def card_items(summary: Mapping[str, Any], data: TraceData) -> list[tuple[str, s
     add("tpot_p95_seconds", "TPOT p95", (req.get("tpot_seconds") or {}).get("p95"), "seconds")
     add("tokens_per_second", "tokens/s overall", overall_tokens_per_second(data), "per_second")
     add("peak_rss_bytes", "peak tree RSS", summary.get("peak_rss_bytes"), "bytes")
+    ml = summary.get("memory_limit")
+    if ml:  # the limit that can kill the process (a cgroup's, the host's, a device's) and how close it came
+        items.append(("memory_limit", "binding memory limit", _num(ml.get("headroom")),
+                      f"{ml.get('limit')} ({ml.get('headroom', 0):.0%} free at the end, "
+                      f"{(ml.get('closest') or {}).get('headroom', 0):.0%} at the closest)"))  # fmt: skip
+    ttl = summary.get("time_to_limit")
+    if ttl:
+        acted = f", acted {ttl['to_action_s']:.1f} s later" if ttl.get("to_action_s") is not None else ", no action"
+        items.append(("time_to_limit", "limit projected", _num(ttl.get("seconds")),
+                      f"at {ttl['first_t']:.0f} s, {ttl['seconds']:.0f} s ahead{acted}"))  # fmt: skip
+    oom = summary.get("oom_kill")
+    if oom:
+        items.append(("oom_kill", "OOM kill", None, str(oom.get("message") or "by the kernel OOM killer")))
     for k, v in (summary.get("peak_memory_bytes") or {}).items():
         if k != "tree_rss_bytes":
             add(f"peak:{k}", f"peak {k}", v, "bytes")
@@ -659,6 +672,7 @@ th{background:#f0f2f5}.num{text-align:right;font-variant-numeric:tabular-nums}
 .side{display:grid;grid-template-columns:1fr 1fr;gap:12px}.side>div>h3{font-size:13px;margin:4px 0;color:#5b6576}
 .better{color:#17733a;font-weight:600}.worse{color:#b42318;font-weight:600}
 .warn{color:#8a5a00}
+.oom{color:#fff;background:#b42318;border-radius:8px;padding:8px 12px;font-weight:600}
 """
 
 
@@ -695,6 +709,9 @@ def render_report(data: TraceData, summary: Mapping[str, Any]) -> str:
     figs = build_figures(data, summary)
     parts = [f"<h1>inference-tuner report</h1><div class='sub'>{html.escape(_describe(summary))}</div>",
              _card_html(card_items(summary, data))]  # fmt: skip
+    oom = summary.get("oom_kill")
+    if oom:
+        parts.insert(1, f"<p class='oom' id='oom-kill'>{html.escape(str(oom.get('message') or 'OOM kill'))}</p>")
     warns = summary.get("warnings") or []
     if warns:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in warns)

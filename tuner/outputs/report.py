@@ -20,6 +20,14 @@
   else ``tokens`` / ``e2e_seconds``; ``loop_share`` is the share of requests with ``loop`` true (None when
   no request says)
 - ``actions`` (count), ``actions_by_outcome`` (``{outcome: count}``)
+- ``memory_limit``: None without memory figures, else the binding limit (``tuner.core.limits``) at the end
+  ``{"name", "limit" (its description), "headroom", "closest": {"t", "headroom", "limit"}}``
+- ``time_to_limit``: None unless the agent projected the binding limit within its horizon, else
+  ``{"horizon_s", "first_t" (first projection under the horizon), "seconds" (then), "action_t", "action"
+  (the first action whose evidence has a time to limit), "to_action_s"}``
+- ``oom_kill``: None, the ``oom_kill`` event's data (``message``: who the kernel OOM killer killed, the
+  limit, the peak), or — for a trace cut short — ``{"inferred": true, "message"}`` when the recorded
+  cgroup's OOM-kill counter is higher now than at the last tick
 - ``warnings``: list of one-line strings (reader warnings, warn/error notes, findings)
 
 ``render_text(summary)`` turns it into a compact table for a terminal.
@@ -34,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from tuner.core import limits
 from tuner.core.stats import leak_verdict, percentiles
 from tuner.records import split_key, unit_of
 from tuner.trace import TraceData
@@ -223,10 +232,88 @@ def summarize(data: TraceData) -> dict[str, Any]:
         "peak_memory_bytes": peak_mem,
         "memory_trend": {"per_minute": per_minute, "per_1k_requests": per_kreq},
         "requests": _request_stats(req_data) if requests else None,
+        "memory_limit": _memory_limit(data, times),
+        "time_to_limit": _time_to_limit(data, times),
+        "oom_kill": _oom_kill(data, end, exit_code),
         "actions": sum(by_outcome.values()),
         "actions_by_outcome": dict(by_outcome),
         "action_log": _action_log(data.actions),
         "warnings": warnings,
+    }
+
+
+def _cgroup_detail(hdr: Mapping[str, Any]) -> dict[str, Any]:
+    probes = hdr.get("probes")
+    cg = probes.get("cgroup") if isinstance(probes, dict) else None
+    detail = cg.get("detail") if isinstance(cg, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def _labels(hdr: Mapping[str, Any]) -> dict[str, str]:
+    mem = _cgroup_detail(hdr).get("memory")
+    return {"cgroup": mem["path"]} if isinstance(mem, dict) and isinstance(mem.get("path"), str) else {}
+
+
+def _memory_limit(data: TraceData, times: np.ndarray) -> dict[str, Any] | None:
+    """The binding memory limit at the end and where the run came closest to it."""
+    pts = limits.over_time(data.columns, len(times), _labels(data.header))
+    if not pts:
+        return None
+    _, last = pts[-1]
+    i_min, closest = min(pts, key=lambda p: p[1].headroom)
+    return {
+        "name": last.name,
+        "limit": last.describe(),
+        "headroom": last.headroom,
+        "closest": {"t": float(times[i_min]), "headroom": closest.headroom, "limit": closest.describe()},
+    }
+
+
+def _time_to_limit(data: TraceData, times: np.ndarray) -> dict[str, Any] | None:
+    """When the agent first projected the binding limit within its horizon, and when it first acted on it."""
+    horizon = _num(data.header.get("limit_horizon_s"))
+    ttl = data.column("mem_time_to_limit_seconds")
+    if horizon is None or not ttl.size:
+        return None
+    under = np.flatnonzero(np.isfinite(ttl) & (ttl < horizon))
+    if not under.size:
+        return None
+    i = int(under[0])
+    out: dict[str, Any] = {"horizon_s": horizon, "first_t": float(times[i]), "seconds": float(ttl[i]),
+                           "action_t": None, "action": None, "to_action_s": None}  # fmt: skip
+    for a in data.actions:
+        ev = a.get("evidence") if isinstance(a, Mapping) else None
+        if isinstance(ev, Mapping) and _num(ev.get("time_to_limit_s")) is not None and a.get("outcome") != "rejected":
+            t = _num(a.get("t")) or 0.0
+            out.update(action_t=t, action=f"{a.get('policy')}: {a.get('knob')}", to_action_s=t - out["first_t"])
+            break
+    return out
+
+
+def _oom_kill(data: TraceData, end: Mapping[str, Any] | None, exit_code: int | None) -> dict[str, Any] | None:
+    """The ``oom_kill`` event, or — when the recording was cut short (the sidecar shared the cgroup and died
+    too) or the command ended by SIGKILL — a rise of the cgroup's OOM-kill counter since the last tick."""
+    for e in reversed(data.events):
+        if e.kind == "oom_kill" and isinstance(e.data, Mapping):
+            return {"t": e.t, **dict(e.data)}
+    if end is not None and exit_code != 137:
+        return None
+    from tuner.probes.cgroup import controller_from, read_oom_state
+
+    ctl = controller_from(_cgroup_detail(data.header))
+    col = data.column("cgroup_oom_kills_total")
+    ok = col[np.isfinite(col)]
+    if ctl is None or not ok.size:
+        return None
+    st = read_oom_state(ctl)
+    if st.kills is None or st.kills <= ok[-1]:
+        return None
+    return {
+        "inferred": True,
+        "kills_recorded": int(ok[-1]),
+        "kills_now": st.kills,
+        "message": f"the OOM-kill counter of cgroup {ctl.path} rose from {int(ok[-1])} to {st.kills} after the "
+        "last recorded tick: the kernel OOM killer most likely ended this run (and the recording with it)",
     }
 
 
@@ -368,6 +455,20 @@ def render_text(summary: Mapping[str, Any]) -> str:
     lines.append(f"duration  {human_seconds(s.get('duration_s') or 0.0)}, {s.get('ticks', 0)} ticks{every}{skipped}")
     peak = s.get("peak_rss_bytes")
     lines.append(f"peak RSS  {human_bytes(peak) if peak is not None else 'not recorded'}")
+    ml = s.get("memory_limit")
+    if ml:
+        c = ml["closest"]
+        lines.append(f"memory    {ml['limit']} at the end ({ml['headroom']:.0%} free); closest "
+                     f"{c['headroom']:.0%} free at {c['t']:.1f} s ({c['limit']})")  # fmt: skip
+    ttl = s.get("time_to_limit")
+    if ttl:
+        acted = (f"; first action on it {ttl['to_action_s']:.1f} s later ({ttl['action']})"
+                 if ttl.get("action") else "; no action on it")  # fmt: skip
+        lines.append(f"          limit projected within the {ttl['horizon_s']:g} s horizon at {ttl['first_t']:.1f} s "
+                     f"({ttl['seconds']:.0f} s left){acted}")  # fmt: skip
+    oom = s.get("oom_kill")
+    if oom:
+        lines.append(f"OOM kill  {oom.get('message')}")
 
     metrics = s.get("metrics") or {}
     lines.append("")
