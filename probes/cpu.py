@@ -29,12 +29,15 @@ repeats the last ratio, and the machine's values (``/proc/stat``, ``/proc/meminf
 cadence too.  The tree's RSS, threads and process count are read every tick.
 
 Values (``docs/conventions.md``): ``tree_cpu_ratio`` (cores' worth; ``None`` until a first window),
-``tree_rss_bytes``, ``tree_uss_bytes`` (sum over processes with a USS reading; ``None`` before the
-first), ``tree_threads``, ``tree_fds`` (sum over processes whose fds are readable),
-``tree_procs``, ``sys_cpu_ratio`` (0..1 of the machine), ``sys_core_cpu_ratio/<n>`` (0..1 of core
-n), ``sys_mem_total_bytes``, ``sys_mem_available_bytes``, ``sys_mem_used_bytes`` (total - available),
-``sys_swap_used_bytes``.  ``Sample.procs``: ``{pid: {"name", "ppid", "rss_bytes", "cpu_ratio",
-"threads", "fds", "uss_bytes"}}`` (``uss_bytes`` once measured).
+``tree_cpu_seconds_total`` (user + system CPU time of the tree's processes, each since it started, as last
+read — at most ``min_window_s`` old — plus that of the processes that have left the tree, as last read
+before they went: a counter for Prometheus' ``rate()``, kept when no process is left), ``tree_rss_bytes``,
+``tree_uss_bytes`` (sum over processes with a USS reading; ``None`` before the first), ``tree_threads``,
+``tree_fds`` (sum over processes whose fds are readable), ``tree_procs``, ``sys_cpu_ratio`` (0..1 of the
+machine), ``sys_core_cpu_ratio/<n>`` (0..1 of core n), ``sys_mem_total_bytes``, ``sys_mem_available_bytes``,
+``sys_mem_used_bytes`` (total - available), ``sys_swap_used_bytes``.  ``Sample.procs``: ``{pid: {"name",
+"ppid", "rss_bytes", "cpu_ratio", "cpu_seconds_total", "threads", "fds", "uss_bytes"}}`` (``uss_bytes``
+once measured).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ PID_MARGIN = 8  # PIDs before the last scan's last PID read again (mid-fork proc
 
 TREE_METRICS: dict[str, str] = {
     "tree_cpu_ratio": "ratio",
+    "tree_cpu_seconds_total": "seconds",
     "tree_rss_bytes": "bytes",
     "tree_uss_bytes": "bytes",
     "tree_threads": "count",
@@ -321,6 +325,8 @@ class CpuProbe:
         self._meminfo: ProcFile | None = None
         self._loadavg: ProcFile | None = None
         self._core_keys: dict[int, str] = {}
+        self._cpu_left_s = 0.0  # CPU time of the processes that have left the tree (``tree_cpu_seconds_total``)
+        self._cpu_seen = False
         try:
             self._open_system()
             for pid in self.roots:
@@ -541,6 +547,7 @@ class CpuProbe:
                 "ppid": r.ppid,
                 "rss_bytes": r.rss,
                 "cpu_ratio": ratio,
+                "cpu_seconds_total": r.cpu_s,
                 "threads": r.threads,
                 "fds": p.fds,
             }
@@ -557,6 +564,10 @@ class CpuProbe:
                 events.append(self._exit_event(now, p))
         if gone:
             self._pid_list = list(self._procs)
+        if self._procs:
+            self._cpu_seen = True
+        cpu_total = self._cpu_left_s + sum(p.reading.cpu_s for p in self._procs.values())
+        values["tree_cpu_seconds_total"] = cpu_total if self._cpu_seen else None
         values["tree_procs"] = len(procs_out)
         if not procs_out:  # no live process left (all exited or zombies): nothing to measure, not zeros
             for key in ("tree_cpu_ratio", "tree_rss_bytes", "tree_uss_bytes", "tree_threads", "tree_fds"):
@@ -578,6 +589,8 @@ class CpuProbe:
         return Event(now, "proc_exit", data)
 
     def _forget(self, p: _Proc) -> None:
+        self._cpu_left_s += p.reading.cpu_s
+        self._cpu_seen = True
         p.reader.close()
         if self._procs.get(p.pid) is p:
             del self._procs[p.pid]

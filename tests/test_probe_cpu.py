@@ -413,6 +413,40 @@ def test_busy_child_is_about_one_core(child: Child) -> None:
         p.close()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_seconds_total_counts_the_tree_and_keeps_what_exited_processes_used(child: Child, backend: str) -> None:
+    """``tree_cpu_seconds_total``: utime+stime of the tree's processes as the kernel counts them (psutil
+    agrees), a grandchild's CPU stays in it after the grandchild exits, and the counter never goes down."""
+    p = CpuProbe([child.pid], rescan_every_s=0.0, min_window_s=0.0, backend=backend)
+    try:
+        s0 = p.sample(0.0)
+        burn = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.4: pass')"
+        gpid = int(child.do(f"g = subprocess.Popen([sys.executable, '-c', {burn!r}]); out = g.pid"))
+        seen: list[float] = [s0.values["tree_cpu_seconds_total"]]
+        g_cpu = 0.0
+        deadline = time.monotonic() + 20
+        while True:  # until the grandchild has burnt its 0.4 s and exited (reaped by the child below)
+            s = p.sample(time.monotonic())
+            seen.append(s.values["tree_cpu_seconds_total"])
+            assert s.procs is not None
+            if gpid in s.procs:
+                g_cpu = s.procs[gpid]["cpu_seconds_total"]
+                assert g_cpu == pytest.approx(sum(psutil.Process(gpid).cpu_times()[:2]), abs=0.05)
+            if g_cpu >= 0.35 and gpid not in s.procs:
+                break
+            if child.do("out = g.poll()") != "None":
+                child.do("g.wait()")
+            assert time.monotonic() < deadline, (g_cpu, s.procs)
+            time.sleep(0.02)
+        assert seen == sorted(seen), seen  # a counter
+        mine = sum(psutil.Process(child.pid).cpu_times()[:2])
+        assert s.values["tree_cpu_seconds_total"] == pytest.approx(mine + g_cpu, abs=0.05)
+        assert s.values["tree_cpu_seconds_total"] >= seen[0] + 0.35  # the exited grandchild's 0.4 s stay
+        assert p.metrics()["tree_cpu_seconds_total"] == "seconds"
+    finally:
+        p.close()
+
+
 def test_values_match_psutil(child: Child) -> None:
     child.do("bufs = [bytearray(20 << 20)]; bufs[0][::4096] = bytes(len(bufs[0][::4096]))")
     child.do("fs = [open(os.devnull) for _ in range(7)]")

@@ -10,8 +10,8 @@
   channel refusing peers or dropping messages): it has a ``take_notes() -> [(message, level)]`` method,
   called after each of its readings; the notes go to ``on_note`` (the trace's ``note`` records, which
   ``tuner report`` lists).  A probe that raises is noted and, after 5 failures, disabled; the others go on.
-- The sidecar's own CPU and RSS are recorded too (``self_cpu_ratio``, ``self_rss_bytes``), so its cost
-  is visible in every trace.
+- The sidecar's own CPU and RSS are recorded too (``self_cpu_ratio``, ``self_cpu_seconds_total``,
+  ``self_rss_bytes``), so its cost is visible in every trace.
 - Fast rates (interval <= ``batch_s`` / 2, i.e. above 20 Hz by default) run in *batches*: at each deadline
   the probes that can ``capture(now)`` (the CPU probe: a few ``pread``s of raw ``/proc`` bytes) take their
   raw reading and the others (NVML, NPUs) their whole sample; every ``batch_s`` the captured ticks are
@@ -113,7 +113,7 @@ class _SelfUsage:
                 rss = float(int(os.pread(self._statm, 128, 0).split()[1]) * self._page)
             except (OSError, ValueError, IndexError):
                 rss = None
-        return {"self_cpu_ratio": ratio, "self_rss_bytes": rss}
+        return {"self_cpu_ratio": ratio, "self_cpu_seconds_total": cpu, "self_rss_bytes": rss}
 
     def close(self) -> None:
         if self._statm is not None:

@@ -140,7 +140,7 @@ class Session:
 
             addr = parse_listen(opts.prometheus, opts.prometheus_public)
             try:
-                self.exporter = PrometheusExporter(addr)
+                self.exporter = PrometheusExporter(addr, self.writer.header)
             except OSError as exc:
                 self.writer.close()
                 self._close_observer()
@@ -256,7 +256,7 @@ class Session:
             self.exporter.update(tick.values, tick.procs)
             self.exporter.count_tick()
             for e in tick.events:
-                self.exporter.count_event(e.kind)
+                self.exporter.count_event(e.kind, e.data)  # a request: one observation per histogram
         if tick.final:  # fast rates: once a batch (the sampler's ``batch_s``), not at every tick
             self._flush(tick.t)
 

@@ -1,35 +1,129 @@
-"""``--prometheus ADDR``: serve the latest tick at ``/metrics`` for a Prometheus server to scrape.
+"""``--prometheus ADDR``: serve the session at ``/metrics`` for a Prometheus server to scrape.
 
 Built on prometheus-client with its own ``CollectorRegistry`` (nothing global, no process/platform
-collectors mixed in) and a custom collector that renders the latest tick on each scrape, so the sampler
-thread only swaps one reference per tick and never waits on a scrape.
+collectors mixed in) and one custom collector that renders at scrape time what the sampler thread left:
+the latest tick (one reference swapped per tick), counters, and histogram bucket counts (a few integer
+increments per finished request).  The sampler never waits on a scrape.
 
-Naming (Prometheus conventions; ``docs/conventions.md`` for the keys):
+Series, by Prometheus' naming conventions (``promtool check metrics`` is clean; the metric keys'
+rules in ``docs/conventions.md`` were chosen so that they map one to one):
 
-- a metric key ``<name>`` -> gauge ``tuner_<name>`` with the unit suffix kept (``tuner_tree_rss_bytes``);
-  ``<name>/<device>`` -> ``tuner_<name>{device="<device>"}`` (``tuner_gpu_util_ratio{device="0"}``);
-- per-process values ``procs[pid][field]`` -> ``tuner_process_<field>{pid="...",name="..."}``
-  (``tuner_process_rss_bytes``);
-- counters: ``tuner_ticks_total``, ``tuner_skipped_ticks_total``, ``tuner_events_total{kind}``.
+- ``tuner_info{version,python,policy,probes} 1``: who is talking, on one series.  No series carries a
+  host, command line or PID of the session (Prometheus adds ``instance`` and ``job`` when it scrapes;
+  command lines explode cardinality and can hold secrets).
+- a tick key ``<name>`` -> gauge ``tuner_<name>`` (``tuner_tree_rss_bytes``); ``<name>/<device>`` ->
+  ``tuner_<name>{device="<device>"}`` (``tuner_gpu_util_ratio{device="0"}``; the probe's name for
+  ``probe_cost_seconds/<probe>``: ``{probe="cpu"}``).  A key ending in ``_total`` is a counter
+  (``tuner_tree_cpu_seconds_total``, ``tuner_req_done_total``, ``tuner_chan_dropped_total``).  A unit
+  Prometheus has no place for is converted to its base unit (``CONVERTED``: ``knob_precision_bits`` ->
+  ``tuner_knob_precision_bytes``, bytes per weight value).
+- per process: ``tuner_process_<field>{pid,name}`` by the same rules (``tuner_process_rss_bytes``,
+  ``tuner_process_cpu_seconds_total``, ``tuner_process_gpu_mem_bytes{pid,name,device}``); the process's
+  PID and name identify these series only.
+- one observation per finished request (the output probe's ``request`` events), histograms with vLLM's
+  bucket boundaries (``HISTOGRAMS``): ``tuner_req_ttft_seconds``, ``tuner_req_tpot_seconds`` (the
+  request's mean time per output token after the first), ``tuner_req_queue_seconds``,
+  ``tuner_req_e2e_seconds``, ``tuner_req_prompt_tokens``, ``tuner_req_generation_tokens``.
+  ``rate(tuner_req_generation_tokens_sum[1m])`` is tokens per second, ``histogram_quantile`` the
+  percentiles, over any set of replicas.
+- ``tuner_ticks_total``, ``tuner_skipped_ticks_total``, ``tuner_events_total{kind}``.
+
+Left out of ``/metrics`` (they stay in the trace): CPU ratios in cores' worth (``tree_cpu_ratio``,
+``self_cpu_ratio``, per-process ``cpu_ratio``: a gauge above 1 — their ``*_cpu_seconds_total`` counters
+stand in, ``rate()`` gives cores); the windowed percentiles ``req_*_p50_*``/``req_*_p95_*`` (quantiles
+cannot be added across replicas: the histograms stand in) and the windowed rates
+``req_tokens_per_second``/``req_requests_per_second`` (``rate()`` of the histograms' ``_sum``/``_count``).
+Kept although windowed: the means ``req_seq_rep_4_ratio``, ``req_rep_32_ratio``, ``req_loop_ratio``,
+``req_distinct_2_ratio`` and ``req_batch_occupancy_ratio`` — the quality signals the policies steer by,
+with no per-request counter to stand in for them (a mean over the last ``window_s``; averaging them
+across replicas weighs replicas equally).
 
 A missing value (None) is left out of the scrape rather than exported as NaN.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import math
+import platform
 import re
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from tuner import __version__
 from tuner.errors import UserError
 from tuner.records import split_key
 
 PREFIX = "tuner_"
 _BAD_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+LEFT_OUT = frozenset({"tree_cpu_ratio", "self_cpu_ratio", "req_tokens_per_second", "req_requests_per_second"})
+"""Tick keys not exported (see the module docstring), besides the windowed percentiles (``_QUANTILE``)."""
+_QUANTILE = re.compile(r"_p\d+_")
+PROC_LEFT_OUT = frozenset({"name", "pid", "ppid", "cpu_ratio"})
+"""Per-process fields that are labels, ids or a cores'-worth ratio (``cpu_seconds_total`` stands in)."""
+CONVERTED: dict[str, tuple[str, float]] = {"knob_precision_bits": ("knob_precision_bytes", 1 / 8)}
+"""Keys in a unit Prometheus has no place for -> (name in its base unit, factor): bits -> bytes per value."""
+LABEL_NAMES: dict[str, str] = {"probe_cost_seconds": "probe"}
+"""The label a key's ``/<part>`` becomes where it is not a device."""
+HELP: dict[str, str] = {
+    "tree_cpu_seconds_total": "user+system CPU time of the watched process tree (each process since it started, "
+    "plus the processes that left it); rate() gives cores busy",
+    "self_cpu_seconds_total": "user+system CPU time of the tuner sidecar itself",
+    "process_cpu_seconds_total": "user+system CPU time of one process of the watched tree since it started",
+    "knob_precision_bytes": "bytes per weight value at the precision the tuner set (the trace's "
+    "knob_precision_bits / 8)",
+}
+
+
+def _one_two_five(top: float) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``top`` (vLLM's ``build_1_2_5_buckets`` for token counts)."""
+    out: list[float] = []
+    mag = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * mag > top:
+                return tuple(out)
+            out.append(float(m * mag))
+        mag *= 10
+
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+"""vLLM's ``time_to_first_token_seconds`` buckets (the OpenTelemetry GenAI advice, extended)."""
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)  # fmt: skip
+"""vLLM's ``time_per_output_token_seconds`` / ``inter_token_latency_seconds`` buckets."""
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+"""vLLM's request latency buckets (``e2e_request_latency_seconds``, ``request_queue_time_seconds``)."""
+TOKEN_BUCKETS = _one_two_five(1_000_000)
+"""Token counts per request: 1, 2, 5, ... 1M (vLLM's 1-2-5 series, which stops at the model's context)."""
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    name: str
+    field: str
+    """The ``request`` event's field observed (``probes/output.py``)."""
+    buckets: tuple[float, ...]
+    help: str
+
+
+HISTOGRAMS: tuple[HistogramSpec, ...] = (
+    HistogramSpec("req_ttft_seconds", "ttft_seconds", TTFT_BUCKETS, "time to first token, per finished request"),
+    HistogramSpec("req_tpot_seconds", "tpot_seconds", TPOT_BUCKETS,
+                  "mean time per output token after the first (inter-token latency), per finished request"),
+    HistogramSpec("req_queue_seconds", "queue_seconds", REQUEST_BUCKETS,
+                  "time from arrival to the start of work, per finished request"),
+    HistogramSpec("req_e2e_seconds", "e2e_seconds", REQUEST_BUCKETS, "end-to-end latency, per finished request"),
+    HistogramSpec("req_prompt_tokens", "prompt_tokens", TOKEN_BUCKETS, "prompt tokens, per finished request"),
+    HistogramSpec("req_generation_tokens", "tokens", TOKEN_BUCKETS, "generated tokens, per finished request"),
+)  # fmt: skip
 
 
 def metric_name(name: str) -> str:
@@ -113,15 +207,73 @@ def _finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-class TunerCollector:
-    """Renders the latest snapshot and the counters at scrape time (prometheus-client custom collector)."""
+_NUMBER = (int, float)
 
-    def __init__(self) -> None:
+
+class _Histogram:
+    """Bucket counts (not cumulative; the scrape adds them up), sum and count of one histogram."""
+
+    __slots__ = ("bounds", "counts", "n", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self.n = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, v)] += 1  # le: v <= bound
+        self.sum += v
+        self.n += 1
+
+    def copy(self) -> _Histogram:
+        h = _Histogram.__new__(_Histogram)
+        h.bounds, h.counts, h.sum, h.n = self.bounds, list(self.counts), self.sum, self.n
+        return h
+
+
+def info_labels(header: Mapping[str, Any] | None) -> dict[str, str]:
+    """``tuner_info``'s labels from a trace header: the tuner's version, Python, the policy preset (``file``
+    for a TOML file: a path says nothing to a dashboard and may say too much) and the probes that run."""
+    hdr = header or {}
+    policy = hdr.get("policy")
+    if not isinstance(policy, str) or not policy:
+        policy_label = "none"
+    elif "/" in policy or policy.endswith(".toml"):
+        policy_label = "file"
+    else:
+        policy_label = policy
+    probes = hdr.get("probes")
+    running = sorted(k for k, v in probes.items() if isinstance(v, Mapping) and v.get("available")) \
+        if isinstance(probes, Mapping) else []  # fmt: skip
+    return {"version": __version__, "python": platform.python_version(), "policy": policy_label,
+            "probes": ",".join(running)}  # fmt: skip
+
+
+def _family(name: str, help_text: str, labels: Sequence[str]) -> Any:
+    """An empty family for a key's (or per-process field's) name: a counter for ``*_total`` (named without
+    it; prometheus-client adds it back), else a gauge."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    text = HELP.get(name, help_text)
+    if name.endswith("_total"):
+        return CounterMetricFamily(metric_name(name[: -len("_total")]), text, labels=labels)
+    return GaugeMetricFamily(metric_name(name), text, labels=labels)
+
+
+class TunerCollector:
+    """Renders the latest snapshot, the counters and the histograms at scrape time (prometheus-client
+    custom collector)."""
+
+    def __init__(self, info: Mapping[str, str] | None = None) -> None:
         self._lock = threading.Lock()
         self._snap = _Snapshot({}, None)
         self._ticks = 0
         self._skipped = 0
         self._events: dict[str, int] = {}
+        self._info = dict(info if info is not None else info_labels(None))
+        self._hists = [_Histogram(h.buckets) for h in HISTOGRAMS]
+        self._fields = [(spec.field, h) for spec, h in zip(HISTOGRAMS, self._hists, strict=True)]
 
     # -- writers (the sampler thread) ---------------------------------------------------------------
     def update(self, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None) -> None:
@@ -137,56 +289,86 @@ class TunerCollector:
         with self._lock:
             self._skipped += int(n)
 
-    def count_event(self, kind: str) -> None:
+    def count_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+        """Count an event; a ``request`` event's ``data`` is one observation for each histogram whose field
+        it has (a missing, non-numeric or negative value is not observed)."""
+        obs: list[tuple[_Histogram, float]] = []
+        if kind == "request" and isinstance(data, Mapping):
+            for fld, h in self._fields:
+                v: Any = data.get(fld)
+                if type(v) in _NUMBER and 0 <= v < math.inf:  # not a bool, None, NaN, inf or negative
+                    obs.append((h, float(v)))
         with self._lock:
             self._events[kind] = self._events.get(kind, 0) + 1
+            for h, v in obs:
+                h.observe(v)
 
     # -- reader (the HTTP thread) --------------------------------------------------------------------
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, InfoMetricFamily
+        from prometheus_client.utils import floatToGoString
 
         with self._lock:
             snap, ticks, skipped, events = self._snap, self._ticks, self._skipped, dict(self._events)
+            hists = [h.copy() for h in self._hists]
+
+        yield InfoMetricFamily("tuner", "the inference-tuner session serving these metrics", value=self._info)
 
         plain: dict[str, float] = {}
-        by_device: dict[str, list[tuple[str, float]]] = {}
+        by_label: dict[str, list[tuple[str, float]]] = {}
         for key, raw in snap.values.items():
             v = _finite(raw)
             if v is None:
                 continue
             name, dev = split_key(key)
-            if dev is None:
-                plain[metric_name(name)] = v
-            else:
-                by_device.setdefault(metric_name(name), []).append((dev, v))
-        for name, v in sorted(plain.items()):
-            if name in by_device:  # a key both with and without a device: keep the labelled family
-                by_device[name].append(("", v))
+            if name in LEFT_OUT or _QUANTILE.search(name):
                 continue
-            yield GaugeMetricFamily(name, f"{name[len(PREFIX) :]} (latest tick)", value=v)
-        for name, devs in sorted(by_device.items()):
-            g = GaugeMetricFamily(name, f"{name[len(PREFIX) :]} per device (latest tick)", labels=["device"])
+            if name in CONVERTED:
+                name, factor = CONVERTED[name]
+                v *= factor
+            if dev is None:
+                plain[name] = v
+            else:
+                by_label.setdefault(name, []).append((dev, v))
+        for name, v in sorted(plain.items()):
+            if name in by_label:  # a key both with and without a device: keep the labelled family
+                by_label[name].append(("", v))
+                continue
+            fam = _family(name, f"{name} (latest tick)", [])
+            fam.add_metric([], v)
+            yield fam
+        for name, devs in sorted(by_label.items()):
+            label = LABEL_NAMES.get(name, "device")
+            fam = _family(name, f"{name} per {label} (latest tick)", [label])
             for dev, v in devs:
-                g.add_metric([dev], v)
-            yield g
+                fam.add_metric([dev], v)
+            yield fam
 
-        per_field: dict[str, GaugeMetricFamily] = {}
+        per_field: dict[str, list[tuple[str, str, str | None, float]]] = {}
         for pid, fields in sorted(snap.procs.items()):
             pname = str(fields.get("name", ""))
             for fld, raw in fields.items():
-                if fld in ("name", "pid", "ppid"):  # labels and ids, not measurements
+                name, dev = split_key(fld)  # ``gpu_mem_bytes/0`` (the NVIDIA probe's per-process memory)
+                if name in PROC_LEFT_OUT:
                     continue
                 v = _finite(raw)
-                if v is None:
-                    continue
-                mname = metric_name(f"process_{fld}")
-                fam = per_field.get(mname)
-                if fam is None:
-                    fam = per_field[mname] = GaugeMetricFamily(
-                        mname, f"per-process {fld} in the watched tree (latest tick)", labels=["pid", "name"]
-                    )
-                fam.add_metric([str(pid), pname], v)
-        yield from per_field.values()
+                if v is not None:
+                    per_field.setdefault(name, []).append((str(pid), pname, dev, v))
+        for name, rows in per_field.items():
+            devices = any(dev is not None for _, _, dev, _ in rows)
+            fam = _family(f"process_{name}", f"per-process {name} in the watched tree (latest tick)",
+                          ["pid", "name", "device"] if devices else ["pid", "name"])  # fmt: skip
+            for pid_s, pname, dev, v in rows:
+                fam.add_metric([pid_s, pname, dev or ""] if devices else [pid_s, pname], v)
+            yield fam
+
+        for spec, h in zip(HISTOGRAMS, hists, strict=True):
+            cum = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, c in zip((*spec.buckets, math.inf), h.counts, strict=True):
+                cum += c
+                buckets.append((floatToGoString(bound), cum))
+            yield HistogramMetricFamily(metric_name(spec.name), spec.help, buckets=buckets, sum_value=h.sum)
 
         yield CounterMetricFamily("tuner_ticks", "ticks sampled", value=ticks)
         yield CounterMetricFamily("tuner_skipped_ticks", "ticks missed because the sampler was late", value=skipped)
@@ -198,15 +380,16 @@ class TunerCollector:
 
 class PrometheusExporter:
     """Serves ``/metrics`` on ``addr`` from a background thread until ``close()``.  Raises ``OSError`` when
-    the address cannot be bound (the session turns it into a one-line error)."""
+    the address cannot be bound (the session turns it into a one-line error).  ``header``: the trace's
+    header, for ``tuner_info``'s labels (``info_labels``)."""
 
-    def __init__(self, addr: tuple[str, int]) -> None:
+    def __init__(self, addr: tuple[str, int], header: Mapping[str, Any] | None = None) -> None:
         try:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError:
             raise UserError("--prometheus needs prometheus-client: pip install 'inference-tuner[export]'") from None
         self.addr = addr
-        self.collector = TunerCollector()
+        self.collector = TunerCollector(info_labels(header))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)  # type: ignore[arg-type]
         host, port = addr
@@ -223,8 +406,8 @@ class PrometheusExporter:
     def count_skipped(self, n: int) -> None:
         self.collector.count_skipped(n)
 
-    def count_event(self, kind: str) -> None:
-        self.collector.count_event(kind)
+    def count_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+        self.collector.count_event(kind, data)
 
     def close(self) -> None:
         if self._closed:
