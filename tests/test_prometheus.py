@@ -116,6 +116,9 @@ def test_metrics_names_labels_and_counters(exporter: PrometheusExporter) -> None
             "tree_threads": 9,
             "req_done_total": 2.0,
             "req_tokens_per_second": 50.0,  # windowed: left out
+            "engine_generation_tokens_total": 900.0,
+            "engine_generation_tokens_per_second": 30.0,  # the windowed rate of a counter exported too: left out
+            "engine_kv_cache_usage_ratio": 0.5,
             "gpu_util_ratio/0": 0.25,
             "gpu_util_ratio/1": 0.75,
             "sys_core_cpu_ratio/3": 0.5,
@@ -149,9 +152,11 @@ def test_metrics_names_labels_and_counters(exporter: PrometheusExporter) -> None
     assert got["tuner_sys_core_cpu_ratio"] == [({"device": "3"}, 0.5)]
     assert got["tuner_probe_cost_seconds"] == [({"probe": "cpu"}, 0.001)]
     assert got["tuner_req_seq_rep_4_ratio"] == [({}, 0.05)]
+    assert got["tuner_engine_generation_tokens_total"] == [({}, 900.0)] and got["tuner_engine_kv_cache_usage_ratio"]
     assert got["tuner_knob_precision_bytes"] == [({}, 2.0)] and "tuner_knob_precision_bits" not in got
     for gone in ("tuner_tree_cpu_ratio", "tuner_req_ttft_p50_seconds", "tuner_req_tpot_p95_seconds",
-                 "tuner_req_tokens_per_second", "tuner_process_cpu_ratio", "tuner_process_ppid"):  # fmt: skip
+                 "tuner_req_tokens_per_second", "tuner_engine_generation_tokens_per_second", "tuner_process_cpu_ratio",
+                 "tuner_process_ppid"):  # fmt: skip
         assert gone not in got, gone
     assert ({"pid": "101", "name": "python"}, 200.0 * MiB) in got["tuner_process_rss_bytes"]
     assert ({"pid": "102", "name": "worker"}, 1.0) in got["tuner_process_rss_bytes"]
@@ -313,7 +318,7 @@ def every_declared_key() -> tuple[dict[str, float | None], dict[int, dict]]:
 
     from tuner.commands.replay import KNOB_COLUMNS
     from tuner.core.sampler import _SelfUsage
-    from tuner.probes import npu, nvidia, output
+    from tuner.probes import cgroup, engine, npu, nvidia, output
     from tuner.probes.cpu import CpuProbe
 
     probe = CpuProbe([os.getpid()], min_window_s=0.0)
@@ -328,6 +333,10 @@ def every_declared_key() -> tuple[dict[str, float | None], dict[int, dict]]:
     declared = [*nvidia.DEVICE_METRICS, *nvidia.TREE_METRICS, *npu.ASCEND_METRICS, ("npu_tree_mem_bytes", "")]
     values.update({f"{name}/0": 1.0 for name, _ in declared})
     values.update(dict.fromkeys(output.METRICS, 1.0))
+    values.update(dict.fromkeys((*cgroup.MEM_METRICS, *cgroup.CPU_METRICS, *cgroup.PIDS_METRICS, *cgroup.CGROUP_PSI,
+                                 *cgroup.HOST_PSI), 1.0))  # fmt: skip
+    values.update(dict.fromkeys(engine.KEYS, 1.0))
+    values.update({f"{k}/model_name=m,engine=0": 1.0 for k in engine.PER_DEVICE})
     values.update({f"probe_cost_seconds/{p}": 0.001 for p in ("cpu", "nvidia", "output")})
     self_usage = _SelfUsage()
     try:
@@ -414,7 +423,7 @@ def test_promtool_on_a_live_sidecar_serving_the_demo_workload(tmp_path: Path) ->
     assert typ["tuner_tree_cpu_seconds_total"] == "counter" and got["tuner_tree_cpu_seconds_total"][0][1] > 0
     assert not any(k.startswith(("tuner_req_ttft_p", "tuner_tree_cpu_ratio")) for k in got)
     [(info, _)] = got["tuner_info"]
-    assert info["probes"] == "cpu,output" and info["policy"] == "none"
+    assert {"cpu", "output"} <= set(info["probes"].split(",")) and info["policy"] == "none"
 
 
 # -- a real Prometheus server --------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.cli import tuner
@@ -14,6 +15,7 @@ from tuner.records import RENAMED, UNIT_SUFFIXES, renamed, unit_of
 from tuner.trace import TraceFollower, TraceWriter, columns_path, iter_records, make_header, read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
+PRE_RENAME = ROOT / "tests" / "data" / "pre-rename.jsonl"
 OLD_TICK = {
     "tree_rss_bytes": 1e9,
     "tree_threads_count": 7,
@@ -89,13 +91,20 @@ def test_a_new_trace_is_read_as_written(tmp_path: Path) -> None:
     assert list(read_trace(p).columns) == ["tree_threads", "x_ratio"]
 
 
-@pytest.mark.parametrize("fixture", ["tests/replay/offline_leak.jsonl", "traces/example-demo.jsonl"])
-def test_committed_old_fixtures_read_with_new_names(fixture: str) -> None:
-    raw = (ROOT / fixture).read_bytes()
-    assert any(old.encode() in raw for old in RENAMED)  # written before the rename
-    d = read_trace(ROOT / fixture)
-    assert not any(k in d.columns for k in RENAMED)
-    assert any(k in d.columns for k in ("req_done_total", "tree_threads"))
+def test_a_real_recording_from_before_the_rename_reads_with_new_names() -> None:
+    """``tests/data/pre-rename.jsonl``: the first 80 lines of a real ``tuner demo`` recording made before the
+    rename (``traces/example-demo.jsonl`` as of dc5f652): CPU probe, output probe, processes, requests."""
+    raw = PRE_RENAME.read_bytes()
+    assert b'"tree_threads_count"' in raw and b'"threads_count"' in raw and b'"req_done_count"' in raw
+    d = read_trace(PRE_RENAME)
+    assert not any(k in d.columns for k in RENAMED) and not any(k in d.header["units"] for k in RENAMED)
+    done = d.column("req_done_total")
+    assert np.nanmax(done) >= 6 and (np.diff(done[np.isfinite(done)]) >= 0).all()
+    assert np.nanmin(d.column("tree_threads")) >= 1 and np.nanmax(d.column("tree_procs")) >= 1
+    fields = {f for _, p in d.procs for v in p.values() for f in v}
+    assert {"threads", "fds"} <= fields and not fields & set(RENAMED)
+    ticks = [r for r in iter_records(PRE_RENAME) if r["k"] == "tick"]
+    assert len(ticks) == len(d.times) and all("req_done_total" in r["m"] for r in ticks)
 
 
 def test_report_and_export_of_an_old_trace_use_the_new_names(tmp_path: Path) -> None:
@@ -113,11 +122,12 @@ def test_report_and_export_of_an_old_trace_use_the_new_names(tmp_path: Path) -> 
     assert "req_done_total" in head and "_count" not in head
 
 
-def test_replay_of_an_old_fixture_feeds_policies_the_new_names() -> None:
-    """The cleanup policy reads ``req_done_total``; the fixture holds ``req_done_count``: the recorded
-    decisions (cleanups per 1k requests) still come out."""
-    cp = tuner("replay", str(ROOT / "tests/replay/offline_leak.jsonl"), "--json")
+def test_replay_of_an_old_recording_writes_the_new_names(tmp_path: Path) -> None:
+    """``tuner replay --out`` over a recording from before the rename: the policies are fed, and the
+    counterfactual trace is written, with today's names."""
+    out = tmp_path / "cf.jsonl"
+    cp = tuner("replay", str(PRE_RENAME), "--policy", "offline", "--out", str(out))
     assert cp.returncode == 0, cp.stderr
-    doc = json.loads(cp.stdout)
-    assert any(d["knob"] == "cleanup" for d in doc["decisions"])
-    assert doc["diff"]["same"] == doc["diff"]["recorded"]
+    raw = out.read_bytes()
+    assert b'"req_done_total"' in raw and b'"tree_threads"' in raw
+    assert not any(f'"{old}"'.encode() in raw for old in RENAMED)

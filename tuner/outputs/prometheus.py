@@ -31,8 +31,10 @@ rules in ``docs/conventions.md`` were chosen so that they map one to one):
 Left out of ``/metrics`` (they stay in the trace): CPU ratios in cores' worth (``tree_cpu_ratio``,
 ``self_cpu_ratio``, per-process ``cpu_ratio``: a gauge above 1 — their ``*_cpu_seconds_total`` counters
 stand in, ``rate()`` gives cores); the windowed percentiles ``req_*_p50_*``/``req_*_p95_*`` (quantiles
-cannot be added across replicas: the histograms stand in) and the windowed rates
-``req_tokens_per_second``/``req_requests_per_second`` (``rate()`` of the histograms' ``_sum``/``_count``).
+cannot be added across replicas: the histograms stand in; ``engine_*_p50_seconds`` likewise, the engine's
+own histograms are on its own ``/metrics``) and the windowed rates ``req_tokens_per_second``/
+``req_requests_per_second`` (``rate()`` of the histograms' ``_sum``/``_count``) and any ``<x>_per_second``
+whose counter ``<x>_total`` is in the tick (``engine_generation_tokens_per_second``).
 Kept although windowed: the means ``req_seq_rep_4_ratio``, ``req_rep_32_ratio``, ``req_loop_ratio``,
 ``req_distinct_2_ratio`` and ``req_batch_occupancy_ratio`` — the quality signals the policies steer by,
 with no per-request counter to stand in for them (a mean over the last ``window_s``; averaging them
@@ -316,6 +318,7 @@ class TunerCollector:
 
         plain: dict[str, float] = {}
         by_label: dict[str, list[tuple[str, float]]] = {}
+        names = {split_key(k)[0] for k in snap.values}
         for key, raw in snap.values.items():
             v = _finite(raw)
             if v is None:
@@ -323,6 +326,8 @@ class TunerCollector:
             name, dev = split_key(key)
             if name in LEFT_OUT or _QUANTILE.search(name):
                 continue
+            if name.endswith("_per_second") and name.removesuffix("_per_second") + "_total" in names:
+                continue  # a windowed rate of a counter that is exported: rate() of the counter instead
             if name in CONVERTED:
                 name, factor = CONVERTED[name]
                 v *= factor
