@@ -329,9 +329,9 @@ def test_columns_with_changing_key_layouts(tmp_path: Path) -> None:
 def test_numpy_values_and_int_pids_are_written_as_plain_json(tmp_path: Path) -> None:
     p = tmp_path / "t.jsonl"
     with TraceWriter(p, header()) as w:
-        w.tick(0.0, {"a_bytes": np.float64(3.5), "n_count": np.int64(4)}, {99: {"rss_bytes": np.int64(7)}})
+        w.tick(0.0, {"a_bytes": np.float64(3.5), "n_items": np.int64(4)}, {99: {"rss_bytes": np.int64(7)}})
     rec = json.loads(p.read_bytes().splitlines()[1])
-    assert rec == {"k": "tick", "t": 0.0, "m": {"a_bytes": 3.5, "n_count": 4}, "p": {"99": {"rss_bytes": 7}}}
+    assert rec == {"k": "tick", "t": 0.0, "m": {"a_bytes": 3.5, "n_items": 4}, "p": {"99": {"rss_bytes": 7}}}
 
 
 # -- privacy -----------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def read_both(path: Path, skip_bad: bool = False) -> tuple[TraceData | str, list
 
 # -- writing a trace from a random script -----------------------------------------------------------------
 
-KEYS = ["a_bytes", "b_ratio", "c_count", "d_seconds", "sys_core_cpu_ratio/0", "e_watts"]
+KEYS = ["a_bytes", "b_ratio", "c_items", "d_seconds", "sys_core_cpu_ratio/0", "e_watts"]
 
 plain_value = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -314,7 +314,7 @@ def test_plain_ticks_are_read_from_the_companion(
 def write_ticks(path: Path, n: int) -> TraceWriter:
     w = TraceWriter(path, header())
     for i in range(n):
-        w.tick(i * 0.1, {"a_bytes": float(i), "b_count": i, "c_ratio": None if i % 3 else 0.5}, {9: {"rss_bytes": i}})
+        w.tick(i * 0.1, {"a_bytes": float(i), "b_items": i, "c_ratio": None if i % 3 else 0.5}, {9: {"rss_bytes": i}})
         if i % 7 == 0:
             w.event(Event(i * 0.1, "request", {"ttft_s": 0.01 * i}))
         w.flush()
@@ -342,7 +342,7 @@ def test_companion_is_private_and_named_after_the_trace(tmp_path: Path) -> None:
     assert stat.S_IMODE(cols.parent.stat().st_mode) == 0o700
     d, taken = read_both(path)
     assert isinstance(d, TraceData) and sum(taken) == 50
-    assert d.column("b_count").tolist() == [float(i) for i in range(50)]
+    assert d.column("b_items").tolist() == [float(i) for i in range(50)]
     assert d.procs[49] == (pytest.approx(4.9), {"9": {"rss_bytes": 49}})
 
 
@@ -462,7 +462,7 @@ tuner.trace.columns._COLS_BLOCK_BYTES = 2000
 w = t.TraceWriter(sys.argv[1], t.make_header(probes={}, interval_s=0.01))
 i = 0
 while True:
-    w.tick(i * 0.01, {"a_bytes": float(i), "b_count": i, "c_ratio": 0.25}, {5: {"rss_bytes": i}})
+    w.tick(i * 0.01, {"a_bytes": float(i), "b_items": i, "c_ratio": 0.25}, {5: {"rss_bytes": i}})
     w.flush()
     i += 1
     if i == 300:
@@ -482,7 +482,7 @@ def test_writer_killed_mid_block(tmp_path: Path) -> None:
         proc.wait()
     d, taken = read_both(path)
     assert isinstance(d, TraceData) and taken and len(d.times) >= 300
-    assert d.column("b_count").tolist() == [float(i) for i in range(len(d.times))]
+    assert d.column("b_items").tolist() == [float(i) for i in range(len(d.times))]
 
 
 def test_old_trace_without_companion_reads_as_before() -> None:
