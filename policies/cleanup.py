@@ -207,7 +207,7 @@ class CleanupPolicy(Policy):
             return
         if applied.outcome == "dry-run":
             self._done(applied.t, None)
-        elif applied.outcome in ("applied", "clamped"):
+        elif applied.outcome in ("sent", "applied", "clamped"):  # sent: the result comes back later
             self.waiting = True
             self.last_at = applied.t
         elif applied.outcome == "failed":  # not sent (no client): try again after the interval, no back-off

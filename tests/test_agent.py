@@ -213,7 +213,7 @@ def test_command_results_reach_the_policy_and_are_recorded() -> None:
 
     class Fixed:
         def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict]:
-            return "applied", {"command_id": "abc"}
+            return "sent", {"command_id": "abc"}
 
     notes = Notes()
     agent = Agent([Asker()], Arbiter(), Fixed(), notes)
@@ -224,38 +224,72 @@ def test_command_results_reach_the_policy_and_are_recorded() -> None:
         Tick(0.3, {}, [Event(0.3, "command_result", {"id": "abc", "cmd": "cleanup", "ok": True, "result": res})])
     )
     assert seen == [(True, res)]
-    assert [(a.outcome, a.result.get("reclaimed_bytes")) for a in notes.actions] == [("applied", None), ("done", 12345)]
+    assert [(a.outcome, a.result.get("reclaimed_bytes")) for a in notes.actions] == [("sent", None), ("done", 12345)]
 
 
 def test_channel_actuator_reaches_a_real_client(tmp_path: Any) -> None:
+    """Nothing is recorded as applied that could not take effect: with no client a knob or a command fails
+    (and the knob is not kept for later); a knob that reached the client is applied (it shows in c.knobs);
+    a command is sent (its effect comes back later as done or refused)."""
     from tuner import client
+    from tuner.core.actuator import NO_CLIENT_COMMAND, NO_CLIENT_KNOBS
     from tuner.link.channel import ChannelServer
 
     server = ChannelServer(str(tmp_path))
     server.start()
+    act = ChannelActuator(server)
+    assert act.apply(Action("p", "cleanup", ["gc"], "r"), Knobs()) == ("failed", {"error": NO_CLIENT_COMMAND})
+    assert act.apply(Action("p", "batch_size", 2, "r"), Knobs(batch_size=2)) == ("failed", {"error": NO_CLIENT_KNOBS})
     c = client.connect(server.path)
     try:
-        act = ChannelActuator(server)
-        if not server.clients():
-            assert act.apply(Action("p", "cleanup", ["gc"], "r"), Knobs()) == (
-                "failed",
-                {"error": "no client connected to run the command"},
-            )
         with c.request(prompt_tokens=1) as r:  # the client connects lazily on its first report
             r.token(1)
         deadline = time.monotonic() + 5
         while not server.clients() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert act.apply(Action("p", "batch_size", 4, "r"), Knobs(temperature=0.5, batch_size=4)) == ("applied", {})
+        assert c.knobs.batch_size is None  # the failed 2 was not kept and given on connect
+        got = act.apply(Action("p", "batch_size", 4, "r"), Knobs(temperature=0.5, batch_size=4))
+        assert got == ("applied", {"clients": 1})
         while c.knobs.batch_size != 4 and time.monotonic() < deadline:
             c.poll()
             time.sleep(0.02)
         assert c.knobs.batch_size == 4 and c.knobs.temperature == 0.5
         outcome, res = act.apply(Action("p", "cleanup", ["gc"], "r"), Knobs())
-        assert outcome == "applied" and res["command_id"]
+        assert outcome == "sent" and res["command_id"]
     finally:
         c.close()
         server.close()
+
+
+def test_the_same_failure_again_is_recorded_once() -> None:
+    """A policy retrying while no client is connected: the first failure is in the trace, the repeats are
+    not (the policy still hears each); a success in between starts afresh."""
+    from tuner.core.arbiter import Arbiter
+
+    class Starter(Policy):
+        name = "starter"
+        knobs = ("batch_size",)
+        interval_s = 0.1
+
+        def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+            return [self.act("batch_size", 8, "starting batch size")] if knobs.batch_size is None else []
+
+    class NoClientYet:
+        connected = False
+
+        def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict]:
+            return ("applied", {"clients": 1}) if self.connected else ("failed", {"error": "no client"})
+
+    notes = Notes()
+    act = NoClientYet()
+    agent = Agent([Starter()], Arbiter(cooldown_s={"batch_size": 10.0}), act, notes)
+    for i in range(5):
+        agent.step(Tick(0.1 * (i + 1), {}))
+    act.connected = True
+    agent.step(Tick(0.6, {}))
+    # a failed change starts no cooldown: the retry at 0.6 s is carried out, not rejected for 10 s
+    assert [(a.t, a.outcome) for a in notes.actions] == [(0.1, "failed"), (0.6, "applied")]
+    assert agent.knobs.batch_size == 8
 
 
 def test_observe_only_never_actuates() -> None:

@@ -182,23 +182,37 @@ def test_knobs_reach_the_child_and_tag_its_requests(server: ChannelServer) -> No
     assert req.data["tokens"] == 2
 
 
-def test_knobs_set_before_the_client_connects_are_sent_on_connect(server: ChannelServer) -> None:
-    server.broadcast_knobs(Knobs(batch_size=3))
-    p = child(
-        """
-        import time
+def test_knobs_reach_connected_clients_and_later_ones_only_once_taken(server: ChannelServer) -> None:
+    """Knobs no client took are not kept (the actuator records that as failed, so a client connecting later
+    must not get them); once a client took them, clients connecting later get them too."""
+    assert server.broadcast_knobs(Knobs(batch_size=2)) == 0  # nobody connected: dropped
+    watcher = """
+        import sys, time
         from tuner import client
         c = client.connect()
+        print("up", flush=True)
+        seen = []
         deadline = time.monotonic() + 10
-        while c.knobs.batch_size is None and time.monotonic() < deadline:
+        while c.knobs.batch_size != 3 and time.monotonic() < deadline:
+            if c.knobs.batch_size is not None and c.knobs.batch_size not in seen:
+                seen.append(c.knobs.batch_size)
             time.sleep(0.01)
-        print(c.knobs.batch_size)
-        """,
-        server.path,
-    )
-    out, err = p.communicate(timeout=20)
-    assert p.returncode == 0, err
-    assert out.strip() == "3"
+        print(seen + [c.knobs.batch_size])
+        """
+    first = child(watcher, server.path)
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "up"
+        wait_for(lambda: server.clients())
+        assert server.broadcast_knobs(Knobs(batch_size=3)) == 1
+        out, err = first.communicate(timeout=20)
+        assert first.returncode == 0, err
+        assert out.strip() == "[3]"  # never the dropped 2
+    finally:
+        first.kill()
+    later = child(watcher, server.path)
+    out, err = later.communicate(timeout=20)
+    assert later.returncode == 0, err
+    assert out.splitlines()[-1] == "[3]"  # given on connect
 
 
 COMMANDS = """
@@ -214,7 +228,7 @@ def precision(p):
 c.on_precision(precision)
 print("ready", flush=True)
 for line in sys.stdin:   # the test says when to poll: commands run on this (the inference) thread
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + (1 if line.strip() == "poll" else 5)
     while time.monotonic() < deadline:
         c.poll()
         time.sleep(0.01)
@@ -252,6 +266,14 @@ def test_cleanup_and_precision_commands_round_trip(server: ChannelServer) -> Non
     by_id = {e.data["id"]: e.data for e in results}
     assert by_id[ok_id]["ok"] is True and by_id[ok_id]["result"] == {"before": "fp32", "after": "bf16"}
     assert by_id[bad_id]["ok"] is False and by_id[bad_id]["error"] == "int8 needs bitsandbytes here"
+    # a cleanup none of whose steps could run freed nothing on purpose: refused (not ok), with the reasons
+    none_id = server.send_command("cleanup", {"steps": ["empty_cache"]})
+    p.stdin.write("poll\n")
+    p.stdin.flush()
+    p.stdout.readline()
+    results = wait_for(lambda: (r := col.of("command_result")) and len(r) == 4 and r)
+    (none,) = [e.data for e in results if e.data["id"] == none_id]
+    assert none["ok"] is False and none["error"] == "no cleanup step could run (empty_cache: torch is not loaded)"
     p.stdin.close()
     p.wait(timeout=10)
     assert p.returncode == 0
@@ -664,7 +686,8 @@ def test_default_cleanup_without_the_integrations_module(monkeypatch: pytest.Mon
     cache = {1: 2}
     out = default_cleanup(["caches", "gc", "malloc_trim"], [cache])
     assert cache == {}
-    assert [s["step"] for s in out["steps"]] == ["caches", "gc"]  # what it cannot do it does not claim
+    assert [s["step"] for s in out["steps"]] == ["caches", "gc", "malloc_trim"]
+    assert "skipped" not in out["steps"][1] and "could not be imported" in out["steps"][2]["skipped"]  # not claimed
 
 
 def test_default_cleanup_uses_the_integrations_module() -> None:

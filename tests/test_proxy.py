@@ -28,8 +28,17 @@ from starlette.routing import Route
 
 from tests.cli import assert_one_line_error, tuner, tuner_popen
 from tests.test_demo_serve import MODEL, PROMPT, DemoServer, line_queue
-from tuner.proxy.server import FairLimiter, Proxy, ProxyChannel, ProxyConfig, _Measure, parse_listen, word_ids
-from tuner.records import Knobs
+from tuner.core.actuator import ChannelActuator, CommandRefused
+from tuner.proxy.server import (
+    FairLimiter,
+    Proxy,
+    ProxyChannel,
+    ProxyConfig,
+    _Measure,
+    parse_listen,
+    word_ids,
+)
+from tuner.records import Action, Knobs
 from tuner.trace import read_trace
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -277,14 +286,15 @@ def test_concurrency_limit_holds_under_50_streaming_clients(tmp_path: Path) -> N
 
 
 def test_a_policy_drives_the_concurrency_limit(tmp_path: Path) -> None:
-    """--policy through the real CLI: the agent's batch-size decision (start 3, bounds 3..3) reaches the
-    proxy's limiter through the same actuator a socket client gets its knobs from."""
+    """--policy through the real CLI: the agent's batch-size decision reaches the proxy's limiter through the
+    same actuator a socket client gets its knobs from.  The policy starts at 8, but the proxy runs with
+    --max-concurrency 3: the session narrows the bounds, so the action records 3 (clamped), the limit in force."""
     policy = tmp_path / "b3.toml"
-    policy.write_text("[batch_size]\nmin = 3\nmax = 3\nstart = 3\n")
+    policy.write_text("[batch_size]\nmin = 3\nmax = 8\nstart = 8\n")
     f = Fake(chunks=5, delay=0.05)
     up = AppServer(f.app)
     trace = tmp_path / "pol.jsonl"
-    p = ProxyProcess(up.url, trace, "--policy", str(policy))
+    p = ProxyProcess(up.url, trace, "--policy", str(policy), "--max-concurrency", "3")
     try:
         deadline = time.monotonic() + 10
         while '"k":"action"' not in trace.read_text() and time.monotonic() < deadline:
@@ -307,7 +317,7 @@ def test_a_policy_drives_the_concurrency_limit(tmp_path: Path) -> None:
     assert texts == ["w0 w1 w2 w3 w4 "] * 12 and f.max_active == 3
     td = read_trace(trace)
     (act,) = [a for a in td.actions if a["knob"] == "batch_size"]
-    assert act["value"] == 3 and act["outcome"] == "applied"
+    assert act["value"] == 3 and act["outcome"] == "clamped" and act["result"]["clients"] == 1
     assert {e.data["batch_size"] for e in td.events if e.kind == "request"} <= {1, 2, 3}
     assert [v for v in td.column("knob_batch_size") if v == v and v is not None][-1] == 3
     cp = tuner("replay", str(trace))  # the offline tools take the proxy's trace as any other
@@ -393,6 +403,60 @@ def test_temperature_knob_reaches_the_upstream_request(fake: tuple[Fake, AppServ
     assert rows == []  # drained above; the channel is empty once read
 
 
+def test_an_agent_on_the_proxy_records_the_values_requests_get(fake: tuple[Fake, AppServer]) -> None:
+    """A policy asks for temperature 1.8 and batch 32 behind a proxy started with --temperature-bounds 0-1.2
+    and --max-concurrency 6: with the bounds narrowed to the proxy's (as ``tuner proxy`` does), the arbiter
+    clamps and the actions record 1.2 and 6 — the temperature the upstream gets and the limit in force —
+    instead of 'applied' values the proxy would never use."""
+    from tuner.core.agent import Agent
+    from tuner.core.arbiter import Arbiter, narrow_bounds
+    from tuner.core.window import Window
+    from tuner.policies.base import Bounds, Policy
+
+    class Greedy(Policy):
+        name = "greedy"
+        knobs = ("temperature", "batch_size")
+        interval_s = 0.1
+
+        def decide(self, window: Window, knobs: Knobs) -> list[Action]:
+            return [] if knobs.temperature is not None else [
+                self.act("temperature", 1.8, "hotter"), self.act("batch_size", 32, "wider")]
+
+    class Notes:
+        def __init__(self) -> None:
+            self.actions: list[Any] = []
+
+        def action(self, a: Any) -> None:
+            self.actions.append(a)
+
+        def note(self, *a: Any, **k: Any) -> None:
+            pass
+
+    class Tk:
+        def __init__(self, t: float) -> None:
+            self.t, self.values, self.events = t, {}, []
+
+    f, up = fake
+    ip = InProcess(up.url, temperature_bounds=(0.0, 1.2), max_concurrency=6)
+    policy_bounds = {"temperature": Bounds(0.1, 2.0), "batch_size": Bounds(1, 64)}
+    narrowed = narrow_bounds(policy_bounds, temperature=(0.0, 1.2), batch_max=6)
+    assert narrowed["temperature"] == Bounds(0.1, 1.2) and narrowed["batch_size"] == Bounds(1, 6)
+    notes = Notes()
+    agent = Agent([Greedy()], Arbiter(bounds=narrowed), ChannelActuator(ip.channel), notes)
+    c = openai.OpenAI(base_url=ip.url, api_key="k")
+    try:
+        agent.step(Tk(0.1))  # type: ignore[arg-type]
+        got = {a.action.knob: (a.action.value, a.outcome) for a in notes.actions}
+        assert got == {"temperature": (1.2, "clamped"), "batch_size": (6, "clamped")}
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])  # type: ignore[arg-type]
+        assert f.bodies[-1]["temperature"] == 1.2 and ip.proxy.effective_limit() == 6
+    finally:
+        ip.close()
+    # a policy range the proxy cannot serve at all: nothing to set, rejected rather than 'applied'
+    assert Arbiter(bounds=narrow_bounds(policy_bounds, temperature=(0.0, 0.05))).resolve(
+        0.0, [Action("greedy", "temperature", 0.5, "r")], Knobs())[0].outcome == "rejected"
+
+
 def test_batch_size_knob_lowers_the_concurrency_limit() -> None:
     f = Fake(chunks=5, delay=0.02)
     up = AppServer(f.app)
@@ -442,16 +506,20 @@ def test_cleanup_command_calls_the_admin_urls_and_precision_is_refused(fake: tup
         assert res["id"] == cid and res["ok"] is True and res["cmd"] == "cleanup"
         assert [(c["method"], c["status"]) for c in res["result"]["calls"]] == [("POST", 201), ("GET", 201)]
         assert ("POST", "/reset_prefix_cache?", b"") in f.calls
-        pid = ip.channel.send_command("precision", {"precision": "int8"})
-        (res,) = [m for _, m in ip.channel.drain() if m["type"] == "command_result"]
-        assert res["id"] == pid and res["ok"] is False and "precision" in res["error"]
+        # what the proxy cannot do is refused at once: the actuator records failed, never sent-then-refused
+        with pytest.raises(CommandRefused, match="precision"):
+            ip.channel.send_command("precision", {"precision": "int8"})
+        assert ChannelActuator(ip.channel).apply(Action("p", "precision", "int8", "r"), Knobs()) == (
+            "failed", {"error": "the proxy cannot change the server's precision (no such call in the OpenAI API)"})
+        assert not [m for _, m in ip.channel.drain() if m["type"] == "command_result"]
     finally:
         ip.close()
     off = ProxyChannel()
     try:
-        off.send_command("cleanup", {})
-        (res,) = [m for _, m in off.drain() if m["type"] == "command_result"]
-        assert res["ok"] is False and "--cleanup-url" in res["error"]  # off by default
+        with pytest.raises(CommandRefused, match="--cleanup-url"):  # off by default
+            off.send_command("cleanup", {})
+        outcome, res = ChannelActuator(off).apply(Action("p", "cleanup", ["caches"], "r"), Knobs())
+        assert outcome == "failed" and "--cleanup-url" in res["error"]
     finally:
         off.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,8 @@ HERE = Path(__file__).parent / "replay"
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_decisions_match_the_expected_file(name: str) -> None:
     policy = SCENARIOS[name][0]
-    decisions, notes = replay(load(str(HERE / f"{name}.jsonl")), load_policy(policy))
+    result = replay(load(str(HERE / f"{name}.jsonl")), load_policy(policy))
+    decisions, notes = result.decisions, result.notes
     want = json.loads((HERE / f"{name}.expected.json").read_text())
     got = [decision_row(a) for a in decisions]
     assert got == want, "decisions changed: if intended, run `python -m tests.replay.generate --expected`"
@@ -114,9 +116,132 @@ def test_replay_of_a_live_demo_run_makes_the_live_decisions(tmp_path: Path) -> N
     )
     assert cp.returncode == 0, cp.stderr
     live = read_trace(trace)
-    carried = [a for a in live.actions if a["outcome"] in ("applied", "clamped")]
+    carried = [a for a in live.actions if a["outcome"] in ("applied", "clamped", "sent")]
     assert carried, "the live run took no decision"
     assert "knob_batch_size" in live.columns and not all(v != v for v in live.column("knob_batch_size"))
     doc = json.loads(tuner("replay", str(trace), "--json").stdout)
     assert doc["diff"]["recorded"] == len(carried)
     assert doc["diff"]["same"] == doc["diff"]["recorded"] == doc["diff"]["replayed"], doc["diff"]
+    assert doc["diverged_at"] is None, doc["open_loop"]  # same decisions at the same ticks, same knob columns
+
+
+# -- where a counterfactual trace stops being the policy's (open loop) -----------------------------------
+
+
+def rewrite(src: Path, dst: Path, fn: Any) -> Path:
+    """``src`` with every record passed through ``fn`` (which edits it in place)."""
+    lines = []
+    for line in src.read_text().splitlines():
+        r = json.loads(line)
+        fn(r)
+        lines.append(json.dumps(r))
+    dst.write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def test_a_replay_that_differs_at_a_known_tick_is_marked_there_everywhere(tmp_path: Path) -> None:
+    """The recording carried out batch 12 at t=12.5 where the edge policy decides 16: the counterfactual
+    trace's metrics after 12.5 s are not what the policy would have caused, and every output says so."""
+
+    def edit(r: dict[str, Any]) -> None:
+        if r["k"] == "action" and r["t"] == 12.5 and r["knob"] == "batch_size":
+            r["value"] = 12
+
+    rec = rewrite(HERE / "edge_oom.jsonl", tmp_path / "rec.jsonl", edit)
+    cf = tmp_path / "cf.jsonl"
+    cp = tuner("replay", str(rec), "--out", str(cf))
+    assert cp.returncode == 0, cp.stderr
+    assert "diverges at t=12.50 s: the replay carries out batch_size=16; the recording carried out batch_size=12" in (
+        cp.stdout
+    )
+    assert "metrics after t=12.50 s are the recording's, not what this policy would have caused" in cp.stdout
+    doc = json.loads(tuner("replay", str(rec), "--json").stdout)
+    assert doc["diverged_at"] == 12.5 and doc["diff"]["diverged_at"] == 12.5
+    d = read_trace(cf)
+    assert d.header["replay_diverged_at"] == 12.5 and "batch_size=12" in d.header["replay_diverged_why"]
+    (mark,) = [n for n in d.notes if (n.get("data") or {}).get("replay_diverged")]
+    assert mark["t"] == 12.5 and mark["level"] == "warn" and "not what this policy would have caused" in mark["msg"]
+    # the report, its JSON and its HTML page
+    rep = tuner("report", str(cf))
+    assert rep.returncode == 0, rep.stderr
+    assert "replay    a replay of" in rep.stdout
+    assert "metrics after t=12.50 s are the recording's, not what this policy would have caused" in rep.stdout
+    js = json.loads(tuner("report", str(cf), "--json").stdout)
+    assert js["replay"]["diverged_at"] == 12.5 and js["replay"]["policy"] == "edge"
+    html = tmp_path / "cf.html"
+    assert tuner("report", str(cf), "--html", str(html)).returncode == 0
+    page = html.read_text()
+    assert "id='replay-mark'" in page and "metrics after t=12.50 s are the recording&#x27;s" in page
+    # compare: the recording against its counterfactual
+    cmp_ = tuner("compare", str(rec), str(cf))
+    assert cmp_.returncode == 0, cmp_.stderr
+    assert "B is a replay of" in cmp_.stdout and "metrics after t=12.50 s" in cmp_.stdout
+    cj = json.loads(tuner("compare", "--json", str(rec), str(cf)).stdout)
+    assert cj["a_replay"] is None and cj["b_replay"]["diverged_at"] == 12.5
+    chtml = tmp_path / "cmp.html"
+    assert tuner("compare", str(rec), str(cf), "--html", str(chtml)).returncode == 0
+    assert "id='replay-mark-b'" in chtml.read_text() and "id='replay-mark-a'" not in chtml.read_text()
+
+
+def test_a_replay_that_never_differs_says_so(tmp_path: Path) -> None:
+    cf = tmp_path / "cf.jsonl"
+    cp = tuner("replay", str(HERE / "edge_oom.jsonl"), "--out", str(cf))
+    assert cp.returncode == 0, cp.stderr
+    assert "diverges: never" in cp.stdout and "its metrics are what this policy caused" in cp.stdout
+    d = read_trace(cf)
+    assert d.header["replay_diverged_at"] is None
+    assert not [n for n in d.notes if (n.get("data") or {}).get("replay_diverged")]
+    rep = tuner("report", str(cf)).stdout
+    assert "its decisions are the recording's throughout, so its metrics are what this policy caused" in rep
+    assert "not what this policy would have caused" not in rep
+    assert json.loads(tuner("report", str(cf), "--json").stdout)["replay"]["diverged_at"] is None
+    assert json.loads(tuner("report", str(HERE / "edge_oom.jsonl"), "--json").stdout)["replay"] is None
+
+
+def test_a_knob_the_recording_did_not_run_with_diverges_there(tmp_path: Path) -> None:
+    """The same decisions, but the recorded precision stayed 32 bits from 8 s (as when the inference side
+    refuses the change): the replay's fp16 is not what ran, so its metrics stop counting there."""
+
+    def edit(r: dict[str, Any]) -> None:
+        if r["k"] == "tick" and r["t"] >= 8.0:
+            r["m"]["knob_precision_bits"] = 32
+
+    rec = rewrite(HERE / "edge_oom.jsonl", tmp_path / "rec.jsonl", edit)
+    doc = json.loads(tuner("replay", str(rec), "--json").stdout)
+    assert doc["diff"]["same"] == doc["diff"]["recorded"]  # the decisions themselves are the same
+    assert doc["diverged_at"] == 8.0
+    assert "knob_precision_bits was 32 in the recording, 16 in the replay" in doc["open_loop"]
+
+
+def test_an_observe_only_recording_diverges_at_the_first_decision(tmp_path: Path) -> None:
+    """Nothing a recording made with --observe-only decided reached the process: replayed with the same
+    policy, the decisions are the same but the metrics stop being the policy's at its first one."""
+
+    def edit(r: dict[str, Any]) -> None:
+        if r["k"] == "header":
+            r["observe_only"] = True
+
+    rec = rewrite(HERE / "edge_oom.jsonl", tmp_path / "rec.jsonl", edit)
+    doc = json.loads(tuner("replay", str(rec), "--json").stdout)
+    first = min(d["t"] for d in doc["decisions"] if d["outcome"] == "dry-run")
+    assert doc["diverged_at"] == first == 0.25
+    assert "the recording changed nothing" in doc["open_loop"]
+
+
+def test_no_client_in_the_recording_fails_in_the_replay_as_it_did_live(tmp_path: Path) -> None:
+    """Where the recorded channel had no client (chan_clients 0) the live actuator could set nothing: the
+    replay's decisions there fail the same way instead of pretending to be carried out."""
+
+    def edit(r: dict[str, Any]) -> None:
+        if r["k"] == "tick":
+            r["m"]["chan_clients"] = 0 if r["t"] < 2.0 else 1
+        if r["k"] == "action" and r["t"] == 0.25:
+            r["outcome"], r["result"] = "failed", {"error": "the knobs reached no client"}
+
+    rec = rewrite(HERE / "edge_oom.jsonl", tmp_path / "rec.jsonl", edit)
+    doc = json.loads(tuner("replay", str(rec), "--json").stdout)
+    early = [d for d in doc["decisions"] if d["t"] < 2.0 and d["outcome"] != "rejected"]
+    assert early and all(d["outcome"] == "failed" for d in early)
+    assert "reached no client" in json.dumps(early)
+    later = [d for d in doc["decisions"] if d["t"] >= 2.0 and d["knob"] == "batch_size"]
+    assert later[0]["outcome"] == "dry-run" and later[0]["value"] == 8  # set once a client is there

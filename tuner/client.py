@@ -443,7 +443,7 @@ class Client:
                 if cmd == "precision":
                     result, error = self._do_precision(args)
                 elif cmd == "cleanup":
-                    result = self._do_cleanup(args)
+                    result, error = self._do_cleanup(args)
                 else:
                     error = f"unknown command {cmd!r}"
                 ok = error is None
@@ -473,13 +473,21 @@ class Client:
         self.knobs = _replace_knobs(self.knobs, precision=precision)
         return (result if isinstance(result, dict) else {}), None
 
-    def _do_cleanup(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _do_cleanup(self, args: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """The cleanup's result, and an error when no step could run (every one skipped: nothing was freed
+        on purpose, so the sidecar records ``refused``, not ``done``)."""
         raw = args.get("steps")
         steps = [str(s) for s in raw] if isinstance(raw, list) else ["caches", "gc", "empty_cache", "malloc_trim"]
         if self._cleanup_fn is not None:
             out = self._cleanup_fn(steps)
-            return out if isinstance(out, dict) else {}
-        return default_cleanup(steps, self._caches)
+            result = out if isinstance(out, dict) else {}
+        else:
+            result = default_cleanup(steps, self._caches)
+        done = result.get("steps")
+        if isinstance(done, list) and done and all(isinstance(d, dict) and d.get("skipped") for d in done):
+            why = "; ".join(f"{d.get('step')}: {d.get('skipped')}" for d in done)
+            return result, f"no cleanup step could run ({why})"
+        return result, None
 
     def _report_torch_memory(self) -> None:
         try:
@@ -854,6 +862,8 @@ def default_cleanup(steps: Sequence[str], caches: Sequence[object]) -> dict[str,
         elif step == "gc":
             gc.collect()
         else:
+            done.append({"step": step, "reclaimed_bytes": None, "seconds": 0.0,
+                         "skipped": "needs tuner.integrations.cleanup, which could not be imported"})
             continue
         done.append({"step": step, "reclaimed_bytes": None, "seconds": _monotonic() - t})
     return {"steps": done, "reclaimed_bytes": None, "rss_before_bytes": None, "rss_after_bytes": None}

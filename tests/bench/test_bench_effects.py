@@ -344,9 +344,9 @@ def rss_figures(run: Run) -> Rss:
 
 
 def cleanups(run: Run) -> list[dict[str, Any]]:
-    """Cleanup commands the policy sent (proposals that were applied), with their results joined."""
+    """Cleanup commands the policy sent (outcome ``sent``; ``applied`` in traces before it), results joined."""
     acts = run.actions("cleanup")
-    sent = [a for a in acts if a.get("outcome") in ("applied", "clamped")]
+    sent = [a for a in acts if a.get("outcome") in ("sent", "applied", "clamped")]
     done = [a for a in acts if a.get("outcome") in ("done", "refused")]
     for i, a in enumerate(sent):
         a["reclaimed"] = (done[i].get("result") or {}).get("reclaimed_bytes") if i < len(done) else None

@@ -75,7 +75,7 @@ def expected(name: str) -> list[dict[str, Any]]:
     from tuner.commands.replay import load, replay
 
     policy = SCENARIOS[name][0]
-    decisions, _ = replay(load(str(HERE / f"{name}.jsonl")), load_policy(policy))
+    decisions = replay(load(str(HERE / f"{name}.jsonl")), load_policy(policy)).decisions
     return [decision_row(a) for a in decisions]
 
 

@@ -142,6 +142,7 @@ def serve_proxy(
     """
     import uvicorn
 
+    from tuner.core.arbiter import narrow_bounds
     from tuner.core.session import Session
     from tuner.proxy.server import Proxy, ProxyChannel
 
@@ -165,6 +166,10 @@ def serve_proxy(
         sock.close()
         channel.close()
         raise
+    if session.agent is not None:  # the policy can only set what the proxy will use: clamp in the arbiter
+        arbiter = session.agent.arbiter
+        arbiter.bounds = narrow_bounds(arbiter.bounds, temperature=config.temperature_bounds,
+                                       batch_max=config.max_concurrency)
     proxy = Proxy(config, channel, log=session.log)
     server = _server_class()(
         uvicorn.Config(proxy.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,

@@ -5,6 +5,17 @@ clock (tick times), in the order they were recorded: each tick with the events r
 exactly what the live agent saw.  Nothing reaches a process.  The decisions are printed with how they
 differ from the actions recorded in the trace; ``--out`` writes a counterfactual trace (the recorded
 samples and events, the replayed actions and knob columns).  Same trace + same policy = same output.
+
+That trace is open loop: its metrics and requests are the recording's, which are what this policy would
+have caused only up to the first tick where the replay's decisions differ from what the recording carried
+out — ``divergence()``: a knob set (or a command sent) by one and not the other, or a knob column that
+differs (e.g. a precision change the inference side refused).  A recording made with ``--observe-only``
+(or with no channel to the process) changed nothing, so it diverges at the replay's first decision.  The
+point is marked in the printed diff, in the trace (header ``replay_diverged_at`` / ``replay_diverged_why``,
+and a ``warn`` note at that time) and from there in ``tuner report`` and ``tuner compare``.
+
+Where the live channel had no client (the recorded ``chan_clients`` is 0), the replay's actuator fails
+exactly as the live one did, so replaying a recording with its own policy makes its decisions.
 """
 
 from __future__ import annotations
@@ -18,11 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.core.actuator import NO_CLIENT_COMMAND, NO_CLIENT_KNOBS, DryRunActuator
 from tuner.errors import UserError
-from tuner.records import Applied, Event
+from tuner.records import Action, Applied, Event, Knobs
 from tuner.trace import TraceError, TraceWriter, iter_records
 
-CARRIED_OUT = ("applied", "clamped", "dry-run")
+CARRIED_OUT = ("applied", "clamped", "sent", "dry-run")
+"""Outcomes of a decision that was carried out (``sent``: a command; older traces say ``applied``)."""
+TOOK_EFFECT = ("applied", "clamped", "sent")
+"""Outcomes of a live recording whose change reached the process (``dry-run`` changed nothing)."""
 KNOB_COLUMNS = ("knob_temperature", "knob_repetition_penalty", "knob_batch_size", "knob_precision_bits")
 
 
@@ -53,6 +68,8 @@ class ReplayTick:
     events: list[Event]
     procs: dict[int, dict[str, Any]] = field(default_factory=dict)
     samples: list[Any] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    """The recorded actions written just before this tick (the live agent steps before the recorder)."""
 
 
 @dataclass
@@ -75,17 +92,20 @@ def load(path: str, *, skip_bad: bool = False) -> Recording:
     notes: list[dict[str, Any]] = []
     end: dict[str, Any] | None = None
     early: list[Event] = []
+    before: list[dict[str, Any]] = []
     try:
         for rec in it:
             k = rec["k"]
             if k == "tick":
                 m = rec.get("m")
-                ticks.append(ReplayTick(float(rec["t"]), dict(m) if isinstance(m, dict) else {}, []))
+                ticks.append(ReplayTick(float(rec["t"]), dict(m) if isinstance(m, dict) else {}, [], actions=before))
+                before = []
             elif k == "event":
                 e = Event(float(rec["t"]), str(rec.get("kind", "")), rec.get("data") or {})
                 (ticks[-1].events if ticks else early).append(e)
             elif k == "action":
                 actions.append(rec)
+                before.append(rec)
             elif k == "note":
                 notes.append(rec)
             elif k == "end":
@@ -98,48 +118,176 @@ def load(path: str, *, skip_bad: bool = False) -> Recording:
 
 
 class _Collector:
-    """A writer for the agent: keeps the actions and notes, optionally forwards to a TraceWriter."""
+    """A writer for the agent: keeps the actions and notes of the current tick, in order."""
 
-    def __init__(self, out: TraceWriter | None) -> None:
-        self.out = out
+    def __init__(self) -> None:
         self.notes: list[tuple[float, str, str]] = []
+        self.pending: list[Applied | tuple[float, str, str, dict[str, Any]]] = []
 
     def action(self, a: Applied) -> None:
-        if self.out is not None:
-            self.out.action(a)
+        self.pending.append(a)
 
     def note(self, t: float, msg: str, level: str = "info", **data: Any) -> None:
         self.notes.append((t, msg, level))
-        if self.out is not None:
-            self.out.note(t, msg, level, **data)
+        self.pending.append((t, msg, level, data))
 
 
-def replay(
-    rec: Recording, config: Any, out: TraceWriter | None = None
-) -> tuple[list[Applied], list[tuple[float, str, str]]]:
-    """Run the agent for ``config`` over ``rec`` with a dry-run actuator; returns (decisions, notes)."""
-    from tuner.core.actuator import DryRunActuator
+class ReplayActuator(DryRunActuator):
+    """A dry run that fails where the live ``ChannelActuator`` failed for want of a client: ``clients`` is the
+    recorded ``chan_clients`` of the tick being replayed (None when not recorded: no channel, nothing fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clients: float | None = None
+
+    def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict[str, Any]]:
+        if self.clients == 0:
+            command = action.knob in ("cleanup", "precision")
+            return "failed", {"error": NO_CLIENT_COMMAND if command else NO_CLIENT_KNOBS}
+        return super().apply(action, knobs)
+
+
+@dataclass
+class Replayed:
+    """What a replay decided, tick by tick, and where it stops being what the recording did."""
+
+    decisions: list[Applied]
+    notes: list[tuple[float, str, str]]
+    diverged_at: float | None
+    """The first tick time at which the replay's decisions differ from what the recording carried out;
+    None when they never do (the recording's metrics are then what this policy caused, to the end)."""
+    diverged_why: str | None
+    per_tick: list[tuple[list[Applied | tuple[float, str, str, dict[str, Any]]], dict[str, Any]]]
+    """Per recorded tick: the agent's records before it, and its knob columns (for ``--out``)."""
+
+
+def _value_key(v: Any) -> str:
+    return json.dumps(v, sort_keys=True)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) > 1e-9
+    return a != b
+
+
+def divergence(
+    tick: ReplayTick, replayed: list[Applied], knob_cols: dict[str, Any], *, live: bool
+) -> str | None:
+    """Why this tick's replayed decisions differ from the recording's (None when they agree).
+
+    ``live``: the recording's actions reached the process (not ``--observe-only``, a channel existed); an
+    observe-only recording changed nothing, so any decision the replay carries out differs."""
+    done = sorted(_key(a.action.knob, a.action.value) for a in replayed if a.outcome in CARRIED_OUT)
+    rec = sorted(_key(r.get("knob", ""), r.get("value")) for r in tick.actions if r.get("outcome") in TOOK_EFFECT)
+    if not live:
+        rec = []
+    if done != rec:
+        only_rep = [x for x in done if x not in rec]
+        only_rec = [x for x in rec if x not in done]
+        parts = []
+        if only_rep:
+            parts.append(f"the replay carries out {', '.join(only_rep)}")
+        if only_rec:
+            parts.append(f"the recording carried out {', '.join(only_rec)}")
+        if not live and not only_rec:
+            parts.append("the recording changed nothing (observe-only or no channel to the process)")
+        return "; ".join(parts)
+    if live and any(k in tick.values for k in KNOB_COLUMNS):
+        for k in KNOB_COLUMNS:
+            a, b = tick.values.get(k), knob_cols.get(k)
+            if _differs(a, b):
+                return f"{k} was {_value_key(a)} in the recording, {_value_key(b)} in the replay"
+    return None
+
+
+def replay(rec: Recording, config: Any) -> Replayed:
+    """Run the agent for ``config`` over ``rec`` with a dry-run actuator (one that fails where the live
+    one had no client); returns the decisions, the notes and the first tick where they differ."""
+    from tuner.core.arbiter import narrow_bounds
     from tuner.core.policy_config import build_agent
 
-    writer = _Collector(out)
-    agent = build_agent(config, DryRunActuator(), writer, observe_only=True)
+    writer = _Collector()
+    actuator = ReplayActuator()
+    live = not rec.header.get("observe_only")
+    agent = build_agent(config, actuator, writer, observe_only=True)
+    px = rec.header.get("proxy")
+    if isinstance(px, dict):  # the live proxy session narrowed the bounds to its limits: so does its replay
+        tb, cap = px.get("temperature_bounds"), px.get("max_concurrency")
+        agent.arbiter.bounds = narrow_bounds(
+            agent.arbiter.bounds,
+            temperature=tb if isinstance(tb, list) and len(tb) == 2 else None,
+            batch_max=cap if isinstance(cap, int) and not isinstance(cap, bool) else None,
+        )
     tk = ReplayTick(0.0, {}, [])  # one object, refilled: the agent keeps nothing of it
+    per_tick: list[tuple[list[Any], dict[str, Any]]] = []
+    diverged_at: float | None = None
+    why: str | None = None
     for tick in rec.ticks:
         values = dict(tick.values)  # a copy: the agent adds its own knob columns
         for k in KNOB_COLUMNS:
             values.pop(k, None)
         tk.t, tk.values, tk.events = tick.t, values, tick.events
+        clients = tick.values.get("chan_clients")
+        actuator.clients = float(clients) if live and isinstance(clients, (int, float)) else None
+        n = len(agent.applied)
         agent.step(tk)
-        if out is not None:
-            out.tick(tick.t, tk.values)
+        cols = {k: values[k] for k in KNOB_COLUMNS if k in values}
+        per_tick.append((writer.pending, cols))
+        writer.pending = []
+        if diverged_at is None:
+            why = divergence(tick, agent.applied[n:], cols, live=live)
+            if why is not None:
+                diverged_at = tick.t
+    return Replayed(agent.applied, writer.notes, diverged_at, why, per_tick)
+
+
+def open_loop_sentence(diverged_at: float | None, why: str | None) -> str:
+    """The one line every output shows about a counterfactual trace's metrics."""
+    if diverged_at is None:
+        return ("the replay's decisions are the recording's throughout (same knobs and commands at the same "
+                "ticks): its metrics are what this policy caused")
+    return (f"metrics after t={diverged_at:.2f} s are the recording's, not what this policy would have caused "
+            f"(first difference: {why})")
+
+
+def write_out(path: str, rec: Recording, result: Replayed, header: dict[str, Any]) -> None:
+    """The counterfactual trace: the recorded ticks and events with the replay's actions, notes and knob
+    columns, the divergence in the header and as a ``warn`` note at its tick."""
+    header = {
+        **header,
+        "replay_diverged_at": result.diverged_at,
+        "replay_diverged_why": result.diverged_why,
+        "replay_open_loop": open_loop_sentence(result.diverged_at, result.diverged_why),
+    }
+    try:
+        out = TraceWriter(path, header)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        for tick, (records, cols) in zip(rec.ticks, result.per_tick, strict=True):
+            for r in records:
+                if isinstance(r, Applied):
+                    out.action(r)
+                else:
+                    out.note(r[0], r[1], r[2], **r[3])
+            if result.diverged_at is not None and tick.t == result.diverged_at:
+                out.note(tick.t, f"replay diverges from the recording here: "
+                         f"{open_loop_sentence(result.diverged_at, result.diverged_why)}", "warn",
+                         replay_diverged=True)
+            values = dict(tick.values)
+            for k in KNOB_COLUMNS:
+                values.pop(k, None)
+            values.update(cols)
+            out.tick(tick.t, values)
             for e in tick.events:
                 out.event(e)
-    if out is not None:
         for n in rec.notes:
             out.write(n)
         if rec.end is not None:
             out.write(rec.end)
-    return agent.applied, writer.notes
+    finally:
+        out.close()
 
 
 def _key(knob: str, value: Any) -> str:
@@ -147,7 +295,7 @@ def _key(knob: str, value: Any) -> str:
 
 
 def diff(recorded: list[dict[str, Any]], replayed: list[Applied]) -> dict[str, Any]:
-    """Decisions carried out (applied / clamped / dry-run) compared in order, per knob and value."""
+    """Decisions carried out (applied / clamped / sent / dry-run) compared in order, per knob and value."""
     a = [_key(r.get("knob", ""), r.get("value")) for r in recorded if r.get("outcome") in CARRIED_OUT]
     b = [_key(x.action.knob, x.action.value) for x in replayed if x.outcome in CARRIED_OUT]
     sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
@@ -196,19 +344,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the trace's policy {policy!r} cannot be loaded here ({exc}); give --policy P") from None
     if not rec.ticks:
         raise UserError(f"{args.trace} has no ticks to replay")
-    out: TraceWriter | None = None
+    result = replay(rec, config)
+    decisions, notes = result.decisions, result.notes
     if args.out:
         header = {**rec.header, "policy": policy, "observe_only": True, "replay_of": str(args.trace)}
-        try:
-            out = TraceWriter(args.out, header)
-        except OSError as exc:
-            raise UserError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    try:
-        decisions, notes = replay(rec, config, out)
-    finally:
-        if out is not None:
-            out.close()
+        write_out(args.out, rec, result, header)
     d = diff(rec.actions, decisions)
+    d["diverged_at"] = result.diverged_at
+    d["diverged_why"] = result.diverged_why
     if args.json:
         doc = {
             "trace": str(args.trace),
@@ -224,11 +367,14 @@ def run(args: argparse.Namespace) -> int:
                     "outcome": a.outcome,
                     "reason": a.action.reason,
                     "evidence": dict(a.action.evidence),
+                    "result": dict(a.result),
                 }
                 for a in decisions
             ],
             "notes": [{"t": t, "msg": m, "level": lv} for t, m, lv in notes],
             "diff": d,
+            "diverged_at": result.diverged_at,
+            "open_loop": open_loop_sentence(result.diverged_at, result.diverged_why),
         }
         print(json.dumps(doc, sort_keys=True))
         return 0
@@ -247,6 +393,11 @@ def run(args: argparse.Namespace) -> int:
         rec_s = ", ".join(c["recorded"]) or "-"
         rep_s = ", ".join(c["replayed"]) or "-"
         print(f"  {c['op']}: recorded [{rec_s}] / replayed [{rep_s}]")
-    if out is not None:
+    if result.diverged_at is None:
+        print("diverges: never — " + open_loop_sentence(None, None))
+    else:
+        print(f"diverges at t={result.diverged_at:.2f} s: {result.diverged_why}; in a --out trace, "
+              + open_loop_sentence(result.diverged_at, result.diverged_why).split(" (first")[0])
+    if args.out:
         print(f"counterfactual trace written to {args.out}")
     return 0

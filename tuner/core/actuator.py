@@ -1,9 +1,23 @@
 """Actuators carry out the arbiter's decisions: over the client channel, or not at all (dry run).
 
-An actuator gets the action and the knobs *after* the change, and answers ``(outcome, result)``:
-``applied`` (sent), ``failed`` (e.g. no client connected to run a command) or ``dry-run``.  Commands
-(``precision``, ``cleanup``) return their ``command_id``; the inference side's ``command_result`` comes
-back later through the channel as an event, which the agent routes to the policy that asked.
+An actuator gets the action and the knobs *after* the change, and answers ``(outcome, result)``.  What
+each outcome means, so that nothing that could not take effect is ever recorded as ``applied``:
+
+- ``applied`` — a knob (temperature, repetition penalty, batch size) reached at least one connected client
+  (``result["clients"]``: how many); the client swaps it in on arrival and uses it from its next request or
+  batch.  The proxy is its own client: its knobs apply to every request from then on, within its limits
+  (``--temperature-bounds``, ``--max-concurrency``; the session narrows the policy bounds to those, so the
+  arbiter clamps first and the value recorded is the value used).
+- ``sent`` — a command (``precision``, ``cleanup``) is on its way to the connected clients, which run it
+  between batches (``c.poll()``); it has not taken effect yet.  Its ``command_id`` comes back later in a
+  ``command_result`` event, recorded as ``done`` or ``refused`` (the agent routes it to the policy).
+- ``failed`` — nothing happened: no client was connected, no client could take the message (its buffer
+  full), or the channel knows at once that the command cannot run here (``CommandRefused``: the proxy has
+  no way to change a server's precision, or no cleanup call configured); ``result["error"]`` says which.
+- ``dry-run`` — nothing was meant to happen (``--observe-only``, ``tuner replay``).
+
+Not checked here: whether the inference code *uses* a knob it was given (``c.knobs``).  Each request event
+records the temperature, batch size and precision it ran with, which is where that shows.
 """
 
 from __future__ import annotations
@@ -13,18 +27,26 @@ from typing import Any, Protocol
 from tuner.records import Action, Knobs
 
 
+class CommandRefused(Exception):
+    """Raised by a channel's ``send_command`` that knows at once the command cannot run; ``str()`` says why."""
+
+
 class Actuator(Protocol):
     def apply(self, action: Action, knobs: Knobs) -> tuple[str, dict[str, Any]]: ...
 
 
 class ChannelLike(Protocol):
-    def broadcast_knobs(self, knobs: Knobs) -> None: ...
+    def broadcast_knobs(self, knobs: Knobs) -> int: ...
     def send_command(self, cmd: str, args: dict[str, Any]) -> str | None: ...
 
 
+NO_CLIENT_KNOBS = "the knobs reached no client (none connected, or every client's send buffer was full)"
+NO_CLIENT_COMMAND = "no client connected to run the command"
+
+
 class ChannelActuator:
-    """Knobs are broadcast (every client, and clients that connect later, get them); precision and
-    cleanup are commands the client runs between batches (``c.poll()``)."""
+    """Knobs are broadcast to every connected client (and, once one took them, to clients that connect
+    later); precision and cleanup are commands the client runs between batches (``c.poll()``)."""
 
     def __init__(self, channel: ChannelLike) -> None:
         self.channel = channel
@@ -38,13 +60,19 @@ class ChannelActuator:
                 cid = self.channel.send_command("precision", {"precision": action.value})
             else:
                 # precision travels as a command, never as a knob the client would store unconfirmed
-                self.channel.broadcast_knobs(Knobs(knobs.temperature, knobs.repetition_penalty, knobs.batch_size, None))
-                return "applied", {}
+                n = self.channel.broadcast_knobs(
+                    Knobs(knobs.temperature, knobs.repetition_penalty, knobs.batch_size, None)
+                )
+                if not n:
+                    return "failed", {"error": NO_CLIENT_KNOBS}
+                return "applied", {"clients": n}
+        except CommandRefused as exc:
+            return "failed", {"error": str(exc)}
         except Exception as exc:  # a broken channel is an outcome, never a crash of the sampler thread
             return "failed", {"error": f"{type(exc).__name__}: {exc}"}
         if cid is None:
-            return "failed", {"error": "no client connected to run the command"}
-        return "applied", {"command_id": cid}
+            return "failed", {"error": NO_CLIENT_COMMAND}
+        return "sent", {"command_id": cid}
 
 
 class DryRunActuator:

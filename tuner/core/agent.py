@@ -30,6 +30,9 @@ KNOB_COLUMNS: tuple[tuple[str, str], ...] = (
     ("batch_size", "knob_batch_size"),
 )
 PENDING_LIMIT = 64
+CARRIED_OUT = ("applied", "clamped", "sent", "dry-run")
+"""Outcomes after which the agent's knobs hold the new value (``sent``: a command on its way; see
+``tuner.core.actuator`` for what each outcome means)."""
 
 
 class TickLike(Protocol):
@@ -82,6 +85,8 @@ class Agent:
         self.errors = 0
         self.steps = 0
         self._last_rejected: dict[tuple[str, str], Any] = {}
+        self._last_failed: dict[tuple[str, str], tuple[str, str]] = {}
+        self._changed_before: dict[str, float] = {}
         self.step_seconds = 0.0
         self._due: dict[str, float] = {}
         self._next_due = -math.inf
@@ -144,6 +149,7 @@ class Agent:
         self._next_due = min(due.values(), default=t)
         if proposals:
             headroom, _ = w.headroom()
+            self._changed_before = dict(self.arbiter.last_change)
             try:
                 decisions = self.arbiter.resolve(t, proposals, self.knobs, headroom)
             except Exception as exc:  # never expected; if it happens, act on nothing this tick and say so
@@ -211,7 +217,23 @@ class Agent:
             outcome = "clamped"
         if why:
             result = {**result, "why": why}
-        if outcome in ("applied", "clamped", "dry-run"):
+        key = (action.policy, action.knob)
+        if outcome == "failed":
+            # nothing changed, so no cooldown starts (the arbiter counted the change when it accepted it)
+            last = self._changed_before.get(action.knob)
+            if last is None:
+                self.arbiter.last_change.pop(action.knob, None)
+            else:
+                self.arbiter.last_change[action.knob] = last
+            # the same failure again (a policy retrying while no client is connected): recorded once
+            sig = (repr(action.value), str(result.get("error")))
+            if self._last_failed.get(key) == sig:
+                self._feedback(policy, Applied(t, action, outcome, previous, result))
+                return
+            self._last_failed[key] = sig
+        else:
+            self._last_failed.pop(key, None)
+        if outcome in CARRIED_OUT:
             self.knobs = new_knobs
             cid = result.get("command_id")
             if cid and action.knob in COMMAND_KNOBS and policy is not None:

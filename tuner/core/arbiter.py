@@ -137,6 +137,26 @@ class Arbiter:
         return Decision(a, outcome, why)
 
 
+def narrow_bounds(
+    bounds: Mapping[str, Bounds], *, temperature: Sequence[float] | None = None, batch_max: int | None = None
+) -> dict[str, Bounds]:
+    """``bounds`` narrowed to what carries the knobs out can do (``tuner proxy`` sends a temperature clamped
+    into ``temperature`` = (lo, hi) and caps concurrency at ``batch_max``).  With them the arbiter clamps
+    first, so the value an action records is the value used; a range with no usable value leaves nothing to
+    set (the action is rejected).  ``tuner replay`` narrows the same way from a proxy trace's header."""
+    out = dict(bounds)
+    if temperature is not None:
+        lo, hi = float(temperature[0]), float(temperature[1])
+        t = bounds.get("temperature") or Bounds()
+        out["temperature"] = Bounds(
+            max(lo, t.lo) if t.lo is not None else lo, min(hi, t.hi) if t.hi is not None else hi
+        )
+    if batch_max is not None:
+        b = bounds.get("batch_size") or Bounds()
+        out["batch_size"] = Bounds(b.lo, min(batch_max, b.hi) if b.hi is not None else batch_max)
+    return out
+
+
 NUMERIC_KNOBS: tuple[str, ...] = ("temperature", "repetition_penalty", "batch_size")
 
 

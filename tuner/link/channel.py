@@ -396,14 +396,18 @@ class ChannelServer:
                 self._queue_out(c, frame)
         self._wake()
 
-    def broadcast_knobs(self, knobs: Knobs) -> None:
-        """Push the knobs to every client (and to clients that connect later)."""
+    def broadcast_knobs(self, knobs: Knobs) -> int:
+        """Push the knobs to every connected client; returns how many took them.  Once one did, clients that
+        connect later get them too; knobs no client took are dropped (the caller records a failure)."""
         frame = encode({"type": "knobs", **knobs.as_dict()})
         with self._lock:
-            self._knobs_frame = frame
+            reached = 0
             for c in self._conns.values():
-                self._queue_out(c, frame)
+                reached += self._queue_out(c, frame)
+            if reached:
+                self._knobs_frame = frame
         self._wake()
+        return reached
 
     def send_command(self, cmd: str, args: dict[str, Any]) -> str | None:
         """Ask every connected client to run ``cmd``; the id comes back in their ``command_result``."""

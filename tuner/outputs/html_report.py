@@ -705,9 +705,18 @@ def _describe(summary: Mapping[str, Any]) -> str:
     return f"{cmd} — {summary.get('host') or 'unknown host'} — {summary.get('trace')}"
 
 
+def _replay_mark_html(summary: Mapping[str, Any], el_id: str) -> str:
+    """A counterfactual trace (``tuner replay --out``) says where its metrics stop being its policy's."""
+    mark = summary.get("replay")
+    if not mark:
+        return ""
+    return f"<p class='warn' id='{el_id}'>{html.escape(mark['text'])}</p>"
+
+
 def render_report(data: TraceData, summary: Mapping[str, Any]) -> str:
     figs = build_figures(data, summary)
-    parts = [f"<h1>inference-tuner report</h1><div class='sub'>{html.escape(_describe(summary))}</div>",
+    parts = [f"<h1>inference-tuner report</h1><div class='sub'>{html.escape(_describe(summary))}</div>"
+             + _replay_mark_html(summary, "replay-mark"),
              _card_html(card_items(summary, data))]  # fmt: skip
     oom = summary.get("oom_kill")
     if oom:
@@ -781,7 +790,8 @@ def compare(
             fv = "about the same"
         figures.append({"id": x.id, "title": x.title, "a_missing": x.missing if x.svg is None else None,
                         "b_missing": y.missing if y.svg is None else None, "numbers": nums, "verdict": fv})  # fmt: skip
-    result = {"a": str(a_data.path), "b": str(b_data.path), "figures": figures}
+    result = {"a": str(a_data.path), "b": str(b_data.path), "a_replay": a_sum.get("replay"),
+              "b_replay": b_sum.get("replay"), "figures": figures}  # fmt: skip
     return result, list(zip(fa, fb, strict=True))
 
 
@@ -794,6 +804,8 @@ def render_compare(result: Mapping[str, Any], pairs: Sequence[tuple[FigureResult
     parts = [
         "<h1>inference-tuner comparison</h1>",
         f"<div class='sub'>A: {html.escape(_describe(a_sum))}<br>B: {html.escape(_describe(b_sum))}</div>",
+        _replay_mark_html(a_sum, "replay-mark-a"),
+        _replay_mark_html(b_sum, "replay-mark-b"),
     ]
     rows = []
     for f in result["figures"]:
@@ -818,7 +830,12 @@ def render_compare(result: Mapping[str, Any], pairs: Sequence[tuple[FigureResult
 
 
 def render_compare_text(result: Mapping[str, Any]) -> str:
-    lines = [f"A  {result['a']}", f"B  {result['b']}", ""]
+    lines = [f"A  {result['a']}", f"B  {result['b']}"]
+    for side in ("a", "b"):
+        mark = result.get(f"{side}_replay")
+        if mark:
+            lines.append(f"{side.upper()} is {mark['text']}")
+    lines.append("")
     rows = [["figure / number", "A", "B", "B/A", "verdict"]]
     for f in result["figures"]:
         rows.append([f["title"], "", "", "", f["verdict"]])

@@ -28,6 +28,10 @@
 - ``oom_kill``: None, the ``oom_kill`` event's data (``message``: who the kernel OOM killer killed, the
   limit, the peak), or — for a trace cut short — ``{"inferred": true, "message"}`` when the recorded
   cgroup's OOM-kill counter is higher now than at the last tick
+- ``replay``: None unless the trace is a counterfactual written by ``tuner replay --out``; then ``{"of",
+  "policy", "diverged_at", "diverged_why", "text"}``: the metrics are the recording's, which are what the
+  replayed policy would have caused only up to ``diverged_at`` (None: never diverged; missing from traces
+  written before it was recorded, ``text`` says so)
 - ``warnings``: list of one-line strings (reader warnings, warn/error notes, findings)
 
 ``render_text(summary)`` turns it into a compact table for a terminal.
@@ -136,6 +140,26 @@ def _p50_p95(values: list[float | None] | list[float]) -> dict[str, Any]:
     return {"p50": pc[50.0], "p95": pc[95.0], "n": len(vals)}
 
 
+def replay_mark(hdr: Mapping[str, Any]) -> dict[str, Any] | None:
+    """For a trace written by ``tuner replay --out``: where its metrics stop being what its policy caused."""
+    of = hdr.get("replay_of")
+    if not of:
+        return None
+    at = _num(hdr.get("replay_diverged_at"))
+    why = hdr.get("replay_diverged_why")
+    policy = hdr.get("policy")
+    head = f"a replay of {of} with policy {policy}: "
+    if "replay_diverged_at" not in hdr:
+        text = head + ("its metrics are the recording's (open loop); where its decisions first differ from the "
+                       "recording's was not recorded (written before tuner marked it)")
+    elif at is None:
+        text = head + "its decisions are the recording's throughout, so its metrics are what this policy caused"
+    else:
+        text = (head + f"metrics after t={at:.2f} s are the recording's, not what this policy would have caused "
+                f"(first difference: {why})")
+    return {"of": str(of), "policy": policy, "diverged_at": at, "diverged_why": why, "text": text}
+
+
 def summarize(data: TraceData) -> dict[str, Any]:
     """The summary of a trace (see the module docstring for the keys).  Never raises on odd content."""
     hdr = data.header
@@ -238,6 +262,7 @@ def summarize(data: TraceData) -> dict[str, Any]:
         "actions": sum(by_outcome.values()),
         "actions_by_outcome": dict(by_outcome),
         "action_log": _action_log(data.actions),
+        "replay": replay_mark(hdr),
         "warnings": warnings,
     }
 
@@ -449,6 +474,9 @@ def render_text(summary: Mapping[str, Any]) -> str:
     exit_code = s.get("exit_code")
     ended = "exit code " + str(exit_code) if exit_code is not None else ("ended" if s.get("ended") else "no end record")
     lines.append(f"command   {cmd}  ({ended})")
+    rmark = s.get("replay")
+    if rmark:
+        lines.append(f"replay    {rmark['text']}")
     interval = s.get("interval_s")
     every = f" every {human_seconds(interval)}" if interval else ""
     skipped = f", {s['skipped_ticks']} skipped" if s.get("skipped_ticks") else ""

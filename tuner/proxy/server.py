@@ -32,8 +32,11 @@ Knobs (from the agent through ``broadcast_knobs``): ``temperature`` rewrites the
 either way the value sent is clamped into ``temperature_bounds``.  ``batch_size`` is a concurrency limit
 on measured requests with a FIFO queue (also capped by ``max_concurrency``).  ``cleanup`` runs the
 configured admin calls against the upstream (e.g. ``POST /reset_prefix_cache`` on vLLM), off unless
-``--cleanup-url`` is given.  ``precision`` cannot be changed over HTTP: the command is answered with a
-refusal.  ``repetition_penalty`` is not applied (servers spell it differently).
+``--cleanup-url`` is given.  ``precision`` cannot be changed over HTTP, nor cleanup without a configured
+call: ``send_command`` refuses at once and the action is recorded as ``failed``.  ``tuner proxy`` narrows the
+policy's temperature and batch bounds to ``temperature_bounds`` / ``max_concurrency`` (``narrow_bounds``), so
+what an action records is what requests get.  ``repetition_penalty`` is not applied (servers spell it
+differently), yet an action on it is recorded as ``applied``: known, left to the engines work.
 
 Errors (JSON bodies ``{"error": {"message", "type"}}``): upstream unreachable 502
 ``upstream_unavailable``; upstream timeout 504 ``upstream_timeout``; malformed JSON 400; a body over
@@ -81,6 +84,7 @@ import h11
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from tuner.core.actuator import CommandRefused
 from tuner.errors import UserError
 from tuner.link.channel import ROW_FIELDS, expand_rows
 from tuner.records import Knobs
@@ -264,24 +268,29 @@ class ProxyChannel:
         if "record_text" in options:
             self.record_text = bool(options["record_text"])
 
-    def broadcast_knobs(self, knobs: Knobs) -> None:
+    def broadcast_knobs(self, knobs: Knobs) -> int:
+        """The proxy is the one client: it uses the knobs for every request from now on, within its limits
+        (``tuner proxy`` narrows the policy bounds to them: ``tuner.core.arbiter.narrow_bounds``)."""
         self.knobs = knobs  # one assignment: the loop reads it per request
         if self.proxy is not None:
             self.proxy.knobs_changed()
+        return 1
 
     def send_command(self, cmd: str, args: dict[str, Any]) -> str | None:
-        cid = uuid.uuid4().hex[:12]
+        """Cleanup runs the configured admin calls (its result comes back as a ``command_result``); anything
+        the proxy cannot do raises ``CommandRefused`` at once, so the action is recorded as failed, never as
+        sent and refused later."""
         proxy = self.proxy
-        if cmd == "cleanup" and proxy is not None and proxy.config.cleanup_urls:
-            proxy.run_command(cid, cmd, args)
-            return cid
-        if cmd == "cleanup":
-            error = "no cleanup calls configured (tuner proxy --cleanup-url PATH)"
-        elif cmd == "precision":
-            error = "the proxy cannot change the server's precision (no such call in the OpenAI API)"
-        else:
-            error = f"the proxy does not support {cmd!r}"
-        self.post_result(cid, cmd, False, None, error)
+        if cmd == "precision":
+            raise CommandRefused("the proxy cannot change the server's precision (no such call in the OpenAI API)")
+        if cmd != "cleanup":
+            raise CommandRefused(f"the proxy does not support {cmd!r}")
+        if proxy is None or not proxy.config.cleanup_urls:
+            raise CommandRefused("no cleanup calls configured (tuner proxy --cleanup-url PATH)")
+        if proxy.loop is None:
+            raise CommandRefused("the proxy is not serving yet")
+        cid = uuid.uuid4().hex[:12]
+        proxy.run_command(cid, cmd, args)
         return cid
 
     def close(self) -> None:
