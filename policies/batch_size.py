@@ -57,6 +57,8 @@ State machine (the Zeus power-limit optimizer's shape: each state knows what it 
     knee (re-searching from the bottom under load turned a rate change into minutes of queueing), and a
     higher rate shows as a backlog.
 
+- memory pressure (``Window.memory_pressure()``: the binding limit projected within the preset's horizon):
+  no step up; once a cleanup did not give the room back, halve (the size before becomes a ceiling);
 - an ``oom`` event at any time: halve, mark the OOM size as a ceiling (never tried again until the
   memory headroom has risen by ``ceiling_release`` over what it was at the OOM), ask for a cleanup.
 
@@ -73,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from tuner.core.limits import MemoryPressure
 from tuner.core.window import Window
 from tuner.policies.base import Bounds, Policy
 from tuner.records import Action, Applied, Knobs
@@ -384,9 +387,10 @@ class BatchSizePolicy(Policy):
         return max(self.cfg.min, min(int(b), hi))
 
     def _memory_room(self, w: Window) -> bool:
-        """Memory allows a larger batch: the headroom is at least ``min_headroom`` (or unknown)."""
+        """Memory allows a larger batch: the headroom is at least ``min_headroom`` (or unknown) and the binding
+        limit is not projected within the horizon."""
         headroom, _ = w.headroom()
-        return headroom is None or headroom >= self.cfg.min_headroom
+        return (headroom is None or headroom >= self.cfg.min_headroom) and w.memory_pressure() is None
 
     def _up_size(self, cur: int, m: Measurement) -> int | None:
         """The next size up from ``cur``: double, or less when the measured service TTFT scaled with the
@@ -473,6 +477,9 @@ class BatchSizePolicy(Policy):
         for e in w.events:
             if e.kind == "oom":
                 return self._oom(w, knobs, e.data.get("batch_size"), headroom)
+        mp = w.memory_pressure()  # the binding memory limit is near in time and a cleanup did not help
+        if mp is not None and mp.fresh and mp.escalate and knobs.batch_size is not None and knobs.batch_size > c.min:
+            return self._pressure(w, int(knobs.batch_size), headroom, mp)
         if (
             self.ceiling is not None
             and headroom is not None
@@ -764,6 +771,16 @@ class BatchSizePolicy(Policy):
                 f"tok/s against {before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")
         self.phase, self.next_phase = "measure", "judge"  # better, not yet beyond the noise: another window
         return []
+
+    def _pressure(self, w: Window, cur: int, headroom: float | None, mp: MemoryPressure) -> list[Action]:
+        """Halve: the binding memory limit is projected within the horizon and a cleanup did not give the
+        room back (``Window.memory_pressure()``); the size before becomes a ceiling, as after an OOM."""
+        self.ceiling, self.ceiling_headroom = min(cur, self.ceiling or cur), headroom
+        self.confirm_queue, self.trial = [], None
+        self.phase, self.next_phase, self.changed_at = "measure", "hold", w.t
+        self.incumbent = self._cap(cur // 2)
+        why = f"{mp.describe()}; a cleanup did not help: halving"
+        return self._go(w, cur, self.incumbent, why, urgent=True, **mp.evidence())
 
     def _oom(self, w: Window, knobs: Knobs, oom_bs: Any, headroom: float | None) -> list[Action]:
         c = self.cfg

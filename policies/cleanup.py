@@ -9,6 +9,13 @@ nothing comes back.
   *growth* (``alloc_allocated_bytes`` rising: live objects pile up -> caches and gc first) from
   *fragmentation* (``reserved - allocated`` rising while allocated is flat -> ``empty_cache`` and
   ``malloc_trim`` only).  Without allocator figures the process tree's RSS is tested.
+- **Time-to-limit** (``projection``): when the window's memory-pressure signal says the binding limit (the
+  cgroup's on its working set, the host's, a device's) is projected to be reached within the preset's
+  ``limit_horizon_s`` (``Window.memory_pressure()``: the floor trend, ``tuner.core.limits``), clean up now,
+  whatever the request count — at most every ``projection_every_s`` (times the back-off), and only on a
+  projection made from data after the last cleanup's result (the window restarts the trend there), so a
+  flat workload never triggers it and one rise is answered once.  Its evidence carries the time to the
+  limit and the limit; when waiting out the cooldown would reach the limit, the arbiter lets it through.
 - Each cleanup's result (``reclaimed_bytes``, per step) comes back from the client.  A cleanup that
   reclaims less than ``min_reclaim_bytes`` doubles the interval (up to ``max_backoff``x); one that
   reclaims resets it.  The series restarts after every cleanup, so one rise is acted on once.
@@ -49,6 +56,10 @@ class CleanupConfig:
     min_reclaim_bytes: float = 1 << 20
     max_backoff: int = 32
     result_timeout_s: float = 120.0
+    projection: bool = True
+    """Act on the projected time to the binding memory limit (the agent's ``limit_horizon_s``)."""
+    projection_every_s: float = 10.0
+    """At most one projection-triggered cleanup this often (times the back-off)."""
 
 
 class CleanupPolicy(Policy):
@@ -72,6 +83,7 @@ class CleanupPolicy(Policy):
         self.waiting = False
         self.reqs_now = 0.0
         self.go_requests = 0.0
+        self.last_projection_at = -1e18
 
     def status(self) -> dict[str, Any]:
         return {"phase": self.phase, "backoff": self.backoff, "reclaimed_bytes": self.reclaimed_total}
@@ -109,6 +121,19 @@ class CleanupPolicy(Policy):
             self._done(w.t, 0.0)  # no answer (client gone or busy): count it as nothing reclaimed
         since = w.t - self.last_at
         done_since = reqs - self.last_requests
+        mp = w.memory_pressure() if c.projection else None
+        if mp is not None and mp.fresh and w.t - self.last_projection_at >= c.projection_every_s * self.backoff:
+            self.last_projection_at = w.t
+            return [
+                self._go(
+                    w,
+                    list(c.steps),
+                    "projection",
+                    f"{mp.describe()}: within the {mp.horizon_s:g} s horizon, cleaning up now",
+                    urgent=True,
+                    **mp.evidence(),
+                )
+            ]
         if c.every_s is not None and since >= c.every_s * self.backoff:
             return [self._go(w, list(c.steps), "periodic", f"periodic: {since:.0f} s since the last cleanup")]
         if c.every_requests is not None and done_since >= c.every_requests * self.backoff:

@@ -1,16 +1,17 @@
 """Precision: step down (fp32 -> bf16/fp16 -> int8, along the configured ladder) when memory headroom
-stays under a threshold, or when the latency SLO stays missed and a smaller batch was tried *and measured*
-not to fix it; step back up once the cause has been gone for ``hold_s``.
+stays under a threshold (or the binding limit is projected within the horizon and neither a cleanup nor a
+smaller batch gave the room back: ``Window.memory_pressure()``), or when the latency SLO stays missed and a
+smaller batch was tried *and measured* not to fix it; step back up once the cause has been gone for ``hold_s``.
 
 Latency here is the *service* time to first token (TTFT minus the time queued), p95 over the last
 ``latency_window_s``: a queue is a matter of throughput (the batch policy's), and a precision step taken on
 queueing latency changed the model for a backlog a larger batch could drain (the demo, seed 7: int8 while
 the batch policy re-searched from batch 2).  "Tried and measured": the batch policy applied a smaller batch
-(within ``batch_tried_s``, or it is still in force, and after this policy's last step) and either the requests served at it still missed the
-SLO (at least ``min_requests`` of them, service p95 over the SLO), or the batch policy undid it because the
-queue grew (its action's ``cause = "queue"``).  The cause is gone when the service TTFT predicted back at
-the higher precision (the current p95 times the ratio measured across the step) is ``release_margin`` under
-the SLO (latency), or the headroom is back over ``release_headroom`` (memory).
+(within ``batch_tried_s``, or it is still in force, and after this policy's last step) and either the requests
+served at it still missed the SLO (at least ``min_requests`` of them, service p95 over the SLO), or the batch
+policy undid it because the queue grew (its action's ``cause = "queue"``).  The cause is gone when the service
+TTFT predicted back at the higher precision (the current p95 times the ratio measured across the step) is
+``release_margin`` under the SLO (latency), or the headroom is back over ``release_headroom`` (memory).
 
 The quality guard runs on the inference side (``PrecisionManager``: a fixed canary prompt set, KL
 divergence and top-1 agreement against the fp32 reference).  Its figures come back in the
@@ -116,10 +117,20 @@ class PrecisionPolicy(Policy):
         return service_ttft_p95(cols, c.min_requests)
 
     def _low_memory(self, w: Window) -> str | None:
-        """Why memory counts as under pressure (None when it does not): headroom under ``min_headroom``."""
+        """Why memory counts as under pressure (None when it does not): headroom under ``min_headroom``, or the
+        binding limit projected within the horizon after a cleanup and then a smaller batch did not help (the
+        batch went down in this episode, or the episode outlasted ``batch_tried_s``)."""
         headroom, dev = w.headroom()
         if headroom is not None and headroom < self.cfg.min_headroom:
             return f"memory headroom {headroom:.0%} on {dev} under {self.cfg.min_headroom:.0%}"
+        mp = w.memory_pressure()
+        if mp is not None and mp.escalate:
+            lowered = any(a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "dry-run")
+                          and a.t >= mp.since and isinstance(a.previous, (int, float))
+                          and isinstance(a.action.value, (int, float)) and a.action.value < a.previous
+                          for a in w.actions)  # fmt: skip
+            if lowered or w.t - mp.since >= self.cfg.batch_tried_s:
+                return f"{mp.describe()}; a cleanup and a smaller batch did not help"
         return None
 
     def _level(self, knobs: Knobs) -> int:
@@ -193,7 +204,7 @@ class PrecisionPolicy(Policy):
         latency_calm = self._latency_calm(ttft)
         if latency_calm is None:  # too few requests to tell: neither calm nor pressed
             return []
-        calm = (headroom is None or headroom >= c.release_headroom) and latency_calm
+        calm = (headroom is None or headroom >= c.release_headroom) and latency_calm and w.memory_pressure() is None
         if level > 0 and calm:
             if self.calm_since is None:
                 self.calm_since = w.t

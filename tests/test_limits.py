@@ -4,6 +4,7 @@ the agent as the policies see them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,8 @@ def test_window_pressure_restarts_after_a_cleanup_and_knows_whether_it_helped() 
         [Event(20.0, "command_result", {"cmd": "cleanup", "ok": True, "result": {"reclaimed_bytes": 1 * MIB}})],
     )
     feed(w, 20.1, 25.0, lambda t: 300 * MIB + leak * t)
-    assert w.memory_pressure() is None  # 5 s of data since the cleanup: no verdict yet
+    held = w.memory_pressure()  # 5 s of data since the cleanup: no new verdict, the episode is held
+    assert held is not None and not held.fresh and held.since == mp.since
     feed(w, 25.0, 36.0, lambda t: 300 * MIB + leak * t)
     mp = w.memory_pressure()
     assert mp is not None and mp.cleanup_helped is False and mp.escalate
@@ -241,3 +243,119 @@ def test_the_small_sample_estimators_are_the_stats_modules(seed: int) -> None:
     s2, _, p2 = mann_kendall(ey)
     assert s == s2 and p == pytest.approx(p2)
     assert limits.ts_small(ex.tolist(), ey.tolist()) == pytest.approx(theil_sen(ex, ey)[0])
+
+
+# -- the policies on the projection, closed loop (tests/replay/sim.py as the plant) ------------------------
+from tests.replay.sim import Sim, SimActuator  # noqa: E402
+from tuner.core.policy_config import build_agent, load_policy, parse_policy  # noqa: E402
+from tuner.errors import UserError  # noqa: E402
+
+
+@dataclass
+class Contained(Sim):
+    """The simulator's process in a memory cgroup: its RSS is the cgroup's working set.  ``reclaimable``
+    False: the leak is held by something no cleanup step reaches (only the allocator cache comes back)."""
+
+    limit: float = 640 * MIB
+    reclaimable: bool = True
+    cache_grows: bool = True
+    """False: the allocator cache stays put (a flat workload: only batches' working memory comes and goes)."""
+
+    def command(self, cid: str, action: Action) -> None:
+        leaked = self.leaked
+        super().command(cid, action)
+        if action.knob == "cleanup" and not self.reclaimable:
+            res = self.pending[-1].data["result"]
+            res["reclaimed_bytes"] -= leaked - self.leaked
+            self.leaked = leaked
+
+    def tick(self) -> Any:
+        tk = super().tick()
+        if not self.cache_grows:
+            self.cache = 0.0
+        tk.values["cgroup_mem_limit_bytes"] = self.limit
+        tk.values["cgroup_mem_working_set_bytes"] = tk.values["tree_rss_bytes"]
+        tk.values["sys_mem_used_bytes"] = tk.values["tree_rss_bytes"]
+        if self.t == self.dt:
+            tk.events.append(Event(self.t, "cgroup", {"memory": {"version": 1, "path": "/pod"}}))
+        return tk
+
+
+def plant(**kw: Any) -> Contained:
+    return Contained(seed=kw.pop("seed", 3), mem_total=24 * GIB, mem_used_base=150 * MIB, weights_bytes=100 * MIB,
+                     per_seq_bytes=2 * MIB, tokens_per_request=32, **kw)  # fmt: skip
+
+
+def run_loop(preset: str, sim: Contained, seconds: float) -> tuple[Any, list[Any], float]:
+    """The preset's agent driving the plant for ``seconds``; (agent, actions, peak working set / limit)."""
+    sink = Sink()
+    agent = build_agent(load_policy(preset), SimActuator(sim), sink)
+    peak = 0.0
+    while sim.t < seconds:
+        tk = sim.tick()
+        agent.step(tk)
+        peak = max(peak, tk.values["cgroup_mem_working_set_bytes"] / sim.limit)
+    return agent, sink.actions, peak
+
+
+@pytest.mark.parametrize("preset", ["interactive", "offline", "edge"])
+def test_a_leak_is_cleaned_up_on_its_time_to_limit_long_before_min_requests(preset: str) -> None:
+    sim = plant(leak_per_request=1 * MIB)  # ~6 MB/s at batch 8: 640 MiB in about a minute
+    _, acts, peak = run_loop(preset, sim, 150.0)
+    proj = [a for a in acts if a.action.knob == "cleanup" and a.action.evidence.get("trigger") == "projection"]
+    assert proj, [a.action.reason for a in acts]
+    first = proj[0]
+    ev = first.action.evidence
+    assert 0 < ev["time_to_limit_s"] < ev["horizon_s"] and ev["limit"].startswith("cgroup /pod working set")
+    assert first.outcome == "applied" and first.t < 40.0
+    assert peak < 1.0  # never reached the limit
+    assert sim.done < 1000  # far fewer requests than the leak watch's min_requests (offline: 1000)
+
+
+@pytest.mark.parametrize("preset", ["interactive", "offline", "edge"])
+def test_a_flat_workload_near_its_limit_gets_no_cleanup_storm(preset: str) -> None:
+    sim = plant(leak_per_request=0.0, cache_grows=False)
+    sim.limit = 420 * MIB  # a sawtooth at ~80-90% of the limit, for ten minutes
+    _, acts, peak = run_loop(preset, sim, 600.0)
+    assert 0.6 < peak < 1.0
+    cleanups = [a for a in acts if a.action.knob == "cleanup" and a.outcome == "applied"]
+    assert not [a for a in cleanups if a.action.evidence.get("trigger") == "projection"]
+    assert len(cleanups) <= 3, [(a.t, a.action.reason) for a in cleanups]  # periodic ones only
+
+
+def test_an_unreclaimable_leak_escalates_cleanup_then_batch_then_precision() -> None:
+    sim = plant(leak_per_request=0.5 * MIB, reclaimable=False)
+    sim.limit = 900 * MIB
+    _, acts, _ = run_loop("interactive", sim, 200.0)
+    done = [a for a in acts if a.outcome in ("applied", "clamped")]
+    cleanup = next(a for a in done if a.action.knob == "cleanup" and a.action.evidence.get("trigger") == "projection")
+    smaller = next(a for a in done if a.action.knob == "batch_size" and "cleanup did not help" in a.action.reason)
+    lower = next(a for a in done if a.action.knob == "precision" and "smaller batch did not help" in a.action.reason)
+    assert cleanup.t < smaller.t < lower.t
+    assert smaller.action.value < smaller.previous and lower.action.value == "int8"
+    for a in (smaller, lower):
+        assert a.action.evidence["time_to_limit_s"] < a.action.evidence["horizon_s"]
+    # no step back up while the pressure lasts
+    later = [a for a in done if a.t > smaller.t and a.action.knob == "batch_size"]
+    assert all(a.action.value <= smaller.action.value for a in later)
+    assert not [a for a in done if a.t > lower.t and a.action.knob == "precision"]
+
+
+def test_offline_presets_without_precision_stop_at_the_batch() -> None:
+    sim = plant(leak_per_request=0.5 * MIB, reclaimable=False)
+    sim.limit = 900 * MIB
+    _, acts, _ = run_loop("offline", sim, 200.0)  # precision is switched off in the offline preset
+    assert any(a.action.knob == "batch_size" and "cleanup did not help" in a.action.reason for a in acts)
+    assert not [a for a in acts if a.action.knob == "precision" and a.outcome != "rejected"]
+
+
+def test_the_horizon_is_validated_and_can_be_switched_off() -> None:
+    for name, horizon in (("interactive", 120), ("offline", 300), ("edge", 180)):
+        assert load_policy(name).agent.limit_horizon_s == horizon
+    table = {"cleanup": {}}
+    assert parse_policy({"agent": {"limit_horizon_s": False}, **table}).agent.limit_horizon_s is None
+    for bad in (0, -5, 1e9):
+        with pytest.raises(UserError, match=r"agent\.limit_horizon_s"):
+            parse_policy({"agent": {"limit_horizon_s": bad}, **table})
+    with pytest.raises(UserError, match=r"cleanup\.projection_every_s"):
+        parse_policy({"cleanup": {"projection_every_s": 0.5}})

@@ -256,7 +256,8 @@ class Agent:
         ev: dict[str, Any] = {**action.evidence, "limit": b.describe(), "limit_headroom": round(b.headroom, 4)}
         mp = self.window.memory_pressure()
         if mp is not None:
-            ev.setdefault("time_to_limit_s", round(mp.seconds, 1))
+            for k, v in mp.evidence().items():
+                ev.setdefault(k, v)
         return replace(action, evidence=ev)
 
     def _feedback(self, policy: Policy | None, applied: Applied) -> None:

@@ -14,8 +14,9 @@ In order:
    ``priority`` wins, the others are rejected;
 5. **cooldown** — a knob changed less than its cooldown ago is not changed again (rejected).
    Commands (cleanup) have a cooldown too.  The exceptions, marked ``urgent`` by their policy: a
-   batch-size *decrease* answering an out-of-memory report (waiting would mean more OOMs) and a
-   precision step back *up* undoing a change the quality guard failed.
+   batch-size *decrease* answering an out-of-memory report (waiting would mean more OOMs), a
+   precision step back *up* undoing a change the quality guard failed, and a cleanup whose evidence projects
+   the memory limit (``time_to_limit_s``) sooner than the cooldown would end.
 
 The arbiter is deterministic and keeps only the time each knob last changed.
 """
@@ -130,6 +131,7 @@ class Arbiter:
                 and value < knobs.batch_size
             )
             or (a.knob == "precision" and _bits(str(value)) > _bits(knobs.precision))
+            or (a.knob == "cleanup" and last is not None and _before_cooldown(a, cool - (t - last)))
         )
         # times are trace times to the microsecond: 1.336658 - 0.336658 is 0.99999999..., which is 1 s
         if last is not None and round(t - last, 6) < cool and not urgent:
@@ -155,6 +157,12 @@ def narrow_bounds(
         b = bounds.get("batch_size") or Bounds()
         out["batch_size"] = Bounds(b.lo, min(batch_max, b.hi) if b.hi is not None else batch_max)
     return out
+
+
+def _before_cooldown(a: Action, remaining: float) -> bool:
+    """The action's projected time to the memory limit is shorter than what is left of the cooldown."""
+    ttl = a.evidence.get("time_to_limit_s")
+    return isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl < remaining
 
 
 NUMERIC_KNOBS: tuple[str, ...] = ("temperature", "repetition_penalty", "batch_size")

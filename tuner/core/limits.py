@@ -319,6 +319,9 @@ class MemoryPressure:
     cleanup_helped: bool | None
     psi_some: float | None
     psi_host_wide: bool
+    fresh: bool = True
+    """Projected on data after the last memory action.  False: the episode goes on while the trend is
+    measured again after an action (the last projection, held): wait for a fresh one before acting again."""
 
     @property
     def escalate(self) -> bool:

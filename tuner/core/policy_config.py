@@ -1,10 +1,10 @@
 """Policy presets and files: TOML (``tomllib``), validated with one-line errors, built into an ``Agent``.
 
-A file has an optional ``[agent]`` table (cooldowns, priority, memory-pressure threshold) and one table
-per policy it runs (``[temperature]``, ``[batch_size]``, ``[precision]``, ``[cleanup]``); a policy
-without a table does not run; ``enabled = false`` loads it switched off (the live view can switch it
-on).  Keys are the fields of the policies' config dataclasses; an optional setting is turned off with
-``false``.  Presets: ``policies/presets/{interactive,offline,edge}.toml``.
+A file has an optional ``[agent]`` table (cooldowns, priority, memory-pressure threshold, the time-to-limit
+horizon ``limit_horizon_s``) and one table per policy it runs (``[temperature]``, ``[batch_size]``,
+``[precision]``, ``[cleanup]``); a policy without a table does not run; ``enabled = false`` loads it switched
+off (the live view can switch it on).  Keys are the fields of the policies' config dataclasses; an optional
+setting is turned off with ``false``.  Presets: ``policies/presets/{interactive,offline,edge}.toml``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ class AgentConfig:
     )
     priority: tuple[str, ...] = ("cleanup", "precision", "batch_size", "temperature")
     pressure_headroom: float | None = 0.10
+    limit_horizon_s: float | None = 120.0
+    """Memory pressure: the binding memory limit is projected to be reached within this many seconds (the
+    working set's floor trend; ``tuner.core.limits``) — cleanup first, then a smaller batch, then a lower
+    precision.  ``false``: off."""
 
 
 POLICY_CLASSES: dict[str, tuple[type, type[Policy]]] = {
@@ -134,6 +138,8 @@ def parse_policy(data: dict[str, Any], *, name: str = "custom", source: str = "<
             raise fail(f"agent.priority: unknown policy {p!r}")
     if agent.pressure_headroom is not None and not 0 <= agent.pressure_headroom <= 1:
         raise fail(f"agent.pressure_headroom = {agent.pressure_headroom} is out of range (0 to 1)")
+    if agent.limit_horizon_s is not None and not 1 <= agent.limit_horizon_s <= 86_400:
+        raise fail(f"agent.limit_horizon_s = {agent.limit_horizon_s:g} is out of range (1 to 86400 seconds)")
     policies: dict[str, Any] = {}
     enabled: dict[str, bool] = {}
     for pname, table in data.items():
@@ -293,6 +299,7 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("min_rel_growth", 0.0, 10.0)
         rng("min_reclaim_bytes", 0.0, 1e15)
         rng("result_timeout_s", 0.1, 86_400.0)
+        rng("projection_every_s", 1.0, 86_400.0)
         _steps(pname, cfg.steps, fail)
 
 
@@ -331,6 +338,7 @@ def build_agent(config: PolicyConfig, actuator: Any, writer: Any, observe_only: 
         pressure_headroom=config.agent.pressure_headroom,
     )
     agent = Agent(build_policies(config), arbiter, actuator, writer, observe_only=observe_only, **kw)
+    agent.window.horizon_s = config.agent.limit_horizon_s
     for pname, en in config.enabled.items():
         if not en:
             agent.set_enabled(pname, False)

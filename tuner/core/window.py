@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,9 @@ PROJECT_EVERY_S = 2.0
 """The time-to-limit projection is computed at most this often (trace time): horizons are minutes, and at
 ~60 us a term it is the agent's largest fixed cost (the replay benchmark)."""
 _NO_COLUMNS: dict[str, float] = {}
+RELEASE = 1.5
+"""An episode of memory pressure ends when the trend is flat or the limit is projected beyond this many
+horizons (hysteresis: a time to limit hovering at the horizon is one episode, not many)."""
 MEMORY_COMMANDS = ("cleanup", "precision")
 """Commands whose result changes memory: the projection restarts on data after them."""
 
@@ -155,6 +159,7 @@ class Window:
         self._columns_at = -math.inf
         self._projection: tuple[Projection, LimitTerm] | None = None
         self._episode: float | None = None
+        self._pressure: MemoryPressure | None = None
         self._cleanups: deque[tuple[float, float, float | None]] = deque(maxlen=16)
         """Cleanup results: (time, reclaimed bytes, room left under the binding limit then)."""
         self._add_columns(sorted(self._keys))
@@ -245,7 +250,14 @@ class Window:
     def add_action(self, a: Applied) -> None:
         self.actions.append(a)
         if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped"):
-            self._trend_since = a.t  # memory per batch changed: judge the trend on what follows
+            self._restart_trend(a.t)  # memory per batch changed: judge the trend on what follows
+
+    def _restart_trend(self, t: float) -> None:
+        """A memory action took effect at ``t``: the projection starts again on what follows (the episode of
+        pressure, if any, goes on meanwhile)."""
+        self._trend_since = t
+        self._projected_at = -math.inf
+        self._projection = None
 
     def _memory_event(self, e: Event) -> None:
         d = e.data
@@ -256,7 +268,7 @@ class Window:
             return
         if d.get("cmd") not in MEMORY_COMMANDS:
             return
-        self._trend_since = e.t
+        self._restart_trend(e.t)
         if d.get("cmd") == "cleanup":
             res = d.get("result")
             got = res.get("reclaimed_bytes") if isinstance(res, dict) and d.get("ok") else 0.0
@@ -426,25 +438,30 @@ class Window:
         if p.seconds is not None and p.seconds < self.horizon_s:
             if self._episode is None:
                 self._episode = self.t
-        elif p.verdict != "insufficient data":  # a real verdict, not a restart after an action
-            self._episode = None
+        elif p.verdict == "flat" or (p.seconds is not None and p.seconds >= RELEASE * self.horizon_s):
+            self._episode = None  # a real verdict (not a restart after an action), clear of the horizon
 
     def memory_pressure(self) -> MemoryPressure | None:
         """The binding limit is projected to be reached within ``horizon_s``: the signal the cleanup, batch
-        and precision policies act on (None otherwise, and while ``horizon_s`` is None)."""
+        and precision policies act on (None otherwise, and while ``horizon_s`` is None).  While the trend is
+        measured again after a memory action, the episode's last projection is returned with ``fresh``
+        False."""
         got = self.projection()
-        if got is None or self._episode is None or self.horizon_s is None:
+        if self._episode is None or self.horizon_s is None:
+            self._pressure = None
             return None
-        p, term = got
-        if p.seconds is None or p.seconds >= self.horizon_s or p.slope is None:
-            return None
+        p, term = got if got is not None else (None, None)
+        if p is None or term is None or p.seconds is None or p.slope is None or p.seconds >= self.horizon_s:
+            last = self._pressure  # re-measuring after an action (or inside the hysteresis): the episode holds
+            return replace(last, fresh=False) if last is not None else None
         helped: bool | None = None
         for t, reclaimed, room in self._cleanups:
             if t >= self._episode:
                 helped = room is not None and reclaimed >= 0.25 * max(room, 0.0)
         host = self.latest("cgroup_mem_pressure_some_ratio") is None
         psi = self.latest("sys_mem_pressure_some_ratio" if host else "cgroup_mem_pressure_some_ratio")
-        return MemoryPressure(p.seconds, self.horizon_s, term, p.slope, self._episode, helped, psi, host)
+        self._pressure = MemoryPressure(p.seconds, self.horizon_s, term, p.slope, self._episode, helped, psi, host)
+        return self._pressure
 
     def limit_columns(self) -> dict[str, float]:
         """``mem_headroom_ratio`` and ``mem_time_to_limit_seconds`` when the projection was just computed
