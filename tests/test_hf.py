@@ -64,6 +64,24 @@ def test_greedy_batches_match_unbatched_generate() -> None:
         assert out == ref  # left padding + streaming give exactly what a lone generate gives
 
 
+def test_knobs_win_over_the_same_keys_in_generate_kwargs() -> None:
+    """A knob recorded as applied is what generate uses: generate_kwargs cannot silently override it."""
+    from tuner.client import NullClient
+    from tuner.integrations.torch_loop import BatchSettings
+
+    gen = TunedGenerator(tiny_llama(), client=NullClient(), max_new_tokens=4,
+                         generate_kwargs={"temperature": 0.2, "do_sample": False, "repetition_penalty": 1.0,
+                                          "top_p": 0.9, "min_new_tokens": 2})
+    try:
+        cfg = gen._generation_config(BatchSettings(0.9, 1.3, 4, "fp32"))
+        assert (cfg.temperature, cfg.do_sample, cfg.repetition_penalty) == (0.9, True, 1.3)
+        assert cfg.top_p == 0.9 and cfg.min_new_tokens == 2  # the rest stays the user's
+        greedy = gen._generation_config(BatchSettings(0.0, 1.0, 4, "fp32"))
+        assert greedy.do_sample is False
+    finally:
+        gen.close()
+
+
 def test_events_knobs_and_commands_through_a_real_channel() -> None:
     from tuner.client import Client
     from tuner.link.channel import ChannelServer

@@ -9,7 +9,8 @@ outs = gen.generate(list_of_id_lists)         # submit all, step until none is l
 ```
 
 Per batch the knobs are read once: ``temperature`` goes into the generation config (0 = greedy),
-``repetition_penalty`` likewise, ``batch_size`` decides how many queued requests are grouped (left-padded).
+``repetition_penalty`` likewise (both over the same keys in ``generate_kwargs``, which sets everything else),
+``batch_size`` decides how many queued requests are grouped (left-padded).
 Tokens reach the client through a streamer as ``generate`` produces them (TTFT and TPOT are real).
 Precision commands go through :class:`~tuner.integrations.precision.PrecisionManager` (int8 on CPU via
 dynamic quantization); cleanup commands use the client's default (registered caches, gc, empty_cache,
@@ -142,18 +143,21 @@ class TunedGenerator:
     def _generation_config(self, s: BatchSettings) -> Any:
         from transformers import GenerationConfig
 
-        kw: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "pad_token_id": self.pad_token_id,
-            "repetition_penalty": s.repetition_penalty,
-        }
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": self.pad_token_id}
         if self.eos_ids:
             kw["eos_token_id"] = sorted(self.eos_ids)
+        kw.update(self.generate_kwargs)
+        # the knobs last: a knob the sidecar set (and recorded as applied) is the one generate uses, never
+        # silently replaced by the same key in generate_kwargs (each request records these settings)
+        kw["repetition_penalty"] = s.repetition_penalty
         if s.temperature > 0:
-            kw.update(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0)
+            kw.update(do_sample=True, temperature=s.temperature)
+            kw.setdefault("top_k", 0)
+            kw.setdefault("top_p", 1.0)
         else:
             kw.update(do_sample=False)
-        kw.update(self.generate_kwargs)
+            for k in ("temperature", "top_k", "top_p"):  # sampling settings greedy decoding would warn about
+                kw.pop(k, None)
         return GenerationConfig(**kw)
 
     def step(self) -> list[tuple[Handle, list[int]]]:
