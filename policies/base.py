@@ -15,8 +15,6 @@ from typing import Any
 from tuner.core.window import Window
 from tuner.records import Action, Applied, Knobs
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
-BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}
 COMMAND_KNOBS: tuple[str, ...] = ("precision", "cleanup")
 """Knobs that are carried out by a command on the inference side (a result comes back later)."""
 

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from tuner.core.window import Window
-from tuner.policies.base import BITS, Bounds, Policy
+from tuner.policies.base import Bounds, Policy
 from tuner.policies.batch_size import service_ttft_p95
-from tuner.records import Action, Applied, Knobs
+from tuner.records import BITS, Action, Applied, Knobs
 
 
 @dataclass(frozen=True)

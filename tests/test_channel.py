@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.cli import tuner_env
-from tuner.link.channel import ChannelServer, encode, peer_allowed
+from tuner.link.channel import ChannelServer, encode
+from tuner.link.wire import peer_allowed
 from tuner.records import Knobs
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.cli import ROOT, tuner, tuner_env, tuner_popen
-from tuner.link.channel import ChannelServer, peer_allowed, peer_refusal
+from tuner.link.channel import ChannelServer
+from tuner.link.wire import peer_allowed, peer_refusal
 
 MODES = r"""
 import json, os, stat, sys, time

@@ -678,24 +678,28 @@ def test_inference_sigkilled_the_sidecar_records_the_disconnect_and_serves_on(se
     assert wait_for(lambda: [e for e in col.of("request") if e.data["pid"] == q.pid])
 
 
-def test_default_cleanup_without_the_integrations_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    """If tuner.integrations.cleanup cannot be imported, the client still clears caches and collects."""
+def test_default_cleanup_needs_nothing_above_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's own cleanup (``tuner.reclaim``) runs every step and measures it with the integrations
+    package unimportable: the client depends on nothing above its layer."""
     from tuner.client import default_cleanup
 
-    monkeypatch.setitem(sys.modules, "tuner.integrations.cleanup", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "tuner.integrations", None)  # importing either now raises ImportError
+    monkeypatch.setitem(sys.modules, "tuner.integrations.cleanup", None)
     cache = {1: 2}
     out = default_cleanup(["caches", "gc", "malloc_trim"], [cache])
     assert cache == {}
     assert [s["step"] for s in out["steps"]] == ["caches", "gc", "malloc_trim"]
-    assert "skipped" not in out["steps"][1] and "could not be imported" in out["steps"][2]["skipped"]  # not claimed
+    assert out["steps"][0]["entries"] == 1
+    assert isinstance(out["rss_before_bytes"], int) and isinstance(out["reclaimed_bytes"], int)
+    assert out["rss_before_bytes"] - out["rss_after_bytes"] == out["reclaimed_bytes"]
 
 
-def test_default_cleanup_uses_the_integrations_module() -> None:
+def test_default_cleanup_refuses_unknown_steps() -> None:
+    """An unknown step is an error the sidecar hears about (``command_result``), not silently skipped."""
     from tuner.client import default_cleanup
 
-    cache = {1: 2}
-    out = default_cleanup(["caches"], [cache])
-    assert cache == {} and "rss_before_bytes" in out and out["steps"][0]["step"] == "caches"
+    with pytest.raises(ValueError, match="unknown cleanup step"):
+        default_cleanup(["caches", "defrag"], [])
 
 
 @pytest.mark.slow

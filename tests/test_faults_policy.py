@@ -31,11 +31,11 @@ from tuner.core.arbiter import Arbiter
 from tuner.core.sampler import Sampler, Tick
 from tuner.core.window import Window
 from tuner.link.channel import ChannelServer
-from tuner.policies.base import PRECISIONS, Bounds, Policy
+from tuner.policies.base import Bounds, Policy
 from tuner.probes.base import Probe
 from tuner.probes.cpu import CpuProbe
 from tuner.probes.output import OutputProbe
-from tuner.records import Action, Event, Knobs
+from tuner.records import PRECISIONS, Action, Event, Knobs
 from tuner.trace import TraceWriter, make_header
 
 BOUNDS = {

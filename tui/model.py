@@ -18,7 +18,6 @@ import numpy as np
 WINDOWS: tuple[float, ...] = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 SPEEDS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 DEFAULT_REP_BAND = (0.0, 0.2)
-PRECISION_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}
 
 
 class Columns:

@@ -43,12 +43,10 @@ Design — the inference comes first:
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import selectors
 import socket
-import struct
 import sys
 import threading
 import time
@@ -58,12 +56,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tuner.records import Knobs
+from tuner import reclaim
+from tuner.link.wire import HEADER, VERSION, FrameBuffer, dumps, encode
+from tuner.records import PRECISIONS, ROW_IDS, ROW_TEXT, Knobs
 
 __all__ = ["Client", "NullClient", "Request", "connect"]
 
-VERSION = 1
-_HEADER = struct.Struct(">I")
 QUEUE_REQUESTS = 4096
 QUEUE_IDS = 1_000_000  # token ids waiting to be sent, at most (~40 MB): the inference's memory is bounded too
 CONTROL_KEPT = 256
@@ -74,12 +72,9 @@ STATUS_EVERY_S = 1.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_FRAME = 1 << 20
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 LOOP_MAX_N = 64
 ROWS_PER_FRAME = 256
 IDS_PER_FRAME = 8192  # one C encode call holds the GIL: keep each well under a millisecond
-ROW_IDS = 9  # positions in a ``requests`` row (tuner.link.channel.ROW_FIELDS)
-ROW_TEXT = 16
 
 _monotonic = time.monotonic
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
@@ -376,7 +371,7 @@ class Client:
         self._precision_fn = fn
 
     def on_cleanup(self, fn: Callable[[list[str]], dict[str, Any]]) -> None:
-        """``fn(steps) -> dict`` replaces the default cleanup (``tuner.integrations.cleanup.run_cleanup``)."""
+        """``fn(steps) -> dict`` replaces the default cleanup (``tuner.reclaim.run_cleanup``)."""
         self._cleanup_fn = fn
 
     def set_loop_ngrams(self, min_n: int, max_n: int) -> None:
@@ -477,7 +472,7 @@ class Client:
         """The cleanup's result, and an error when no step could run (every one skipped: nothing was freed
         on purpose, so the sidecar records ``refused``, not ``done``)."""
         raw = args.get("steps")
-        steps = [str(s) for s in raw] if isinstance(raw, list) else ["caches", "gc", "empty_cache", "malloc_trim"]
+        steps = [str(s) for s in raw] if isinstance(raw, list) else list(reclaim.STEPS)
         if self._cleanup_fn is not None:
             out = self._cleanup_fn(steps)
             result = out if isinstance(out, dict) else {}
@@ -539,7 +534,7 @@ class Client:
 
     def _connect(self) -> bool:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._in = bytearray()
+        self._in = FrameBuffer(MAX_FRAME)
         try:
             s.settimeout(1.0)
             s.connect(self.path)
@@ -555,7 +550,7 @@ class Client:
 
     def _await_welcome(self, s: socket.socket, deadline: float) -> None:
         """The sidecar greets first (options such as ``record_text``): read that before sending anything."""
-        while not self._in or len(self._in) < 4 or len(self._in) < 4 + _HEADER.unpack_from(self._in, 0)[0]:
+        while not self._in.ready() and self._in.oversized is None:
             left = deadline - _monotonic()
             if left <= 0:
                 return  # an older sidecar that does not greet: go on without
@@ -566,7 +561,7 @@ class Client:
                 return
             if not data:
                 raise ConnectionResetError("sidecar closed the channel")
-            self._in += data
+            self._in.feed(data)
         self._parse()
 
     def _disconnect(self) -> None:
@@ -637,7 +632,7 @@ class Client:
                             continue
                         if not data:
                             raise ConnectionResetError("sidecar closed the channel")
-                        self._in += data
+                        self._in.feed(data)
                         self._parse()
         finally:
             sel.close()
@@ -675,7 +670,7 @@ class Client:
             time.sleep(0)  # hand the GIL back to the inference between batches (no convoy behind us)
 
     def _row(self, r: Request, end: float) -> list[Any]:
-        """One finished request as a ``requests`` row (``tuner.link.channel.ROW_FIELDS`` order): raw monotonic
+        """One finished request as a ``requests`` row (``tuner.records.ROW_FIELDS`` order): raw monotonic
         stamps; the sidecar derives queue/TTFT/TPOT/e2e from them with the formulas in this module's doc."""
         ids = r.ids
         n = len(ids)
@@ -706,12 +701,12 @@ class Client:
             return 0
         msg = {"v": VERSION, "type": "requests", "rows": rows}
         try:
-            body = _ENCODE_STRICT(msg).encode()
+            body = dumps(msg)
         except TypeError:  # numpy / torch scalars among the ids
             for row in rows:
                 row[ROW_IDS] = _int_ids(row[ROW_IDS])
             try:
-                body = _ENCODE_STRICT(msg).encode()
+                body = dumps(msg)
             except (TypeError, ValueError):
                 return 0
         except ValueError:
@@ -730,28 +725,21 @@ class Client:
             return self._put_rows([row])
         if len(self._out) + len(body) + 4 > OUT_BUFFER_BYTES:
             return 0
-        self._out += _HEADER.pack(len(body))
+        self._out += HEADER.pack(len(body))
         self._out += body
         return len(rows)
 
     def _parse(self) -> None:
-        buf = self._in
-        pos = 0
-        while len(buf) - pos >= 4:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if size > MAX_FRAME:
-                raise ConnectionResetError("oversized frame from the sidecar")
-            if len(buf) - pos - 4 < size:
-                break
-            body = bytes(buf[pos + 4 : pos + 4 + size])
-            pos += 4 + size
+        frames = self._in
+        for body in frames.take():
             try:
                 msg = json.loads(body)
             except ValueError:
                 continue
             if isinstance(msg, dict) and msg.get("v") == VERSION:
                 self._handle(msg)
-        del buf[:pos]
+        if frames.oversized is not None:
+            raise ConnectionResetError("oversized frame from the sidecar")
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -773,13 +761,9 @@ class Client:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
-_ENCODE_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-
-
 def _frame(msg: dict[str, Any]) -> bytes:
-    body = _ENCODE({"v": VERSION, **msg}).encode()
-    return _HEADER.pack(len(body)) + body
+    """A message to the sidecar, framed; a value JSON does not know (a handler's result) goes as its str."""
+    return encode({"v": VERSION, **msg}, lenient=True)
 
 
 def _opt_int(x: Any) -> int | None:
@@ -842,31 +826,8 @@ def _knobs_from(msg: dict[str, Any], old: Knobs) -> Knobs:
 
 
 def default_cleanup(steps: Sequence[str], caches: Sequence[object]) -> dict[str, Any]:
-    """``tuner.integrations.cleanup.run_cleanup`` when it can be imported; else caches + ``gc.collect()``."""
-    import importlib
-
-    try:
-        cleanup: Any = importlib.import_module("tuner.integrations.cleanup")
-    except Exception:
-        cleanup = None
-    if cleanup is not None:
-        result: dict[str, Any] = cleanup.run_cleanup(list(steps), list(caches))
-        return result
-    done: list[dict[str, Any]] = []
-    for step in steps:
-        t = _monotonic()
-        if step == "caches":
-            for cache in caches:
-                with contextlib.suppress(Exception):
-                    cache.clear()  # type: ignore[attr-defined]
-        elif step == "gc":
-            gc.collect()
-        else:
-            done.append({"step": step, "reclaimed_bytes": None, "seconds": 0.0,
-                         "skipped": "needs tuner.integrations.cleanup, which could not be imported"})
-            continue
-        done.append({"step": step, "reclaimed_bytes": None, "seconds": _monotonic() - t})
-    return {"steps": done, "reclaimed_bytes": None, "rss_before_bytes": None, "rss_after_bytes": None}
+    """What a ``cleanup`` command runs without an ``on_cleanup`` handler: ``tuner.reclaim.run_cleanup``."""
+    return reclaim.run_cleanup(list(steps), list(caches))
 
 
 # -- the process-wide client ------------------------------------------------------------------------

@@ -140,3 +140,37 @@ class Applied:
     outcome: str
     previous: Any = None
     result: Mapping[str, Any] = field(default_factory=dict)
+
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
+"""The numeric precisions a model may be switched between (the ``precision`` knob)."""
+BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}
+"""Bits per weight of each precision."""
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_INT = (int, type(None))
+_OPT_STR = (str, type(None))
+ROW_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("id", (int, str)),
+    ("prompt_tokens", _OPT_INT),
+    ("tokens", (int,)),
+    ("created", _NUM),
+    ("started", _OPT_NUM),
+    ("first", _OPT_NUM),
+    ("last", _OPT_NUM),
+    ("n_first", (int,)),
+    ("end", _NUM),
+    ("ids", (list,)),
+    ("batch_size", _OPT_INT),
+    ("batch_capacity", _OPT_INT),
+    ("temperature", _OPT_NUM),
+    ("precision", _OPT_STR),
+    ("loop_min_n", _OPT_INT),
+    ("loop_max_n", _OPT_INT),
+    ("text", _OPT_STR),
+)
+"""A finished request as one row of the channel's ``requests`` message (``tuner.client`` writes rows in this
+order, ``tuner.link.channel`` checks and expands them): field name and the Python types it may hold."""
+ROW_IDS = [name for name, _ in ROW_FIELDS].index("ids")
+ROW_TEXT = [name for name, _ in ROW_FIELDS].index("text")

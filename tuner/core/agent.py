@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from tuner.core.actuator import Actuator
 from tuner.core.arbiter import Arbiter
 from tuner.core.window import Window
-from tuner.policies.base import BITS, COMMAND_KNOBS, Policy
-from tuner.records import Action, Applied, Event, Knobs
+from tuner.policies.base import COMMAND_KNOBS, Policy
+from tuner.records import BITS, Action, Applied, Event, Knobs
 
 KNOB_COLUMNS: tuple[tuple[str, str], ...] = (
     ("temperature", "knob_temperature"),

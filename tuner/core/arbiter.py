@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.policies.base import PRECISIONS, Bounds
-from tuner.records import Action, Knobs
+from tuner.policies.base import Bounds
+from tuner.records import BITS, PRECISIONS, Action, Knobs
 
 
 @dataclass(frozen=True)
@@ -208,4 +208,4 @@ def _clamp(b: Bounds, value: float, *, integer: bool) -> float | None:
 
 
 def _bits(p: str | None) -> int:
-    return {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}.get(p or "fp32", 32)
+    return BITS.get(p or "fp32", 32)

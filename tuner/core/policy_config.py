@@ -20,11 +20,12 @@ from typing import Any
 import tomllib
 
 from tuner.errors import UserError
-from tuner.policies.base import PRECISIONS, Bounds, Policy
+from tuner.policies.base import Bounds, Policy
 from tuner.policies.batch_size import BatchConfig, BatchSizePolicy
 from tuner.policies.cleanup import STEPS, CleanupConfig, CleanupPolicy
 from tuner.policies.precision import PrecisionConfig, PrecisionPolicy
 from tuner.policies.temperature import TemperatureConfig, TemperaturePolicy
+from tuner.records import BITS, PRECISIONS
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "policies" / "presets"
 PRESETS: tuple[str, ...] = ("interactive", "offline", "edge")
@@ -274,7 +275,6 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
     elif isinstance(cfg, PrecisionConfig):
         if not cfg.ladder or any(p not in PRECISIONS for p in cfg.ladder):
             raise fail(f"{pname}.ladder must list precisions from {', '.join(PRECISIONS)}, got {list(cfg.ladder)}")
-        from tuner.policies.base import BITS
 
         bits = [BITS[p] for p in cfg.ladder]
         if bits != sorted(bits, reverse=True) or len(set(cfg.ladder)) != len(cfg.ladder):

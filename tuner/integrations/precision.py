@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from tuner.integrations.cleanup import rss_bytes
+from tuner.records import BITS, PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

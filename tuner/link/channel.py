@@ -1,12 +1,13 @@
 """The sidecar's end of the channel to ``tuner.client``: a Unix socket, one background thread.
 
-Security: the socket lives in a private directory (0700, from ``tempfile.mkdtemp``) and is itself 0600;
-every connection's peer is checked with ``SO_PEERCRED`` and any uid other than ours is refused — told
-why in one ``refused`` frame (``{"type": "refused", "reason": ...}``), then closed, counted
-(``stats()["rejected_peers"]``) and kept for ``refusals()`` (the output probe puts them in the trace).
+The socket and its connections are ``tuner.link.server``'s (shared with the live feed): a private 0700
+directory from ``tempfile.mkdtemp`` unless one is given, a socket born 0600, and every connection's peer
+checked with ``SO_PEERCRED``: any uid other than ours is refused — told why in one ``refused`` frame
+(``{"type": "refused", "reason": ...}``), then closed, counted (``stats()["rejected_peers"]``) and kept
+for ``refusals()`` (the output probe puts them in the trace).
 
-Wire format (both directions): a 4-byte big-endian length, then that many bytes of UTF-8 JSON holding
-one object ``{"v": 1, "type": ..., ...}``.  Never pickle.  A frame that is oversized
+Wire format (both directions, ``tuner.link.wire``): a 4-byte big-endian length, then that many bytes of
+UTF-8 JSON holding one object ``{"v": 1, "type": ..., ...}``.  Never pickle.  A frame that is oversized
 (``> max_message_bytes``), not JSON, not an object, of another version, of an unknown type or with
 fields of the wrong type is dropped and counted (``stats()["malformed"]``), and *that* connection is
 closed; everybody else goes on being served.
@@ -30,26 +31,18 @@ it wait, so it cannot starve the others.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import selectors
-import shutil
 import socket
-import struct
-import tempfile
-import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
-from tuner.records import Knobs
+from tuner.link.server import Conn, UnixServer
+from tuner.link.wire import VERSION, PeerCred, dumps, frame
+from tuner.records import ROW_FIELDS, ROW_IDS, Knobs
 
-VERSION = 1
-HEADER = struct.Struct(">I")
-READ_CHUNK = 64 * 1024
 MESSAGES_PER_TURN = 64
 MAX_CLIENTS = 256
 OUT_BUFFER_BYTES = 1 << 20
@@ -57,8 +50,6 @@ QUEUE_MESSAGES = 20_000
 QUEUE_BYTES = 32 << 20
 EVENTS_KEPT = 1024
 MIN_SHARE = 16
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # EPIPE, never SIGPIPE, on a peer that hung up
-
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
 _OPT_STR = (str, type(None))
@@ -103,39 +94,13 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 
-# A ``requests`` message batches finished requests as rows (lists) in this order: raw monotonic stamps from
-# the client; the server derives the seconds the ``request`` messages carry (see ``expand_rows``).
-ROW_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
-    ("id", (int, str)),
-    ("prompt_tokens", (int, type(None))),
-    ("tokens", (int,)),
-    ("created", _NUM),
-    ("started", _OPT_NUM),
-    ("first", _OPT_NUM),
-    ("last", _OPT_NUM),
-    ("n_first", (int,)),
-    ("end", _NUM),
-    ("ids", _LIST),
-    ("batch_size", (int, type(None))),
-    ("batch_capacity", (int, type(None))),
-    ("temperature", _OPT_NUM),
-    ("precision", _OPT_STR),
-    ("loop_min_n", (int, type(None))),
-    ("loop_max_n", (int, type(None))),
-    ("text", _OPT_STR),
-)
-
-
 class MessageError(ValueError):
     """A frame that breaks the protocol (the connection that sent it gets closed)."""
 
 
 def encode(msg: dict[str, Any]) -> bytes:
     """One frame: length prefix + compact UTF-8 JSON (``v`` added when missing)."""
-    if "v" not in msg:
-        msg = {"v": VERSION, **msg}
-    body = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
-    return HEADER.pack(len(body)) + body
+    return frame(dumps(msg if "v" in msg else {"v": VERSION, **msg}))
 
 
 def _no_constant(name: str) -> Any:
@@ -177,7 +142,7 @@ def validate(body: bytes) -> dict[str, Any]:
                     raise MessageError(f"requests: bad {name}")
                 if type(value) is int and abs(value) > 1 << 63:
                     raise MessageError(f"requests: {name} out of range")
-            _check_ids(row[9])
+            _check_ids(row[ROW_IDS])
     return msg
 
 
@@ -213,60 +178,21 @@ def expand_rows(msg: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def peer_refusal(pid: int, uid: int, my_uid: int) -> str | None:
-    """Why a peer may not use the channel (None when it may).  Only the sidecar's own user may talk to
-    it — not even root when the sidecar is not root; a peer whose credentials cannot be read is refused."""
-    if uid == my_uid and uid >= 0:
-        return None
-    if uid < 0:
-        return "the peer's credentials could not be read (SO_PEERCRED): refused"
-    return f"process {pid} runs as uid {uid}; only uid {my_uid}, the user running the tuner, may use this channel"
+class _Conn(Conn):
+    __slots__ = ("outbuf",)
+
+    def __init__(self, sock: socket.socket, n: int, pid: int, uid: int, max_frame: int) -> None:
+        super().__init__(sock, n, pid, uid, max_frame)
+        self.outbuf = bytearray()  # frames queued by any thread (lock held), not yet taken for sending
 
 
-def peer_allowed(uid: int, my_uid: int) -> bool:
-    """Only the sidecar's own user may talk to it (not even root, when the sidecar is not root)."""
-    return peer_refusal(-1, uid, my_uid) is None
-
-
-PeerCred = Callable[[socket.socket], tuple[int, int, int]]
-
-
-def so_peercred(sock: socket.socket) -> tuple[int, int, int]:
-    """``(pid, uid, gid)`` of a connected Unix-socket peer, as the kernel recorded them at connect."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-class _Conn:
-    __slots__ = (
-        "closed",
-        "connected_at",
-        "inbuf",
-        "n",
-        "outbuf",
-        "pid",
-        "registered",
-        "sock",
-        "uid",
-        "want_write",
-    )
-
-    def __init__(self, sock: socket.socket, n: int, pid: int, uid: int) -> None:
-        self.sock = sock
-        self.n = n
-        self.pid = pid
-        self.uid = uid
-        self.connected_at = time.monotonic()
-        self.inbuf = bytearray()
-        self.outbuf = bytearray()
-        self.want_write = False
-        self.registered = False
-        self.closed = False
-
-
-class ChannelServer:
+class ChannelServer(UnixServer[_Conn]):
     """The Unix-socket server the inference's ``tuner.client`` connects to (path goes in ``TUNER_SOCKET``)."""
+
+    thread_name = "tuner-channel"
+    accept_per_turn = 64
+    listen_backlog = 64
+    messages_per_turn = MESSAGES_PER_TURN
 
     def __init__(
         self,
@@ -280,25 +206,16 @@ class ChannelServer:
         max_clients: int = MAX_CLIENTS,
     ) -> None:
         self.max_message_bytes = max_message_bytes
-        self._peer_cred = peer_cred or so_peercred
         self._queue_messages = queue_messages
         self._queue_bytes = queue_bytes
         self._out_cap = out_buffer_bytes
         self._max_clients = max_clients
-        self._my_uid = os.getuid()
-        self._own_dir = directory is None
-        self.directory = tempfile.mkdtemp(prefix="tuner-") if directory is None else directory
-        self.path = os.path.join(self.directory, "channel.sock")
-        self._lock = threading.Lock()
         # the inbound queue, one FIFO per connection: (arrival, message, size); drained round-robin
         self._queues: dict[int, deque[tuple[float, dict[str, Any], int]]] = {}
         self._queued = 0
         self._queued_bytes = 0
         self._events: deque[tuple[float, dict[str, Any]]] = deque(maxlen=EVENTS_KEPT)
         self._refused: deque[dict[str, Any]] = deque(maxlen=64)
-        self._conns: dict[int, _Conn] = {}
-        self._backlog: set[int] = set()  # connections holding complete frames not yet parsed (loop thread)
-        self._next_conn = 0
         self._welcome: dict[str, Any] = {"max_message_bytes": max_message_bytes}
         self._knobs_frame: bytes | None = None
         self._counts = {
@@ -310,38 +227,13 @@ class ChannelServer:
             "refused_full": 0,
             "connections": 0,
         }
-        self._sel = selectors.DefaultSelector()
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            old = os.umask(0o177)  # the socket is born 0600: no window in which others may connect
-            try:
-                self._listener.bind(self.path)
-            finally:
-                os.umask(old)
-            os.chmod(self.path, 0o600)
-            self._listener.listen(64)
-            self._listener.setblocking(False)
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_r.setblocking(False)
-            self._wake_w.setblocking(False)
-        except BaseException:
-            self._listener.close()
-            if self._own_dir:
-                shutil.rmtree(self.directory, ignore_errors=True)
-            raise
-        self._sel.register(self._listener, selectors.EVENT_READ, None)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        path = None if directory is None else os.path.join(directory, "channel.sock")
+        super().__init__(
+            path, dir_prefix="tuner-", sock_name="channel.sock", max_frame=max_message_bytes, peer_cred=peer_cred
+        )
+        self.directory = os.path.dirname(self.path)
 
     # -- public API (any thread) --------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tuner-channel", daemon=True)
-            self._thread.start()
-
     def drain(self, max_messages: int | None = None) -> list[tuple[float, dict[str, Any]]]:
         """What was received since the last call, in arrival order: ``(monotonic arrival, message)``, and
         every connect/disconnect.  With ``max_messages``, at most that many client messages, taken
@@ -391,32 +283,32 @@ class ChannelServer:
         """Options every client is told on connect (e.g. ``record_text=True``); sent to current ones too."""
         with self._lock:
             self._welcome.update(options)
-            frame = encode({"type": "welcome", **self._welcome})
+            welcome = encode({"type": "welcome", **self._welcome})
             for c in self._conns.values():
-                self._queue_out(c, frame)
+                self._queue_out(c, welcome)
         self._wake()
 
     def broadcast_knobs(self, knobs: Knobs) -> int:
         """Push the knobs to every connected client; returns how many took them.  Once one did, clients that
         connect later get them too; knobs no client took are dropped (the caller records a failure)."""
-        frame = encode({"type": "knobs", **knobs.as_dict()})
+        knobs_frame = encode({"type": "knobs", **knobs.as_dict()})
         with self._lock:
             reached = 0
             for c in self._conns.values():
-                reached += self._queue_out(c, frame)
+                reached += self._queue_out(c, knobs_frame)
             if reached:
-                self._knobs_frame = frame
+                self._knobs_frame = knobs_frame
         self._wake()
         return reached
 
     def send_command(self, cmd: str, args: dict[str, Any]) -> str | None:
         """Ask every connected client to run ``cmd``; the id comes back in their ``command_result``."""
         cid = uuid.uuid4().hex[:12]
-        frame = encode({"type": "command", "id": cid, "cmd": cmd, "args": args})
+        command = encode({"type": "command", "id": cid, "cmd": cmd, "args": args})
         sent = False
         with self._lock:
             for c in self._conns.values():
-                sent = self._queue_out(c, frame) or sent
+                sent = self._queue_out(c, command) or sent
         if not sent:
             return None
         self._wake()
@@ -432,24 +324,6 @@ class ChannelServer:
         with self._lock:
             return {**self._counts, "clients": len(self._conns), "queued": self._queued}
 
-    def close(self) -> None:
-        self._stop = True
-        self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
-        with self._lock:
-            for c in list(self._conns.values()):
-                self._drop_conn(c, event=False)
-        for s in (self._listener, self._wake_r, self._wake_w):
-            with contextlib.suppress(Exception):
-                self._sel.unregister(s)
-            s.close()
-        self._sel.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        if self._own_dir:  # the session may have put its observer socket here too: it is closing as well
-            shutil.rmtree(self.directory, ignore_errors=True)
-
     def __enter__(self) -> ChannelServer:
         self.start()
         return self
@@ -457,20 +331,58 @@ class ChannelServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- internals (lock held where noted) ----------------------------------------------------------
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0", _NOSIGNAL)
+    # -- the server's hooks (lock held where noted) -------------------------------------------------
+    def _admit(self, sock: socket.socket, n: int, pid: int, uid: int) -> _Conn | None:
+        """Lock held."""
+        if len(self._conns) >= self._max_clients:
+            self._counts["refused_full"] += 1
+            return None
+        c = _Conn(sock, n, pid, uid, self.max_message_bytes)
+        self._counts["connections"] += 1
+        self._queue_out(c, encode({"type": "welcome", **self._welcome}))
+        if self._knobs_frame is not None:
+            self._queue_out(c, self._knobs_frame)
+        self._events.append(
+            (c.connected_at, {"v": VERSION, "type": "client_connect", "pid": pid, "uid": uid, "conn": c.n})
+        )
+        return c
 
-    def _queue_out(self, c: _Conn, frame: bytes) -> bool:
+    def _refusal_frame(self, reason: str) -> bytes:
+        return encode({"type": "refused", "reason": reason})
+
+    def _on_refused(self, pid: int, uid: int, reason: str) -> None:
+        """Lock held."""
+        self._counts["rejected_peers"] += 1
+        self._refused.append({"pid": pid, "uid": uid, "reason": reason})
+
+    def _queue_out(self, c: _Conn, data: bytes) -> bool:
         """Lock held.  Append a frame to a connection's output; drop and count it when the buffer is full."""
         if c.closed:
             return False
-        if len(c.outbuf) + len(frame) > self._out_cap:
+        if len(c.outbuf) + len(c.pending) + len(data) > self._out_cap:
             self._counts["out_dropped"] += 1
             return False
-        c.outbuf += frame
+        c.outbuf += data
         return True
+
+    def _take_out(self, c: _Conn) -> bytearray | None:
+        """Lock held."""
+        out = c.outbuf
+        if not out:
+            return None
+        c.outbuf = bytearray()
+        return out
+
+    def _has_out(self, c: _Conn) -> bool:
+        return bool(c.outbuf)
+
+    def _on_drop(self, c: _Conn, event: bool) -> None:
+        """Lock held."""
+        c.outbuf = bytearray()
+        if event:
+            self._events.append(
+                (time.monotonic(), {"v": VERSION, "type": "client_disconnect", "pid": c.pid, "uid": c.uid, "conn": c.n})
+            )
 
     def _share(self) -> int:
         """Lock held.  The queued messages one connection may hold: half the queue split between them."""
@@ -487,127 +399,19 @@ class ChannelServer:
         self._queued_bytes -= size
         self._counts["dropped"] += 1
 
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                ready = self._sel.select(timeout=0 if self._backlog else 0.5)
-            except OSError:
-                if self._stop:
-                    return
-                raise
-            for key, mask in ready:
-                if self._stop:
-                    return
-                try:
-                    if key.data is None:
-                        self._accept()
-                    elif key.data == "wake":
-                        with contextlib.suppress(OSError):
-                            while self._wake_r.recv(4096):
-                                pass
-                    else:
-                        conn: _Conn = key.data
-                        if mask & selectors.EVENT_READ:
-                            self._read(conn)
-                        if mask & selectors.EVENT_WRITE and not conn.closed:
-                            with self._lock:
-                                self._flush(conn)
-                except Exception:  # one bad connection must never stop the server
-                    if isinstance(key.data, _Conn):
-                        with self._lock:
-                            self._drop_conn(key.data)
-            served = {key.data.n for key, _ in ready if isinstance(key.data, _Conn)}
-            for n in list(self._backlog - served):
-                c = self._conns.get(n)
-                if c is None:
-                    self._backlog.discard(n)
-                    continue
-                try:
-                    self._parse(c)
-                except Exception:
-                    with self._lock:
-                        self._drop_conn(c)
-            with self._lock:
-                for c in list(self._conns.values()):
-                    if c.outbuf and not c.want_write:
-                        self._flush(c)
-
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                time.sleep(0.05)  # EMFILE and friends: the listener stays readable; do not spin on it
-                return
-            try:
-                pid, uid, _gid = self._peer_cred(sock)
-            except OSError:
-                pid, uid = -1, -1
-            with self._lock:
-                refusal = peer_refusal(pid, uid, self._my_uid)
-                if refusal is not None:
-                    self._counts["rejected_peers"] += 1
-                    with contextlib.suppress(OSError):  # one frame saying why, never waiting on the peer
-                        sock.send(encode({"type": "refused", "reason": refusal}), socket.MSG_DONTWAIT | _NOSIGNAL)
-                    sock.close()
-                    self._refused.append({"pid": pid, "uid": uid, "reason": refusal})
-                    continue
-                if len(self._conns) >= self._max_clients:
-                    self._counts["refused_full"] += 1
-                    sock.close()
-                    continue
-                sock.setblocking(False)
-                self._next_conn += 1
-                c = _Conn(sock, self._next_conn, pid, uid)
-                self._conns[c.n] = c
-                self._counts["connections"] += 1
-                self._queue_out(c, encode({"type": "welcome", **self._welcome}))
-                if self._knobs_frame is not None:
-                    self._queue_out(c, self._knobs_frame)
-                self._events.append(
-                    (c.connected_at, {"v": VERSION, "type": "client_connect", "pid": pid, "uid": uid, "conn": c.n})
-                )
-                self._set_interest(c)
-
-    def _read(self, c: _Conn) -> None:
-        """Take more bytes only when no complete frame of this connection waits (backpressure), then parse.
-
-        So its input holds at most one incomplete frame (<= max_message_bytes) plus one read."""
-        if c.n in self._backlog:
-            self._parse(c)
-            return
-        try:
-            data = c.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._parse(c, limit=None)  # what it sent before closing still counts
-            with self._lock:
-                self._drop_conn(c)
-            return
-        c.inbuf += data
-        self._parse(c)
-
-    def _parse(self, c: _Conn, limit: int | None = MESSAGES_PER_TURN) -> None:
-        """Validate up to ``limit`` complete frames; a connection with more waits for its next turn."""
-        buf = c.inbuf
+    def _on_input(self, c: _Conn, limit: int | None) -> None:
+        """Validate frames until ``limit`` messages (a ``requests`` frame counts its rows); the first bad
+        frame closes ``c``."""
         now = time.monotonic()
         good: list[tuple[dict[str, Any], int]] = []
+        frames = c.frames
         bad = False
-        pos = 0
-        while len(buf) - pos >= 4 and (limit is None or len(good) < limit):
-            (size,) = HEADER.unpack_from(buf, pos)
-            if size > self.max_message_bytes:
-                bad = True
+        while limit is None or len(good) < limit:
+            body = frames.pop()
+            if body is None:
+                bad = frames.oversized is not None
                 break
-            if len(buf) - pos - 4 < size:
-                break
-            body = bytes(buf[pos + 4 : pos + 4 + size])
-            pos += 4 + size
+            size = len(body)
             try:
                 msg = validate(body)
             except MessageError:
@@ -622,11 +426,6 @@ class ChannelServer:
             msg["pid"] = c.pid
             msg["conn"] = c.n
             good.append((msg, size))
-        del buf[:pos]
-        if not bad and len(buf) >= 4 and len(buf) - 4 >= HEADER.unpack_from(buf, 0)[0]:
-            self._backlog.add(c.n)  # a complete frame is still waiting
-        else:
-            self._backlog.discard(c.n)
         with self._lock:
             share = self._share()
             q = self._queues.get(c.n)
@@ -647,55 +446,5 @@ class ChannelServer:
                 q = self._queues.get(c.n)  # None if dropping emptied it: made again for the next message
             if bad:
                 self._counts["malformed"] += 1
-                self._drop_conn(c)
-
-    def _flush(self, c: _Conn) -> None:
-        """Lock held.  Write what the socket takes now; watch for writability while anything is left."""
-        if c.closed:
-            return
-        if c.outbuf:
-            try:
-                n = c.sock.send(c.outbuf, _NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError:
-                self._drop_conn(c)
-                return
-            del c.outbuf[:n]
-        want = bool(c.outbuf)
-        if want != c.want_write:
-            c.want_write = want
-            self._set_interest(c)
-
-    def _set_interest(self, c: _Conn) -> None:
-        """Lock held.  Watch ``c`` for reading, and for writing while output waits."""
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.want_write else 0)
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            if not events:
-                if c.registered:
-                    c.registered = False
-                    self._sel.unregister(c.sock)
-            elif c.registered:
-                self._sel.modify(c.sock, events, c)
-            else:
-                self._sel.register(c.sock, events, c)
-                c.registered = True
-
-    def _drop_conn(self, c: _Conn, *, event: bool = True) -> None:
-        """Lock held."""
-        if c.closed:
-            return
-        c.closed = True
-        self._conns.pop(c.n, None)
-        if c.registered:
-            c.registered = False
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._sel.unregister(c.sock)
-        c.sock.close()
-        c.inbuf = bytearray()
-        c.outbuf = bytearray()
-        self._backlog.discard(c.n)
-        if event:
-            self._events.append(
-                (time.monotonic(), {"v": VERSION, "type": "client_disconnect", "pid": c.pid, "uid": c.uid, "conn": c.n})
-            )
+        if bad:
+            self._drop(c)
