@@ -534,6 +534,7 @@ class EngineProbe:
             self._fetcher = None
             self._reason = str(exc)
         self._lock = threading.Lock()
+        self._scrape_lock = threading.Lock()
         self._values: dict[str, Value] = {}
         self._good_at: float | None = None
         self._notes: list[tuple[str, str]] = []
@@ -658,7 +659,12 @@ class EngineProbe:
                 return
 
     def scrape_once(self) -> bool:
-        """Fetch and parse once (the thread's turn; ``tuner probes`` calls it directly).  True when good."""
+        """Fetch and parse once (the thread's turn; ``tuner probes`` and the proxy's cleanup, measuring what it
+        freed, call it too: one scrape at a time).  True when good."""
+        with self._scrape_lock:
+            return self._scrape()
+
+    def _scrape(self) -> bool:
         if self._fetcher is None or self.stopped:
             return False
         t0 = self.clock()

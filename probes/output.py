@@ -62,6 +62,9 @@ METRICS: dict[str, str] = {
     "alloc_reserved_bytes": "bytes",
 }
 
+PASSED_ON: tuple[str, ...] = ("aborted", "answer_ttft_seconds")
+"""Request fields kept as the client sent them: ``aborted`` (``client`` / ``upstream``: a stream cut short, its
+tokens those generated until then), ``answer_ttft_seconds`` (a reasoning model's first answer token)."""
 WINDOW_KEEP = 20_000  # rolling values over the latest 20k requests at most: each sample sorts the window
 DROP_NOTE_EVERY_S = 5.0
 MAX_MESSAGES_PER_SECOND = 5_000  # what one sample takes from the channel, at most, per second since the last
@@ -324,6 +327,9 @@ class OutputProbe:
         }
         if self.record_text and isinstance(msg.get("text"), str):
             data["text"] = msg["text"]
+        for key in PASSED_ON:  # what only some clients know (the proxy): present when they do
+            if key in msg:
+                data[key] = msg[key]
         return Event(t, "request", data)
 
     def _window_stats(self, win: list[_Done]) -> dict[str, float | None]:

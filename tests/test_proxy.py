@@ -200,6 +200,7 @@ class Fake:
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.chat, methods=["POST"]),
+            Route("/metrics", lambda r: Response(b"Not Found", status_code=404), methods=["GET"]),  # no engine page
             Route("/{path:path}", self.other, methods=["GET", "POST", "PUT", "DELETE"]),
         ])
 
@@ -560,7 +561,9 @@ def test_error_paths(tmp_path: Path, fake: tuple[Fake, AppServer]) -> None:
         assert json.loads(lines[-1][5:])["error"]["type"] == "upstream_unavailable"
     finally:
         p.stop()
-    assert not [e for e in read_trace(tmp_path / "e.jsonl").events if e.kind == "request"]  # none finished
+    # none finished; the stream the upstream broke off is recorded as aborted, with what it had generated
+    (cut,) = [e.data for e in read_trace(tmp_path / "e.jsonl").events if e.kind == "request"]
+    assert cut["aborted"] == "upstream" and cut["tokens"] == 2
 
     # upstream down -> 502
     with socket.socket() as s:
@@ -611,8 +614,8 @@ def test_a_client_leaving_mid_stream_cancels_the_upstream(tmp_path: Path) -> Non
     finally:
         p.stop()
         up.close()
-    reqs = [e for e in read_trace(tmp_path / "x.jsonl").events if e.kind == "request"]
-    assert reqs == []  # an abandoned request is not a finished one
+    (r,) = [e.data for e in read_trace(tmp_path / "x.jsonl").events if e.kind == "request"]
+    assert r["aborted"] == "client" and 3 <= r["tokens"] < 200  # recorded as aborted, with the tokens so far
 
 
 def test_listen_address_checks() -> None:

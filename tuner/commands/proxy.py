@@ -30,6 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public", action="store_true", help="allow --listen on a non-loopback address")
     p.add_argument("--pid", type=int, metavar="PID", help="also sample the server's process tree (else system-wide)")
     p.add_argument("--tui", action="store_true", help="show the live dashboard; q stops the proxy")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=("auto", "vllm", "sglang", "tgi", "llamacpp"), default="auto",
+                   help="the upstream's engine, which decides how knobs are sent (the repetition penalty's field "
+                   "name) and what usage is asked for; auto (default): recognised from its /metrics page")
+    e.add_argument("--engine-metrics", metavar="URL",
+                   help="the engine's Prometheus page (default: the upstream's origin + /metrics), scraped once a "
+                   "second: KV-cache usage, running and waiting requests, preemptions, the engine's token rate")
+    e.add_argument("--no-engine-metrics", action="store_true", help="do not scrape the engine's /metrics")
     k = p.add_argument_group("knobs")
     k.add_argument("--temperature-mode", choices=("unset", "always"), default="unset",
                    help="temperature knob: only requests that set none (unset, default) or every request (always)")
@@ -63,6 +71,8 @@ def _bounds(text: str) -> tuple[float, float]:
 
 
 def build_config(args: argparse.Namespace) -> Any:
+    from tuner.commands.run import engine_metrics_url
+    from tuner.probes.engine import metrics_url
     from tuner.proxy.server import ProxyConfig, parse_cleanup, parse_upstream
 
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -71,8 +81,14 @@ def build_config(args: argparse.Namespace) -> Any:
         raise UserError("--timeout and --connect-timeout must be positive")
     if args.max_body_bytes < 1024:
         raise UserError("--max-body-bytes must be at least 1024")
+    upstream = parse_upstream(args.upstream)
+    if args.no_engine_metrics and args.engine_metrics:
+        raise UserError("--engine-metrics and --no-engine-metrics contradict each other: choose one")
+    engine_metrics = None
+    if not args.no_engine_metrics:
+        engine_metrics = engine_metrics_url(args.engine_metrics) if args.engine_metrics else metrics_url(upstream)
     return ProxyConfig(
-        upstream=parse_upstream(args.upstream),
+        upstream=upstream,
         temperature_mode=args.temperature_mode,
         temperature_bounds=_bounds(args.temperature_bounds),
         max_concurrency=args.max_concurrency,
@@ -80,6 +96,8 @@ def build_config(args: argparse.Namespace) -> Any:
         max_body_bytes=args.max_body_bytes,
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
+        engine=args.engine,
+        engine_metrics=engine_metrics,
     )
 
 
@@ -156,21 +174,32 @@ def serve_proxy(
         "temperature_bounds": list(config.temperature_bounds),
         "max_concurrency": config.max_concurrency,
         "cleanup": [f"{m} {t}" for m, t in config.cleanup_urls],
-        "token_unit": "usage.completion_tokens, else one per SSE chunk with text",
+        "engine": config.engine,
+        "engine_metrics": config.engine_metrics,
+        "token_unit": "usage.completion_tokens (the proxy asks for it: stream_options.include_usage, on vLLM "
+        "continuous_usage_stats), else one per SSE chunk with output",
         "repetition_unit": "whitespace-separated words",
     }
     channel = ProxyChannel()
+    extra: list[Any] = []
+    if config.engine_metrics:
+        from tuner.probes.engine import EngineProbe
+
+        extra.append(EngineProbe(config.engine_metrics))
     try:
-        session = Session(opts, command=command, roots=roots, channel=channel)
+        session = Session(opts, command=command, roots=roots, channel=channel, extra_probes=extra)
     except BaseException:
         sock.close()
         channel.close()
+        for p in extra:
+            p.close()
         raise
     if session.agent is not None:  # the policy can only set what the proxy will use: clamp in the arbiter
         arbiter = session.agent.arbiter
         arbiter.bounds = narrow_bounds(arbiter.bounds, temperature=config.temperature_bounds,
                                        batch_max=config.max_concurrency)
     proxy = Proxy(config, channel, log=session.log)
+    proxy.engine_probe = next((p for p in session.probes if p.name == "engine"), None)
     server = _server_class()(
         uvicorn.Config(proxy.app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
                        timeout_keep_alive=30)

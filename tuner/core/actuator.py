@@ -15,6 +15,11 @@ each outcome means, so that nothing that could not take effect is ever recorded 
   full), or the channel knows at once that the command cannot run here (``CommandRefused``: the proxy has
   no way to change a server's precision, or no cleanup call configured); ``result["error"]`` says which.
 - ``dry-run`` — nothing was meant to happen (``--observe-only``, ``tuner replay``).
+- what a channel says of a knob it cannot simply take (``knob_outcome``; the proxy, for the repetition
+  penalty): ``not supported`` (no form for it on this engine), ``rejected by upstream`` (the engine answered a
+  4xx naming the field), or ``pending`` (it goes with the next request; a ``command_result`` follows, recorded
+  as ``applied`` or ``rejected by upstream``).  A ``CommandRefused`` may name its outcome the same way (the
+  proxy: ``not supported`` for an admin call the engine does not serve).
 
 Not checked here: whether the inference code *uses* a knob it was given (``c.knobs``).  Each request event
 records the temperature, batch size and precision it ran with, which is where that shows.
@@ -28,7 +33,12 @@ from tuner.records import Action, Knobs
 
 
 class CommandRefused(Exception):
-    """Raised by a channel's ``send_command`` that knows at once the command cannot run; ``str()`` says why."""
+    """Raised by a channel's ``send_command`` that knows at once the command cannot run; ``str()`` says why,
+    ``outcome`` what to record (``failed``, or ``not supported``)."""
+
+    def __init__(self, why: str, outcome: str = "failed") -> None:
+        super().__init__(why)
+        self.outcome = outcome
 
 
 class Actuator(Protocol):
@@ -59,15 +69,21 @@ class ChannelActuator:
             elif action.knob == "precision":
                 cid = self.channel.send_command("precision", {"precision": action.value})
             else:
+                check = getattr(self.channel, "knob_outcome", None)
+                verdict = check(action.knob, getattr(knobs, action.knob, None)) if check is not None else None
+                if verdict is not None and verdict[0] != "pending":
+                    return verdict
                 # precision travels as a command, never as a knob the client would store unconfirmed
                 n = self.channel.broadcast_knobs(
                     Knobs(knobs.temperature, knobs.repetition_penalty, knobs.batch_size, None)
                 )
                 if not n:
                     return "failed", {"error": NO_CLIENT_KNOBS}
+                if verdict is not None:
+                    return verdict[0], {**verdict[1], "clients": n}
                 return "applied", {"clients": n}
         except CommandRefused as exc:
-            return "failed", {"error": str(exc)}
+            return exc.outcome, {"error": str(exc)}
         except Exception as exc:  # a broken channel is an outcome, never a crash of the sampler thread
             return "failed", {"error": f"{type(exc).__name__}: {exc}"}
         if cid is None:

@@ -30,9 +30,11 @@ KNOB_COLUMNS: tuple[tuple[str, str], ...] = (
     ("batch_size", "knob_batch_size"),
 )
 PENDING_LIMIT = 64
-CARRIED_OUT = ("applied", "clamped", "sent", "dry-run")
-"""Outcomes after which the agent's knobs hold the new value (``sent``: a command on its way; see
-``tuner.core.actuator`` for what each outcome means)."""
+CARRIED_OUT = ("applied", "clamped", "sent", "pending", "dry-run")
+"""Outcomes after which the agent's knobs hold the new value (``sent``: a command on its way; ``pending``: a
+knob the next request carries; see ``tuner.core.actuator`` for what each outcome means)."""
+NOT_TAKEN = ("failed", "not supported", "rejected by upstream")
+"""Outcomes after which nothing changed: no cooldown starts, and the same one again is recorded once."""
 
 
 class TickLike(Protocol):
@@ -218,7 +220,7 @@ class Agent:
         if why:
             result = {**result, "why": why}
         key = (action.policy, action.knob)
-        if outcome == "failed":
+        if outcome in NOT_TAKEN:
             # nothing changed, so no cooldown starts (the arbiter counted the change when it accepted it)
             last = self._changed_before.get(action.knob)
             if last is None:
@@ -226,7 +228,7 @@ class Agent:
             else:
                 self.arbiter.last_change[action.knob] = last
             # the same failure again (a policy retrying while no client is connected): recorded once
-            sig = (repr(action.value), str(result.get("error")))
+            sig = (repr(action.value), f"{outcome}: {result.get('error')}")
             if self._last_failed.get(key) == sig:
                 self._feedback(policy, Applied(t, action, outcome, previous, result))
                 return
@@ -236,7 +238,7 @@ class Agent:
         if outcome in CARRIED_OUT:
             self.knobs = new_knobs
             cid = result.get("command_id")
-            if cid and action.knob in COMMAND_KNOBS and policy is not None:
+            if cid and (action.knob in COMMAND_KNOBS or outcome == "pending") and policy is not None:
                 if len(self.pending) >= PENDING_LIMIT:
                     self.pending.pop(next(iter(self.pending)))
                 self.pending[str(cid)] = (policy, action, previous)
@@ -279,10 +281,16 @@ class Agent:
         error = d.get("error")
         if not ok and action.knob == "precision":
             self.knobs = replace(self.knobs, precision=previous)  # the client refused: nothing changed
+        elif not ok and action.knob not in COMMAND_KNOBS and getattr(self.knobs, action.knob, None) == action.value:
+            self.knobs = replace(self.knobs, **{action.knob: previous})  # a pending knob the inference refused
         out = dict(result)
         if error:
             out["error"] = error
-        self._record(Applied(t, action, "done" if ok else "refused", previous, out))
+        # the inference side may name the outcome (the proxy: ``applied`` / ``rejected by upstream`` for a pending
+        # knob, ``not supported`` for an admin call the engine does not serve); else done / refused
+        named = result.get("outcome")
+        outcome = named if isinstance(named, str) and named else ("done" if ok else "refused")
+        self._record(Applied(t, action, outcome, previous, out))
         try:
             policy.on_result(t, action, ok, result, error if isinstance(error, str) else None)
         except Exception as exc:

@@ -17,26 +17,44 @@ proxy through the same actuator it uses for a socket client.  Each finished requ
 
 - ``created`` = the request reached the proxy; ``started`` = it got a concurrency slot, so
   ``queue_seconds`` is the wait in the proxy's queue;
-- ``first`` / ``last`` = arrival of the first / last chunk holding generated text, so TTFT (queue
-  included) and TPOT = (last - first) / (tokens - tokens in the first chunk);
-- ``tokens`` = ``usage.completion_tokens`` when the server reports it, else one per SSE chunk holding
-  text (vLLM, llama.cpp and TGI send one token a chunk; a server that packs several under-counts);
-  non-streaming responses have no TTFT/TPOT (one piece of text arrives at once);
+- ``first`` / ``last`` = arrival of the first / last chunk holding generated output — answer text, reasoning
+  (``delta.reasoning``; ``reasoning_content`` on older vLLM, SGLang, llama.cpp) or tool-call deltas — so TTFT
+  (queue included) is the first generated token; ``answer_ttft_seconds`` (in the request event) is the first
+  answer text or tool call, later than TTFT for a reasoning model; TPOT = (last - first) / (tokens - tokens
+  in the first chunk);
+- ``tokens`` = what the engine counted: ``usage.completion_tokens``.  The proxy asks for it on every stream
+  (``stream_options.include_usage``; on vLLM also ``continuous_usage_stats``, which puts the running count on
+  every chunk, so a stream cut short still has its exact count) and does not pass to a client what it did not
+  ask for (the usage-only chunk, ``usage`` on each chunk).  Under load vLLM merges several tokens into one
+  chunk: counting chunks would under-count.  Without usage (a server that ignores ``stream_options``): one
+  per chunk with output.  Non-streaming responses have no TTFT/TPOT (one piece of text arrives at once);
+- a stream cut short — the client left, or the upstream broke it — is a request with ``aborted`` =
+  ``client`` / ``upstream`` and the tokens generated until then;
 - repetition (seq-rep-4, rep-32, loop, distinct-2, computed by the output probe) is measured on *words*:
-  the generated text split on whitespace, each word identified by its CRC-32, whatever the chunking
-  (a word split across chunks is one word).  The server's own token ids are not in the stream, and words
-  make the figures comparable across servers with different tokenizers.
+  the generated text (answer and reasoning; tool-call arguments are JSON, not words) split on whitespace,
+  each word identified by its CRC-32, whatever the chunking (a word split across chunks is one word).  The
+  server's own token ids are not in the stream, and words make the figures comparable across servers with
+  different tokenizers.
+
+The engine (``--engine``, default ``auto``: recognised by the engine probe on the upstream's ``/metrics``,
+which the proxy scrapes by default) decides the forms knobs take.
 
 Knobs (from the agent through ``broadcast_knobs``): ``temperature`` rewrites the request JSON (mode
 ``unset``: only when the client set none; ``always``: every request, the client's own value replaced);
-either way the value sent is clamped into ``temperature_bounds``.  ``batch_size`` is a concurrency limit
-on measured requests with a FIFO queue (also capped by ``max_concurrency``).  ``cleanup`` runs the
-configured admin calls against the upstream (e.g. ``POST /reset_prefix_cache`` on vLLM), off unless
-``--cleanup-url`` is given.  ``precision`` cannot be changed over HTTP, nor cleanup without a configured
-call: ``send_command`` refuses at once and the action is recorded as ``failed``.  ``tuner proxy`` narrows the
-policy's temperature and batch bounds to ``temperature_bounds`` / ``max_concurrency`` (``narrow_bounds``), so
-what an action records is what requests get.  ``repetition_penalty`` is not applied (servers spell it
-differently), yet an action on it is recorded as ``applied``: known, left to the engines work.
+either way the value sent is clamped into ``temperature_bounds``.  ``repetition_penalty`` goes in the field
+each engine takes (``PENALTY_FIELDS``: vLLM and SGLang ``repetition_penalty``, llama.cpp ``repeat_penalty``,
+TGI only on ``/v1/completions``), on requests that set none; the actuator records ``not supported`` when the
+engine is unknown, ``pending`` until the first request carrying it is answered — then ``applied``, or
+``rejected by upstream`` when the answer is a 4xx naming the field (that request is sent again without it, and
+the field is not sent there again).  Never ``applied`` for a value no engine took.  ``batch_size`` is a
+concurrency limit on measured requests with a FIFO queue (also capped by ``max_concurrency``).  ``cleanup``
+runs admin calls against the upstream — ``--cleanup-url``, else the engine's own (vLLM: ``POST
+/reset_prefix_cache``, which vLLM serves only with ``VLLM_SERVER_DEV_MODE=1``; a 404/405 is ``not
+supported``, recorded as such and not called again) — and measures what they changed in the engine's
+KV-cache usage (a scrape right before and after).  ``precision`` cannot be changed over HTTP, nor cleanup
+without a call: ``send_command`` refuses at once and the action is recorded as ``failed``.  ``tuner proxy``
+narrows the policy's temperature and batch bounds to ``temperature_bounds`` / ``max_concurrency``
+(``narrow_bounds``), so what an action records is what requests get.
 
 Errors (JSON bodies ``{"error": {"message", "type"}}``): upstream unreachable 502
 ``upstream_unavailable``; upstream timeout 504 ``upstream_timeout``; malformed JSON 400; a body over
@@ -68,6 +86,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -87,6 +106,7 @@ from starlette.types import Receive, Scope, Send
 from tuner.core.actuator import CommandRefused
 from tuner.errors import UserError
 from tuner.link.channel import ROW_FIELDS, expand_rows
+from tuner.probes.engine import ENGINES as ENGINES_SHOWN
 from tuner.records import Knobs
 
 MEASURED = ("/v1/chat/completions", "/v1/completions")
@@ -209,6 +229,36 @@ def word_ids(text: str) -> list[int]:
     return [zlib.crc32(w.encode("utf-8", "replace")) for w in text.split()]
 
 
+# -- engines ---------------------------------------------------------------------------------------------
+ENGINE_NAMES = ("vllm", "sglang", "tgi", "llamacpp")
+PENALTY_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vllm": ("repetition_penalty", MEASURED),  # an "extra" sampling field on both routes
+    "sglang": ("repetition_penalty", MEASURED),
+    "llamacpp": ("repeat_penalty", MEASURED),
+    # TGI: /v1/completions takes repetition_penalty; its chat request has no such field (it would be ignored
+    # silently) and maps presence_penalty to repetition_penalty = presence_penalty + 2.0: no faithful form
+    "tgi": ("repetition_penalty", ("/v1/completions",)),
+}
+"""The repetition penalty's field per engine, and the routes that take it (sources in ``tuner.probes.engine``'s
+notes: vLLM ``protocol.py``, SGLang ``openai/protocol.py``, llama.cpp ``server.cpp``, TGI ``router/src/lib.rs``)."""
+
+
+ENGINE_CLEANUP: dict[str, tuple[tuple[str, str], ...]] = {"vllm": (("POST", "/reset_prefix_cache"),)}
+"""The engines' own admin calls that free memory (vLLM: ``serve/dev/cache/api_router.py``, dev mode only)."""
+
+
+@dataclass
+class _Penalty:
+    """The repetition-penalty knob as the proxy carries it (the channel's lock guards it)."""
+
+    pending: tuple[str, float] | None = None
+    """(command id, value) of a change no request has carried yet."""
+    accepted: set[str] = field(default_factory=set)
+    """Engines whose answer to a request carrying the field was a success."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Engine -> why (the upstream's 4xx naming the field); the field is no longer sent there."""
+
+
 # -- the in-process channel the session reads ---------------------------------------------------------
 class ProxyChannel:
     """The channel API (``tuner.link.channel.ChannelServer``'s) for a client living in this process: the proxy.
@@ -223,7 +273,7 @@ class ProxyChannel:
         self.directory = tempfile.mkdtemp(prefix="tuner-proxy-")
         self.path = os.path.join(self.directory, "in-process")
         self._lock = threading.Lock()
-        self._rows: list[tuple[float, list[Any]]] = []
+        self._rows: list[tuple[float, list[Any], dict[str, Any] | None]] = []
         self._control: list[tuple[float, dict[str, Any]]] = []
         self._connected = time.monotonic()
         self._announced = False
@@ -233,6 +283,7 @@ class ProxyChannel:
         self.failed = 0
         self.active = 0
         self.proxy: Proxy | None = None  # set by the app at start-up (knobs and commands go there)
+        self.penalty = _Penalty()
 
     # channel side (sampler thread)
     def drain(self) -> list[tuple[float, dict[str, Any]]]:
@@ -244,13 +295,15 @@ class ProxyChannel:
             self._announced = True
             out.append((self._connected, {"type": "client_connect", "pid": os.getpid(), "uid": os.getuid(),
                                           "conn": 0}))
-        for arrived, row in rows:
+        for arrived, row, extra in rows:
             text = row[_ROW_INDEX["text"]]
             row[_ROW_INDEX["ids"]] = word_ids(text) if text else []  # here, off the proxy's event loop
             if not self.record_text:
                 row[_ROW_INDEX["text"]] = None
             for msg in expand_rows({"rows": [row]}):
                 msg["pid"] = os.getpid()
+                if extra:
+                    msg.update(extra)
                 out.append((arrived, msg))
         out.extend(control)
         now = time.monotonic()
@@ -276,6 +329,72 @@ class ProxyChannel:
             self.proxy.knobs_changed()
         return 1
 
+    def knob_outcome(self, knob: str, value: Any) -> tuple[str, dict[str, Any]] | None:
+        """Asked by the actuator before a knob change: None when it simply applies (temperature, batch size,
+        a penalty field this upstream has accepted before); else the outcome to record instead of
+        ``applied``: ``not supported`` (no form for this engine), ``rejected by upstream`` (it answered 4xx
+        naming the field), or ``pending`` with a ``command_id`` — the field goes on the next request and the
+        upstream's answer decides (a ``command_result`` follows: ``applied`` or ``rejected by upstream``)."""
+        if knob != "repetition_penalty" or value is None:
+            return None
+        proxy = self.proxy
+        engine = proxy.engine() if proxy is not None else None
+        if engine is None:
+            return "not supported", {"error": "the upstream's engine is not known, so neither is the "
+                                     "name of its repetition penalty (tuner proxy --engine vllm|sglang|tgi|llamacpp, "
+                                     "or let it read the engine's /metrics)"}
+        with self._lock:
+            pen = self.penalty
+            if pen.rejected.get(engine):
+                return "rejected by upstream", {"error": pen.rejected[engine], "engine": engine}
+            if engine in pen.accepted:
+                return None
+            cid = uuid.uuid4().hex[:12]
+            old, pen.pending = pen.pending, (cid, float(value))
+        if old is not None:  # never carried by a request: the newer value replaces it
+            self.post_result(old[0], "repetition_penalty", False,
+                             {"outcome": "superseded", "value": old[1]}, "replaced before any request carried it")
+        field_name = PENALTY_FIELDS[engine][0]
+        return "pending", {"command_id": cid, "engine": engine, "field": field_name,
+                           "why": f"sent as {field_name!r} on the next request; the upstream's answer decides"}
+
+    def penalty_for(self, engine: str) -> tuple[bool, str | None]:
+        """Whether the penalty field may go to this engine, and the pending change's command id when this
+        request is the first to carry it (its answer decides; see ``penalty_answer``)."""
+        with self._lock:
+            pen = self.penalty
+            if engine in pen.rejected:
+                return False, None
+            if pen.pending is None:
+                return True, None
+            cid, pen.pending = pen.pending[0], None
+            return True, cid
+
+    def penalty_refused(self, engine: str, why: str) -> None:
+        with self._lock:
+            self.penalty.rejected[engine] = why
+
+    def penalty_answer(self, cid: str, engine: str, name: str, value: float, status: int | None,
+                       accepted: bool | None, message: str = "") -> None:
+        """The upstream answered the request that carried a pending change: ``accepted`` (2xx), rejected (a 4xx
+        naming the field), or None (inconclusive: another error) — the next request carries it again."""
+        result: dict[str, Any] = {"engine": engine, "field": name, "value": value, "status": status}
+        with self._lock:
+            pen = self.penalty
+            if accepted is None:
+                if pen.pending is None:
+                    pen.pending = (cid, value)
+                return
+            if accepted:
+                pen.accepted.add(engine)
+            else:
+                pen.rejected[engine] = f"rejected by upstream: HTTP {status} naming {name!r}: {message[:200]}"
+        if accepted:
+            self.post_result(cid, "repetition_penalty", True, {**result, "outcome": "applied"}, None)
+        else:
+            self.post_result(cid, "repetition_penalty", False, {**result, "outcome": "rejected by upstream"},
+                             self.penalty.rejected[engine])
+
     def send_command(self, cmd: str, args: dict[str, Any]) -> str | None:
         """Cleanup runs the configured admin calls (its result comes back as a ``command_result``); anything
         the proxy cannot do raises ``CommandRefused`` at once, so the action is recorded as failed, never as
@@ -285,8 +404,13 @@ class ProxyChannel:
             raise CommandRefused("the proxy cannot change the server's precision (no such call in the OpenAI API)")
         if cmd != "cleanup":
             raise CommandRefused(f"the proxy does not support {cmd!r}")
-        if proxy is None or not proxy.config.cleanup_urls:
-            raise CommandRefused("no cleanup calls configured (tuner proxy --cleanup-url PATH)")
+        if proxy is None or not proxy.cleanup_calls():
+            raise CommandRefused("no cleanup call for this engine (vLLM: POST /reset_prefix_cache; others: tuner "
+                                 "proxy --cleanup-url PATH)")
+        gone = [proxy.admin_unsupported[f"{m} {t}"] for m, t in proxy.cleanup_calls()
+                if f"{m} {t}" in proxy.admin_unsupported]
+        if len(gone) == len(proxy.cleanup_calls()):
+            raise CommandRefused("not supported: " + "; ".join(gone), outcome="not supported")
         if proxy.loop is None:
             raise CommandRefused("the proxy is not serving yet")
         cid = uuid.uuid4().hex[:12]
@@ -297,9 +421,10 @@ class ProxyChannel:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     # proxy side (loop thread)
-    def post_row(self, row: list[Any]) -> None:
+    def post_row(self, row: list[Any], extra: dict[str, Any] | None = None) -> None:
+        """A finished request; ``extra`` fields join its ``request`` event (``aborted``, ``answer_ttft_seconds``)."""
         with self._lock:
-            self._rows.append((time.monotonic(), row))
+            self._rows.append((time.monotonic(), row, extra))
             self._received += 1
 
     def post_result(self, cid: str, cmd: str, ok: bool, result: dict[str, Any] | None, error: str | None) -> None:
@@ -320,6 +445,10 @@ class ProxyConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     timeout: float = 600.0
     connect_timeout: float = 5.0
+    engine: str = "auto"
+    """``vllm``, ``sglang``, ``tgi``, ``llamacpp``, or ``auto``: what the engine probe recognised on /metrics."""
+    engine_metrics: str | None = None
+    """The engine's Prometheus page, scraped by the session's engine probe (None: not scraped)."""
 
 
 def parse_cleanup(spec: str) -> tuple[str, str]:
@@ -344,15 +473,28 @@ class _BodyTooLarge(Exception):
 
 # -- per request measurement ---------------------------------------------------------------------------
 class _Measure:
-    """What one measured request saw.  Loop thread; a few attribute writes per chunk."""
+    """What one measured request saw.  Loop thread; a few attribute writes per chunk.
 
-    __slots__ = ("buf", "completion_tokens", "created", "done", "first", "is_sse", "kept", "last", "n", "n_first",
-                 "nonsse", "prompt_tokens", "started", "texts")
+    Output is anything generated: answer text (``text``, ``delta.content``), reasoning (``delta.reasoning``,
+    vLLM >= 0.11's name; ``delta.reasoning_content``: older vLLM, SGLang, llama.cpp) and tool-call deltas.  TTFT
+    is the first output of any kind, ``first_answer`` the first answer text or tool call.  Tokens come from
+    ``usage.completion_tokens`` (cumulative on every chunk with vLLM's ``continuous_usage_stats``, so a stream
+    cut short still has the exact count), else one per chunk with output.
 
-    def __init__(self, created: float) -> None:
+    With ``strip_final`` / ``strip_usage`` (usage the proxy asked for and the client did not) the stream is
+    rewritten on the way: the usage-only chunk (``"choices": []``) is dropped, ``usage`` is removed from the
+    other chunks; ``feed_sse`` then returns the bytes to forward.
+    """
+
+    __slots__ = ("buf", "completion_tokens", "created", "done", "first", "first_answer", "is_sse", "kept", "last",
+                 "n", "n_first", "nonsse", "prompt_tokens", "reasoning", "rewrite", "started", "strip_final",
+                 "strip_usage", "texts")
+
+    def __init__(self, created: float, strip_final: bool = False, strip_usage: bool = False) -> None:
         self.created = created
         self.started: float | None = None
         self.first: float | None = None
+        self.first_answer: float | None = None
         self.last: float | None = None
         self.n = 0
         self.n_first = 0
@@ -364,45 +506,91 @@ class _Measure:
         self.nonsse: list[bytes] | None = None
         self.completion_tokens: int | None = None
         self.prompt_tokens: int | None = None
+        self.reasoning = False
+        self.strip_final = strip_final
+        self.strip_usage = strip_usage
+        self.rewrite = strip_final or strip_usage
 
-    def feed_sse(self, chunk: bytes, now: float) -> None:
+    def feed_sse(self, chunk: bytes, now: float) -> bytes | None:
+        """Measure one piece of the stream.  Returns None (forward the piece as it is) or, when rewriting,
+        the whole lines to forward (an unfinished line waits in ``buf`` for the rest of it)."""
         data = self.buf + chunk if self.buf else chunk
         lines = data.split(b"\n")
         self.buf = lines.pop()
         before = self.n
+        out: list[bytes] | None = [] if self.rewrite else None
+        usage_at: int | None = None
+        skip_blank = False
         for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if not payload:
-                continue
-            if payload == b"[DONE]":
-                self.done = True
-                continue
-            try:
-                ev = json.loads(payload)
-            except ValueError:
-                continue
-            if isinstance(ev, dict):
-                self._event(ev)
+            if skip_blank:
+                skip_blank = False
+                if not line.strip():
+                    continue  # the blank line that ended a dropped event
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.done = True
+                elif payload:
+                    try:
+                        ev = json.loads(payload)
+                    except ValueError:
+                        ev = None
+                    if isinstance(ev, dict):
+                        if self._event(ev) and self.first_answer is None:
+                            self.first_answer = now
+                        usage = ev.get("usage")
+                        if isinstance(usage, dict) and self.first is None:
+                            usage_at = self.completion_tokens  # continuous usage: tokens so far in this read
+                        if out is not None and usage is not None:
+                            if not ev.get("choices"):
+                                if self.strip_final:
+                                    skip_blank = True
+                                    continue
+                            elif self.strip_usage:
+                                line = _without_usage(line, ev)
+            if out is not None:
+                out.append(line)
         if self.n > before:
             if self.first is None:
                 self.first = now
-                self.n_first = self.n
+                self.n_first = usage_at if usage_at is not None else self.n
             self.last = now
+        if out is None:
+            return None
+        return b"".join(x + b"\n" for x in out)
 
-    def _event(self, ev: dict[str, Any]) -> None:
+    def _event(self, ev: dict[str, Any]) -> bool:
+        """Count one event's output; True when it held answer text or a tool call."""
+        answer = False
         for c in ev.get("choices") or ():
             if not isinstance(c, dict):
                 continue
             text = c.get("text")
-            if text is None:
+            out = False
+            if isinstance(text, str):  # /v1/completions
+                if text:
+                    out = answer = True
+                    self._keep(text)
+            else:
                 delta = c.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
+                if not isinstance(delta, dict):
+                    continue
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    out = answer = True
+                    self._keep(content)
+                r = delta.get("reasoning")
+                if r is None:
+                    r = delta.get("reasoning_content")
+                if isinstance(r, str) and r:
+                    out = self.reasoning = True
+                    self._keep(r)
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    out = answer = True  # arguments stream as JSON text: output, but not words to judge
+            if out:
                 self.n += 1
-                self._keep(text)
         self._usage(ev.get("usage"))
+        return answer
 
     def _usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -416,6 +604,11 @@ class _Measure:
         if self.kept < TEXT_KEPT:
             self.texts.append(text)
             self.kept += len(text)
+
+    def flush(self) -> bytes:
+        """What is left of an unfinished last line (rewriting: it was held back)."""
+        rest, self.buf = self.buf, b""
+        return rest
 
     def feed_body(self, chunk: bytes) -> None:
         if self.nonsse is not None and self.kept < TEXT_KEPT * 4:
@@ -438,10 +631,29 @@ class _Measure:
                 text = c.get("text")
                 if text is None:
                     msg = c.get("message")
-                    text = msg.get("content") if isinstance(msg, dict) else None
+                    if isinstance(msg, dict):
+                        r = msg.get("reasoning") if msg.get("reasoning") is not None else msg.get("reasoning_content")
+                        if isinstance(r, str) and r:
+                            self.reasoning = True
+                            self._keep(r)
+                        text = msg.get("content")
                 if isinstance(text, str):
                     self._keep(text)
         self._usage(obj.get("usage"))
+
+
+_USAGE = re.compile(rb',\s*"usage"\s*:\s*\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
+"""``,"usage":{...}`` (one level of nesting: ``prompt_tokens_details``), as vLLM writes it after ``choices``."""
+
+
+def _without_usage(line: bytes, ev: dict[str, Any]) -> bytes:
+    """The event line without its ``usage``: cut out of the bytes (a regular expression: the rest stays as the
+    engine wrote it), or, when the text is laid out otherwise, the event encoded again without it."""
+    cut, n = _USAGE.subn(b"", line, count=1)
+    if n:
+        return cut
+    ev = {k: v for k, v in ev.items() if k != "usage"}
+    return b"data: " + json.dumps(ev, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # -- upstream connections -----------------------------------------------------------------------------
@@ -743,9 +955,29 @@ class Proxy:
         self.upstream: Upstream | None = None
         self.admin: httpx.AsyncClient | None = None  # cleanup calls only (rare, small): httpx
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.engine_probe: Any = None
+        """The session's ``tuner.probes.engine.EngineProbe`` on the upstream (``--engine auto`` reads it)."""
+        self.usage_refused: dict[str, str] = {}
+        """Engine -> why: it answered 4xx naming ``stream_options``; the proxy no longer adds it there."""
+        self.admin_unsupported: dict[str, str] = {}
+        """Admin call -> why it is not supported (404/405 once: not called again)."""
         self._next_id = 0
         self._errors_logged: set[str] = set()
+        self._notes_once: set[str] = set()
         self.app = self  # (an object with an async __call__: uvicorn detects ASGI 3 from that)
+
+    def engine(self) -> str | None:
+        """The upstream's engine: ``--engine``, else what its /metrics showed (None until known)."""
+        if self.config.engine != "auto":
+            return self.config.engine
+        probe = self.engine_probe
+        return getattr(probe, "engine", None) if probe is not None else None
+
+    def note_once(self, key: str, message: str) -> None:
+        """A trace note (and a line on stderr), once per ``key``."""
+        if key not in self._notes_once:
+            self._notes_once.add(key)
+            self.log(message)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application: POSTs to ``MEASURED`` paths are measured, everything else passes through.
@@ -781,9 +1013,6 @@ class Proxy:
         c = self.config
         self.loop = asyncio.get_running_loop()
         self.upstream = Upstream(c.upstream, read_timeout=c.timeout, connect_timeout=c.connect_timeout)
-        if c.cleanup_urls:
-            self.admin = httpx.AsyncClient(timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout),
-                                           trust_env=False, follow_redirects=False)
         self.knobs_changed()
 
     async def stop(self) -> None:
@@ -813,17 +1042,47 @@ class Proxy:
             return
         asyncio.run_coroutine_threadsafe(self._cleanup(cid), self.loop)
 
+    def cleanup_calls(self) -> list[tuple[str, str]]:
+        """The admin calls a cleanup makes: ``--cleanup-url``, else the engine's own (vLLM: ``POST
+        /reset_prefix_cache``, served only when vLLM runs with ``VLLM_SERVER_DEV_MODE=1``)."""
+        if self.config.cleanup_urls:
+            return list(self.config.cleanup_urls)
+        return list(ENGINE_CLEANUP.get(self.engine() or "", ()))
+
     async def _cleanup(self, cid: str) -> None:
+        """Run the admin calls, and measure what they changed in the engine's KV-cache usage (a scrape of its
+        /metrics right before and right after).  A call answered 404/405 is ``not supported`` (recorded as
+        such, and not made again)."""
+        c = self.config
+        if self.admin is None:
+            self.admin = httpx.AsyncClient(timeout=httpx.Timeout(c.timeout, connect=c.connect_timeout),
+                                           trust_env=False, follow_redirects=False)
+        todo = self.cleanup_calls()
+        gone = self.admin_unsupported
+        before = await self._kv_now()
         calls, ok = [], True
-        assert self.admin is not None
-        for method, target in self.config.cleanup_urls:
-            url = target if target.startswith(("http://", "https://")) else self.config.upstream + target
+        for method, target in todo:
+            if f"{method} {target}" in gone:
+                continue
+            url = target if target.startswith(("http://", "https://")) else c.upstream + target
             t = time.monotonic()
             entry: dict[str, Any] = {"method": method, "url": url}
             try:
                 r = await self.admin.request(method, url)
                 entry["status"] = r.status_code
                 entry["ok"] = r.is_success
+                if r.is_success:
+                    with contextlib.suppress(ValueError):
+                        answer = r.json()
+                        if isinstance(answer, dict) and answer.get("success") is False:  # vLLM 0.32: blocks held
+                            entry["ok"] = False
+                            entry["error"] = "answered success: false (blocks still in use; it may be retried)"
+                elif r.status_code in (404, 405, 501):
+                    why = f"{method} {target} answered {r.status_code}"
+                    if target == "/reset_prefix_cache":
+                        why += " (vLLM serves it only when started with VLLM_SERVER_DEV_MODE=1)"
+                    entry["error"] = "not supported: " + why
+                    self.admin_unsupported[f"{method} {target}"] = why
             except httpx.HTTPError as exc:
                 entry["status"] = None
                 entry["ok"] = False
@@ -831,8 +1090,31 @@ class Proxy:
             entry["seconds"] = time.monotonic() - t
             ok = ok and bool(entry["ok"])
             calls.append(entry)
-        failed = [f"{c['method']} {c['url']} -> {c.get('status') or c.get('error')}" for c in calls if not c["ok"]]
-        self.channel.post_result(cid, "cleanup", ok, {"calls": calls}, "; ".join(failed) or None)
+        result: dict[str, Any] = {"calls": calls}
+        if calls and all(str(x.get("error", "")).startswith("not supported") for x in calls):
+            result["outcome"] = "not supported"
+        if before is not None:
+            after = await self._kv_now()
+            result["kv_cache_usage_before"] = before
+            result["kv_cache_usage_after"] = after
+            if after is not None:
+                result["kv_cache_freed_ratio"] = before - after
+        failed = [f"{x['method']} {x['url']} -> {x.get('error') or x.get('status')}" for x in calls if not x["ok"]]
+        self.channel.post_result(cid, "cleanup", ok, result, "; ".join(failed) or None)
+
+    async def _kv_now(self) -> float | None:
+        """The engine's KV-cache usage from a fresh scrape of its /metrics (off the loop), or None."""
+        probe = self.engine_probe
+        if probe is None or getattr(probe, "stopped", None):
+            return None
+        try:
+            good = await asyncio.to_thread(probe.scrape_once)
+        except Exception:
+            return None
+        if not good:
+            return None
+        v = probe.sample(0.0).values.get("engine_kv_cache_usage_ratio")
+        return float(v) if isinstance(v, (int, float)) else None
 
     # -- request handling ----------------------------------------------------------------------------
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
@@ -896,14 +1178,49 @@ class Proxy:
             return await _send_json(send, 400, "invalid_request_error", f"the request body is not valid JSON: {exc}")
         if not isinstance(obj, dict):
             return await _send_json(send, 400, "invalid_request_error", "the request body must be a JSON object")
-        temperature = self._apply_temperature(obj)
-        if temperature is not None:
-            body = json.dumps(obj, separators=(",", ":")).encode()
-        sent = obj.get("temperature")
+        plan = self._plan(obj, scope["path"])
+        if plan.changed:
+            body = plan.body()
         headers = [(k, v) for k, v in self._headers(scope, True) if k != b"content-type"]
         headers.append((b"content-type", b"application/json"))
-        req = _Request("POST", self._target(scope), headers, body)
-        await _Forward(self, req, _Measure(created), temperature=_float_or_none(sent)).serve(receive, send)
+        req = _Request("POST", self._target(scope), headers, body, plan)
+        m = _Measure(created, strip_final=plan.usage, strip_usage=plan.continuous)
+        await _Forward(self, req, m, temperature=_float_or_none(obj.get("temperature"))).serve(receive, send)
+
+    def _plan(self, obj: dict[str, Any], path: str) -> _Plan:
+        """What the proxy adds to a generation request: the knobs' values, and the usage it needs to count
+        tokens as the engine does (``stream_options.include_usage``; on vLLM also ``continuous_usage_stats``,
+        so a stream cut short still carries its exact count)."""
+        plan = _Plan(obj)
+        plan.changed = self._apply_temperature(obj) is not None
+        engine = self.engine()
+        knob = self.channel.knobs.repetition_penalty
+        if engine is not None and knob is not None:
+            name, routes = PENALTY_FIELDS[engine]
+            if path not in routes:
+                self.note_once(f"penalty-route-{engine}-{path}",
+                               f"repetition_penalty not sent on {path}: {ENGINES_SHOWN[engine]} has no such field "
+                               f"there (only on {', '.join(routes)})")
+            elif name not in obj:
+                usable, plan.penalty_cid = self.channel.penalty_for(engine)
+                if usable:
+                    obj[name] = float(knob)
+                    plan.penalty, plan.engine, plan.changed = name, engine, True
+        if obj.get("stream") is True and engine not in self.usage_refused:
+            so = obj.get("stream_options")
+            mine = dict(so) if isinstance(so, dict) else {}
+            plan.client_so = so
+            if mine.get("include_usage") is not True:
+                mine["include_usage"] = True
+                plan.usage = True
+            if engine == "vllm" and mine.get("continuous_usage_stats") is not True:
+                mine["continuous_usage_stats"] = True
+                plan.continuous = True
+            if plan.usage or plan.continuous:
+                obj["stream_options"] = mine
+                plan.engine = engine
+                plan.changed = True
+        return plan
 
     def _apply_temperature(self, obj: dict[str, Any]) -> float | None:
         """Rewrite ``obj["temperature"]`` per the mode; returns the new value when the body changed."""
@@ -928,7 +1245,7 @@ class Proxy:
             self.log(f"{message} (further {kind} errors are counted, not printed)")
 
     def record(self, m: _Measure, end: float, temperature: float | None, batch_size: int,
-               capacity: int | None) -> None:
+               capacity: int | None, aborted: str | None = None) -> None:
         tokens = m.completion_tokens if m.completion_tokens is not None else m.n
         if m.n == 0 and m.completion_tokens is None:
             tokens = len(word_ids("".join(m.texts)))
@@ -949,7 +1266,12 @@ class Proxy:
         row[_ROW_INDEX["batch_capacity"]] = capacity
         row[_ROW_INDEX["temperature"]] = temperature
         row[_ROW_INDEX["text"]] = "".join(m.texts)
-        self.channel.post_row(row)
+        extra: dict[str, Any] = {}
+        if aborted:
+            extra["aborted"] = aborted
+        if m.first_answer is not None:
+            extra["answer_ttft_seconds"] = m.first_answer - m.created
+        self.channel.post_row(row, extra or None)
 
 
 def _float_or_none(x: Any) -> float | None:
@@ -959,11 +1281,55 @@ def _float_or_none(x: Any) -> float | None:
 
 
 @dataclass
+class _Plan:
+    """A measured request as the client sent it and what the proxy added to it."""
+
+    obj: dict[str, Any]
+    changed: bool = False
+    engine: str | None = None
+    penalty: str | None = None
+    """The penalty field the proxy added (its name for this engine)."""
+    penalty_cid: str | None = None
+    """The pending penalty change this request is the first to carry."""
+    usage: bool = False
+    """``stream_options.include_usage`` added (the client did not ask: its usage chunk is not forwarded)."""
+    continuous: bool = False
+    """``stream_options.continuous_usage_stats`` added (vLLM: ``usage`` is removed from each chunk forwarded)."""
+    client_so: Any = None
+
+    def body(self) -> bytes:
+        return json.dumps(self.obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def named(self, message: str) -> list[str]:
+        """The added fields an error message names."""
+        out = []
+        if self.penalty is not None and self.penalty in message:
+            out.append(self.penalty)
+        if (self.usage or self.continuous) and any(
+                w in message for w in ("stream_options", "include_usage", "continuous_usage_stats")):
+            out.append("stream_options")
+        return out
+
+    def drop(self, names: list[str]) -> None:
+        """Take the named additions out again (the client's own values stay)."""
+        if self.penalty is not None and self.penalty in names:
+            self.obj.pop(self.penalty, None)
+            self.penalty = None
+        if "stream_options" in names:
+            if self.client_so is None:
+                self.obj.pop("stream_options", None)
+            else:
+                self.obj["stream_options"] = self.client_so
+            self.usage = self.continuous = False
+
+
+@dataclass
 class _Request:
     method: str
     target: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    plan: _Plan | None = None
 
 
 class _Forward:
@@ -1020,23 +1386,72 @@ class _Forward:
                 proxy.channel.active -= 1
                 limiter.release()
 
+    async def _send_upstream(self) -> UpstreamResponse:
+        """The request, and once more without what the proxy added when the upstream's 4xx names it (a
+        field this engine refuses must never cost the client its answer)."""
+        proxy, req = self.proxy, self.req
+        assert proxy.upstream is not None
+        resp = await proxy.upstream.request(req.method, req.target, req.headers, req.body)
+        plan = req.plan
+        if plan is None or not 400 <= resp.status_code < 500 or not (plan.penalty or plan.usage or plan.continuous):
+            return resp
+        try:
+            body = await _read_capped(resp, ERROR_BODY_KEPT)
+        finally:
+            resp.close()
+        text = body.decode("utf-8", "replace")
+        named = plan.named(text)
+        if not named:
+            return _Replay(resp, body)
+        message = _error_message(text)
+        engine = plan.engine or "unknown"
+        if plan.penalty in named and plan.penalty is not None:
+            if plan.penalty_cid is not None:
+                proxy.channel.penalty_answer(plan.penalty_cid, engine, plan.penalty,
+                                             float(plan.obj.get(plan.penalty) or 0.0), resp.status_code, False,
+                                             message)
+                plan.penalty_cid = None
+            else:
+                proxy.channel.penalty_refused(engine, f"rejected by upstream: HTTP {resp.status_code} naming "
+                                                      f"{plan.penalty!r}: {message[:200]}")
+            proxy.note_once(f"penalty-rejected-{engine}", f"the upstream refused {plan.penalty!r} "
+                            f"(HTTP {resp.status_code}: {message[:120]}); it is no longer sent")
+        if "stream_options" in named:
+            proxy.usage_refused[engine] = f"HTTP {resp.status_code}: {message[:200]}"
+            proxy.note_once(f"usage-refused-{engine}", f"the upstream refused stream_options (HTTP "
+                            f"{resp.status_code}: {message[:120]}); tokens are counted one per chunk with text")
+        plan.drop(named)
+        req.body = plan.body()
+        return await proxy.upstream.request(req.method, req.target, req.headers, req.body)
+
     async def _exchange(self, send: Send, batch: int) -> None:
         proxy, m, req = self.proxy, self.m, self.req
-        assert proxy.upstream is not None
+        plan = req.plan
         try:
-            resp = await proxy.upstream.request(req.method, req.target, req.headers, req.body)
+            resp = await self._send_upstream()
         except UpstreamTimeout as exc:
             proxy.channel.failed += m is not None
+            self._penalty_unsettled(None)
             proxy.note_error("timeout", f"upstream {proxy.config.upstream} timed out: {exc}")
             await _send_json(send, 504, "upstream_timeout", f"the upstream server did not answer in time ({exc})")
             return
         except UpstreamError as exc:
             proxy.channel.failed += m is not None
+            self._penalty_unsettled(None)
             proxy.note_error("unavailable", f"upstream {proxy.config.upstream} unavailable: {exc}")
             await _send_json(send, 502, "upstream_unavailable",
                              f"cannot reach the upstream server {proxy.config.upstream}: {exc}")
             return
+        if plan is not None and plan.penalty_cid is not None and plan.penalty is not None:
+            if resp.status_code < 400:  # the upstream took a request carrying the field
+                proxy.channel.penalty_answer(plan.penalty_cid, plan.engine or "unknown", plan.penalty,
+                                             float(plan.obj[plan.penalty]), resp.status_code, True)
+                plan.penalty_cid = None
+            else:
+                self._penalty_unsettled(resp.status_code)
         completed = False
+        aborted: str | None = "client"
+        rewrite = False
         try:
             headers = [(k, v) for k, v in resp.headers if k.decode("latin-1") not in HOP_BY_HOP
                        or k == b"content-length"]
@@ -1046,18 +1461,27 @@ class _Forward:
                 m.is_sse = ctype.startswith("text/event-stream")
                 if not m.is_sse:
                     m.nonsse = []
+                rewrite = m.is_sse and m.rewrite
                 headers = [(k, v) for k, v in headers if k != b"content-length"] if m.is_sse else headers
             await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
             try:
                 async for chunk in resp.aiter_raw():
                     now = time.monotonic()
+                    if rewrite and m is not None:
+                        out = m.feed_sse(chunk, now)
+                        if out:
+                            await send({"type": "http.response.body", "body": out, "more_body": True})
+                        continue
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if measuring and m is not None:
                         if m.is_sse:
                             m.feed_sse(chunk, now)
                         else:
                             m.feed_body(chunk)
+                if rewrite and m is not None and m.buf:
+                    await send({"type": "http.response.body", "body": m.flush(), "more_body": True})
             except UpstreamError as exc:
+                aborted = "upstream"
                 kind = "timeout" if isinstance(exc, UpstreamTimeout) else "broken"
                 proxy.note_error(kind, f"upstream stream ended early: {type(exc).__name__}: {exc}")
                 if m is not None and m.is_sse:
@@ -1072,15 +1496,75 @@ class _Forward:
         finally:
             resp.close()  # when the body did not end (a disconnect, an error), this closes the upstream connection
             if m is not None:
+                end = time.monotonic()
                 # A client may hang up as soon as it has read ``[DONE]`` (the openai client does), before the
                 # upstream's end of body reaches us: the answer was complete, so it counts as finished.
                 if (completed or (m.is_sse and m.done)) and resp.status_code < 400:
-                    end = time.monotonic()
                     if not m.is_sse:
                         m.finish_body()
                     proxy.record(m, end, self.temperature, batch, proxy.limiter.limit)
+                elif m.is_sse and resp.status_code < 400:
+                    # a stream cut short (the client left, or the upstream broke it): recorded as aborted, with
+                    # the tokens generated so far (exact with vLLM's continuous usage)
+                    proxy.record(m, end, self.temperature, batch, proxy.limiter.limit, aborted=aborted)
                 else:
                     proxy.channel.failed += 1
+
+    def _penalty_unsettled(self, status: int | None) -> None:
+        """The request carrying a pending penalty change got no verdict on it: the next one carries it."""
+        plan = self.req.plan
+        if plan is not None and plan.penalty_cid is not None and plan.penalty is not None:
+            self.proxy.channel.penalty_answer(plan.penalty_cid, plan.engine or "unknown", plan.penalty,
+                                              float(plan.obj[plan.penalty]), status, None)
+            plan.penalty_cid = None
+
+
+ERROR_BODY_KEPT = 64 << 10
+
+
+async def _read_capped(resp: UpstreamResponse, limit: int) -> bytes:
+    parts, size = [], 0
+    async for chunk in resp.aiter_raw():
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+def _error_message(text: str) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message"}}`` or ``{"message"}``), else the text."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return " ".join(text.split())
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        for key in ("message", "detail", "error"):
+            if isinstance(obj.get(key), str):
+                return str(obj[key])
+    return " ".join(text.split())
+
+
+class _Replay(UpstreamResponse):
+    """An error answer already read whole (to look for the fields it names), forwarded as it came."""
+
+    def __init__(self, resp: UpstreamResponse, body: bytes) -> None:
+        self.status_code = resp.status_code
+        self.headers = [(k, v) for k, v in resp.headers if k != b"content-length"]
+        self.headers.append((b"content-length", str(len(body)).encode("ascii")))
+        self._pool = resp._pool
+        self._conn = None
+        self._body = body
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        if self._body:
+            yield self._body
+
+    def close(self) -> None:
+        pass
 
 
 async def _send_json(send: Send, status: int, kind: str, message: str) -> None:
