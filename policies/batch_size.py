@@ -49,8 +49,9 @@ State machine (the Zeus power-limit optimizer's shape: each state knows what it 
   * a backlog (two windows with the wait growing, or one with a standing one) -> one bounded step up from
     the held size, judged on the next windows against the held size's figures: kept when it keeps up
     with the demand (the backlog gone, more tokens/s) or beats them on the evidence rule (up to
-    ``judge_windows`` windows to show it), undone at once when it is no better; a size judged no better is
-    not tried again for ``retune_wait_s`` (unless the prompt mix changes);
+    ``judge_windows`` windows to show it), undone at once when it is no better — after a third of a window
+    already when it runs below the held size by twice a window's noise; a size judged no better is not
+    tried again for ``retune_wait_s`` (unless the prompt mix changes);
   * the prompt-length mix shifts by ``retune_shift``: the measurements of other sizes are forgotten (the
     curve changed) and the held size is measured afresh, where it is;
   * a change in the request rate alone does nothing: a lower rate does not move the batch below the held
@@ -402,20 +403,22 @@ class BatchSizePolicy(Policy):
             nxt = min(nxt, int(0.9 * cur * c.slo_ttft_p95_s / m.ttft_p95))  # 10% short of the SLO
         return nxt if nxt >= cur + max(1, math.ceil(cur / 4)) else None
 
-    def _measure(self, w: Window, batch: int) -> Measurement | None:
+    def _measure(self, w: Window, batch: int, measure_s: float | None = None,
+                 min_batches: int | None = None) -> Measurement | None:
         c = self.cfg
         if self.changed_at is None:
             self.changed_at = w.t - c.settle_s  # the batch size was there before we looked
         start = self.changed_at + c.settle_s
         elapsed = w.t - start
-        if elapsed < c.measure_s:
+        if elapsed < (c.measure_s if measure_s is None else measure_s):
             return None
         cols = w.request_columns(start, WINDOW_FIELDS)
         n = int(cols["tokens"].size)
         if n < c.min_requests and elapsed < c.max_wait_s:
             return None
         static = _static_batches(cols, start)
-        if static is not None and static[0] is not None and (static[1] >= c.min_batches or elapsed >= c.max_wait_s):
+        need = c.min_batches if min_batches is None else min_batches
+        if static is not None and static[0] is not None and (static[1] >= need or elapsed >= c.max_wait_s):
             rate, _, keep = static
             assert rate is not None
             cols = {k: v[keep] for k, v in cols.items()}
@@ -499,7 +502,7 @@ class BatchSizePolicy(Policy):
         if self.phase == "measure":
             m = self._measure(w, cur)
             if m is None:
-                return []
+                return self._early_undo(w, cur)
             self.windows += 1
             self.changed_at = w.t - c.settle_s  # a next window at this size starts now
             if self.next_phase == "judge":
@@ -705,6 +708,32 @@ class BatchSizePolicy(Policy):
         self.phase, self.next_phase = "measure", "judge"
         return self._go(w, cur, down, f"{why} (service TTFT p95 {m.ttft_p95 or 0:.2f} s): trying {down}",
                         cause="latency", ttft_p95=m.ttft_p95, tpot_p95=m.tpot_p95)
+
+    def _early_undo(self, w: Window, cur: int) -> list[Action]:
+        """A step up from the held size that already shows, over a third of a window (and one whole batch),
+        tokens/s below the held size's by twice a window's noise is undone at once: under a backlog
+        every second at a slower size lengthens the queue (on the demo 16 ran at half of 8's pace, and the full
+        window cost 13 s of it)."""
+        c = self.cfg
+        tr = self.trial
+        if self.next_phase != "judge" or tr is None or tr["kind"] != "up" or tr["windows"] or tr.get("early"):
+            return []
+        m = self._measure(w, cur, measure_s=c.measure_s / 3, min_batches=1)
+        if m is None:
+            return []
+        tr["early"] = True
+        before = tr["before"]
+        if m.tokens_per_second >= (1 - 2 * c.noise_cv) * before.tokens_per_second:
+            return []
+        frm = int(tr["from"])
+        self.measured[cur] = m
+        self.no_up[cur] = w.t + c.retune_wait_s
+        self.trial = None
+        self.windows += 1
+        self.phase, self.next_phase = "measure", "hold"
+        return self._go(w, cur, frm, f"{cur} runs at {m.tokens_per_second:.0f} tok/s against "
+                        f"{before.tokens_per_second:.0f} at {frm} after {m.requests} requests: back to {frm} at once",
+                        cause="queue")
 
     def _judge(self, w: Window, cur: int, m: Measurement) -> list[Action]:
         """A window after a step from the held size: keep it, go on, or undo it (see the module doc)."""

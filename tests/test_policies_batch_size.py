@@ -516,3 +516,27 @@ def test_property_tuned_queue_time_never_above_untuned_where_untuned_is_stable(
     assert isinstance(tuned, QueueSim)
     base = untuned.queue_p95()
     assert tuned.queue_p95() <= base + max(0.1 * base, 0.2), (tuned.queue_p95(), base)
+
+
+def test_a_step_up_that_runs_slower_is_undone_at_once() -> None:
+    """On the demo under the other jobs' load, batch 16 ran at half of 8's pace under a backlog; waiting for the
+    whole window cost 13 s of it.  A plant where 16 is slower than 8: the step up from the held 8 is undone
+    after a third of a window (and whole batches), not a whole one."""
+    import numpy as np
+
+    from tests.replay.sim import TOK_S, QueueSim
+
+    fast = TOK_S * 5.0  # the demo's pace (950 tok/s at 8: ~10 requests/s)
+    fast[4:] = fast[3] / 2  # 16 and above: half of 8's
+    sim = QueueSim(seed=2, rate=lambda t: 5.0 if t < 60 else 13.0, tok_s=fast)
+    agent = interactive_agent(sim)
+    for _ in range(int(300 / sim.dt)):
+        agent.step(sim.tick())
+    moves = batch_moves(agent)
+    ups = [i for i, a in enumerate(moves) if a.action.value == 16]
+    assert ups, [(a.t, a.action.value) for a in moves]
+    for i in ups:
+        back = moves[i + 1]
+        assert back.action.value == 8 and "at once" in back.action.reason, back.action.reason
+        assert back.t - moves[i].t < 2.0 + 10.0 / 3 + 5.0, (moves[i].t, back.t)  # settle + a third + a batch
+    assert np.all([a.action.value >= 8 for a in moves])
