@@ -2,7 +2,8 @@
 
 Finding the cgroup (``locate``), as the JDK and opencontainers do: ``/proc/<pid>/cgroup`` lines are
 ``hierarchy-ID:controller-list:path`` (split at the first two colons: a path may hold ``:``; ``0::/path`` is
-the v2 line); ``/proc/<pid>/mountinfo`` gives each cgroup mount's root (field 4) and mount point (field 5),
+the v2 line; paths are relative to the *reader's* cgroup namespace); ``/proc/self/mountinfo`` (the mounts the
+files are opened through) gives each cgroup mount's root (field 4) and mount point (field 5),
 ``cgroup`` (v1, its super options name the controllers) or ``cgroup2`` after `` - ``; paths there are
 octal-escaped (``\\040``).  A controller's directory is the mount point plus the cgroup path with the mount's
 root stripped (needed in nested containers, where ``/proc`` shows host paths).  Per controller, v1 wins where
@@ -356,7 +357,7 @@ def locate(pid: int, root: str = "/") -> Location:
     except ValueError as exc:
         raise CgroupUnreadable(f"/proc/{pid}/cgroup: {exc}") from None
     mounts: list[Mount] = []
-    for who in (str(pid), "self"):  # the process's own view first (its mount namespace)
+    for who in ("self", str(pid)):  # our own mounts: the files are opened through them
         try:
             with open(_join(root, f"/proc/{who}/mountinfo"), encoding="utf-8", errors="replace") as f:
                 mounts = parse_mountinfo(f.read())
@@ -923,6 +924,82 @@ def read_oom_state(mem: Controller) -> OomState:
         if h is not None and h < UNLIMITED_V1 and (limit is None or h < limit):
             limit = h
     return OomState(kills, limit, peak, mem.path, mem.version)
+
+
+def oom_baseline(pid: int, root: str = "/") -> OomState | None:
+    """The OOM-kill count (and limit, peak) of ``pid``'s memory cgroup now; None when it cannot be read.
+    ``tuner run`` reads its own before starting the command: the command starts in the same cgroup."""
+    try:
+        loc = locate(pid, root)
+    except CgroupUnreadable:
+        return None
+    return read_oom_state(loc.memory) if loc.memory is not None else None
+
+
+def earlier_kills(pid: int, root: str = "/") -> tuple[str, int] | None:
+    """The nearest of ``pid``'s memory cgroup and its ancestors (up to the mount point) whose OOM-kill counter
+    is not zero, as (cgroup path, kills): an earlier run in this cgroup (or this pod) was killed there."""
+    try:
+        loc = locate(pid, root)
+    except CgroupUnreadable:
+        return None
+    mem = loc.memory
+    if mem is None:
+        return None
+    path = mem.path
+    for d in mem.walk():
+        name = "memory.oom_control" if mem.version == 1 else "memory.events"
+        try:
+            with open(os.path.join(d, name), "rb") as f:
+                kills = parse_flat_keyed(f.read()).get("oom_kill")
+        except (OSError, ValueError):
+            kills = None
+        if kills:
+            return path, kills
+        path = os.path.dirname(path.rstrip("/")) or "/"
+    return None
+
+
+@dataclass(frozen=True)
+class OomVerdict:
+    """What ended a command, as far as the cgroup tells: ``named`` (it died by SIGKILL while the OOM-kill
+    counter rose: the kernel OOM killer), or only ``others`` (the counter rose, the command was not killed)."""
+
+    named: bool
+    message: str
+    data: dict[str, Any]
+
+
+def judge_exit(process: str, pid: int, signal_number: int | None, before: OomState | None,
+               after: OomState | None) -> OomVerdict | None:  # fmt: skip
+    """``signal_number``: the signal that ended the command (9 = SIGKILL, 0 = it exited by itself, None =
+    unknown: a process ``tuner attach`` watched, reaped by its own parent — then the wording says "most
+    likely").  None when the OOM-kill counter did not rise: a SIGKILL for another reason is not called an OOM
+    kill."""
+    if before is None or after is None or before.kills is None or after.kills is None or after.kills <= before.kills:
+        return None
+    data: dict[str, Any] = {
+        "process": process,
+        "pid": pid,
+        "signal": signal_number,
+        "cgroup": after.path,
+        "cgroup_version": after.version,
+        "limit_bytes": after.limit_bytes,
+        "peak_bytes": after.peak_bytes,
+        "oom_kills_before": before.kills,
+        "oom_kills_after": after.kills,
+    }
+    if signal_number == 9:
+        msg = oom_message(process, after)
+        return OomVerdict(True, msg, {**data, "message": msg})
+    n = after.kills - before.kills
+    if signal_number is None:
+        msg = oom_message(process, after).replace(" was killed by", " exited while the cgroup's OOM-kill counter "
+                                                  f"rose by {n}: most likely killed by")  # fmt: skip
+        return OomVerdict(True, msg, {**data, "message": msg, "likely": True})
+    msg = (f"the kernel OOM killer killed {n} process(es) in cgroup {after.path} during the run "
+           f"({process} itself was not killed by it)")  # fmt: skip
+    return OomVerdict(False, msg, {**data, "message": msg})
 
 
 def controller_from(detail: Any) -> Controller | None:

@@ -115,7 +115,7 @@ PSI = "some avg10={s} avg60=0.50 avg300=0.10 total=1234\nfull avg10={f} avg60=0.
 def v2_tree(tmp: Path, *, leaf_max: str = "max", current: int = 450 * MIB) -> Path:
     """A Kubernetes-like v2 layout: the limit on the pod, the process in a container below it."""
     write(tmp, f"/proc/{PID}/cgroup", "0::/kubepods/pod1/ctr\n")
-    write(tmp, f"/proc/{PID}/mountinfo", "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    write(tmp, "/proc/self/mountinfo", "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
     write(tmp, "/proc/self/cgroup", "0::/\n")
     pod, ctr = "/sys/fs/cgroup/kubepods/pod1", "/sys/fs/cgroup/kubepods/pod1/ctr"
     write(tmp, "/sys/fs/cgroup/kubepods/memory.max", "max\n")
@@ -192,7 +192,7 @@ def v1_nested_tree(tmp: Path) -> Path:
     write(tmp, f"/proc/{PID}/cgroup", "5:memory:/docker/abc/app\n4:cpu,cpuacct:/docker/abc\n3:pids:/docker/abc\n0::/\n")
     write(
         tmp,
-        f"/proc/{PID}/mountinfo",
+        "/proc/self/mountinfo",
         "35 31 0:32 /docker/abc /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n"
         "33 31 0:30 /docker/abc /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpu,cpuacct\n"
         "39 31 0:36 /docker/abc /sys/fs/cgroup/pids ro - cgroup cgroup rw,pids\n",

@@ -12,9 +12,16 @@ from types import FrameType
 import psutil
 
 from tuner.commands._common import add_session_options, redact_command, session_options
-from tuner.commands.run import add_engine_metrics_option, engine_metrics_url, print_brief_summary
+from tuner.commands.run import (
+    add_engine_metrics_option,
+    earlier_oom,
+    engine_metrics_url,
+    oom_now,
+    print_brief_summary,
+)
 from tuner.core.session import Session, pid_exists_or_error
 from tuner.errors import UserError
+from tuner.probes.cgroup import judge_exit, oom_baseline
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     command, redacted = redact_command(command, opts.record_text)
     if redacted:
         opts.extra_header["command_redacted"] = redacted
+    oom_before = oom_baseline(pid)
     session = Session(opts, command=command, roots=[pid])
     stop = threading.Event()
 
@@ -82,12 +90,19 @@ def run(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        earlier_oom(session, oom_before)
         session.start()
+        signal_number: int | None = None
         while not stop.wait(0.2):
             if not psutil.pid_exists(pid) or _is_zombie(proc):
+                signal_number = _exit_signal(pid)  # readable while it is a zombie, not once reaped
                 break
         detached = stop.is_set()
-        path = session.finish(detached=detached)
+        oom = None if detached else judge_exit(command[0].rsplit("/", 1)[-1] if command else str(pid), pid,
+                                               signal_number, oom_before, oom_now(session, oom_before))  # fmt: skip
+        path = session.finish(events=[("oom_kill", oom.data)] if oom is not None else [], detached=detached)
+        if oom is not None and not opts.quiet:
+            print(f"tuner: {oom.message}", file=sys.stderr)
         if not opts.quiet:
             why = "detached" if detached else f"process {pid} exited"
             print(f"tuner: {why}; trace written to {path}", file=sys.stderr)
@@ -97,6 +112,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _exit_signal(pid: int) -> int | None:
+    """The signal that ended a zombie (0: it exited by itself), from ``/proc/PID/stat``'s exit code (field
+    52, Linux >= 3.5); None once it is reaped or elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] != b"Z":
+            return None
+        return int(fields[49]) & 0x7F
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _is_zombie(proc: psutil.Process) -> bool:

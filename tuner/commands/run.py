@@ -15,6 +15,7 @@ from typing import Any
 from tuner.commands._common import add_session_options, redact_command, session_options
 from tuner.core.session import Session, SessionOptions
 from tuner.errors import UserError
+from tuner.probes.cgroup import OomState, earlier_kills, judge_exit, oom_baseline, read_oom_state
 from tuner.trace import default_trace_path
 
 GRACE_S = 5.0
@@ -166,6 +167,7 @@ def supervise(
     channel = open_channel()
     if channel is not None:
         child_env["TUNER_SOCKET"] = channel.path
+    oom_before = oom_baseline(os.getpid())  # the command starts in this cgroup: its OOM-kill count now
     try:
         child = start_child(cmd, child_env, log_path)
     except BaseException:
@@ -187,6 +189,7 @@ def supervise(
             if channel is not None:
                 channel.close()
             raise
+        earlier_oom(session, oom_before)
         try:
             session.start()
             if tui:
@@ -198,7 +201,12 @@ def supervise(
             _finish_after_failure(session, exc)
             raise
         code = exit_code_of(rc)
-        path = session.finish(exit_code=code, stopped_by_signal=stopper.signalled_at is not None)
+        oom = judge_exit(os.path.basename(cmd[0]), child.pid, -rc if rc < 0 else 0, oom_before,
+                         oom_now(session, oom_before))  # fmt: skip
+        events = [("oom_kill", oom.data)] if oom is not None else []
+        path = session.finish(events=events, exit_code=code, stopped_by_signal=stopper.signalled_at is not None)
+        if oom is not None and not opts.quiet:
+            print(f"tuner: {oom.message}", file=sys.stderr)
         if not opts.quiet:
             print(f"tuner: {cmd[0]} exited with code {code}; trace written to {path}", file=sys.stderr)
             if headless:
@@ -207,6 +215,29 @@ def supervise(
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def oom_now(session: Session, before: OomState | None) -> OomState | None:
+    """The OOM-kill count of the watched process's memory cgroup now (the cgroup probe's, else the one read
+    at the start); the process may be gone, its cgroup is not."""
+    for p in session.probes:
+        mem = getattr(getattr(p, "loc", None), "memory", None)
+        if p.name == "cgroup" and mem is not None:
+            return read_oom_state(mem)
+    return oom_baseline(os.getpid()) if before is not None else None
+
+
+def earlier_oom(session: Session, before: OomState | None) -> None:
+    """A start in a cgroup whose OOM-kill counter is not zero names the earlier kill (the sidecar may have
+    died with the process it watched: its own trace then ends without a word)."""
+    got = earlier_kills(os.getpid()) if before is not None else None
+    if got is None:
+        return
+    path, kills = got
+    msg = (f"cgroup {path} has had {kills} OOM kill(s) before this start: an earlier run in it was most likely "
+           "ended by the kernel OOM killer (tuner report TRACE of that run says more)")  # fmt: skip
+    session.log(msg)
+    session.writer.note(0.0, msg, "warn", cgroup=path, oom_kills=kills)
 
 
 def wait_child(child: subprocess.Popen[Any], every: Any, period: float = 0.2) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,13 +311,16 @@ class Session:
         """Record an event from outside the sampler thread (only while the sampler is stopped)."""
         self.writer.event(Event(self.now(), kind, data))
 
-    def finish(self, **end: Any) -> Path:
-        """Stop sampling, take one last tick, write the end record, close everything."""
+    def finish(self, *, events: Sequence[tuple[str, Mapping[str, Any]]] = (), **end: Any) -> Path:
+        """Stop sampling, take one last tick, write ``events`` (kind, data: e.g. the ``oom_kill`` that ended the
+        command) and the end record, close everything."""
         self.sampler.stop()
         try:
             self.sampler.tick()
         except Exception:
             pass
+        for kind, data in events:
+            self.writer.event(Event(self.now(), kind, dict(data)))
         self.writer.end(self.now(), ticks=self.sampler.ticks, skipped=self.sampler.skipped, **end)
         self.writer.close()
         self.sampler.close()
