@@ -364,6 +364,8 @@ class NvidiaProbe:
         except self._err.not_found:
             return not_found
         except self._err.base as exc:
+            if getattr(exc, "value", None) == _NVML_SUCCESS and not_found is not None:
+                return not_found  # NVMLError(0): the binding's way of saying "no samples at all"
             self._failed(dev, what, keys, exc)
             return None
 
