@@ -111,7 +111,7 @@ def test_a_bare_import_of_a_linked_folder_fails_with_one_line(name: str) -> None
 @pytest.mark.slow
 def test_mypy_reports_a_probe_type_error_where_tuner_calls_it(tmp_path: Path) -> None:
     """Break ``discover()``'s return type in ``probes/base.py``; mypy must report it in ``tuner/commands/probes.py``,
-    which unpacks that result (with ``ignore_missing_imports``, an import mypy could not follow would be ``Any``
+    which unpacks that result (an import mypy could not follow would be ``Any`` under ``ignore_missing_imports``
     and say nothing).  The unbroken copy is the control: no error there."""
     pytest.importorskip("mypy", reason="mypy is in the dev extra")
     src = tracked_copy(tmp_path / "checkout")
