@@ -60,6 +60,11 @@ State machine (the Zeus power-limit optimizer's shape: each state knows what it 
 
 - memory pressure (``Window.memory_pressure()``: the binding limit projected within the preset's horizon):
   no step up; once a cleanup did not give the room back, halve (the size before becomes a ceiling);
+- behind ``tuner proxy`` (the knob is the proxy's concurrency limit) the serving engine's own figures count:
+  tokens/s is its generation rate (``engine_generation_tokens_per_second``: every token it made, those of
+  streams cut short too), a window where its own queue held requests (``engine_requests_waiting``) is a
+  backlog, and no step up while its KV cache is nearly full (a limit term of the headroom) or it preempted
+  requests in the last window;
 - an ``oom`` event at any time: halve, mark the OOM size as a ceiling (never tried again until the
   memory headroom has risen by ``ceiling_release`` over what it was at the OOM), ask for a cleanup.
 
@@ -200,6 +205,22 @@ def _p95(x: np.ndarray) -> float:
     return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
 
 
+ENGINE_KEYS: tuple[str, ...] = (
+    "engine_generation_tokens_per_second", "engine_requests_waiting", "engine_preemptions_total",
+)
+"""A serving engine's own figures (``tuner.probes.engine``; ``tuner proxy`` scrapes them), when there is one."""
+
+
+def engine_preemptions(w: Window, seconds: float) -> float:
+    """Requests the engine preempted over the last ``seconds`` (its KV cache ran out); a counter that went down
+    (a restart) adds nothing."""
+    _, v = w.pairs("engine_preemptions_total", seconds)
+    if v.size < 2:
+        return 0.0
+    d = np.diff(v)
+    return float(d[d > 0].sum())
+
+
 def _service_ttft(cols: dict[str, np.ndarray]) -> np.ndarray:
     """Time to first token without the time spent queued (what the batch size itself costs)."""
     ttft, queue = cols["ttft_seconds"], cols["queue_seconds"]
@@ -281,7 +302,7 @@ def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | 
 class BatchSizePolicy(Policy):
     name = "batch_size"
     knobs = ("batch_size", "cleanup")
-    keys = ("req_tpot_p95_seconds",)
+    keys = ("req_tpot_p95_seconds", *ENGINE_KEYS)
 
     def __init__(self, cfg: BatchConfig) -> None:
         for key, lo, hi in (("refine_min_frac", 0.0, 1.0), ("noise_cv", 0.0, 10.0), ("evidence_z", 0.0, 10.0),
@@ -388,10 +409,12 @@ class BatchSizePolicy(Policy):
         return max(self.cfg.min, min(int(b), hi))
 
     def _memory_room(self, w: Window) -> bool:
-        """Memory allows a larger batch: the headroom is at least ``min_headroom`` (or unknown) and the binding
-        limit is not projected within the horizon."""
+        """Memory allows a larger batch: the headroom is at least ``min_headroom`` (or unknown; a serving
+        engine's KV cache is one of the limits), the binding limit is not projected within the horizon, and the
+        engine did not preempt requests over the last window (its KV cache ran out)."""
         headroom, _ = w.headroom()
-        return (headroom is None or headroom >= self.cfg.min_headroom) and w.memory_pressure() is None
+        return ((headroom is None or headroom >= self.cfg.min_headroom) and w.memory_pressure() is None
+                and not engine_preemptions(w, self.cfg.measure_s))
 
     def _up_size(self, cur: int, m: Measurement) -> int | None:
         """The next size up from ``cur``: double, or less when the measured service TTFT scaled with the
@@ -428,6 +451,9 @@ class BatchSizePolicy(Policy):
             return None  # static batches: wait for whole ones
         else:
             tokens_per_second = float(np.nansum(cols["tokens"])) / elapsed
+            engine = w.values("engine_generation_tokens_per_second", elapsed)
+            if engine.size >= 3:  # the engine's own count: every token it made in the window, aborted ones too
+                tokens_per_second = float(engine.mean())
         ttft, tpot = _service_ttft(cols), cols["tpot_seconds"]
         tpot = tpot[~np.isnan(tpot)]
         prompt = cols["prompt_tokens"][~np.isnan(cols["prompt_tokens"])]
@@ -436,6 +462,9 @@ class BatchSizePolicy(Policy):
         q50, growth, backlog, closed = _queue(cols, c.backlog_growth)
         if occupancy is not None and occupancy < c.saturated_occupancy:
             backlog = False  # a queue that stands or grows fills every batch: part-full ones say it did not
+        waiting = w.values("engine_requests_waiting", elapsed)
+        if waiting.size and float(waiting.mean()) >= 1.0:
+            backlog = True  # behind the proxy the queue is the proxy's and the engine's own: it set the pace
         return Measurement(
             batch=batch,
             tokens_per_second=tokens_per_second,

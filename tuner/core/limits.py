@@ -119,10 +119,19 @@ def _devices(r: ValueReader) -> Iterable[LimitTerm]:
             yield LimitTerm(f"{kind}/{dev}", used, tot, "memory used", series=key)
 
 
+def _kv_cache(r: ValueReader) -> Iterable[LimitTerm]:
+    """A serving engine that preallocates its KV cache (vLLM, SGLang, TGI) shows no pressure in process or
+    device memory; the cache's own usage does (``tuner.probes.engine``: the fullest engine's)."""
+    used = r.latest("engine_kv_cache_usage_ratio")
+    if used is not None:
+        yield LimitTerm("kv_cache", used, 1.0, "used", unit="ratio", series="engine_kv_cache_usage_ratio")
+
+
 SOURCES: list[TermSource] = [
     TermSource("host", ("sys_mem_available_bytes", "sys_mem_total_bytes", "sys_mem_used_bytes"), (), _host),
     TermSource("cgroup", ("cgroup_mem_limit_bytes", "cgroup_mem_working_set_bytes"), (), _cgroup),
     TermSource("devices", (), ("gpu_mem_", "npu_mem_"), _devices),
+    TermSource("kv_cache", ("engine_kv_cache_usage_ratio",), (), _kv_cache),
 ]
 """Every source of limit terms; ``register`` adds one (the device and KV-cache terms of later issues)."""
 
