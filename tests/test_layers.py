@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "tuner.policies": 2,
     "tuner.trace": 2,
     "tuner.link": 2,
+    "tuner.quality": 2,  # semantic consistency: the quality probe, its backends, the scorer child process
     # the loop; what leaves a session; the TUI; the client the inference imports
     "tuner.core": 3,
     "tuner.outputs": 3,
@@ -60,6 +61,8 @@ THE_LOOP_AND_ABOVE = (
 POLICY_INPUTS = ("tuner.core.window", "tuner.core.stats", "tuner.core.limits")
 """What a policy reads (``decide(window, knobs)``) and judges with (statistics, memory limits): layer 1, below the
 policies, though their files sit in ``tuner/core/`` with the loop that fills the window."""
+TORCH_SCORER = "tuner.quality.backends"
+"""The consistency scorer's backends: torch and transformers, in the scorer's own process (a child of the sidecar)."""
 CLIENT_MAY_IMPORT = ("tuner", "tuner.records", "tuner.link", "tuner.link.wire", "tuner.reclaim")
 """Project modules the client may load (``tuner`` and ``tuner.link`` are the packages around them); each of
 them may import only the standard library and this list."""
@@ -221,12 +224,13 @@ def test_probes_and_policies_never_import_the_loop_or_what_sits_above_it() -> No
 
 def test_vendor_and_ui_libraries_stay_in_their_module() -> None:
     """pynvml only in the NVIDIA probe; the TUI never reaches a vendor library or the probe that wraps it; textual
-    only in the TUI (the agent never imports it); torch only on the inference side."""
+    only in the TUI (the agent never imports it); torch only on the inference side and in the consistency scorer's
+    own process (``tuner.quality.backends``, loaded by ``python -m tuner.quality.scorer``, a child of the sidecar)."""
     rules = [
         (("pynvml",), lambda n: n == "tuner.probes.nvidia"),
         (("tuner.probes.nvidia", "nvitop"), lambda n: not within(n, "tuner.tui")),
         (("textual",), lambda n: within(n, "tuner.tui")),
-        (("torch", "transformers"), lambda n: within(n, ("tuner.integrations", "tuner.demo"))),
+        (("torch", "transformers"), lambda n: within(n, ("tuner.integrations", "tuner.demo", TORCH_SCORER))),
     ]
     wrong = [
         where(name, imp)
