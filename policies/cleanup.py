@@ -235,8 +235,8 @@ class CleanupPolicy(Policy):
         elif applied.outcome in ("sent", "applied", "clamped"):  # sent: the result comes back later
             self.waiting = True
             self.last_at = applied.t
-        elif applied.outcome == "failed":  # not sent (no client): try again after the interval, no back-off
-            self._done(applied.t, None)
+        elif applied.outcome in ("failed", "not supported"):  # not sent (no client, no such call on this engine):
+            self._done(applied.t, None)  # try again after the interval, no back-off
 
     def on_result(self, t: float, action: Action, ok: bool, result: Mapping[str, Any], error: str | None) -> None:
         got = result.get("reclaimed_bytes") if ok else 0.0

@@ -132,3 +132,25 @@ def test_through_the_proxy_a_full_kv_cache_holds_the_batch(tmp_path: Path) -> No
     full = run_behind_proxy(0.97, tmp_path)
     assert full and all("kv_cache used 97%" in a["evidence"]["limit"] for a in full), full  # type: ignore[index,operator]
     assert all(a["value"] <= 2 for a in full if a["outcome"] == "applied"), full  # type: ignore[operator]
+
+
+def test_cleanup_through_vllm_without_dev_mode_is_not_supported_once(tmp_path: Path) -> None:
+    """The cleanup policy every second behind the proxy, vLLM without VLLM_SERVER_DEV_MODE: its admin call is
+    made once (404), recorded as not supported, and not made again."""
+    f = FakeVllm()
+    up = AppServer(f.app)
+    policy = tmp_path / "c.toml"
+    policy.write_text("[cleanup]\nevery_s = 1.0\nleak_watch = false\n[agent.cooldown_s]\ncleanup = 0.5\n")
+    trace = tmp_path / "c.jsonl"
+    p = start_proxy(up.url, trace, "--policy", str(policy))
+    try:
+        time.sleep(5)
+    finally:
+        p.stop()
+        up.close()
+    acts = [a for a in read_trace(trace).actions if a["knob"] == "cleanup"]
+    outcomes = [a["outcome"] for a in acts]
+    assert outcomes[:2] == ["sent", "not supported"], acts
+    assert "VLLM_SERVER_DEV_MODE=1" in str(acts[1]["result"]["error"])
+    assert outcomes.count("not supported") <= 2 and len(acts) <= 3, acts  # said once more at most, no flood
+    assert f.resets == 0
