@@ -419,6 +419,26 @@ def test_penalty_not_supported_or_rejected_is_never_applied(tmp_path: Path) -> N
         up.close()
 
 
+def test_an_upstream_refusing_stream_options_still_answers() -> None:
+    """A server that answers 400 naming ``stream_options``: the stream is asked again without it, the client
+    gets its answer, tokens fall back to one per chunk, and later streams go without it."""
+    f = FakeVllm(reject="stream_options", metrics=False)
+    up = AppServer(f.app)
+    live = Live(up.url, engine="llamacpp")
+    c = openai.OpenAI(base_url=live.url, api_key="k", max_retries=0)
+    try:
+        for _ in range(2):
+            chunks = list(c.chat.completions.create(model="m", messages=MSGS, stream=True))  # type: ignore[arg-type]
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "link" * 16
+        assert ["stream_options" in b for b in f.bodies] == [True, False, False]
+        time.sleep(0.2)
+        rows = [m for _, m in live.channel.drain() if m["type"] == "request"]
+        assert [r["tokens"] for r in rows] == [16, 16]  # vLLM's captured stream: one token a chunk
+    finally:
+        live.close()
+        up.close()
+
+
 def test_a_policy_raising_the_penalty_through_the_cli(vllm: tuple[FakeVllm, AppServer], tmp_path: Path) -> None:
     """The temperature policy pinned at its only temperature with repetition above the band raises the
     penalty: pending, then applied when vLLM took the first request carrying it; the knob column shows it."""
