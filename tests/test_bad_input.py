@@ -269,9 +269,13 @@ OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]] = [
         2,
     ),
     (
-        "prom-unresolvable",
+        "prom-name-not-localhost",  # a name is not looked up: only localhost counts as loopback
         ("run", "--prometheus", "no-such-host.invalid:9464", "--", "true"),
-        "tuner: --prometheus: cannot resolve host 'no-such-host.invalid'",
+        _prom(
+            "no-such-host.invalid:9464",
+            "no-such-host.invalid is not a loopback address; add --prometheus-public to serve metrics beyond "
+            "this machine",
+        ),
         2,
     ),
     (
@@ -551,9 +555,9 @@ OTHER_OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]]
     ("proxy-upstream-not-url", ("proxy", "--upstream", "http://[::1"),
      "tuner: --upstream 'http://[::1' is not a URL", 2),
     ("proxy-listen-no-port", (*PROXY, "--listen", "nohost"),
-     "tuner: --listen 'nohost': use HOST:PORT, e.g. 127.0.0.1:8100", 2),
+     "tuner: --listen 'nohost': expected HOST:PORT, e.g. 127.0.0.1:8100", 2),
     ("proxy-listen-port-big", (*PROXY, "--listen", "127.0.0.1:99999"),
-     "tuner: --listen '127.0.0.1:99999': the port must be 0-65535", 2),
+     "tuner: --listen '127.0.0.1:99999': port must be a number from 0 to 65535", 2),
     ("proxy-concurrency-0", (*PROXY, "--max-concurrency", "0"), "tuner: --max-concurrency must be at least 1", 2),
     ("proxy-bounds-inverted", (*PROXY, "--temperature-bounds", "2:1"),
      "tuner: --temperature-bounds '2:1': need 0 <= LO <= HI", 2),

@@ -40,6 +40,7 @@ MiB = 1024 * 1024
     [
         ("127.0.0.1:9464", ("127.0.0.1", 9464)),
         ("localhost:9000", ("localhost", 9000)),
+        ("LocalHost:9000", ("LocalHost", 9000)),
         ("[::1]:9464", ("::1", 9464)),
         (":9464", ("127.0.0.1", 9464)),
         ("127.3.4.5:1", ("127.3.4.5", 1)),
@@ -61,7 +62,10 @@ def test_parse_listen_accepts_loopback(text: str, expect: tuple[str, int]) -> No
         ("127.0.0.1", "expected HOST:PORT"),
         ("::1:9464", "brackets"),
         ("[::1]9464", "expected [IPV6]:PORT"),
-        ("no-such-host.invalid:9464", "cannot resolve"),
+        ("no-such-host.invalid:9464", "no-such-host.invalid is not a loopback address"),  # names: no lookup
+        ("example.com:9464", "example.com is not a loopback address"),
+        ("[localhost]:9464", "expected [IPV6]:PORT"),
+        ("127.0.0.1:\u0663", "port must be"),  # a digit, but not an ASCII one
     ],
 )
 def test_parse_listen_refuses_with_one_line(text: str, msg: str) -> None:

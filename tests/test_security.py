@@ -105,7 +105,8 @@ def test_prometheus_binds_loopback_unless_told(tmp_path: Path, addr: str, extra:
 # -- the proxy --------------------------------------------------------------------------------------------
 def test_proxy_listens_on_loopback_by_default() -> None:
     from tuner.cli import build_parser
-    from tuner.proxy.server import is_loopback, parse_listen
+    from tuner.link.addr import is_loopback
+    from tuner.proxy.server import parse_listen
 
     args = build_parser().parse_args(["proxy", "--upstream", "http://127.0.0.1:9"])
     host, _ = parse_listen(args.listen, args.public)
@@ -116,7 +117,8 @@ def test_proxy_listens_on_loopback_by_default() -> None:
 def test_proxy_on_a_public_address_needs_public(tmp_path: Path, listen: str) -> None:
     cp = tuner("proxy", "--upstream", "http://127.0.0.1:9", "--listen", listen, "--headless", cwd=tmp_path, timeout=60)
     err = assert_one_line_error(cp)
-    assert err == f"tuner: --listen {listen}: not a loopback address; add --public to accept other machines"
+    host = listen.rpartition(":")[0].strip("[]")
+    assert err == f"tuner: --listen {listen!r}: {host} is not a loopback address; add --public to accept other machines"
     assert not (tmp_path / "traces").exists()
 
 

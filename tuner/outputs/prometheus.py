@@ -46,7 +46,6 @@ A missing value (None) is left out of the scrape rather than exported as NaN.
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import math
 import platform
 import re
@@ -58,6 +57,7 @@ from typing import Any
 
 from tuner import __version__
 from tuner.errors import UserError
+from tuner.link.addr import parse_listen as parse_address
 from tuner.records import split_key
 
 PREFIX = "tuner_"
@@ -133,46 +133,18 @@ def metric_name(name: str) -> str:
     return PREFIX + _BAD_CHARS.sub("_", name)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        raise UserError(f"--prometheus: cannot resolve host {host!r}") from None
-    addrs = {str(info[4][0]).split("%", 1)[0] for info in infos}
-    return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
-
-
 def parse_listen(text: str, public: bool) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (= 127.0.0.1) -> ``(host, port)``.
-
-    A host that is not loopback is refused unless ``public`` (``--prometheus-public``): ``/metrics`` shows
-    command lines' process names and memory figures to anyone who can reach the port.
-    """
-    s = text.strip()
-    if s.startswith("["):
-        host, sep, rest = s[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise UserError(f"--prometheus {text!r}: expected [IPV6]:PORT, e.g. [::1]:9464")
-        port_s = rest[1:]
-    else:
-        host, sep, port_s = s.rpartition(":")
-        if not sep:
-            raise UserError(f"--prometheus {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
-        if ":" in host:
-            raise UserError(f"--prometheus {text!r}: put an IPv6 address in brackets, e.g. [::1]:9464")
-    if not port_s.isdigit() or not (1 <= int(port_s) <= 65535):
-        raise UserError(f"--prometheus {text!r}: port must be a number from 1 to 65535")
-    host = host or "127.0.0.1"
-    if not public and not _is_loopback(host):
-        raise UserError(
-            f"--prometheus {text!r}: {host} is not a loopback address; add --prometheus-public to serve "
-            "metrics beyond this machine"
-        )
-    return host, int(port_s)
+    """``--prometheus``: ``tuner.link.addr``'s rules.  A host that is not loopback is refused unless
+    ``public`` (``--prometheus-public``): ``/metrics`` shows process names and memory figures to anyone who
+    can reach the port.  Port 0 is refused: a scraper must know where to look."""
+    return parse_address(
+        text,
+        public,
+        option="--prometheus",
+        public_flag="--prometheus-public",
+        public_means="serve metrics beyond this machine",
+        example_port=9464,
+    )
 
 
 def check_bindable(addr: tuple[str, int], shown: str | None = None) -> None:

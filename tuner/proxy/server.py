@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import re
@@ -105,9 +104,10 @@ from starlette.types import Receive, Scope, Send
 
 from tuner.core.actuator import CommandRefused
 from tuner.errors import UserError
-from tuner.link.channel import ROW_FIELDS, expand_rows
+from tuner.link.addr import parse_listen as parse_address
+from tuner.link.channel import expand_rows
 from tuner.probes.engine import ENGINES as ENGINES_SHOWN
-from tuner.records import Knobs
+from tuner.records import ROW_FIELDS, Knobs
 
 MEASURED = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_MAX_BODY = 8 << 20
@@ -131,30 +131,11 @@ _ROW_INDEX = {name: i for i, (name, _) in enumerate(ROW_FIELDS)}
 
 
 # -- addresses -----------------------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_listen(text: str, public: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port); a non-loopback host needs ``public``."""
-    host, sep, port_s = text.rpartition(":")
-    if not sep or not host:
-        raise UserError(f"--listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:8100")
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise UserError(f"--listen {text!r}: the port must be a number") from None
-    if not 0 <= port <= 65535:
-        raise UserError(f"--listen {text!r}: the port must be 0-65535")
-    host = host.strip("[]")
-    if not public and not is_loopback(host):
-        raise UserError(f"--listen {text}: not a loopback address; add --public to accept other machines")
-    return host, port
+    """``--listen``: ``tuner.link.addr``'s rules; port 0 takes any free port (the proxy prints its URL)."""
+    return parse_address(
+        text, public, option="--listen", public_flag="--public", public_means="accept other machines", port_zero=True
+    )
 
 
 def parse_upstream(url: str) -> str:
