@@ -105,7 +105,3 @@ def _rounded(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_rounded(x) for x in v]
     return v
-
-
-def knob_value(knobs: Knobs, knob: str) -> Any:
-    return getattr(knobs, knob, None)

@@ -315,9 +315,6 @@ class PrecisionPolicy(Policy):
         else:
             self.phase = "settle"
 
-    def pending_rollback(self) -> bool:
-        return self.phase == "rollback"
-
     def decide_rollback(self, knobs: Knobs) -> list[Action]:
         prev = self.last_change.get("from")
         if not prev:

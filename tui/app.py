@@ -548,9 +548,3 @@ def run_live(socket_path: str) -> None:
     from tuner.tui.source import SocketSource
 
     TunerApp(SocketSource(socket_path)).run()
-
-
-def run_file(path: str) -> None:
-    from tuner.tui.source import FileSource
-
-    TunerApp(FileSource(path)).run()

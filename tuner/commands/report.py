@@ -53,10 +53,6 @@ def load(path: str, *, skip_bad: bool) -> tuple[TraceData, dict[str, Any]]:
     return data, summarize(data)
 
 
-def load_summary(path: str, *, skip_bad: bool) -> dict[str, Any]:
-    return load(path, skip_bad=skip_bad)[1]
-
-
 def check_output(path: str) -> None:
     """Refuse an output path that cannot be a file before doing the work (one-line error)."""
     p = Path(path)

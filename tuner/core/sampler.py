@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -327,6 +327,3 @@ class Sampler:
             except Exception:
                 pass
         self._self.close()
-
-    def probe_divisors(self) -> Mapping[str, int]:
-        return {s.probe.name: s.divisor for s in self.slots}

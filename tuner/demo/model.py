@@ -239,11 +239,6 @@ class BatchDecoder:
         self.steps += 1
         return logits[:, -1]
 
-    def prompt_kv(self, row: int) -> list[tuple[Tensor, Tensor]]:
-        """Copies of one prompt's keys/values (what a prefix cache would keep)."""
-        n = len(self.prompts[row])
-        return self.cache.prefix(row, self.prompt_len - n, self.prompt_len)
-
 
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
@@ -355,15 +355,6 @@ def build_app(generator: Generator, model_name: str = MODEL_NAME) -> Starlette:
             Route("/v1/chat/completions", chat, methods=["POST"]),
         ]
     )
-
-
-def iter_sse_text(lines: Iterator[str]) -> Iterator[str]:
-    """Text of each ``data:`` event of an OpenAI stream (a small helper for scripts and tests)."""
-    for line in lines:
-        if line.startswith("data: ") and line[6:].strip() != "[DONE]":
-            ev = json.loads(line[6:])
-            for c in ev.get("choices", []):
-                yield c.get("text") or (c.get("delta") or {}).get("content") or ""
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -792,9 +792,6 @@ class UpstreamResponse:
             elif t is h11.ConnectionClosed:
                 raise UpstreamError("the upstream closed the connection mid-response")
 
-    async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_raw()])
-
     def _release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
@@ -1553,4 +1550,3 @@ async def _send_json(send: Send, status: int, kind: str, message: str) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
