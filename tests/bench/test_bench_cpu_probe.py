@@ -231,7 +231,7 @@ print((cpu_ns() - c0) / 1e9 / seconds * 100, first_us)
 @pytest.mark.bench
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/schedstat")
 @pytest.mark.parametrize("hz", [10, 100])
-def test_cpu_probe_periodic_core_share(benchmark: Any, hz: int) -> None:
+def test_cpu_probe_periodic_core_share(hz: int) -> None:
     """Ticks on deadlines, as the sampler runs them (cold caches after each sleep cost ~3x a tight loop):
     the share of a core for a bare loop, the CPU probe, and the psutil bundle, each in its own process,
     after one priming tick (reported apart: the probe's first one walks the whole process table)."""
@@ -259,7 +259,5 @@ def test_cpu_probe_periodic_core_share(benchmark: Any, hz: int) -> None:
     info["cpu_probe_over_loop_core_percent"] = round(probe_only, 3)
     info["psutil_over_loop_core_percent"] = round(psutil_only, 3)
     info["psutil_over_cpu_probe"] = round(psutil_only / probe_only, 2) if probe_only > 0 else None
-    benchmark.extra_info.update(info)
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print(f"\nperiodic core share at {hz} Hz: {info}")
     assert info["cpu_probe_core_percent"] < info["psutil_bundle_core_percent"], info

@@ -10,8 +10,9 @@ saturate this 2-core machine and the figure measures CPU contention, not the pro
 proxy`` CLI in front of it (its own process, sampling and recording a trace as in production); an async
 httpx client here.  Direct, proxied and relayed rounds alternate so background load hits all alike.
 
-- TTFT: sequential requests, time from sending to the first chunk with text; p50 of proxied - p50 of
-  direct (and the p50 of paired differences).  Second baseline: a bare asyncio TCP relay process (no
+- TTFT: sequential requests, time from sending to the first chunk with text; the median of paired
+  differences (each proxied request against the direct one just before it; the judged figure), and p50 of
+  proxied - p50 of direct.  Second baseline: a bare asyncio TCP relay process (no
   HTTP at all) in the same path — what one more process hop costs on this machine.
 - Throughput: 32 concurrent streams of ``TOKENS`` chunks; text chunks received / wall time of the round;
   ``TPUT_PAIRS`` pairs of a direct round then a proxied one, the loss taken from the median pair ratio.
@@ -19,10 +20,11 @@ httpx client here.  Direct, proxied and relayed rounds alternate so background l
   sampler included), and the upstream's per token for scale.
 
 Every figure is taken against the direct baseline of the same run (a difference for TTFT, a ratio for
-tokens/s), and the goals are *printed* as met / not met rather than asserted: on this shared 2-core VM the
-direct TTFT alone swings 2-8 ms with the other jobs, so an absolute bar would fail on the machine, not on
-the proxy.  What is asserted: every stream arrives whole through the proxy and the trace holds every
-proxied request.
+tokens/s), and both goals are asserted at their own thresholds after the figures are printed (a miss fails
+the bench run).  Run it on a quiet machine: on this shared 2-core VM the direct TTFT alone swings 2-8 ms with
+the other jobs, and at load 4.6-6.4 the proxy added 3.7-3.9 ms (the bare TCP relay's figure shows how much
+of that any extra process hop costs there).  Also asserted: every stream arrives whole through the proxy
+and the trace holds every proxied request.
 
 Run: ``.venv/bin/pytest tests/bench/test_bench_proxy.py -m bench --benchmark-enable -s -p no:randomly``
 (``TUNER_BENCH_SECONDS`` scales the throughput rounds, default 3 s: one whole 5 s round per side and pair.)
@@ -45,6 +47,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.bench.goals import judge
 
 ROOT = Path(__file__).resolve().parents[2]
 PACE_S = float(os.environ.get("TUNER_BENCH_PACE_MS", "50")) / 1e3  # 20 tok/s a stream, 640 tok/s at 32 streams
@@ -237,8 +241,6 @@ def test_proxy_overhead(benchmark: Any, tmp_path: Path) -> None:
 
         benchmark.pedantic(lambda: asyncio.run(one()), rounds=5, iterations=1)
         print(f"\nproxy overhead: {info}")
-        for line in goal_lines(info):
-            print(line)
         # the trace recorded every proxied request
         from tuner.trace import read_trace
 
@@ -246,7 +248,11 @@ def test_proxy_overhead(benchmark: Any, tmp_path: Path) -> None:
         proxy.wait(timeout=30)
         reqs = [e for e in read_trace(tmp_path / "bench.jsonl").events if e.kind == "request"]
         assert len(reqs) >= TTFT_ROUNDS
-        # the goals are reported (goal_lines), not asserted: see the module docstring
+        results = goals(info)
+        for goal, met, figure in results:  # print both before the first miss fails the run
+            print(f"{goal}: {figure} -> {'met' if met else 'NOT MET'}")
+        for goal, met, figure in results:
+            judge(goal, met, figure)
     finally:
         for proc in (proxy, relay, up):
             if proc is not None and proc.poll() is None:
@@ -254,27 +260,31 @@ def test_proxy_overhead(benchmark: Any, tmp_path: Path) -> None:
                 proc.wait(timeout=10)
 
 
-def goal_lines(info: dict[str, Any]) -> list[str]:
-    """The issue's two goals, each judged on this run's figures against its own direct baseline."""
-    added, relay = info["ttft_added_p50_ms"], info["ttft_added_by_bare_tcp_relay_p50_ms"]
+def goals(info: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The issue's two goals, each judged on this run's figures against its own direct baseline: the TTFT a
+    proxied request adds is the median of its difference from the direct request sent just before it (the
+    neighbours' load drifts within a run, a pair shares it; the difference of the two medians is printed too),
+    the throughput loss the median of paired rounds' ratios."""
+    added, relay = info["ttft_added_paired_p50_ms"], info["ttft_added_by_bare_tcp_relay_p50_ms"]
     loss = info["throughput_loss_pct"]
     return [
-        f"goal TTFT p50 added <= 2 ms: {'met' if added <= 2.0 else 'NOT met'} ({added:.2f} ms; paired "
-        f"{info['ttft_added_paired_p50_ms']:.2f} ms; a bare TCP relay adds {relay:.2f} ms here; direct p50 "
-        f"{info['ttft_direct_p50_ms']:.2f} ms, load {info['load_avg_1m']:.1f})",
-        f"goal throughput loss <= 2% at {info['streams']} streams: {'met' if loss <= 2.0 else 'NOT met'} "
-        f"({loss:.2f}%, median of paired rounds; means {info['tokens_per_s_proxy']:.0f} vs "
-        f"{info['tokens_per_s_direct']:.0f} tokens/s direct)",
-    ]
+        ("proxy: TTFT added at p50 <= 2 ms", added <= 2.0,
+         f"{added:.2f} ms, median of paired requests (difference of medians {info['ttft_added_p50_ms']:.2f} ms; a "
+         f"bare TCP relay adds {relay:.2f} ms here; direct p50 {info['ttft_direct_p50_ms']:.2f} ms, load "
+         f"{info['load_avg_1m']:.1f})"),
+        (f"proxy: throughput loss <= 2% at {info['streams']} streams", loss <= 2.0,
+         f"{loss:.2f}%, median of paired rounds (means {info['tokens_per_s_proxy']:.0f} vs "
+         f"{info['tokens_per_s_direct']:.0f} tokens/s direct)"),
+    ]  # fmt: skip
 
 
-def test_goal_lines_judge_each_goal() -> None:
-    base = {"ttft_added_paired_p50_ms": 1.0, "ttft_added_by_bare_tcp_relay_p50_ms": 0.7, "ttft_direct_p50_ms": 2.0,
+def test_goals_judge_each_goal_at_its_threshold() -> None:
+    base = {"ttft_added_p50_ms": 3.0, "ttft_added_by_bare_tcp_relay_p50_ms": 0.7, "ttft_direct_p50_ms": 2.0,
             "load_avg_1m": 1.0, "streams": 32, "tokens_per_s_proxy": 600.0, "tokens_per_s_direct": 610.0}
-    ok = goal_lines({**base, "ttft_added_p50_ms": 1.9, "throughput_loss_pct": 1.6})
-    assert ok[0].startswith("goal TTFT p50 added <= 2 ms: met") and ": met (1.60%" in ok[1]
-    bad = goal_lines({**base, "ttft_added_p50_ms": 2.4, "throughput_loss_pct": 2.5})
-    assert "NOT met (2.40 ms" in bad[0] and "NOT met (2.50%" in bad[1]
+    ok = goals({**base, "ttft_added_paired_p50_ms": 2.0, "throughput_loss_pct": 2.0})
+    assert [m for _, m, _ in ok] == [True, True] and ok[1][2].startswith("2.00%")
+    bad = goals({**base, "ttft_added_paired_p50_ms": 2.01, "throughput_loss_pct": 2.01})
+    assert [m for _, m, _ in bad] == [False, False] and bad[0][2].startswith("2.01 ms")
 
 
 def _relay(upstream: str) -> None:

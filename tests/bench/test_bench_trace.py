@@ -1,5 +1,8 @@
 """Trace I/O: goal >= 200k records/s written, >= 5M metric values/s read into numpy (issue: Foundation).
 
+Both goals are asserted on CPU time (``process_time``, the best of 3 runs): what the trace code costs, not
+what the neighbours on a shared machine take from it.
+
 Baselines in the same run: writing the same records with plain ``json.dumps`` + one ``f.write`` per
 batch, and reading the same file with plain ``json.loads`` per line (no columns built).  The writer also
 keeps the trace's columnar companion (``<trace>.cols``, float64 blocks checked against the trace's
@@ -24,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.bench.goals import judge
 from tuner.records import Event
 from tuner.trace import TraceWriter, columns_path, make_header, read_trace
 
@@ -88,10 +92,6 @@ def best(fn: Any, repeats: int = 3) -> float:
     return min(times)
 
 
-def goal(ok: bool) -> str:
-    return "met" if ok else "NOT MET"
-
-
 @pytest.mark.bench
 def test_trace_write_rate(benchmark: Any, tmp_path: Path) -> None:
     rows = [values(i) for i in range(N)]
@@ -135,12 +135,12 @@ def test_trace_write_rate(benchmark: Any, tmp_path: Path) -> None:
     t_flush = best(per_tick_flush) / 5000
     benchmark.pedantic(tuner_write, rounds=1, iterations=1)
     rate = N / t_tuner
-    print(f"\ntrace write: {rate:,.0f} records/s, goal 200k/s {goal(rate >= 200_000)} (plain json.dumps+write "
-          f"{N / t_plain:,.0f}/s, TraceWriter at {t_plain / t_tuner:.2f}x its speed); without the columnar companion "
-          f"{N / t_bare:,.0f}/s (it costs {(t_tuner - t_bare) / N * 1e6:.2f} us CPU a record); a tick with its own "
-          f"flush: {t_flush * 1e6:.1f} us CPU")  # fmt: skip
+    print(f"\ntrace write: plain json.dumps+write {N / t_plain:,.0f}/s (TraceWriter at {t_plain / t_tuner:.2f}x its "
+          f"speed); without the columnar companion {N / t_bare:,.0f}/s (it costs {(t_tuner - t_bare) / N * 1e6:.2f} us "
+          f"CPU a record); a tick with its own flush: {t_flush * 1e6:.1f} us CPU")  # fmt: skip
     benchmark.extra_info.update(records_per_s=rate, plain_per_s=N / t_plain, flush_per_tick_us=t_flush * 1e6,
                                 without_companion_per_s=N / t_bare)  # fmt: skip
+    judge("trace write >= 200k records/s", rate >= 200_000, f"{rate:,.0f} records/s of CPU time, with the companion")
     # What the writer controls: its cost against encoding the same records with json.dumps (0.30x here).
     assert t_tuner <= 0.8 * t_plain, f"TraceWriter takes {t_tuner / t_plain:.2f}x plain json.dumps+write"
 
@@ -170,11 +170,9 @@ def read_rates(path: Path, n_ticks: int, n_values: int) -> tuple[float, float, f
 def report_read(name: str, n_ticks: int, n_values: int, t: tuple[float, float, float]) -> float:
     with_cols, without, plain = t
     rate = n_values / with_cols
-    print(f"\ntrace read into numpy ({name}): {rate:,.0f} metric values/s ({n_ticks / with_cols:,.0f} ticks/s), "
-          f"goal 5M/s {goal(rate >= 5_000_000)}; without the companion (JSON Lines parsed) "
-          f"{n_values / without:,.0f} values/s; plain json.loads per line alone {n_values / plain:,.0f} values/s; "
-          f"read_trace takes {with_cols / plain:.2f}x the time of json.loads alone ({without / plain:.2f}x without "
-          f"the companion)")  # fmt: skip
+    print(f"\ntrace read into numpy ({name}): without the companion (JSON Lines parsed) {n_values / without:,.0f} "
+          f"values/s; plain json.loads per line alone {n_values / plain:,.0f} values/s; read_trace takes "
+          f"{with_cols / plain:.2f}x the time of json.loads alone ({without / plain:.2f}x without it)")  # fmt: skip
     return rate
 
 
@@ -186,6 +184,8 @@ def judge_read(benchmark: Any, label: str, path: Path, n: int, n_values: int) ->
     rate = report_read(label, n, n_values, t)
     benchmark.extra_info.update(values_per_s=rate, without_companion_values_per_s=n_values / t[1],
                                 plain_values_per_s=n_values / t[2])  # fmt: skip
+    judge(f"trace read into numpy >= 5M values/s ({label})", rate >= 5_000_000,
+          f"{rate:,.0f} metric values/s of CPU time ({n / t[0]:,.0f} ticks/s), with the companion")  # fmt: skip
     assert t[1] <= 1.2 * t[2], f"read_trace without the companion takes {t[1] / t[2]:.2f}x json.loads alone"
     assert t[0] <= 0.5 * t[1], f"the companion saves too little: {t[0] / t[1]:.2f}x the time without it"
 
