@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-vllm bench effects lint soak clean venv example-trace
+.PHONY: demo test test-vllm bench effects effects-containers lint soak clean venv example-trace
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(STAMP)
 
 effects: $(STAMP)
 	$(PY) -m pytest -q -s tests/bench/test_bench_effects.py -m bench -p no:randomly $(BENCH_ARGS)
+
+# Issue 13: the leaking demo in a memory cgroup (root; v1 memory controller), each preset vs observe-only (~40 min).
+effects-containers: $(STAMP)
+	$(PY) -m pytest -q -s tests/bench/test_bench_containers.py -m bench -p no:randomly $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tuner probes policies tui tests tools

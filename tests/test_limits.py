@@ -359,3 +359,21 @@ def test_the_horizon_is_validated_and_can_be_switched_off() -> None:
             parse_policy({"agent": {"limit_horizon_s": bad}, **table})
     with pytest.raises(UserError, match=r"cleanup\.projection_every_s"):
         parse_policy({"cleanup": {"projection_every_s": 0.5}})
+
+
+def test_an_episode_of_pressure_is_announced_once_in_the_trace_and_on_screen() -> None:
+    said: list[str] = []
+    notes: list[str] = []
+
+    class Notes(Sink):
+        def note(self, t: float, msg: str, level: str = "info", **data: Any) -> None:
+            notes.append(f"{level}: {msg}")
+
+    agent = Agent([Always()], Arbiter(), DryRunActuator(), Notes(), say=said.append)
+    agent.window.horizon_s = 120.0
+    for i in range(400):
+        t = i * 0.1
+        agent.step(T(t, {**host(2 * GIB), "cgroup_mem_limit_bytes": 640 * MIB,
+                         "cgroup_mem_working_set_bytes": 300 * MIB + 5 * MIB * t}))  # fmt: skip
+    assert len(said) == 1 and said[0].startswith("memory: cgroup working set ") and "limit in" in said[0]
+    assert notes == [f"warn: {said[0]}"]

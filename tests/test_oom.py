@@ -160,3 +160,34 @@ def test_attach_names_the_oom_kill_of_the_process_it_watches(v1: V1Memory, tmp_p
     assert "tuner: python was killed by the kernel OOM killer: cgroup memory limit 200 MiB reached" in err, err
     ev = [r for r in iter_records(str(trace)) if r.get("kind") == "oom_kill"]
     assert len(ev) == 1 and ev[0]["data"]["signal"] == 9
+
+
+def test_the_unreclaimable_demo_leak_survives_a_cleanup() -> None:
+    """``tuner demo --leak unreclaimable`` (the containers effect run's second variant): the same per-request
+    cache, not registered for cleanup — a cleanup command from a real channel gives it nothing back."""
+    from tuner.link.channel import ChannelServer
+
+    server = ChannelServer()
+    server.start()
+    msgs: list[dict] = []
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "tuner.demo.workload", "--requests", "40", "--rate", "30",
+                              "--leak", "unreclaimable", "--max-new-tokens", "32"],
+                             env={**ENV, "TUNER_SOCKET": server.path}, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        sent = None
+        deadline = time.monotonic() + 170
+        while p.poll() is None and time.monotonic() < deadline:
+            msgs += [m for _, m in server.drain()]
+            if sent is None and sum(m.get("type") == "request" for m in msgs) >= 25:
+                sent = server.send_command("cleanup", {"steps": ["caches", "gc", "malloc_trim"]})
+            time.sleep(0.05)
+        out, _ = p.communicate(timeout=30)
+        time.sleep(0.3)
+        msgs += [m for _, m in server.drain()]
+    finally:
+        server.close()
+    own = json.loads(out.strip().splitlines()[-1])
+    clean = next(m for m in msgs if m.get("type") == "command_result" and m.get("cmd") == "cleanup")
+    assert clean["ok"] and clean["id"] == sent
+    assert clean["result"]["steps"][0].get("entries", 0) == 0  # no cache registered: nothing to clear
+    assert own["leak_kind"] == "unreclaimable" and own["leak_entries"] == 40  # all kept

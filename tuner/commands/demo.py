@@ -47,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--duration", type=float, metavar="S",
                    help=f"seconds of request arrivals (default {DEFAULT_DURATION:g}); queued requests are then served")
     g.add_argument("--requests", type=int, metavar="N", help="serve N requests instead of a duration")
-    w.add_argument("--leak", action="store_true",
-                   help="inject a memory leak: a per-request prefix cache that is never evicted (~1 MB a request)")
+    w.add_argument("--leak", nargs="?", const="reclaimable", choices=("reclaimable", "unreclaimable"),
+                   help="inject a memory leak: a per-request prefix cache that is never evicted (~1 MB a request); "
+                   "'--leak unreclaimable': one no cleanup step reaches (only a smaller batch or precision helps)")
     w.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompts and sampling (default 0)")
     w.add_argument("--rate", type=float, metavar="R",
                    help=f"steady workload: mean requests per second (default {DEFAULT_RATE:g})")
@@ -114,7 +115,7 @@ def workload_command(args: argparse.Namespace) -> list[str]:
     cmd += ["--seed", str(args.seed), "--rate", f"{rate:g}", "--batch-size", str(args.batch_size),
             "--temperature", f"{args.temperature:g}"]
     if args.leak:
-        cmd.append("--leak")
+        cmd += ["--leak"] if args.leak == "reclaimable" else ["--leak", args.leak]
     if args.mirostat:
         if args.mirostat_tau <= 0:
             raise UserError(f"--mirostat-tau {args.mirostat_tau:g} must be more than 0 bits")

@@ -60,12 +60,16 @@ class Agent:
         knobs: Knobs | None = None,
         window: Window | None = None,
         observe_only: bool = False,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         names = [p.name for p in policies]
         if len(set(names)) != len(names):
             raise ValueError(f"policy names must be unique: {names}")
         self.policies = list(policies)
         self.arbiter = arbiter
+        self.say = say
+        """Where an early warning goes besides the trace (the session's stderr line)."""
+        self._warned_episode: float | None = None
         self.actuator = actuator
         self.writer = writer
         self.clock = clock
@@ -247,6 +251,18 @@ class Agent:
         self.window.add_action(applied)
         self._feedback(policy, applied)
 
+    def _warn_early(self) -> None:
+        """Once per episode of memory pressure: a warning note (and line) with the projected time to the limit."""
+        mp = self.window.memory_pressure()
+        if mp is None or not mp.fresh or mp.since == self._warned_episode:
+            return
+        self._warned_episode = mp.since
+        msg = f"memory: {mp.describe()} — within the {mp.horizon_s:g} s horizon"
+        if self.writer is not None:
+            self.writer.note(self.window.t, msg, "warn", **mp.evidence())
+        if self.say is not None:
+            self.say(msg)
+
     def _name_limit(self, action: Action) -> Action:
         """Every action's evidence names the binding memory limit and how close it is (and, under memory
         pressure, the projected time to it)."""
@@ -303,8 +319,11 @@ class Agent:
             self.writer.action(a)
 
     def _write_knobs(self, values: dict[str, Any]) -> None:
-        """The knob columns, and once a second the binding limit's headroom and projected time to it."""
-        values.update(self.window.limit_columns())
+        """The knob columns, and on each projection the binding limit's headroom and projected time to it."""
+        limit_cols = self.window.limit_columns()
+        if limit_cols:
+            values.update(limit_cols)
+            self._warn_early()
         k = self.knobs
         if k is not self._cols_for:  # Knobs is frozen: a new object is a change
             cols: dict[str, Any] = {}

@@ -207,7 +207,7 @@ class Session:
             self.log("no client channel to this process (attach): policy decisions are recorded as dry-run")
         else:
             actuator = ChannelActuator(self.channel)
-        return build_agent(config, actuator, self.writer, observe_only=self.opts.observe_only)
+        return build_agent(config, actuator, self.writer, observe_only=self.opts.observe_only, say=self.log)
 
     def _handle_viewer_commands(self, t: float) -> None:
         for cmd in self.observer.drain_commands():

@@ -25,7 +25,9 @@
 - ``--leak`` injects a realistic bug: a per-conversation prefix cache (conversation id -> copies of the KV
   tensors of prompt and response, for a follow-up turn; ~1-1.5 MB a request) that is looked up but never
   evicted; it is registered with
-  ``c.register_cache`` so the cleanup policy can clear it.
+  ``c.register_cache`` so the cleanup policy can clear it.  ``--leak unreclaimable``: the same cache, not
+  registered (as a leak held where no cleanup step reaches): cleanup gives nothing back, only a smaller batch
+  or a lower precision buys time.
 - ``--mirostat`` samples with Mirostat v2 (tau 5, eta 0.1) instead of temperature (a policy baseline).
 - With ``--duration``, after the last arrival the queue is served for at most ``--drain-seconds``; what is
   left is closed as failed (an overloaded machine must not turn a 20 s demo into minutes).  ``--requests N``
@@ -431,6 +433,7 @@ def summary(stats: Stats, seconds: float, args: argparse.Namespace, rss_start: i
         "rss_start_bytes": rss_start,
         "rss_end_bytes": rss_bytes(),
         "leak": bool(args.leak),
+        "leak_kind": args.leak,
         "leak_entries": len(cache) if cache is not None else 0,
         "leak_bytes": cache.nbytes() if cache is not None else 0,
         "precision": loop.precision.precision,
@@ -449,7 +452,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--duration", type=float, help="seconds of arrivals (then the queue is served and it exits)")
     g.add_argument("--requests", type=int, help="number of arrivals")
     g.add_argument("--serve", action="store_true", help="serve until SIGINT/SIGTERM")
-    ap.add_argument("--leak", action="store_true", help="inject the never-evicted prefix cache")
+    ap.add_argument("--leak", nargs="?", const="reclaimable", choices=("reclaimable", "unreclaimable"),
+                    help="inject the never-evicted prefix cache (unreclaimable: not registered for cleanup)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate", type=float, default=5.0,
                     help="steady workload: mean arrivals per second (0 = all at once)")
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
 
     cache = PrefixCache() if args.leak else None
     loop = TorchLoop(model, client=c, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                     batch_size=args.batch_size, canary=canary, caches=[cache] if cache is not None else [])
+                     batch_size=args.batch_size, canary=canary,
+                     caches=[cache] if cache is not None and args.leak == "reclaimable" else [])
     start_precision = loop.precision.set(args.precision) if args.precision != "fp32" else None
     prompts = held_out_prompts(args.prompts, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
