@@ -237,6 +237,8 @@ class CleanupPolicy(Policy):
             self.last_at = applied.t
         elif applied.outcome in ("failed", "not supported"):  # not sent (no client, no such call on this engine):
             self._done(applied.t, None)  # try again after the interval, no back-off
+        elif applied.outcome == "rejected" and applied.action.evidence.get("trigger") == "projection":
+            self.last_projection_at = -1e18  # held back (cooldown): ask again next time, as the limit nears
 
     def on_result(self, t: float, action: Action, ok: bool, result: Mapping[str, Any], error: str | None) -> None:
         got = result.get("reclaimed_bytes") if ok else 0.0

@@ -125,7 +125,7 @@ class PrecisionPolicy(Policy):
             return f"memory headroom {headroom:.0%} on {dev} under {self.cfg.min_headroom:.0%}"
         mp = w.memory_pressure()
         if mp is not None and mp.escalate:
-            lowered = any(a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "dry-run")
+            lowered = any(a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "pending", "dry-run")
                           and a.t >= mp.since and isinstance(a.previous, (int, float))
                           and isinstance(a.action.value, (int, float)) and a.action.value < a.previous
                           for a in w.actions)  # fmt: skip

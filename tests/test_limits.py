@@ -377,3 +377,19 @@ def test_an_episode_of_pressure_is_announced_once_in_the_trace_and_on_screen() -
                          "cgroup_mem_working_set_bytes": 300 * MIB + 5 * MIB * t}))  # fmt: skip
     assert len(said) == 1 and said[0].startswith("memory: cgroup working set ") and "limit in" in said[0]
     assert notes == [f"warn: {said[0]}"]
+
+
+def test_a_projected_cleanup_held_back_by_the_cooldown_is_asked_again_at_once() -> None:
+    from tuner.policies.cleanup import CleanupConfig, CleanupPolicy
+    from tuner.records import Applied
+
+    w = Window(keys=[])
+    w.horizon_s = 120.0
+    feed(w, 0.0, 20.0, lambda t: 300 * MIB + 5 * MIB * t)
+    pol = CleanupPolicy(CleanupConfig())
+    first = pol.decide(w, Knobs())
+    assert first and first[0].evidence["trigger"] == "projection"
+    pol.feedback(Applied(w.t, first[0], "rejected", None, {"why": "cooldown: cleanup changed 10 s ago"}))
+    feed(w, 20.0, 21.0, lambda t: 300 * MIB + 5 * MIB * t)
+    again = pol.decide(w, Knobs())
+    assert again and again[0].evidence["trigger"] == "projection"  # not projection_every_s later

@@ -249,7 +249,7 @@ class Window:
 
     def add_action(self, a: Applied) -> None:
         self.actions.append(a)
-        if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped"):
+        if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "pending"):
             self._restart_trend(a.t)  # memory per batch changed: judge the trend on what follows
 
     def _restart_trend(self, t: float) -> None:
