@@ -63,7 +63,8 @@ def discover(
     tree = cpu.pids if pids else None
     # the memory limit that can kill the process is its cgroup's (the root's: children inherit it)
     cgroup = CgroupProbe(pids[0] if pids else None)
-    candidates: list[Probe] = [cpu, cgroup, NvidiaProbe(tree), AscendNpuProbe(tree), IntelNpuProbe()]
+    gpu = NvidiaProbe(tree, root=pids[0] if pids else None)  # the root's CUDA_VISIBLE_DEVICES: what CUDA shows it
+    candidates: list[Probe] = [cpu, cgroup, gpu, AscendNpuProbe(tree), IntelNpuProbe()]
     if include is not None:
         candidates = [p for p in candidates if p.name in include]
     usable: list[Probe] = []

@@ -306,8 +306,9 @@ def test_the_shim_puts_the_fake_into_a_subprocess() -> None:
     env["PYTHONPATH"] = f"{SHIM}{os.pathsep}{env['PYTHONPATH']}"
     code = (
         "import pynvml, tests.fakes.fake_pynvml as f; pynvml.nvmlInit(); "
-        "print(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)), f.real.__name__)"
+        "print(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)), f.real.__name__, "
+        "pynvml.NVMLError_GpuIsLost is f.real.NVMLError_GpuIsLost)"
     )
     cp = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
-    assert cp.stdout.split() == ["NVIDIA", "H200", "pynvml"]
+    assert cp.stdout.split() == ["NVIDIA", "H200", "pynvml", "True"]

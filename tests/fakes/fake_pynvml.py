@@ -287,8 +287,6 @@ def make_fake_pynvml(
     for i, gpu in enumerate(devices):
         gpu.uuid = gpu.uuid or f"GPU-{0x5A0E0000 + i:08x}-1b2c-4d3e-8f40-{0xA1B2C3D40000 + i:012x}"
         gpu.pci_bus_id = gpu.pci_bus_id or f"00000000:{0x17 + 0x20 * i:02X}:00.0"
-        for k, mig in enumerate(gpu.mig_devices):
-            mig.uuid = mig.uuid or f"MIG-{0x3C000000 + 16 * i + k:08x}-aaaa-5bbb-8ccc-{0xD0000000 + k:012x}"
     symbols = set(driver_proc_versions)
     mod = types.ModuleType("pynvml")
     mod.__dict__["calls"] = calls = Counter[str]()
@@ -309,12 +307,22 @@ def make_fake_pynvml(
 
     handles = [_handle(_HANDLE_BASE + i) for i in range(len(devices))]
     mig_handles: dict[int, tuple[FakeGpu, FakeMig, Any]] = {}
-    for i, gpu in enumerate(devices):
-        for k, mig in enumerate(gpu.mig_devices):
-            addr = _MIG_BASE + 0x100 * i + k
-            mig_handles[addr] = (gpu, mig, _handle(addr))
     by_id: dict[int, int] = {id(h): _HANDLE_BASE + i for i, h in enumerate(handles)}
-    by_id.update({id(h): addr for addr, (_, _, h) in mig_handles.items()})
+
+    def mig_handle(i: int, k: int) -> Any:
+        """Instance ``k`` of GPU ``i`` (made when first asked for: MIG can be switched on mid-run)."""
+        addr = _MIG_BASE + 0x100 * i + k
+        gpu, mig = devices[i], devices[i].mig_devices[k]
+        found = mig_handles.get(addr)
+        if found is None or found[1] is not mig:
+            mig.uuid = mig.uuid or f"MIG-{0x3C000000 + 16 * i + k:08x}-aaaa-5bbb-8ccc-{0xD0000000 + k:012x}"
+            found = mig_handles[addr] = (gpu, mig, _handle(addr))
+            by_id[id(found[2])] = addr
+        return found[2]
+
+    for i, gpu in enumerate(devices):
+        for k in range(len(gpu.mig_devices)):
+            mig_handle(i, k)
 
     def check_init(fn: str) -> None:
         calls[fn] += 1
@@ -550,10 +558,10 @@ def make_fake_pynvml(
                 got = gpu.__dict__.get("_pcie_tx", 0.0)
             elif fid == real.NVML_FI_DEV_PCIE_COUNT_RX_BYTES and gpu.pcie_counters:
                 got = gpu.__dict__.get("_pcie_rx", 0.0)
-            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX and gpu.nvlink_links:
-                got = gpu.__dict__.get("_nvl_tx", 0.0)
-            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX and gpu.nvlink_links:
-                got = gpu.__dict__.get("_nvl_rx", 0.0)
+            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX and scope < gpu.nvlink_links:
+                got = gpu.__dict__.get("_nvl_tx", 0.0) / gpu.nvlink_links  # per link (scopeId); traffic spread evenly
+            elif fid == real.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX and scope < gpu.nvlink_links:
+                got = gpu.__dict__.get("_nvl_rx", 0.0) / gpu.nvlink_links
             elif fid == real.NVML_FI_DEV_NVLINK_LINK_COUNT:
                 got = gpu.nvlink_links
                 v.valueType = real.NVML_VALUE_TYPE_UNSIGNED_INT
@@ -611,8 +619,7 @@ def make_fake_pynvml(
             raise real.NVMLError_InvalidArgument()
         if not 0 <= index < len(gpu.mig_devices):
             raise real.NVMLError_NotFound()
-        i = devices.index(gpu)
-        return mig_handles[_MIG_BASE + 0x100 * i + index][2]
+        return mig_handle(devices.index(gpu), index)
 
     def nvmlDeviceIsMigDeviceHandle(device: Any) -> Any:
         _, mig = lookup(device, "nvmlDeviceIsMigDeviceHandle")

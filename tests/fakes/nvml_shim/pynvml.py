@@ -16,8 +16,8 @@ _spec = importlib.machinery.PathFinder.find_spec(
 if _spec is None or _spec.loader is None:
     raise ImportError("the real nvidia-ml-py (pynvml) is not installed")
 _real = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_real)
-sys.modules["pynvml"] = _real  # what tests.fakes.fake_pynvml imports as the real binding
+sys.modules["pynvml"] = _real  # before it runs: the binding sets its error classes on sys.modules[__name__]
+_spec.loader.exec_module(_real)  # and tests.fakes.fake_pynvml imports it as the real binding
 
 from tests.fakes.fake_pynvml import from_spec  # noqa: E402
 
