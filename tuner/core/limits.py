@@ -108,12 +108,27 @@ def _cgroup(r: ValueReader) -> Iterable[LimitTerm]:
         yield LimitTerm("cgroup", ws, limit, "working set", label, series="cgroup_mem_working_set_bytes", pool="ram")
 
 
+def tree_uses_gpu(r: ValueReader, dev: str) -> bool:
+    """Whether the watched tree uses GPU ``dev`` (``tuner.probes.nvidia``): it holds a context or memory there;
+    where the probe cannot attribute processes (another PID namespace, MIG without privileges), the devices
+    its ``CUDA_VISIBLE_DEVICES`` shows it; with no tree figures at all (no tree, an older trace), every one."""
+    procs, mem = r.latest(f"gpu_tree_procs/{dev}"), r.latest(f"gpu_tree_mem_bytes/{dev}")
+    if procs is not None or mem is not None:
+        return bool(procs) or bool(mem)
+    cuda = r.latest(f"gpu_tree_cuda_devices/{dev}")
+    return cuda is None or cuda > 0
+
+
 def _devices(r: ValueReader) -> Iterable[LimitTerm]:
+    """Each accelerator's memory — for GPUs only the devices the tree uses (``tree_uses_gpu``): another job's
+    full GPU is not this inference's limit."""
     for key in [k for k in r.keys if k.startswith(("gpu_mem_used_bytes/", "npu_mem_used_bytes/"))]:
         used = r.latest(key)
         if used is None:
             continue
         kind, dev = key.split("_", 1)[0], key.split("/", 1)[1]
+        if kind == "gpu" and not tree_uses_gpu(r, dev):
+            continue
         tot = r.latest(f"{kind}_mem_total_bytes/{dev}")
         if tot:
             yield LimitTerm(f"{kind}/{dev}", used, tot, "memory used", series=key)
@@ -127,10 +142,12 @@ def _kv_cache(r: ValueReader) -> Iterable[LimitTerm]:
         yield LimitTerm("kv_cache", used, 1.0, "used", unit="ratio", series="engine_kv_cache_usage_ratio")
 
 
+DEVICE_PREFIXES = ("gpu_mem_", "npu_mem_", "gpu_tree_procs/", "gpu_tree_mem_bytes/", "gpu_tree_cuda_devices/")
+
 SOURCES: list[TermSource] = [
     TermSource("host", ("sys_mem_available_bytes", "sys_mem_total_bytes", "sys_mem_used_bytes"), (), _host),
     TermSource("cgroup", ("cgroup_mem_limit_bytes", "cgroup_mem_working_set_bytes"), (), _cgroup),
-    TermSource("devices", (), ("gpu_mem_", "npu_mem_"), _devices),
+    TermSource("devices", (), DEVICE_PREFIXES, _devices),
     TermSource("kv_cache", ("engine_kv_cache_usage_ratio",), (), _kv_cache),
 ]
 """Every source of limit terms; ``register`` adds one (the device and KV-cache terms of later issues)."""
