@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -139,6 +140,7 @@ class OutputProbe:
         distinct_last: int = 100,
         loop_min_n: int = 1,
         loop_max_n: int = 8,
+        quality: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.channel = channel
         self.t0 = t0
@@ -146,6 +148,9 @@ class OutputProbe:
         self.record_text = record_text
         self.loop_min_n = loop_min_n
         self.loop_max_n = loop_max_n
+        self._quality = quality
+        """Where ``quality`` messages (texts for the consistency scorer) go: ``tuner.quality.probe``; dropped
+        when None (the sidecar does not measure consistency)."""
         self._done: deque[_Done] = deque(maxlen=WINDOW_KEEP)
         self._distinct = Distinct2(distinct_last)
         self._done_count = 0
@@ -250,6 +255,10 @@ class OutputProbe:
             return self._request(msg)
         if kind == "status":
             self._status[int(msg["conn"])] = msg
+            return None
+        if kind == "quality":
+            if self._quality is not None:
+                self._quality(msg)
             return None
         if kind == "alloc":
             self._alloc = {

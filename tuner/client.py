@@ -10,6 +10,14 @@ with c.request(prompt_tokens=n) as r:
 c.poll()                             # between batches: runs commands the sidecar sent (on this thread)
 ```
 
+Consistency (the sidecar runs with ``--consistency``): a request may come back ``r.sampled``; the loop then makes a
+second answer to the same prompt at the same settings (in the same batch: not a request, so it counts in no
+latency, throughput or batch statistic) and passes ``r.consistency(answer, second, prompt)`` before the ``with``
+ends.  After a precision change the loop answers the canary prompts (``c.canary_prompts``, or its own set) and
+passes them with the full-precision answers to ``c.report_canary(reference, answers, precision=...)``.  The texts
+go to the sidecar, which scores them in its scorer process; the trace gets scores (texts only with
+``--record-text``).
+
 What is timed (``time.monotonic()`` stamps taken in this process; the sidecar turns them into seconds,
 ``tuner.link.channel.expand_rows``):
 
@@ -54,6 +62,7 @@ import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
+from random import random as _random
 from typing import Any
 
 from tuner import reclaim
@@ -89,6 +98,7 @@ class Request:
         "batch_capacity",
         "batch_size",
         "created",
+        "ended",
         "first",
         "id",
         "ids",
@@ -97,6 +107,8 @@ class Request:
         "n_first",
         "precision",
         "prompt_tokens",
+        "quality",
+        "sampled",
         "t_started",
         "temperature",
         "texts",
@@ -127,6 +139,11 @@ class Request:
         self.n_first = 0
         self.t_started: float | None = None
         self.loop_ngrams = client._loop_ngrams
+        self.sampled = client._consistency_rate > 0.0 and _random() < client._consistency_rate
+        """Whether the sidecar measures this request's consistency: make a second answer to its prompt at the
+        same settings (in the same batch) and pass both to ``consistency()``.  Decided here, once: ~0.1 us."""
+        self.quality: tuple[str | None, str, str | None] | None = None
+        self.ended = False
         self.created = _monotonic()
 
     def started(self) -> None:
@@ -184,6 +201,20 @@ class Request:
         if isinstance(text, str) and text:
             self.texts.append(text)
 
+    def consistency(self, answer: str, second: str | None = None, prompt: str | None = None) -> None:
+        """For a ``sampled`` request: its answer, the second answer to the same prompt at the same settings (or
+        None), and the prompt (for chat, the last user message; for relevance).  Sent when the request ends, or at
+        once when it already has (a second answer that finished after the first); the sidecar scores them in its
+        scorer process and records the scores (texts only with ``--record-text``).  Does nothing on a request
+        that is not sampled."""
+        if self.sampled and isinstance(answer, str) and self.quality is None:
+            self.quality = (prompt if isinstance(prompt, str) else None, answer,
+                            second if isinstance(second, str) else None)
+            c = self._client
+            if self.ended and self._gen is c._gen:
+                c._control.append(_quality_message(self))
+                c._wake.set()
+
     def __enter__(self) -> Request:
         return self
 
@@ -192,6 +223,9 @@ class Request:
         c = self._client
         if self._gen is not c._gen:
             return  # begun before a fork, ended in the child: the parent's request, not this process's
+        self.ended = True
+        if self.quality is not None and exc_type is None:
+            c._control.append(_quality_message(self))
         with c._lock:
             c._active -= 1
             if exc_type is not None:
@@ -208,6 +242,10 @@ class Request:
 
 class _NullRequest:
     __slots__ = ()
+    sampled = False
+
+    def consistency(self, answer: str, second: str | None = None, prompt: str | None = None) -> None:
+        pass
 
     def started(self) -> None:
         pass
@@ -236,9 +274,14 @@ class NullClient:
 
     connected = False
     record_text = False
+    consistency = False
+    canary_prompts: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.knobs = Knobs()
+
+    def report_canary(self, reference: Sequence[str], answers: Sequence[str], **_: Any) -> bool:
+        return False
 
     def request(self, prompt_tokens: int | None = None, **_: Any) -> Any:
         return _NULL_REQUEST
@@ -317,6 +360,8 @@ class Client:
         self._dropped = 0
         self._sent = 0
         self._record_text = False
+        self._consistency_rate = 0.0
+        self._canary: tuple[str, ...] = ()
         self._max_message = MAX_FRAME
         self._backoff = BACKOFF_MIN_S
         self._sock: socket.socket | None = None
@@ -333,6 +378,32 @@ class Client:
     def record_text(self) -> bool:
         """Whether the sidecar records response text (``--record-text``): worth decoding ids to text only then."""
         return self._record_text
+
+    @property
+    def consistency(self) -> bool:
+        """Whether the sidecar measures consistency (``--consistency``): requests may come back ``sampled``, and
+        canary rounds (``report_canary``) are scored."""
+        return self._consistency_rate > 0.0
+
+    @property
+    def canary_prompts(self) -> tuple[str, ...]:
+        """The canary prompts the sidecar was given (``--canary FILE``); empty: use the loop's own set."""
+        return self._canary
+
+    def report_canary(self, reference: Sequence[str], answers: Sequence[str], *, precision: str | None = None,
+                      previous: str | None = None, temperature: float | None = None, tag: str | None = None) -> bool:
+        """A canary round: the reference answers (full precision) and the answers after a knob change, prompt by
+        prompt.  Sent only to a sidecar that measures consistency (returns whether it was queued)."""
+        if not self.consistency:
+            return False
+        ref = [_cap(str(x)) for x in reference]
+        new = [_cap(str(x)) for x in answers]
+        self._control.append({"type": "quality", "kind": "canary", "reference": ref, "answers": new,
+                              "precision": precision if isinstance(precision, str) else None,
+                              "previous": previous if isinstance(previous, str) else None,
+                              "temperature": _opt_float(temperature), "tag": str(tag) if tag is not None else None})
+        self._wake.set()
+        return True
 
     @property
     def dropped(self) -> int:
@@ -755,6 +826,11 @@ class Client:
             self.refused = None
             self._backoff = BACKOFF_MIN_S
             self._record_text = bool(msg.get("record_text", False))
+            rate = _opt_float(msg.get("consistency_rate"))
+            self._consistency_rate = min(1.0, rate) if rate is not None and rate > 0 else 0.0
+            canary = msg.get("canary")
+            if isinstance(canary, list) and all(isinstance(p, str) for p in canary):
+                self._canary = tuple(canary)
             limit = msg.get("max_message_bytes")
             if type(limit) is int and limit >= 1024:
                 self._max_message = limit
@@ -764,6 +840,28 @@ class Client:
 def _frame(msg: dict[str, Any]) -> bytes:
     """A message to the sidecar, framed; a value JSON does not know (a handler's result) goes as its str."""
     return encode({"v": VERSION, **msg}, lenient=True)
+
+
+TEXT_SENT = 20_001
+"""Characters of a text sent for consistency at most (one more than the scorer reads: a longer text is reported
+with its length, ``<field>_chars``, and scored None with the reason)."""
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= TEXT_SENT else text[:TEXT_SENT]
+
+
+def _quality_message(r: Request) -> dict[str, Any]:
+    assert r.quality is not None
+    prompt, answer, second = r.quality
+    msg: dict[str, Any] = {"type": "quality", "kind": "self", "id": r.id, "answer": _cap(answer),
+                           "answer_chars": len(answer), "temperature": _opt_float(r.temperature),
+                           "precision": r.precision if isinstance(r.precision, str) else None}
+    if prompt is not None:
+        msg.update(prompt=_cap(prompt), prompt_chars=len(prompt))
+    if second is not None:
+        msg.update(second=_cap(second), second_chars=len(second))
+    return msg
 
 
 def _opt_int(x: Any) -> int | None:

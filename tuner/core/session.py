@@ -37,6 +37,8 @@ class SessionOptions:
     observer: bool = True
     """Serve the live feed ``tuner tui --connect`` reads (a Unix socket next to the channel's)."""
     engine_metrics: str | None = None
+    quality: Any = None
+    """``--consistency``: a ``tuner.quality.probe.QualityOptions`` (None: consistency is not measured)."""
     """A serving engine's Prometheus page to scrape (``--engine-metrics URL``; ``tuner.probes.engine``)."""
 
 
@@ -95,7 +97,13 @@ class Session:
         if channel is not None:
             from tuner.probes.output import OutputProbe
 
-            extra.append(OutputProbe(channel, t0=self.t0, record_text=opts.record_text))
+            quality = self._quality_probe(channel)
+            extra.append(OutputProbe(channel, t0=self.t0, record_text=opts.record_text,
+                                     quality=quality.submit if quality is not None else None))
+            if quality is not None:
+                extra.append(quality)
+        elif opts.quality is not None:
+            self.log("--consistency: no client channel to this process (attach), so no text to score; not measured")
         if opts.engine_metrics:
             from tuner.probes.engine import EngineProbe
 
@@ -161,6 +169,20 @@ class Session:
             on_skip=self._on_skip,
             on_note=self._on_note,
         )
+
+    def _quality_probe(self, channel: Any) -> Any:
+        """The consistency probe and its scorer child (``--consistency``), the clients told the sampling rate."""
+        q = self.opts.quality
+        if q is None:
+            return None
+        from tuner.quality.probe import QualityProbe
+
+        self.opts.extra_header["quality"] = q.header()
+        probe = QualityProbe(q, t0=self.t0, record_text=self.opts.record_text, log=self.log)
+        set_welcome = getattr(channel, "set_welcome", None)
+        if set_welcome is not None:
+            set_welcome(consistency_rate=q.rate, canary=list(q.canary) or None)
+        return probe
 
     def _open_observer(self) -> str | None:
         """The live feed for ``tuner tui --connect``; the session records without it if it cannot open."""

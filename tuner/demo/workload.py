@@ -54,6 +54,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from types import FrameType
@@ -64,11 +65,12 @@ import torch
 
 from tuner.demo.curve import LOOP_MAX_N, LOOP_MIN_N, repetition
 from tuner.demo.model import BatchDecoder, TinyLlama, load
-from tuner.demo.sampling import Mirostat, SamplingParams, sample
+from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample
 from tuner.demo.tokenizer import EOS, ByteTokenizer
 from tuner.demo.train import held_out_prompts
 from tuner.integrations.cleanup import rss_bytes
 from tuner.integrations.torch_loop import BatchSettings, TorchLoop, TrackedRequest
+from tuner.quality.canary import demo_canary
 
 
 class PrefixCache:
@@ -121,6 +123,10 @@ class Job:
     last_token: float | None = None
     started: float | None = None
     done: bool = False
+    twin: list[int] | None = None
+    """The second answer's tokens (a sampled request: ``--consistency``), decoded in the same batch, unreported."""
+    twin_done: bool = False
+    answer: str | None = None
 
 
 @dataclass
@@ -132,6 +138,7 @@ class Stats:
     batch_sizes: list[int] = field(default_factory=list)
     decode_seconds: float = 0.0
     client_call_seconds: float = 0.0  # main-thread time inside the client's per-token calls
+    twins: int = 0  # second answers decoded for consistency (sampled requests)
 
 
 WORKLOADS: tuple[str, ...] = ("steady", "step", "burst", "ramp", "mix")
@@ -295,6 +302,17 @@ def measure_capacity(model: TinyLlama, prompts: list[str], args: argparse.Namesp
     return CAPACITY_BATCHES * args.batch_size / seconds, seconds
 
 
+CANARY_TOKENS = 64
+
+
+def canary_answers(model: torch.nn.Module, prompts: Sequence[str]) -> list[str]:
+    """The model's greedy answers (``CANARY_TOKENS`` bytes at most) to the canary prompts: what reference
+    consistency compares before and after a precision change (``--consistency``)."""
+    tok = ByteTokenizer()
+    outs = generate(model, [tok.encode(p, bos=True) for p in prompts], CANARY_TOKENS, SamplingParams(temperature=0.0))
+    return [tok.decode(o) for o in outs]
+
+
 def take_batch(q: queue.Queue[Job], size: int, wait: float) -> list[Job]:
     try:
         jobs = [q.get(timeout=wait)]
@@ -312,7 +330,11 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
               gen: torch.Generator, cache: PrefixCache | None, stats: Stats,
               stop: threading.Event | None = None) -> None:
     """Decode one static batch.  ``stop`` (Ctrl-C / SIGTERM) ends it at the next token: its unfinished
-    requests are closed as failed (a batch of 64 can take longer than the supervisor's grace period)."""
+    requests are closed as failed (a batch of 64 can take longer than the supervisor's grace period).
+
+    A sampled request (``--consistency``) gets a twin row: the same prompt at the same settings, decoded in the
+    same batch; its tokens are not reported (it is no request: no latency, throughput or batch statistic counts
+    it) and its text goes with the answer's to ``consistency()`` once both are done."""
     model = loop.model
     assert isinstance(model, TinyLlama)  # int8 keeps the class; only its Linear layers are swapped
     now = time.monotonic()
@@ -321,12 +343,16 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
         j.req.started(s, len(jobs))
         if cache is not None:
             cache.lookup(j.conversation)
+        if j.req.sampled:
+            j.twin = []
+    twins = [j for j in jobs if j.twin is not None]
+    rows = len(jobs) + len(twins)
     max_new = max(j.max_new_tokens for j in jobs)
     params = SamplingParams(temperature=s.temperature, repetition_penalty=s.repetition_penalty)
-    mirostat = Mirostat(len(jobs), tau=args.mirostat_tau, eta=args.mirostat_eta) if args.mirostat else None
+    mirostat = Mirostat(rows, tau=args.mirostat_tau, eta=args.mirostat_eta) if args.mirostat else None
     t_batch = time.monotonic()
     with torch.inference_mode():
-        dec = BatchDecoder(model, [j.ids for j in jobs], max_new)
+        dec = BatchDecoder(model, [j.ids for j in jobs] + [j.ids for j in twins], max_new)
         logits = dec.prefill()
         aborted = False
         for step in range(dec.max_new_tokens):
@@ -336,10 +362,13 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
             if mirostat is not None:
                 nxt = mirostat.sample(logits, gen)
             else:
-                hist = [j.ids + j.out for j in jobs] if s.repetition_penalty != 1.0 else None
+                hist = None
+                if s.repetition_penalty != 1.0:
+                    hist = [j.ids + j.out for j in jobs] + [j.ids + (j.twin or []) for j in twins]
                 nxt = sample(logits, params, hist, gen)
             t = time.monotonic()
-            for row, tok in enumerate(nxt.tolist()):
+            picked = nxt.tolist()
+            for row, tok in enumerate(picked[: len(jobs)]):
                 j = jobs[row]
                 if j.done:
                     continue
@@ -355,7 +384,17 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
                 j.last_token = t
                 if len(j.out) >= j.max_new_tokens:
                     finish(loop, j, stats, s, len(jobs))
-            if all(j.done for j in jobs) or step == dec.max_new_tokens - 1:
+            for j, tok in zip(twins, picked[len(jobs) :], strict=True):
+                if j.twin_done:
+                    continue
+                if tok == EOS or len(j.twin or ()) >= j.max_new_tokens:
+                    twin_finished(j)
+                    continue
+                assert j.twin is not None
+                j.twin.append(tok)
+                if len(j.twin) >= j.max_new_tokens:
+                    twin_finished(j)
+            if (all(j.done for j in jobs) and all(j.twin_done for j in twins)) or step == dec.max_new_tokens - 1:
                 break
             logits = dec.step(nxt)
         if cache is not None and not aborted:  # keep each conversation's KV (prompt + response) for a follow-up
@@ -369,9 +408,24 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
             loop.finish(j.req, RuntimeError("stopped before the response was complete"))
         elif not j.done:
             finish(loop, j, stats, s, len(jobs))
+        if j.twin is not None and not j.twin_done and not aborted:
+            twin_finished(j)
     stats.decode_seconds += time.monotonic() - t_batch
     stats.batches += 1
     stats.batch_sizes.append(len(jobs))
+    stats.twins += len(twins)
+
+
+def twin_finished(j: Job) -> None:
+    """The second answer is complete: hand both texts over as soon as the answer is done too."""
+    j.twin_done = True
+    if j.answer is not None:
+        send_consistency(j)
+
+
+def send_consistency(j: Job) -> None:
+    tok = ByteTokenizer()
+    j.req.consistency(j.answer or "", tok.decode(j.twin or []), j.prompt)
 
 
 def finish(loop: TorchLoop, j: Job, stats: Stats, s: BatchSettings, batch_size: int) -> None:
@@ -379,6 +433,10 @@ def finish(loop: TorchLoop, j: Job, stats: Stats, s: BatchSettings, batch_size: 
     end = time.monotonic()
     if getattr(loop.client, "record_text", False):  # decoded only when the trace keeps text
         j.req.response_text(ByteTokenizer().decode(j.out))
+    if j.twin is not None:
+        j.answer = ByteTokenizer().decode(j.out)
+        if j.twin_done:
+            send_consistency(j)
     loop.finish(j.req)
     n = len(j.out)
     seq_rep_4, rep_32, looped = repetition(j.out)  # what the sidecar computes from the same ids
@@ -424,6 +482,7 @@ def summary(stats: Stats, seconds: float, args: argparse.Namespace, rss_start: i
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         "decode_tokens_per_second": tokens / stats.decode_seconds if stats.decode_seconds > 0 else None,
         "batches": stats.batches,
+        "consistency_twins": stats.twins,
         "mean_batch_size": statistics.fmean(stats.batch_sizes) if stats.batch_sizes else None,
         "ttft_p50_seconds": _p(ttft, 0.5),
         "ttft_p95_seconds": _p(ttft, 0.95),
@@ -524,7 +583,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     cache = PrefixCache() if args.leak else None
     loop = TorchLoop(model, client=c, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
                      batch_size=args.batch_size, canary=canary,
-                     caches=[cache] if cache is not None and args.leak == "reclaimable" else [])
+                     caches=[cache] if cache is not None and args.leak == "reclaimable" else [],
+                     canary_answers=canary_answers, canary_prompts=demo_canary())
     start_precision = loop.precision.set(args.precision) if args.precision != "fp32" else None
     prompts = held_out_prompts(args.prompts, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)

@@ -67,6 +67,17 @@ class TrackedRequest:
         """The decoded response, recorded only when the sidecar runs with ``--record-text``."""
         self.r.response_text(text)
 
+    @property
+    def sampled(self) -> bool:
+        """The sidecar measures this request's consistency: decode a second answer to its prompt in the same
+        batch (not reported as tokens) and pass both to :meth:`consistency`."""
+        return bool(getattr(self.r, "sampled", False))
+
+    def consistency(self, answer: str, second: str | None = None, prompt: str | None = None) -> None:
+        fn = getattr(self.r, "consistency", None)
+        if fn is not None:
+            fn(answer, second, prompt)
+
     def close(self, exc: BaseException | None = None) -> None:
         if self._cm is not None:
             cm, self._cm = self._cm, None
@@ -96,6 +107,8 @@ class TorchLoop:
         min_top1: float | None = None,
         caches: Sequence[object] = (),
         reference: str = "disk",
+        canary_answers: Callable[[nn.Module, Sequence[str]], list[str]] | None = None,
+        canary_prompts: Sequence[str] = (),
     ) -> None:
         if client is None:
             from tuner import client as tuner_client
@@ -108,6 +121,11 @@ class TorchLoop:
         self.max_batch_size = max_batch_size
         self.precision = PrecisionManager(model, reference=reference, canary=canary, max_kl=max_kl, min_top1=min_top1)
         self.precision_changes: list[dict[str, Any]] = []
+        self.canary_answers = canary_answers
+        self.canary_prompts = tuple(canary_prompts)
+        self.canary_reference: list[str] | None = None
+        """The canary prompts' answers at full precision (made once, at the first precision change)."""
+        self.canary_seconds: list[float] = []
         self.memory_interval = 1.0
         self.memory_read_seconds: float | None = None
         self._next_memory = 0.0
@@ -120,9 +138,44 @@ class TorchLoop:
         return self.precision.model
 
     def _on_precision(self, precision: str) -> dict[str, Any]:
+        previous = self.precision.precision
+        prompts = self._canary_set()
+        if prompts and self.canary_reference is None:
+            self.canary_reference = self._answer_canary(self._full_model(), prompts)
         result = self.precision.set(precision)  # raises PrecisionError with the reason to refuse
+        if prompts and self.canary_reference is not None and result.get("changed"):
+            answers = self._answer_canary(self.model, prompts)
+            sent = self.client.report_canary(self.canary_reference, answers, precision=precision, previous=previous,
+                                             tag=f"precision:{precision}")
+            if sent:  # the sidecar scores them (reference consistency); the policy waits for that figure
+                result["canary_answers"] = len(answers)
+                result["canary_identical"] = sum(1 for a, b in zip(self.canary_reference, answers, strict=True)
+                                                 if a == b)
+                result["canary_seconds"] = round(self.canary_seconds[-1], 3)
         self.precision_changes.append(result)
         return result
+
+    def _canary_set(self) -> tuple[str, ...]:
+        """The canary prompts to answer, or () when there is nobody to score them: the sidecar's set (``--canary
+        FILE``), else the loop's own; only for a sidecar that measures consistency and a loop that can answer."""
+        if self.canary_answers is None or not getattr(self.client, "consistency", False):
+            return ()
+        return tuple(getattr(self.client, "canary_prompts", ()) or self.canary_prompts)
+
+    def _full_model(self) -> nn.Module:
+        """The model at full precision: itself when it is fp32, else a fresh fp32 copy of the reference."""
+        if self.precision.precision == "fp32":
+            return self.model
+        return self.precision._full_precision()
+
+    def _answer_canary(self, model: nn.Module, prompts: Sequence[str]) -> list[str]:
+        assert self.canary_answers is not None
+        t = time.monotonic()
+        model.eval()
+        with torch.inference_mode():
+            answers = [str(a) for a in self.canary_answers(model, prompts)]
+        self.canary_seconds.append(time.monotonic() - t)
+        return answers
 
     def settings(self) -> BatchSettings:
         """The knobs for the next batch (read once per batch, never mid-batch)."""

@@ -12,7 +12,7 @@ UTF-8 JSON holding one object ``{"v": 1, "type": ..., ...}``.  Never pickle.  A 
 fields of the wrong type is dropped and counted (``stats()["malformed"]``), and *that* connection is
 closed; everybody else goes on being served.
 
-Client -> sidecar types: ``hello``, ``request``, ``status``, ``oom``, ``alloc``, ``command_result``
+Client -> sidecar types: ``hello``, ``request``, ``status``, ``oom``, ``alloc``, ``command_result``, ``quality``
 (see ``tuner.client``).  Sidecar -> client: ``welcome`` (options such as ``record_text``), ``knobs``,
 ``command``.  Each message ``drain()`` returns is stamped with the sender's ``pid`` (from
 ``SO_PEERCRED``, not from the client's word) and a connection number ``conn``; connections opening and
@@ -82,6 +82,11 @@ _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "oom": {"batch_size": (int, type(None))},
     "alloc": {"allocated_bytes": _OPT_NUM, "reserved_bytes": _OPT_NUM},
     "command_result": {"id": (str,), "cmd": (str,), "ok": (bool,), "result": (dict, type(None)), "error": _OPT_STR},
+    # consistency (tuner.quality.probe): a sampled response with its second answer, or a canary round
+    "quality": {"kind": (str,), "id": (int, str, type(None)), "prompt": _OPT_STR, "answer": _OPT_STR,
+                "second": _OPT_STR, "prompt_chars": (int, type(None)), "answer_chars": (int, type(None)),
+                "second_chars": (int, type(None)), "temperature": _OPT_NUM, "precision": _OPT_STR,
+                "previous": _OPT_STR, "tag": _OPT_STR, "reference": _LIST, "answers": _LIST},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "hello": ("pid",),
@@ -91,6 +96,7 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "oom": (),
     "alloc": (),
     "command_result": ("id", "cmd", "ok"),
+    "quality": ("kind",),
 }
 
 
@@ -131,6 +137,10 @@ def validate(body: bytes) -> dict[str, Any]:
                 raise MessageError(f"{kind}: bad {name}")
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1 << 63:
                 raise MessageError(f"{kind}: {name} out of range")
+    if kind == "quality":
+        for name in ("reference", "answers"):
+            if any(not isinstance(x, str) for x in msg.get(name) or ()):
+                raise MessageError(f"quality: {name} must be strings")
     if kind == "request" and "ids" in msg:
         _check_ids(msg["ids"])
     if kind == "requests":

@@ -14,6 +14,8 @@ from pathlib import Path
 DEMO_CANARY = Path(__file__).resolve().parent / "data" / "demo_canary.txt"
 MAX_PROMPTS = 256
 MAX_PROMPT_CHARS = 4000
+MAX_TOTAL_CHARS = 200_000
+"""The set travels in the channel's welcome frame (at most 1 MiB)."""
 
 
 class CanaryError(ValueError):
@@ -30,6 +32,9 @@ def parse_canary(text: str, name: str = "canary file") -> tuple[str, ...]:
     for i, p in enumerate(prompts, 1):
         if len(p) > MAX_PROMPT_CHARS:
             raise CanaryError(f"{name}: prompt {i} has {len(p)} characters (at most {MAX_PROMPT_CHARS})")
+    total = sum(len(p) for p in prompts)
+    if total > MAX_TOTAL_CHARS:
+        raise CanaryError(f"{name}: {total} characters in all (at most {MAX_TOTAL_CHARS})")
     return prompts
 
 

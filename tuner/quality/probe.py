@@ -36,6 +36,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ WINDOW_S = 120.0
 WINDOW_KEEP = 4096
 DEFAULT_RATE = 0.02
 REFERENCE_MIN_PAIRS = 2
+FINAL_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,13 @@ class QualityProbe:
     per_batch = True
 
     def __init__(self, opts: QualityOptions, *, t0: float, record_text: bool = False, scorer: Any = None,
-                 clock: Any = time.monotonic) -> None:
+                 log: Callable[[str], None] | None = None) -> None:
         self.opts = opts
         self.t0 = t0
         self.record_text = record_text
         self.backend = opts.backend_name
         self.semantic = self.backend != "lexical-chrf"
-        self.clock = clock
+        self.log = log or (lambda msg: None)
         if scorer is None:
             from tuner.quality.scorer import ScorerProcess
 
@@ -123,6 +125,7 @@ class QualityProbe:
         self._notes: list[tuple[str, str]] = []
         self._state_seen = "starting"
         self._reasons_noted: set[str] = set()
+        self._final = False
         self.k_self = f"quality_self_consistency_ratio/{self.backend}"
         self.k_rel = f"quality_relevance_ratio/{self.backend}"
         self.k_ref = f"quality_reference_consistency_ratio/{self.backend}"
@@ -172,11 +175,24 @@ class QualityProbe:
                 ev = None
             if ev is not None:
                 events.append(ev)
-        for res in self.scorer.results():
-            ev = self._result(now, res)
-            if ev is not None:
-                events.append(ev)
+        deadline = time.monotonic() + FINAL_WAIT_S if self._final else 0.0
+        while True:
+            for res in self.scorer.results():
+                ev = self._result(now, res)
+                if ev is not None:
+                    events.append(ev)
+            if not (self._jobs and time.monotonic() < deadline and self.scorer.state in ("starting", "ready")):
+                break
+            time.sleep(0.02)  # the session's last tick: the responses sampled so far get their scores
+        self._state(now, events)  # (it may have become ready, or failed, meanwhile)
+        if self._final and self._jobs:
+            self._notes.append((f"{len(self._jobs)} sampled responses not scored before the end", "info"))
+            self._jobs.clear()
         return Sample(self.name, now, self._values(now), events=tuple(events))
+
+    def finishing(self) -> None:
+        """The session is ending: the last sample waits (``FINAL_WAIT_S`` at most) for what is being scored."""
+        self._final = True
 
     def _state(self, now: float, events: list[Event]) -> None:
         state = self.scorer.state
@@ -188,23 +204,29 @@ class QualityProbe:
             b = info.get("backend") or {}
             events.append(Event(now, "quality_backend", {"state": "ready", **info}))
             check = info.get("self_check") or {}
-            self._notes.append((f"consistency scorer ready: {b.get('name', self.backend)} "
-                                f"({'semantic' if b.get('semantic') else 'lexical'}), loaded in "
-                                f"{info.get('load_seconds')} s, self-check AUC {check.get('auc')}", "info"))
+            msg = (f"consistency scorer ready: {b.get('name', self.backend)} "
+                   f"({'semantic' if b.get('semantic') else 'lexical'}), loaded in {info.get('load_seconds')} s, "
+                   f"self-check AUC {check.get('auc')}")
+            self._notes.append((msg, "info"))
+            self.log(msg)
         else:
             why = self.scorer.reason or state
             events.append(Event(now, "quality_backend", {"state": state, "backend": {"name": self.backend},
                                                          "reason": why}))
-            self._notes.append((f"consistency scorer {state}: {why}; consistency is not measured, everything else "
-                                "goes on", "warn"))
+            msg = f"consistency scorer {state}: {why}; consistency is not measured, everything else goes on"
+            self._notes.append((msg, "warn"))
+            self.log(msg)
 
     def _queue(self, now: float, msg: dict[str, Any]) -> Event | None:
         kind = msg.get("kind")
         pairs: list[tuple[str, str]] = []
         slots: list[str] = []
         reasons: dict[str, str] = {}
-        meta: dict[str, Any] = {k: msg.get(k) for k in ("id", "temperature", "precision", "source", "tag",
-                                                        "previous")}
+        fields = ("id", "temperature", "precision") if kind == "self" else ("tag", "precision", "previous",
+                                                                              "temperature")
+        meta: dict[str, Any] = {k: msg.get(k) for k in fields}
+        if kind == "self":
+            meta["source"] = msg.get("source") or "in-process"
         if kind == "self":
             answer, second, prompt = msg.get("answer"), msg.get("second"), msg.get("prompt")
             too_long = {f: n for f in ("answer", "second", "prompt") if (n := _chars(msg, f)) > MAX_CHARS}

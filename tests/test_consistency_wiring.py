@@ -1,0 +1,167 @@
+"""--consistency end to end: the CLI options, a user's inference process with tuner.client under `tuner run`, the
+demo; what reaches the trace (scores, never texts without --record-text) and what does not change."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli import assert_one_line_error, tuner
+from tuner.link.channel import MessageError, validate
+
+SCRIPT = textwrap.dedent(
+    """
+    import time
+    from tuner import client
+    c = client.connect()
+    deadline = time.monotonic() + 10
+    while not c.consistency and time.monotonic() < deadline:  # the welcome arrives with the connection
+        with c.request(prompt_tokens=1):
+            pass
+        time.sleep(0.05)
+    sampled = 0
+    for i in range(12):
+        prompt = f"Question {i}: why does ice float on water?"
+        with c.request(prompt_tokens=8) as r:
+            r.started()
+            answer = "Ice floats because it is less dense than liquid water."
+            for w in answer.split():
+                r.token(len(w))
+            if r.sampled:
+                sampled += 1
+                r.consistency(answer, "Ice is less dense than liquid water, which is why it floats.", prompt)
+    late = c.request(prompt_tokens=1)
+    with late:
+        late.token(1)
+    late.consistency("a late second answer", "a late second answer", "late")  # after the request ended
+    print("sampled", sampled, "consistency", c.consistency, flush=True)
+    c.close()
+    """
+)
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def events(recs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r["data"] for r in recs if r.get("k") == "event" and r.get("kind") == kind]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--consistency", "bert"], "--consistency 'bert': use minilm, minilm:DIR, embeddings:URL or lexical"),
+        (["--consistency", "lexical", "--consistency-rate", "0"], "--consistency-rate 0: give a share"),
+        (["--consistency", "lexical", "--consistency-rate", "1.5"], "--consistency-rate 1.5: give a share"),
+        (["--consistency", "lexical", "--consistency-queue", "0"], "--consistency-queue 0: must be at least 1"),
+        (["--consistency", "embeddings:http://192.0.2.7:8000/v1"], "not a loopback address"),
+        (["--canary", "x.txt"], "--canary needs --consistency BACKEND"),
+        (["--consistency", "lexical", "--canary", "/nonexistent/c.txt"], "canary file /nonexistent/c.txt: No such"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], words: str, tmp_path: Path) -> None:
+    cp = tuner("run", "--headless", "--trace", str(tmp_path / "t.jsonl"), *args, "--", "true")
+    assert words in assert_one_line_error(cp)
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_channel_validates_quality_messages() -> None:
+    ok = {"v": 1, "type": "quality", "kind": "canary", "reference": ["a", "b"], "answers": ["a", "c"]}
+    assert validate(json.dumps(ok).encode())["kind"] == "canary"
+    for bad in ({**ok, "reference": ["a", 3]}, {**ok, "kind": 5}, {"v": 1, "type": "quality"},
+                {**ok, "answer": ["x"]}):
+        with pytest.raises(MessageError):
+            validate(json.dumps(bad).encode())
+
+
+def test_null_client_requests_are_never_sampled() -> None:
+    from tuner import client
+
+    c = client.NullClient()
+    with c.request(prompt_tokens=1) as r:
+        assert r.sampled is False
+        r.consistency("a", "b", "c")
+    assert c.consistency is False and c.canary_prompts == () and c.report_canary(["a"], ["b"]) is False
+
+
+def test_sampled_requests_are_scored_and_only_scores_reach_the_trace(tmp_path: Path) -> None:
+    script = tmp_path / "infer.py"
+    script.write_text(SCRIPT)
+    trace = tmp_path / "t.jsonl"
+    cp = tuner("run", "--headless", "--trace", str(trace), "--consistency", "lexical", "--consistency-rate", "1",
+               "--", "python", str(script), timeout=180)
+    assert cp.returncode == 0, cp.stderr
+    assert "sampled 12 consistency True" in cp.stdout
+    assert "consistency scorer ready: lexical-chrf (lexical)" in cp.stderr
+    recs = records(trace)
+    header = recs[0]
+    assert header["quality"]["backend"] == "lexical-chrf" and header["quality"]["semantic"] is False
+    assert header["quality"]["rate"] == 1.0
+    q = events(recs, "quality")
+    assert len(q) == 13  # the 12 sampled requests and the late one
+    for d in q[:12]:
+        assert d["backend"] == "lexical-chrf" and d["source"] == "in-process" and 0.3 < d["self_consistency"] < 1
+        assert d["relevance"] is not None and "answer" not in d and "prompt" not in d and "second" not in d
+    assert q[12]["self_consistency"] == 1.0
+    text = trace.read_text()
+    assert "less dense" not in text and "Question" not in text  # no text without --record-text
+    reqs = events(recs, "request")
+    assert sum(1 for r in reqs if r["prompt_tokens"] == 8) == 12  # second answers are no requests
+    ticks = [r for r in recs if r.get("k") == "tick"]
+    last = next(r["m"] for r in reversed(ticks) if "quality_scored_total" in r.get("m", {}))
+    assert last["quality_scored_total"] == 13 and last["quality_dropped_total"] == 0
+    assert any("quality_self_consistency_ratio/lexical-chrf" in r.get("m", {}) for r in ticks)
+
+
+def test_record_text_keeps_the_texts_with_the_scores(tmp_path: Path) -> None:
+    script = tmp_path / "infer.py"
+    script.write_text(SCRIPT)
+    trace = tmp_path / "t.jsonl"
+    cp = tuner("run", "--headless", "--record-text", "--trace", str(trace), "--consistency", "lexical",
+               "--consistency-rate", "1", "--", "python", str(script), timeout=180)
+    assert cp.returncode == 0, cp.stderr
+    q = events(records(trace), "quality")
+    assert q and q[0]["second"] == "Ice is less dense than liquid water, which is why it floats."
+    assert q[0]["prompt"].startswith("Question")
+
+
+def test_a_model_that_is_not_a_model_leaves_everything_else_running(tmp_path: Path) -> None:
+    script = tmp_path / "infer.py"
+    script.write_text(SCRIPT)
+    not_a_model = tmp_path / "model"
+    not_a_model.mkdir()
+    (not_a_model / "README.md").write_text("weights elsewhere")
+    trace = tmp_path / "t.jsonl"
+    cp = tuner("run", "--headless", "--trace", str(trace), "--consistency", f"minilm:{not_a_model}",
+               "--consistency-rate", "1", "--", "python", str(script), timeout=180)
+    assert cp.returncode == 0, cp.stderr
+    assert "Traceback" not in cp.stderr
+    reason = f"minilm model {not_a_model}: not a model folder (no config.json)"
+    assert f"tuner: consistency scorer failed: {reason}; consistency is not measured, everything else goes on" \
+        in cp.stderr
+    recs = records(trace)
+    (b,) = events(recs, "quality_backend")
+    assert b["state"] == "failed" and b["reason"] == reason
+    assert sum(1 for r in events(recs, "request") if r["prompt_tokens"] == 8) == 12
+    q = events(recs, "quality")
+    assert q and all(d["self_consistency"] is None and reason in d["reason"] for d in q)
+    assert any(r.get("k") == "note" and "consistency scorer failed" in r.get("msg", "") for r in recs)
+
+
+def test_demo_with_consistency(tmp_path: Path) -> None:
+    """The demo makes a second answer in the same batch for sampled requests; the scorer scores both."""
+    trace = tmp_path / "d.jsonl"
+    cp = tuner("demo", "--headless", "--quiet", "--duration", "8", "--rate", "4", "--trace", str(trace),
+               "--consistency", "lexical", "--consistency-rate", "0.5", timeout=300)
+    assert cp.returncode == 0, cp.stderr
+    recs = records(trace)
+    q = events(recs, "quality")
+    reqs = events(recs, "request")
+    assert len(q) >= 3 and len(reqs) >= 10
+    assert all(d["self_consistency"] is not None and d["temperature"] == 0.8 and d["precision"] == "fp32" for d in q)
+    assert {d["id"] for d in q} <= {r["id"] for r in reqs}
