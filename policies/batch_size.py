@@ -50,8 +50,8 @@ State machine (the Zeus power-limit optimizer's shape: each state knows what it 
     the held size, judged on the next windows against the held size's figures: kept when it keeps up
     with the demand (the backlog gone, more tokens/s) or beats them on the evidence rule (up to
     ``judge_windows`` windows to show it), undone at once when it is no better — after a third of a window
-    already when it runs below the held size by twice a window's noise; a size judged no better is not
-    tried again for ``retune_wait_s`` (unless the prompt mix changes);
+    already when it runs below the held size by twice a window's noise; after a step judged no better no
+    step up from that size is tried for ``retune_wait_s`` (unless the prompt mix changes);
   * the prompt-length mix shifts by ``retune_shift``: the measurements of other sizes are forgotten (the
     curve changed) and the held size is measured afresh, where it is;
   * a change in the request rate alone does nothing: a lower rate does not move the batch below the held
@@ -127,8 +127,9 @@ class BatchConfig:
     """The queue grows when the wait rises faster than this (seconds of wait per second of time)."""
     judge_windows: int = 3
     """Windows a step up from the held size may take to show it beats the held size."""
-    retune_wait_s: float = 60.0
-    """A step up judged no better is not tried again for this long (unless the prompt mix changes)."""
+    retune_wait_s: float = 120.0
+    """After a step up judged no better, no step up from that size for this long (unless the prompt mix changes):
+    every trial under a backlog costs throughput (three in 150 s cost the demo 14% on a loaded host)."""
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ class BatchSizePolicy(Policy):
         self.trial: dict[str, Any] | None = None
         """A step from the held size being judged: kind (up/down), the size it came from, the window before."""
         self.no_up: dict[int, float] = {}
-        """Size -> until when a step up to it is not tried again (it was judged no better)."""
+        """Held size -> until when no step up from it is tried again (one was judged no better)."""
         self.backlog_windows = 0
         """Consecutive windows at the held size with a backlog (a growing one takes two: one can be noise)."""
         self.no_down: tuple[int, float] | None = None
@@ -562,11 +563,12 @@ class BatchSizePolicy(Policy):
         below = sorted(b for b in self.measured if b < cur)
         prev = self.measured[below[-1]] if below else None
         if prev is None and not self._feasible(m):  # a step down, judged like one from a held size
-            acts = self._step_down(w, cur, m, f"latency SLO missed at {cur}")
+            # (not under a backlog: a smaller size only lengthens the queue; on the demo a CPU-starved window
+            # read a 3.4 s service TTFT at batch 8 and batch 4 then grew the queue)
+            acts = [] if m.backlog else self._step_down(w, cur, m, f"latency SLO missed at {cur}")
             if acts:
                 return acts
-            self.phase = "refine"
-            return self._refine(w, cur)
+            return self._settle(w, cur, cur)
         if prev is None and not m.saturated:
             # no backlog, and no closed loop running full: the demand, not the size, set the pace, and a
             # larger size cannot show a gain (holding still)
@@ -714,7 +716,7 @@ class BatchSizePolicy(Policy):
         standing = m.queue_p50 is not None and m.backlog and (m.queue_growth or 0.0) <= c.backlog_growth
         if (self.backlog_windows >= 2 or standing) and self._memory_room(w):
             up = self._up_size(cur, m)
-            if up is not None and self.no_up.get(up, -math.inf) <= w.t:
+            if up is not None and self.no_up.get(cur, -math.inf) <= w.t:
                 known = self.measured.get(up)
                 if known is None or not known.saturated or known.tokens_per_second > m.tokens_per_second:
                     self.trial = {"kind": "up", "from": cur, "before": self.measured[cur], "windows": 0,
@@ -756,7 +758,7 @@ class BatchSizePolicy(Policy):
             return []
         frm = int(tr["from"])
         self.measured[cur] = m
-        self.no_up[cur] = w.t + c.retune_wait_s
+        self.no_up[frm] = w.t + c.retune_wait_s
         self.trial = None
         self.windows += 1
         self.phase, self.next_phase = "measure", "hold"
@@ -804,7 +806,7 @@ class BatchSizePolicy(Policy):
         if not keeps_up and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second
                              or grew):
             self.measured[cur] = pooled
-            self.no_up[cur] = w.t + c.retune_wait_s
+            self.no_up[frm] = w.t + c.retune_wait_s
             self.trial = None
             self.phase, self.next_phase = "measure", "hold"
             what = "misses the latency SLO" if not self._feasible(pooled) else "is no better"
@@ -821,7 +823,7 @@ class BatchSizePolicy(Policy):
             return []
         if tr["windows"] >= c.judge_windows:
             self.measured[cur] = pooled
-            self.no_up[cur] = w.t + c.retune_wait_s
+            self.no_up[frm] = w.t + c.retune_wait_s
             self.trial = None
             self.phase, self.next_phase = "measure", "hold"
             return self._go(

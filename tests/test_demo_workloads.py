@@ -53,7 +53,7 @@ def test_step_rises_to_over_capacity_in_the_middle_third_and_falls_back(tmp_path
     own = workload_summary(cp.stdout)
     assert own["shape"] == "step" and own["capacity_rps"] == 4 and own["capacity_measured"] is False
     assert own["requests_arrived"] == own["requests_done"] + own["requests_rejected"] + own["requests_failed"]
-    assert "capacity 4.00 requests/s (given)" in cp.stderr
+    assert "capacity 4 requests/s (given)" in cp.stderr
     t, _ = arrivals(trace)
     t = t - t[0]
     thirds = [int(np.sum((t >= a) & (t < a + 10))) for a in (0, 10, 20)]
@@ -81,7 +81,23 @@ def test_capacity_is_measured_at_the_start_when_not_given() -> None:
     assert cp.returncode == 0, cp.stderr
     own = workload_summary(cp.stdout)
     assert own["capacity_measured"] is True and own["capacity_rps"] > 0.5
-    assert "measured over 4 batches of 8" in cp.stderr
+    assert float(f"{own['capacity_rps']:.3g}") == own["capacity_rps"]  # as printed: --capacity reproduces it
+    assert f"capacity {own['capacity_rps']:g} requests/s (measured over 4 batches of 8" in cp.stderr
+
+
+def test_the_same_capacity_and_seed_give_the_same_stream() -> None:
+    """What pairs a cell's runs: ``--capacity C --seed S`` arrives the same requests at the same moments (the
+    prompts and lengths too), whatever the server does with them."""
+    def run(batch: str) -> dict:
+        cp = subprocess.run([sys.executable, "-m", "tuner.demo.workload", "--workload", "ramp", "--capacity", "13.7",
+                             "--seed", "5", "--duration", "5", "--max-new-tokens", "8", "--batch-size", batch],
+                            capture_output=True, text=True, env=tuner_env(), timeout=180)
+        assert cp.returncode == 0, cp.stderr
+        return workload_summary(cp.stdout)
+
+    a, b = run("8"), run("2")
+    assert a["requests_arrived"] == b["requests_arrived"] > 20
+    assert a["capacity_rps"] == b["capacity_rps"] == 13.7
 
 
 def test_shapes_follow_their_definitions() -> None:

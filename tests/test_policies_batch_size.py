@@ -540,3 +540,32 @@ def test_a_step_up_that_runs_slower_is_undone_at_once() -> None:
         assert back.action.value == 8 and "at once" in back.action.reason, back.action.reason
         assert back.t - moves[i].t < 2.0 + 10.0 / 3 + 5.0, (moves[i].t, back.t)  # settle + a third + a batch
     assert np.all([a.action.value >= 8 for a in moves])
+    # every trial costs throughput: after one judged no better, no step up from 8 (to any size) for 120 s
+    starts = [a.t for a in moves if a.action.value > 8]
+    assert all(b - a >= 120.0 for a, b in itertools.pairwise(starts)), starts
+
+
+def test_a_latency_miss_under_a_backlog_is_not_answered_with_a_smaller_batch() -> None:
+    """The demo on a host at load 15: the first window at 8 read a 3.4 s service TTFT with a standing backlog,
+    and batch 4 then grew the queue.  Under a backlog the miss is the machine's, and a smaller size only
+    lengthens the queue: the policy holds (and the precision policy, which needs a measured smaller batch,
+    holds too)."""
+    from tuner.core.window import Window
+
+    pol = BatchSizePolicy(BatchConfig(min=1, max=64, measure_s=10.0, slo_ttft_p95_s=1.0))
+    w = Window(keys=[])
+    acts = pol.decide(w, Knobs())
+    assert [a.value for a in acts] == [8]
+    pol.feedback(Applied(0.0, acts[0], "applied", None))
+    out = []
+    for i in range(1, 161):  # 40 s: batches of 8 every 2 s, each request queued 20 s + i/4, 3.4 s of service
+        t = i * 0.25
+        ev = []
+        if i % 8 == 0:
+            q = 20.0 + t / 2
+            ev = [Event(t, "request", {"tokens": 40, "prompt_tokens": 60, "queue_seconds": q, "batch_size": 8,
+                                       "ttft_seconds": q + 3.4, "e2e_seconds": q + 3.6, "tpot_seconds": 0.005})
+                  for _ in range(8)]
+        w.update(t, {}, ev)
+        out += pol.decide(w, Knobs(batch_size=8))
+    assert all(a.value >= 8 for a in out), [(a.value, a.reason) for a in out]

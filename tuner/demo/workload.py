@@ -8,7 +8,8 @@
 - ``--workload`` shapes the stream (``steady`` is the plain ``--rate``); the others are set against the
   rate this machine serves *now*: before the first arrival the workload times ``CAPACITY_BATCHES`` batches of
   ``--batch-size`` (after one warm-up batch) and takes their requests per second as the capacity C (or
-  ``--capacity C`` pins it, e.g. to give paired runs the same stream).  With the run's arrival time T:
+  ``--capacity C`` pins it, e.g. to give paired runs the same stream: the measured figure is rounded to three
+  significant digits, as printed, so passing it back gives the very same arrivals).  With the run's arrival time T:
 
   * ``step``:  0.5 C, then 1.3 C over the middle third of T, then 0.5 C again (a rate step up and down);
   * ``burst``: 0.5 C with bursts of 2.6 C (twice the over-capacity rate) for 5 s in every 20 s;
@@ -599,12 +600,13 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         signal.signal(sig, on_signal)
     if args.workload != "steady":
         if args.capacity is None:
-            args.capacity, secs = measure_capacity(model, prompts, args)
+            measured, secs = measure_capacity(model, prompts, args)
+            args.capacity = float(f"{measured:.3g}")  # as printed: --capacity with it gives the very same stream
             args.capacity_measured = True
             how = f"measured over {CAPACITY_BATCHES} batches of {args.batch_size} in {secs:.1f} s"
         else:
             how = "given"
-        print(f"tuner demo workload {args.workload}: capacity {args.capacity:.2f} requests/s ({how}); under "
+        print(f"tuner demo workload {args.workload}: capacity {args.capacity:g} requests/s ({how}); under "
               f"{UNDER:g}x = {UNDER * args.capacity:.2f}/s, over {OVER:g}x = {OVER * args.capacity:.2f}/s",
               file=sys.stderr, flush=True)
     arrivals = Arrivals(loop, prompts, args, q, stats, stop)
