@@ -56,6 +56,7 @@ def discover(
     from tuner.probes.cpu import CpuProbe
     from tuner.probes.npu import AscendNpuProbe, IntelNpuProbe
     from tuner.probes.nvidia import NvidiaProbe
+    from tuner.probes.rapl import RaplProbe
 
     cpu = CpuProbe(list(pids or []))
     # the device probes attribute per-process figures to the live tree the CPU probe tracks (servers
@@ -64,7 +65,7 @@ def discover(
     # the memory limit that can kill the process is its cgroup's (the root's: children inherit it)
     cgroup = CgroupProbe(pids[0] if pids else None)
     gpu = NvidiaProbe(tree, root=pids[0] if pids else None)  # the root's CUDA_VISIBLE_DEVICES: what CUDA shows it
-    candidates: list[Probe] = [cpu, cgroup, gpu, AscendNpuProbe(tree), IntelNpuProbe()]
+    candidates: list[Probe] = [cpu, cgroup, gpu, RaplProbe(), AscendNpuProbe(tree), IntelNpuProbe()]
     if include is not None:
         candidates = [p for p in candidates if p.name in include]
     usable: list[Probe] = []

@@ -322,6 +322,9 @@ class TunerApp(App[None]):
             else:
                 reason = st.get("reason") if isinstance(st, dict) else None
                 parts.append(f"{name} ✗ ({reason or 'unavailable'})  ", "#d7875f")
+        energy = m.energy_line(now)  # energy per generated token on the inference's GPUs
+        if energy is not None:
+            parts = Text.assemble((energy, "#87afd7"), "  │  ", parts)
         mem = m.memory_line(now)  # the binding memory limit (a cgroup's, a device's) or the OOM kill
         if mem is not None:
             style = "bold #ff5f5f" if mem.startswith("OOM") else ("#ffaf5f" if "limit in" in mem else "#87afd7")

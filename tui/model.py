@@ -282,6 +282,26 @@ class Model:
             return None
         return f"memory: {b.describe()} ({b.headroom:.0%} free)" + (f", limit in {ttl:.0f} s" if soon else "")
 
+    def energy_line(self, now: float) -> str | None:
+        """Energy per generated token on the GPUs the inference uses (``tuner.core.energy``), or why not."""
+        from tuner.core import energy
+
+        if not any(k.startswith("gpu_energy_joules_total/") for k in self.cols.cols):
+            return None
+        r = _ModelReader(self, now)
+        devs = energy.devices_used(r)
+        if not devs:
+            return None
+        watts = [self.cols.latest(f"gpu_power_watts/{d}", now) for d in devs]
+        power = f", {sum(w for w in watts if w is not None):.0f} W" if any(w is not None for w in watts) else ""
+        reason = energy.shared_reason(r, devs)
+        if reason is not None:
+            return f"energy/token n/a: {reason}{power}"
+        v = self.cols.latest(energy.KEY, now)
+        if v is None:
+            return f"energy/token: no tokens yet{power}"
+        return f"energy {v:.3g} J/token{power}"
+
     # -- derived views ----------------------------------------------------------------------------------
     @property
     def last_t(self) -> float:

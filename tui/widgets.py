@@ -320,12 +320,14 @@ class DevicePanel(Vertical):
             used = cols.latest(f"{k}_mem_used_bytes/{i}", t1)
             total = cols.latest(f"{k}_mem_total_bytes/{i}", t1)
             util = cols.latest(f"{k}_util_ratio/{i}", t1)
+            watts = cols.latest(f"{k}_power_watts/{i}", t1)
             frac = used / total if used is not None and total else None
             _set(
                 self.info,
                 Text.assemble(
                     (f"{d.title} ", "bold"),
                     f"util {fmt_value(util, 'ratio')}  {fmt_value(used, 'bytes')}/{fmt_value(total, 'bytes')}",
+                    f"  {watts:.0f}W" if watts is not None else "",
                 ),
             )
             _set(self.meter, bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))

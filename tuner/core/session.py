@@ -160,6 +160,10 @@ class Session:
         if opts.policy_config is not None:
             self.agent = self._build_agent(opts.policy_config)
             hooks.append(self.agent.step)  # first: it adds the knob_* columns the recorder writes
+        if any(p.name == "nvidia" for p in probes):  # gpu_energy_per_token_joules (tuner.core.energy)
+            from tuner.core.energy import EnergyPerToken
+
+            hooks.append(EnergyPerToken(self._on_note).step)
         hooks.append(self._record)
         self.sampler = Sampler(
             probes,

@@ -258,6 +258,8 @@ def summarize(data: TraceData) -> dict[str, Any]:
         "requests": _request_stats(req_data) if requests else None,
         "memory_limit": _memory_limit(data, times),
         "time_to_limit": _time_to_limit(data, times),
+        "energy": _energy(data, req_data, times),
+        "gpu_tree_memory": _gpu_tree_memory(data),
         "oom_kill": _oom_kill(data, end, exit_code),
         "actions": sum(by_outcome.values()),
         "actions_by_outcome": dict(by_outcome),
@@ -265,6 +267,38 @@ def summarize(data: TraceData) -> dict[str, Any]:
         "replay": replay_mark(hdr),
         "warnings": warnings,
     }
+
+
+def _energy(data: TraceData, reqs: list[Mapping[str, Any]], times: np.ndarray) -> dict[str, Any] | None:
+    """The run's GPU (and CPU package) energy and energy per generated token (``tuner.core.energy``)."""
+    from tuner.core.energy import over_run, request_tokens
+
+    if not any(k.startswith(("gpu_energy_joules_total/", "cpu_package_energy_joules_total/")) for k in data.columns):
+        return None
+    tokens = [t for t in (request_tokens(d) for d in reqs) if t is not None]
+    return over_run(data.columns, times, tokens)
+
+
+def _gpu_tree_memory(data: TraceData) -> dict[str, Any] | None:
+    """When the tree's GPU memory could not be attributed (never a number in the trace): why, and what the
+    client itself reported (``alloc_*``: its allocator's figures, not the CUDA context) in its place."""
+    keys = [k for k in data.columns if k.startswith("gpu_tree_mem_bytes/")]
+    if not keys or any(np.isfinite(data.column(k)).any() for k in keys):
+        return None
+    probes = data.header.get("probes")
+    gpu = probes.get("nvidia") if isinstance(probes, dict) else None
+    detail = gpu.get("detail") if isinstance(gpu, dict) else None
+    reason = detail.get("attribution") if isinstance(detail, dict) else None
+    if not isinstance(reason, str):
+        reason = next((str(n.get("msg")) for n in data.notes if isinstance(n, Mapping)
+                       and "gpu_tree_mem_bytes" in str(n.get("msg"))), None)  # fmt: skip
+    out: dict[str, Any] = {"reason": reason}
+    for key in ("alloc_reserved_bytes", "alloc_allocated_bytes"):
+        name = key.replace("alloc_", "client_")
+        col = data.column(key)
+        ok = col[np.isfinite(col)]
+        out[name] = float(ok.max()) if ok.size else None
+    return out
 
 
 def _cgroup_detail(hdr: Mapping[str, Any]) -> dict[str, Any]:
@@ -422,6 +456,31 @@ def _rate(slope: float | None, unit: str) -> str:
     return f"{sign}{human_value(slope, base)}/{per}" if per else f"{sign}{slope:.3g}"
 
 
+def _energy_lines(e: Mapping[str, Any] | None, gm: Mapping[str, Any] | None) -> list[str]:
+    out = []
+    if e:
+        parts = []
+        if e.get("gpu_joules") is not None:
+            devs = ", ".join(f"GPU {d}" for d in e.get("devices") or [])
+            watts = f" ({e['gpu_mean_watts']:.0f} W mean)" if e.get("gpu_mean_watts") is not None else ""
+            parts.append(f"{devs} {e['gpu_joules']:,.0f} J{watts}")
+        if e.get("cpu_package_joules") is not None:
+            parts.append(f"CPU packages {e['cpu_package_joules']:,.0f} J")
+        tokens = e.get("tokens") or 0
+        if e.get("joules_per_token") is not None:
+            per = f"{e['joules_per_token']:.3g} J per generated token ({tokens:,.0f} tokens)"
+        else:
+            per = f"per token n/a: {e.get('reason')}"
+        out.append(f"energy    {'; '.join(parts) or 'no GPU the inference uses has an energy counter'}; {per}")
+    if gm:
+        client = gm.get("client_reserved_bytes")
+        seen = (f"; the client reports {human_bytes(client)} reserved by its allocator (not the CUDA context)"
+                if client is not None else "")  # fmt: skip
+        why = gm.get("reason") or "not attributed"
+        out.append(f"GPU mem   the tree's per-process GPU memory is unknown: {why}{seen}")
+    return out
+
+
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
@@ -497,6 +556,7 @@ def render_text(summary: Mapping[str, Any]) -> str:
     oom = s.get("oom_kill")
     if oom:
         lines.append(f"OOM kill  {oom.get('message')}")
+    lines += _energy_lines(s.get("energy"), s.get("gpu_tree_memory"))
 
     metrics = s.get("metrics") or {}
     lines.append("")
