@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -463,3 +464,38 @@ def test_a_run_in_a_limited_cgroup_reports_and_shows_the_binding_limit(v1: V1Mem
     m.apply_many(iter_records(str(trace)))
     shown = m.memory_line(m.last_t) or ""
     assert shown.startswith("memory: cgroup /") and cg.name in shown and "of 300 MiB" in shown, shown
+
+
+def test_a_cgroup_removed_under_a_recording_is_a_note_and_sampling_goes_on(v1: V1Memory, tmp_path: Path) -> None:
+    """``tuner attach`` to a process whose runtime moves it to a new cgroup and removes the old one: the trace
+    says so in one line each, and the ticks go on with the new cgroup's limit."""
+    from tuner.trace import iter_records
+
+    a = v1.make(memory__limit_in_bytes=200 * MIB)
+    b = v1.make(memory__limit_in_bytes=220 * MIB)
+    trace = tmp_path / "moved.jsonl"
+    with sleeper() as proc:
+        v1.add(a, proc.pid)
+        rec = subprocess.Popen([sys.executable, "-m", "tuner", "attach", "--quiet", "--headless", "--trace",
+                                str(trace), str(proc.pid)], env=ENV)  # fmt: skip
+
+        def ticks() -> list[dict]:
+            return [r for r in iter_records(str(trace)) if r.get("k") == "tick"] if trace.exists() else []
+
+        deadline = time.monotonic() + 60
+        while not any((r["m"].get("cgroup_mem_limit_bytes") == 200 * MIB) for r in ticks()):
+            assert time.monotonic() < deadline, "no tick with the first cgroup's limit"
+            time.sleep(0.2)
+        v1.add(b, proc.pid)
+        a.rmdir()
+        while not any((r["m"].get("cgroup_mem_limit_bytes") == 220 * MIB) for r in ticks()):
+            assert time.monotonic() < deadline, "no tick with the new cgroup's limit"
+            time.sleep(0.2)
+        proc.kill()
+        assert rec.wait(timeout=60) == 0
+    notes = [r["msg"] for r in iter_records(str(trace)) if r.get("k") == "note"]
+    assert any("vanished while sampled" in n for n in notes), notes
+    assert any("is now" in n and b.name in n for n in notes), notes
+    assert all("\n" not in n for n in notes)
+    events = [r for r in iter_records(str(trace)) if r.get("k") == "event" and r.get("kind") == "cgroup"]
+    assert [e["data"]["memory"]["path"].rsplit("/", 1)[1] for e in events] == [a.name, b.name]

@@ -2,7 +2,8 @@
 
 A 10 Hz tick reads the usage file (kept open); every tenth also reads ``memory.stat``, the limits up the
 hierarchy, the OOM counters, CPU, pids and PSI (the 1 s cadence).  The clock the probe sees advances 0.1 s a
-call, so the mean over many calls is the mean cost of a tick at 10 Hz, slow reads included.  The CPU probe
+call, so the mean over many calls is the mean cost of a tick at 10 Hz, slow reads included (CPU time of this
+process, median of 5 rounds).  The CPU probe
 (one process, every value read every call) runs alternately in the same rounds.
 
 Goal (issue 13): <= 30 us per tick, mean over the 1 s cadence.
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.bench.goals import judge
 from tuner.probes.cgroup import CgroupProbe
 from tuner.probes.cpu import CpuProbe
 
@@ -37,10 +39,12 @@ class TenHz:
 
 
 def mean_us(fn: Any, n: int) -> float:
-    t = time.perf_counter_ns()
+    """CPU time per call (this process's): what a tick costs, not how long the host's other jobs kept it
+    waiting (load 9-13 on 2 cores during the issue-13 runs)."""
+    t = time.process_time_ns()
     for _ in range(n):
         fn()
-    return (time.perf_counter_ns() - t) / n / 1e3
+    return (time.process_time_ns() - t) / n / 1e3
 
 
 @pytest.mark.bench
@@ -80,7 +84,12 @@ def test_cgroup_probe_tick_cost(benchmark: Any) -> None:
         benchmark.extra_info.update(info)
         benchmark.pedantic(cg_tick, rounds=200, iterations=10)
         print(f"\ncgroup probe per 10 Hz tick: {info}")
-        assert med <= GOAL_US, info
+        judge(
+            "cgroup probe, mean per 10 Hz tick (1 s reads included) <= 30 us",
+            med <= GOAL_US,
+            f"{med:.1f} us (rounds {info['cgroup_rounds_us']}); CPU probe {med_base:.1f} us in the same run "
+            f"({med / med_base:.2f}x)",
+        )
     finally:
         probe.close()
         cpu.close()
