@@ -17,7 +17,7 @@ from tuner.core.arbiter import Arbiter
 from tuner.core.limits import DictReader, LimitTerm, TermSource, project
 from tuner.core.window import Window
 from tuner.policies.base import Policy
-from tuner.records import Action, Event, Knobs
+from tuner.records import Action, Applied, Event, Knobs
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -142,6 +142,8 @@ def test_window_pressure_restarts_after_a_cleanup_and_knows_whether_it_helped() 
     assert mp.term.describe().startswith("cgroup /pod working set")
     assert 30 < mp.seconds < 80 and mp.evidence()["time_to_limit_s"] == pytest.approx(mp.seconds, abs=0.1)
     # a cleanup gave back almost nothing: the trend restarts after its result, then escalation
+    clean = Action("cleanup", "cleanup", ["gc"], "test", {"trigger": "projection"})
+    w.add_action(Applied(19.9, clean, "sent", None, {"command_id": "c1"}))
     w.update(
         20.0,
         {},
@@ -153,7 +155,8 @@ def test_window_pressure_restarts_after_a_cleanup_and_knows_whether_it_helped() 
     feed(w, 25.0, 36.0, lambda t: 300 * MIB + leak * t)
     mp = w.memory_pressure()
     assert mp is not None and mp.cleanup_helped is False and mp.escalate
-    # a cleanup that gives back most of the growth helped: no escalation
+    # a cleanup that gives back the growth since the one before helped: no escalation
+    w.add_action(Applied(35.9, clean, "sent", None, {"command_id": "c2"}))
     w.update(
         36.0,
         {},
@@ -310,6 +313,8 @@ def test_a_leak_is_cleaned_up_on_its_time_to_limit_long_before_min_requests(pres
     assert first.outcome == "applied" and first.t < 40.0
     assert peak < 1.0  # never reached the limit
     assert sim.done < 1000  # far fewer requests than the leak watch's min_requests (offline: 1000)
+    # each cleanup gave the leak back: no smaller batch, no lower precision for it
+    assert not [a for a in acts if "did not help" in a.action.reason], [a.action.reason for a in acts]
 
 
 @pytest.mark.parametrize("preset", ["interactive", "offline", "edge"])
@@ -381,7 +386,6 @@ def test_an_episode_of_pressure_is_announced_once_in_the_trace_and_on_screen() -
 
 def test_a_projected_cleanup_held_back_by_the_cooldown_is_asked_again_at_once() -> None:
     from tuner.policies.cleanup import CleanupConfig, CleanupPolicy
-    from tuner.records import Applied
 
     w = Window(keys=[])
     w.horizon_s = 120.0
@@ -393,3 +397,19 @@ def test_a_projected_cleanup_held_back_by_the_cooldown_is_asked_again_at_once() 
     feed(w, 20.0, 21.0, lambda t: 300 * MIB + 5 * MIB * t)
     again = pol.decide(w, Knobs())
     assert again and again[0].evidence["trigger"] == "projection"  # not projection_every_s later
+
+
+@pytest.mark.parametrize(("ttl", "since_last", "passes"), [(40.0, 25.0, False), (12.0, 25.0, True), (16.0, 18.0, True),
+                                                           (30.0, 18.0, False), (None, 29.0, False)])  # fmt: skip
+def test_a_projected_cleanup_passes_the_cooldown_only_when_waiting_would_reach_the_limit(
+    ttl: float | None, since_last: float, passes: bool
+) -> None:
+    """Cooldown 30 s: a cleanup projected to the limit in less than twice what is left of the cooldown, or in
+    less than a command may wait for the current batch (15 s), goes through; otherwise it waits."""
+    arb = Arbiter(cooldown_s={"cleanup": 30.0})
+    arb.last_change["cleanup"] = 100.0
+    ev: dict[str, Any] = {"trigger": "projection", "urgent": True}
+    if ttl is not None:
+        ev["time_to_limit_s"] = ttl
+    (d,) = arb.resolve(100.0 + since_last, [Action("cleanup", "cleanup", ["gc"], "projected", ev)], Knobs())
+    assert (d.outcome != "rejected") is passes, d

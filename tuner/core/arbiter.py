@@ -16,7 +16,8 @@ In order:
    Commands (cleanup) have a cooldown too.  The exceptions, marked ``urgent`` by their policy: a
    batch-size *decrease* answering an out-of-memory report (waiting would mean more OOMs), a
    precision step back *up* undoing a change the quality guard failed, and a cleanup whose evidence projects
-   the memory limit (``time_to_limit_s``) within twice what is left of the cooldown.
+   the memory limit (``time_to_limit_s``) within twice what is left of the cooldown, or within the time a
+   command may wait for the current batch (``COMMAND_DELAY_S``).
 
 The arbiter is deterministic and keeps only the time each knob last changed.
 """
@@ -159,12 +160,19 @@ def narrow_bounds(
     return out
 
 
+COMMAND_DELAY_S = 15.0
+"""A command runs between batches: on the demo one batch takes up to ~15 s."""
+
+
 def _before_cooldown(a: Action, remaining: float) -> bool:
-    """The action's projected time to the memory limit is shorter than twice what is left of the cooldown (the
-    projection follows the memory *floor*: the peaks of a sawtooth reach the limit sooner — in the demo a
-    cleanup held back 9 s with 14 s projected saw the working set at 96% of the limit)."""
+    """The action's projected time to the memory limit is shorter than twice what is left of the cooldown, or
+    than a command may take to run (the projection follows the memory *floor*, and its rate moves: in the demo
+    a cleanup held back with 14 s projected and 9 s of cooldown left saw the working set at 96% of the limit,
+    and one held while its projection fell 40 -> 4 s in step with the cooldown at 94%)."""
     ttl = a.evidence.get("time_to_limit_s")
-    return isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl < 2.0 * remaining
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool):
+        return False
+    return ttl < 2.0 * remaining or ttl < COMMAND_DELAY_S
 
 
 NUMERIC_KNOBS: tuple[str, ...] = ("temperature", "repetition_penalty", "batch_size")

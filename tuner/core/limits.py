@@ -331,9 +331,11 @@ class MemoryPressure:
     """The memory-pressure signal the policies read (``Window.memory_pressure()``): the binding limit is
     projected to be reached within the horizon.
 
-    ``cleanup_helped``: whether the last cleanup in this episode gave back at least a quarter of the room
-    that was left (None: no cleanup result yet) — cleanup comes first; a smaller batch and a lower precision
-    only when it did not help.
+    ``cleanup_helped``: whether the last cleanup in this episode gave back at least half of what it was sent
+    to undo — the growth since the previous cleanup (or over the trend it was projected from) at the rate
+    projected when it was sent; None: no cleanup result yet.  Cleanup comes first; a smaller batch and a
+    lower precision only when it did not help (a leak it reaches comes back with each cleanup; one it does not
+    reach keeps growing).
     """
 
     seconds: float

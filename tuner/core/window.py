@@ -160,8 +160,11 @@ class Window:
         self._projection: tuple[Projection, LimitTerm] | None = None
         self._episode: float | None = None
         self._pressure: MemoryPressure | None = None
-        self._cleanups: deque[tuple[float, float, float | None]] = deque(maxlen=16)
-        """Cleanup results: (time, reclaimed bytes, room left under the binding limit then)."""
+        self._cleanups: deque[tuple[float, bool]] = deque(maxlen=16)
+        """Cleanup results: (time, whether it gave back at least half of the growth it was sent for)."""
+        self._cleanup_sent: tuple[float, float | None] | None = None
+        """The last cleanup sent: (time, the projected growth in bytes/s then)."""
+        self._cleanup_done_at = -math.inf
         self._add_columns(sorted(self._keys))
 
     # -- feeding ------------------------------------------------------------------------------------
@@ -249,6 +252,8 @@ class Window:
 
     def add_action(self, a: Applied) -> None:
         self.actions.append(a)
+        if a.action.knob == "cleanup" and a.outcome in ("sent", "applied", "clamped"):
+            self._cleanup_sent = (a.t, self._pressure.slope if self._pressure is not None else None)
         if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "pending"):
             self._restart_trend(a.t)  # memory per batch changed: judge the trend on what follows
 
@@ -268,13 +273,21 @@ class Window:
             return
         if d.get("cmd") not in MEMORY_COMMANDS:
             return
+        since = self._trend_since
         self._restart_trend(e.t)
         if d.get("cmd") == "cleanup":
             res = d.get("result")
-            got = res.get("reclaimed_bytes") if isinstance(res, dict) and d.get("ok") else 0.0
-            b = self.binding()
-            room = b.limit - b.used if b is not None and b.unit == "bytes" else None
-            self._cleanups.append((e.t, _num(got) if _num(got) == _num(got) else 0.0, room))
+            got = _num(res.get("reclaimed_bytes")) if isinstance(res, dict) and d.get("ok") else 0.0
+            reclaimed = got if got == got else 0.0
+            # what it was sent to undo: the growth since the previous cleanup (or over the trend it was
+            # projected from) at the rate projected when it was sent
+            sent_t, slope = self._cleanup_sent if self._cleanup_sent is not None else (e.t, None)
+            first = float(self.times.last(len(self.times))[0]) if len(self.times) else e.t
+            ref = max(self._cleanup_done_at, since, sent_t - limits.PROJECTION_WINDOW_S, first)
+            grown = float(slope) * max(0.0, sent_t - ref) if slope is not None else None
+            self._cleanups.append((e.t, bool(reclaimed >= (0.5 * grown if grown is not None else 1 << 20))))
+            self._cleanup_done_at = e.t
+            self._cleanup_sent = None
 
     # -- reading ------------------------------------------------------------------------------------
     @property
@@ -455,9 +468,9 @@ class Window:
             last = self._pressure  # re-measuring after an action (or inside the hysteresis): the episode holds
             return replace(last, fresh=False) if last is not None else None
         helped: bool | None = None
-        for t, reclaimed, room in self._cleanups:
+        for t, ok in self._cleanups:
             if t >= self._episode:
-                helped = room is not None and reclaimed >= 0.25 * max(room, 0.0)
+                helped = ok
         host = self.latest("cgroup_mem_pressure_some_ratio") is None
         psi = self.latest("sys_mem_pressure_some_ratio" if host else "cgroup_mem_pressure_some_ratio")
         self._pressure = MemoryPressure(p.seconds, self.horizon_s, term, p.slope, self._episode, helped, psi, host)
