@@ -171,7 +171,7 @@ def test_prometheus_serves_energy_per_token(tmp_path: Path) -> None:
     trace = tmp_path / "t.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuner", "run", "--headless", "--quiet", "--trace", str(trace), "--prometheus",
-         f"127.0.0.1:{port}", "--", sys.executable, "-c", CHILD.format(seconds=5.0)],
+         f"127.0.0.1:{port}", "--", sys.executable, "-c", CHILD.format(seconds=60.0)],
         env=_env(spec), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -184,10 +184,11 @@ def test_prometheus_serves_energy_per_token(tmp_path: Path) -> None:
                     body = resp.read().decode()
             except OSError:
                 continue
-        line = next(ln for ln in body.splitlines() if ln.startswith("tuner_gpu_energy_per_token_joules "))
-        assert float(line.split()[1]) > 0
+        lines = [ln for ln in body.splitlines() if ln.startswith("tuner_gpu_energy_per_token_joules ")]
+        assert lines and float(lines[0].split()[1]) > 0, body[-2000:]
         assert 'tuner_gpu_energy_joules_total{device="0"}' in body
     finally:
+        proc.terminate()  # Ctrl-C's way: the tuner stops the command and writes its trace
         proc.wait(timeout=120)
 
 
