@@ -569,3 +569,33 @@ def test_a_latency_miss_under_a_backlog_is_not_answered_with_a_smaller_batch() -
         w.update(t, {}, ev)
         out += pol.decide(w, Knobs(batch_size=8))
     assert all(a.value >= 8 for a in out), [(a.value, a.reason) for a in out]
+
+
+def test_a_latency_miss_without_room_to_spare_is_held() -> None:
+    """No backlog yet, but full batches and a wait creeping up (+0.02 s/s, inside the noise): a smaller size
+    would serve fewer requests a second (on the demo the ramp's peak: batch 4 then grew the wait +0.46 s/s).
+    With the same miss and part-full batches, a flat wait, the step down is taken."""
+    import random
+
+    from tuner.core.window import Window
+
+    def moves(size: int, creep: float) -> list[int]:
+        pol = BatchSizePolicy(BatchConfig(min=1, max=64, measure_s=10.0, slo_ttft_p95_s=1.0))
+        pol.phase, pol.incumbent, pol.changed_at = "hold", 8, 0.0
+        w = Window(keys=[])
+        rng = random.Random(1)
+        out = []
+        for i in range(1, 161):
+            t = i * 0.25
+            ev = []
+            if i % 8 == 0:
+                q = 0.5 + creep * t + rng.uniform(-0.3, 0.3)
+                ev = [Event(t, "request", {"tokens": 40, "prompt_tokens": 60, "queue_seconds": q, "batch_size": size,
+                                           "ttft_seconds": q + 1.5, "e2e_seconds": q + 1.7, "tpot_seconds": 0.005})
+                      for _ in range(size)]
+            w.update(t, {}, ev)
+            out += [int(a.value) for a in pol.decide(w, Knobs(batch_size=8))]
+        return out
+
+    assert moves(size=8, creep=0.02) == []
+    assert moves(size=5, creep=0.0)[:1] == [4]
