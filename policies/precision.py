@@ -21,8 +21,18 @@ guard, or no handler) also holds.  Memory and speed before and after each change
 evidence of the next decision (``last_change``), and a change that made things *slower* while it
 was made for latency is rolled back (bf16 on this CPU ran 3.5x slower: never assume a step helps).
 
-States: ``watch`` -> ``pending`` (command sent, awaiting its result) -> ``settle`` (measuring after)
--> ``watch``; ``hold`` after a refusal or a rollback.
+With ``--consistency`` the step is also judged by its answers (issue 17): the inference side answers a canary
+prompt set at fp32 (once) and after the step, the sidecar's scorer compares them (``quality_reference``
+events), and the step commits only if that reference consistency, normalised against the same run's baseline
+(the fp32 answers of *different* canary prompts), stays at or above ``min_reference`` as well as KL and top-1
+within their budgets; otherwise it rolls back and holds.  The three figures are kept with the step
+(``last_change``: ``kl``, ``top1``, ``reference``) and in the rollback's evidence.  On the demo int8 kept KL at
+0.004 and top-1 at 1.0 while only 2 of 24 greedy canary answers stayed the same (normalised 0.26): token-level
+figures alone miss it (docs/quality.md).
+
+States: ``watch`` -> ``pending`` (command sent, awaiting its result) -> ``verify`` (awaiting the reference
+consistency, with ``--consistency``) -> ``settle`` (measuring after) -> ``watch``; ``hold`` after a refusal or a
+rollback.
 """
 
 from __future__ import annotations
@@ -63,6 +73,14 @@ class PrecisionConfig:
     """Requests a service TTFT figure needs."""
     release_margin: float = 0.2
     """Latency cause gone: the TTFT predicted at the higher precision is this share under the SLO."""
+    min_reference: float = 0.5
+    """Reference consistency floor (``--consistency``): a step down commits only if the canary prompts' answers
+    stay at least this close to their fp32 answers, *normalised* against the same run's baseline (the fp32
+    answers of different canary prompts): 1 = the same answers, 0 = no closer than another prompt's.  The
+    backend's own scale drops out (docs/quality.md).  0: off."""
+    reference_wait_s: float = 60.0
+    """How long after the step's result to wait for the reference figure (the scorer's queue); then it commits on
+    KL / top-1 alone and says so."""
 
 
 class PrecisionPolicy(Policy):
@@ -84,6 +102,8 @@ class PrecisionPolicy(Policy):
         self.rolling_back = False
         self.stepped_at = -math.inf
         """When this policy last changed the precision (a batch tried before that was tried at another one)."""
+        self.references: list[tuple[float, dict[str, Any]]] = []
+        """Recent ``quality_reference`` figures (time, data): the canary rounds the scorer measured."""
 
     def status(self) -> dict[str, Any]:
         return {"phase": self.phase, "hold_until": self.hold_until, "last_change": self.last_change}
@@ -147,8 +167,15 @@ class PrecisionPolicy(Policy):
     def decide(self, window: Window, knobs: Knobs) -> list[Action]:
         c = self.cfg
         w = window
+        for e in w.events:
+            if e.kind == "quality_reference":
+                self.references = [*self.references[-7:], (e.t, dict(e.data))]
+        if self.phase == "verify":
+            self._verify(w.t)
         if self.phase == "rollback":
             return self.decide_rollback(knobs)
+        if self.phase == "verify":
+            return []
         if self.phase == "pending":
             if w.t - self.changed_at > c.hold_s:  # no answer came (client gone): hold, then look again
                 self.phase, self.hold_until, self.rolling_back = "hold", w.t + c.hold_s, False
@@ -312,7 +339,33 @@ class PrecisionPolicy(Policy):
         if over:
             self.phase = "rollback"
             self.hold_until = t + c.hold_s
+        elif c.min_reference > 0 and isinstance(result.get("canary_answers"), int) and result["canary_answers"] > 0:
+            self.phase = "verify"  # the canary answers went to the scorer: its figure decides (``_verify``)
         else:
+            self.phase = "settle"
+
+    def _verify(self, t: float) -> None:
+        """The step's reference consistency arrived (or did not in time): commit, or roll back and hold."""
+        c = self.cfg
+        to = self.last_change.get("to")
+        got = next((d for at, d in reversed(self.references) if at >= self.changed_at - 1.0 and d.get("precision")
+                    == to), None)
+        if got is None:
+            if t - self.changed_at < c.reference_wait_s:
+                return
+            self.last_change = {**self.last_change, "reference": {"normalised": None, "reason": "no reference "
+                                f"consistency figure within {c.reference_wait_s:g} s"}}
+            self.phase = "settle"
+            return
+        ref = {k: got.get(k) for k in ("backend", "mean", "min", "identical", "n", "unrelated_mean", "normalised",
+                                       "reason")}
+        ref["floor"] = c.min_reference
+        self.last_change = {**self.last_change, "reference": ref}
+        norm = got.get("normalised")
+        if isinstance(norm, (int, float)) and norm < c.min_reference:
+            self.phase = "rollback"
+            self.hold_until = t + c.hold_s
+        else:  # above the floor, or not measurable (the reason is kept with the step)
             self.phase = "settle"
 
     def decide_rollback(self, knobs: Knobs) -> list[Action]:
@@ -321,13 +374,26 @@ class PrecisionPolicy(Policy):
             self.phase = "hold"
             return []
         self.phase, self.rolling_back = "pending", True
+        ref = self.last_change.get("reference")
+        norm = ref.get("normalised") if isinstance(ref, dict) else None
+        if isinstance(norm, (int, float)) and norm < self.cfg.min_reference:
+            assert isinstance(ref, dict)
+            kl, top1 = self.last_change.get("kl"), self.last_change.get("top1")
+            figures = (f"KL {kl:.4g} and top-1 {top1:.3f} were within budget" if isinstance(kl, (int, float))
+                       and isinstance(top1, (int, float)) else "KL and top-1 were not measured")
+            why = (f"quality guard: canary answers at {self.last_change.get('to')} drifted from fp32's: reference "
+                   f"consistency {ref.get('mean'):.3f} ({ref.get('backend')}), {norm:.2f} of the way from unrelated "
+                   f"answers ({ref.get('unrelated_mean'):.3f}) to the same answers, under the floor "
+                   f"{self.cfg.min_reference:g}; {figures}: rolling back and holding")
+        else:
+            why = (f"quality guard: KL {self.last_change.get('kl')} / top-1 {self.last_change.get('top1')} over "
+                   f"budget (max KL {self.cfg.max_kl}, min top-1 {self.cfg.min_top1}): rolling back and holding")
         return [
             self.act(
                 "precision",
                 prev,
-                f"quality guard: KL {self.last_change.get('kl')} / top-1 {self.last_change.get('top1')} over budget "
-                f"(max KL {self.cfg.max_kl}, min top-1 {self.cfg.min_top1}): rolling back and holding",
+                why,
                 urgent=True,
-                **{k: v for k, v in self.last_change.items() if k in ("kl", "top1", "from", "to")},
+                **{k: v for k, v in self.last_change.items() if k in ("kl", "top1", "from", "to", "reference")},
             )
         ]

@@ -222,3 +222,24 @@ def test_canary_sets(tmp_path: Path) -> None:
         load_canary(tmp_path / "missing.txt")
     with pytest.raises(CanaryError, match="is a directory"):
         load_canary(tmp_path)
+
+
+def test_validation_command_reports_the_auc_by_subset() -> None:
+    """docs/quality.md's table, lexical column (MiniLM's in docs, from the same command)."""
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+
+    cp = subprocess.run([sys.executable, "-m", "tuner.quality.validate", "--backend", "lexical", "--bootstrap", "50",
+                         "--json"], capture_output=True, text=True, timeout=300, env=tuner_env())
+    assert cp.returncode == 0, cp.stderr
+    (res,) = json.loads(cp.stdout)
+    auc = {s["subset"]: s["auc"] for s in res["subsets"]}
+    assert auc["all positives vs all negatives"] == 0.408
+    assert auc["all positives vs hard negatives"] == 0.035  # the hard-negative weakness
+    assert auc["all positives vs unrelated"] == 0.868
+    assert res["backend"]["semantic"] is False
+    bad = subprocess.run([sys.executable, "-m", "tuner.quality.validate", "--backend", "minilm:/nope"],
+                         capture_output=True, text=True, timeout=60, env=tuner_env())
+    assert bad.returncode == 2 and bad.stderr.strip() == "tuner: minilm model /nope: not a folder"

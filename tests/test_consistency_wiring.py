@@ -163,5 +163,8 @@ def test_demo_with_consistency(tmp_path: Path) -> None:
     q = events(recs, "quality")
     reqs = events(recs, "request")
     assert len(q) >= 3 and len(reqs) >= 10
-    assert all(d["self_consistency"] is not None and d["temperature"] == 0.8 and d["precision"] == "fp32" for d in q)
+    assert all(d["temperature"] == 0.8 and d["precision"] == "fp32" for d in q)
+    # an answer the model ends at once (EOS first) is empty: None with the reason, never a made-up score
+    assert all(d["self_consistency"] is not None or "empty answer" in d["reason"] for d in q)
+    assert sum(d["self_consistency"] is not None for d in q) >= 2
     assert {d["id"] for d in q} <= {r["id"] for r in reqs}

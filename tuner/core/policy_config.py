@@ -283,6 +283,8 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
             rng(k, 0.0, 1.0)
         order("min_headroom", "release_headroom")
         rng("max_kl", 0.0, 100.0)
+        rng("min_reference", 0.0, 1.0)
+        rng("reference_wait_s", 0.0, 86_400.0)
         rng("hold_s", 0.0, 86_400.0)
         rng("slo_ttft_p95_s", 0.0, 3600.0)
         for k in ("trigger_s", "settle_s", "retry_s", "batch_tried_s"):

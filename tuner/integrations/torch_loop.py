@@ -143,7 +143,7 @@ class TorchLoop:
         if prompts and self.canary_reference is None:
             self.canary_reference = self._answer_canary(self._full_model(), prompts)
         result = self.precision.set(precision)  # raises PrecisionError with the reason to refuse
-        if prompts and self.canary_reference is not None and result.get("changed"):
+        if prompts and self.canary_reference is not None and result.get("changed") and precision != "fp32":
             answers = self._answer_canary(self.model, prompts)
             sent = self.client.report_canary(self.canary_reference, answers, precision=precision, previous=previous,
                                              tag=f"precision:{precision}")

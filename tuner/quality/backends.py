@@ -474,7 +474,7 @@ def load_pairs(path: Path = PAIRS_FILE) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def roc_auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+def roc_auc(pos: Sequence[float] | Any, neg: Sequence[float] | Any) -> float:
     """ROC AUC by the Mann-Whitney rank formula (ties get average ranks): the chance a random positive scores
     above a random negative."""
     import numpy as np

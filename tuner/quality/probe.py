@@ -82,7 +82,7 @@ class _Job:
     t: float
     meta: dict[str, Any]
     slots: list[str]
-    """What each pair of the job measures: ``self``, ``relevance``, ``ref:<i>``, ``base:<i>``."""
+    """What each pair of the job measures: ``self``, ``relevance``, ``canary:<i>``, ``baseline:<i>``."""
     reasons: dict[str, str]
 
 
@@ -262,10 +262,10 @@ class QualityProbe:
                                                         "reason": f"{n} canary answers (need {REFERENCE_MIN_PAIRS})"})
             for i in range(n):
                 pairs.append((ref[i], new[i]))
-                slots.append(f"ref:{i}")
+                slots.append(f"canary:{i}")
             for i in range(n):  # the same-run baseline: fp32 answers of different prompts
                 pairs.append((ref[i], ref[(i + 1) % n]))
-                slots.append(f"base:{i}")
+                slots.append(f"baseline:{i}")
             meta["identical"] = sum(1 for i in range(n) if ref[i] == new[i])
             meta["n"] = n
         else:
@@ -302,11 +302,17 @@ class QualityProbe:
     def _finish(self, now: float, job: _Job, scores: list[Any], reasons: list[Any]) -> Event:
         got: dict[str, float | None] = {}
         why: dict[str, str] = dict(job.reasons)
+        failed: dict[str, int] = {}
         for slot, s, r in zip(job.slots, scores, reasons, strict=True):
             ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
             got[slot] = float(s) if ok else None
             if not ok:
-                why.setdefault(slot.split(":")[0], str(r or "no score"))
+                kind = slot.split(":")[0]
+                failed[kind] = failed.get(kind, 0) + 1
+                why.setdefault(kind, str(r or "no score"))
+        for kind, k in failed.items():
+            if k > 1 or job.kind == "canary":  # a canary round: how many of its pairs
+                why[kind] = f"{k} pairs, e.g. {why[kind]}"
         self._scored += 1
         if job.kind == "self":
             sc, rel = got.get("self"), got.get("relevance")
@@ -323,8 +329,8 @@ class QualityProbe:
                 self._note_reason(data["reason"])
             return Event(now, "quality", data)
         n = int(job.meta.get("n") or 0)
-        ref = [got.get(f"ref:{i}") for i in range(n)]
-        base = [got.get(f"base:{i}") for i in range(n)]
+        ref = [got.get(f"canary:{i}") for i in range(n)]
+        base = [got.get(f"baseline:{i}") for i in range(n)]
         r_ok = [x for x in ref if x is not None]
         b_ok = [x for x in base if x is not None]
         mean = sum(r_ok) / len(r_ok) if r_ok else None

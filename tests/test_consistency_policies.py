@@ -1,0 +1,154 @@
+"""The policies use consistency (issue 17 §4): the precision step's reference-consistency floor and the
+temperature policy's self-consistency floor, driven through the agent with the events the quality probe records."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli import tuner
+from tuner.core.agent import Agent
+from tuner.core.arbiter import Arbiter
+from tuner.policies.precision import PrecisionConfig, PrecisionPolicy
+from tuner.records import Event, Knobs
+
+
+@dataclass
+class _Tick:
+    t: float
+    values: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+
+
+class _Sent:
+    """A channel that takes every command (the answer comes as a command_result event)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def apply(self, action: Any, knobs: Any) -> tuple[str, dict[str, Any]]:
+        self.n += 1
+        return "sent", {"command_id": f"c{self.n}"}
+
+
+LOW_MEMORY = {"sys_mem_available_bytes": 1.0, "sys_mem_total_bytes": 10.0}
+CFG = PrecisionConfig(ladder=("fp32", "int8"), min_headroom=0.2, release_headroom=0.4, trigger_s=1.0, hold_s=30.0,
+                      settle_s=3.0, reference_wait_s=10.0)
+
+
+def reference(t: float, precision: str, normalised: float | None, mean: float = 0.5) -> Event:
+    return Event(t, "quality_reference", {"backend": "minilm", "precision": precision, "previous": "fp32",
+                                          "mean": mean, "min": 0.03, "identical": 2, "n": 24, "scored": 24,
+                                          "unrelated_mean": 0.311, "normalised": normalised})
+
+
+def run_precision(cfg: PrecisionConfig, normalised: float | None, *, canary: bool = True, mean: float = 0.5,
+                  reference_at: float | None = 6.0, seconds: float = 25.0) -> tuple[Agent, PrecisionPolicy]:
+    """Low memory from the start: the policy steps to int8 at ~1 s; the client answers at 2 s (KL and top-1 well
+    within budget, the canary answers sent when ``canary``); the scorer's figure arrives at ``reference_at``."""
+    pol = PrecisionPolicy(cfg)
+    agent = Agent([pol], Arbiter(bounds=pol.bounds, cooldown_s={"precision": 0.0}), _Sent(), None,
+                  knobs=Knobs(precision="fp32"))
+    answered = set()
+    for i in range(int(seconds * 10)):
+        t = round(i * 0.1, 6)
+        ev: list[Event] = []
+        for cid in list(agent.pending):
+            sent_at = next(a.t for a in agent.applied if a.result.get("command_id") == cid)
+            if cid not in answered and t >= sent_at + 1.0:
+                answered.add(cid)
+                _, action, _ = agent.pending[cid]
+                result: dict[str, Any] = {"precision": action.value, "kl": 0.0042, "top1": 1.0, "changed": True}
+                if canary and action.value == "int8":
+                    result.update(canary_answers=24, canary_identical=2)
+                ev.append(Event(t, "command_result", {"id": cid, "cmd": "precision", "ok": True, "result": result}))
+        if reference_at is not None and abs(t - reference_at) < 1e-9:
+            ev.append(reference(t, "int8", normalised, mean))
+        agent.step(_Tick(t, dict(LOW_MEMORY), ev))
+    return agent, pol
+
+
+def moves(agent: Agent) -> list[tuple[str, str]]:
+    return [(str(a.action.value), a.outcome) for a in agent.applied if a.action.knob == "precision"]
+
+
+def test_a_step_whose_answers_drift_is_rolled_back_though_kl_and_top1_passed() -> None:
+    agent, pol = run_precision(CFG, normalised=0.263)
+    assert moves(agent)[:4] == [("int8", "sent"), ("int8", "done"), ("fp32", "sent"), ("fp32", "done")]
+    assert len(moves(agent)) == 4 and pol.phase == "hold"  # held: no second try within hold_s
+    back = [a for a in agent.applied if a.outcome == "sent"][1]
+    assert back.action.reason.startswith("quality guard: canary answers at int8 drifted from fp32's: reference "
+                                         "consistency 0.500 (minilm), 0.26 of the way from unrelated answers (0.311)")
+    assert "under the floor 0.5; KL 0.0042 and top-1 1.000 were within budget" in back.action.reason
+    ev = back.action.evidence  # the three figures of the step
+    assert ev["kl"] == 0.0042 and ev["top1"] == 1.0 and ev["reference"]["normalised"] == 0.263
+    assert ev["reference"]["floor"] == 0.5 and ev["reference"]["backend"] == "minilm"
+
+
+def test_a_step_that_keeps_the_answers_commits() -> None:
+    agent, pol = run_precision(CFG, normalised=0.71, mean=0.8)
+    assert moves(agent) == [("int8", "sent"), ("int8", "done")]
+    assert agent.knobs.precision == "int8"
+    ref = pol.last_change["reference"]
+    assert ref["normalised"] == 0.71 and ref["mean"] == 0.8 and pol.last_change["kl"] == 0.0042
+
+
+def test_no_figure_in_time_commits_on_kl_and_top1_and_says_so() -> None:
+    agent, pol = run_precision(CFG, normalised=None, reference_at=None)
+    assert moves(agent) == [("int8", "sent"), ("int8", "done")]
+    assert pol.last_change["reference"] == {"normalised": None,
+                                            "reason": "no reference consistency figure within 10 s"}
+
+
+def test_a_figure_that_could_not_be_measured_does_not_block() -> None:
+    agent, pol = run_precision(CFG, normalised=None)
+    assert moves(agent) == [("int8", "sent"), ("int8", "done")]
+    assert pol.last_change["reference"]["normalised"] is None
+
+
+def test_floor_off_or_no_scorer_means_kl_and_top1_alone() -> None:
+    from dataclasses import replace
+
+    agent, pol = run_precision(replace(CFG, min_reference=0.0), normalised=0.1)
+    assert moves(agent) == [("int8", "sent"), ("int8", "done")] and "reference" not in pol.last_change
+    agent, pol = run_precision(CFG, normalised=0.1, canary=False)  # the client sent no canary answers
+    assert moves(agent) == [("int8", "sent"), ("int8", "done")] and "reference" not in pol.last_change
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("floor", [0.5, 0.0])
+def test_demo_precision_step_with_the_floor_on_and_off(floor: float, tmp_path: Path) -> None:
+    """The real demo under `tuner demo --policy`: a policy that always sees memory pressure steps to int8; the
+    int8 canary answers drift (lexical backend), so with the floor on the step is rolled back, off it stays."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(textwrap.dedent(f"""
+        [agent]
+        cooldown_s = {{ precision = 5 }}
+        [precision]
+        ladder = ["fp32", "int8"]
+        min_headroom = 0.99
+        release_headroom = 1.0
+        trigger_s = 2.0
+        hold_s = 600.0
+        settle_s = 5.0
+        min_reference = {floor}
+        """))
+    trace = tmp_path / "t.jsonl"
+    cp = tuner("demo", "--headless", "--quiet", "--duration", "35", "--policy", str(policy), "--trace", str(trace),
+               "--consistency", "lexical", timeout=600)
+    assert cp.returncode == 0, cp.stderr
+    recs = [json.loads(line) for line in trace.read_text().splitlines()]
+    acts = [(r["value"], r["outcome"]) for r in recs if r.get("k") == "action" and r["knob"] == "precision"
+            and r["outcome"] in ("sent", "done")]
+    refs = [r["data"] for r in recs if r.get("k") == "event" and r.get("kind") == "quality_reference"]
+    assert acts[:2] == [("int8", "sent"), ("int8", "done")]
+    assert refs and refs[0]["precision"] == "int8" and refs[0]["normalised"] < 0.5
+    if floor:
+        assert acts[2:4] == [("fp32", "sent"), ("fp32", "done")]
+    else:
+        assert acts == [("int8", "sent"), ("int8", "done")]
