@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -216,6 +217,40 @@ async def stream_completion(
             if abort_after is not None and len(texts) >= abort_after:
                 return Streamed("".join(texts), len(texts), usage, ttft, True)
     return Streamed("".join(texts), len(texts), usage, ttft, False)
+
+
+async def raw_ttft(root: str, prompt: str, **body: Any) -> float:
+    """One streamed ``/v1/completions`` over a bare socket: seconds from writing the request to the first read
+    holding generated text (the least a client can add to what it measures)."""
+    host, port = root.removeprefix("http://").rsplit(":", 1)
+    r, w = await asyncio.open_connection(host, int(port))
+    data = json.dumps(
+        {"model": MODEL, "prompt": prompt, "stream": True, "allowed_token_ids": ALLOWED_TOKEN_IDS, **body}
+    ).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    t0 = time.monotonic()
+    w.write(head % host.encode() + b"content-length: %d\r\n\r\n" % len(data) + data)
+    ttft = None
+    try:
+        while chunk := await r.read(65536):
+            if ttft is None and re.search(rb'"text":"[^"]', chunk):
+                ttft = time.monotonic() - t0
+    finally:
+        w.close()
+    assert ttft is not None
+    return ttft
+
+
+def closed_loop(root: str, prompts: list[str], workers: int, **body: Any) -> list[float]:
+    """``workers`` clients, each sending its share of ``prompts`` one after the other (bare sockets): TTFTs."""
+
+    async def main() -> list[float]:
+        async def worker(w: int) -> list[float]:
+            return [await raw_ttft(root, p, **body) for p in prompts[w::workers]]
+
+        return [t for ts in await asyncio.gather(*(worker(w) for w in range(workers))) for t in ts]
+
+    return asyncio.run(main())
 
 
 def burst(url: str, prompts: list[str], *, aborts: dict[int, int] | None = None, **body: Any) -> list[Streamed]:
