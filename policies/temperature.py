@@ -15,12 +15,20 @@ band, sign unknown) / ``correct`` (out of band, sign known: a Newton step toward
 at most ``max_step``) -> ``dwell`` after every move (wait for responses at the new temperature).
 At a temperature bound with repetition still too high, ``repetition_penalty`` goes up by
 ``penalty_step`` (and back down once repetition is low again).
+
+With ``--consistency`` the repetition band stays primary, but the temperature is not bought past a floor on
+self-consistency (issue 17 §4): ``consistency_floor`` times its value at the requested temperature, both measured
+in this run from the ``quality`` events (each scored response carries the temperature it was sampled at).  A move
+away from the requested temperature to (or beyond) a temperature measured under the floor is not made: the
+repetition penalty goes up instead, or the policy holds and says why (``status()["floor_held"]``); at a
+temperature measured under the floor it steps back toward the requested one.  Self-consistency falls with
+temperature by construction, so an absolute floor would be a temperature cap; a relative one is not.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tuner.core.window import Window
@@ -63,12 +71,26 @@ class TemperatureConfig:
     far (plus the hysteresis) from the edge.  0: off (the band's edges and the hysteresis only)."""
     window_z: float = 1.28
     """One-sided: 1.28 keeps ~90% of windows of ``window_responses`` inside, for a mean held at the margin."""
+    consistency_floor: float = 0.8
+    """With ``--consistency``: the floor on self-consistency, as a share of its value measured at the requested
+    temperature in the same run (a relative floor: the scale is the backend's and the model's, and
+    self-consistency falls with temperature by construction).  The policy does not move the temperature away from
+    the requested one to where self-consistency was measured under it: it raises the repetition penalty instead,
+    or holds and says why (``status()``); at a temperature measured under it, it goes back toward the request.
+    0: off."""
+    consistency_min: int = 8
+    """Scored responses a temperature's self-consistency needs before it counts (the requested one's too)."""
+    consistency_wait_s: float = 300.0
+    """While the scorer runs, the policy first stays at the requested temperature until its self-consistency is
+    measured (the floor's baseline; ~80 s at 2% of 5 requests/s), at most this long; then it goes on without a
+    floor and says so."""
 
 
 class TemperaturePolicy(Policy):
     name = "temperature"
     knobs = ("temperature", "repetition_penalty")
-    keys = ("req_seq_rep_4_ratio",)
+    keys = ("req_seq_rep_4_ratio", "quality_jobs")
+    """``quality_jobs``: present while the consistency scorer runs (``--consistency``)."""
 
     def __init__(self, cfg: TemperatureConfig) -> None:
         super().__init__(
@@ -100,6 +122,11 @@ class TemperaturePolicy(Policy):
         """temperature -> [responses (decayed), sum of seq-rep-4, sum of squares, last seen]"""
         self._seen = 0
         self.current: float | None = None
+        self.consistency: dict[float, list[float]] = {}
+        """temperature -> [scored responses (decayed), sum of self-consistency, last seen] (``quality`` events)."""
+        self.floor_held: str | None = None
+        """Why the policy holds at the self-consistency floor (None: it does not)."""
+        self.first_seen: float | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -108,6 +135,8 @@ class TemperaturePolicy(Policy):
             "slope": self.slope,
             "sign": self.sign,
             "known_sign": self.known_sign,
+            "consistency_floor": self._floor(),
+            "floor_held": self.floor_held,
         }
 
     def _signed_slope(self) -> tuple[int, float | None]:
@@ -205,9 +234,108 @@ class TemperaturePolicy(Policy):
             return None, 0
         return g[1] / g[0], int(g[0])
 
+    # -- self-consistency (``--consistency``: the quality probe's ``quality`` events) -------------------
+    def _ingest_consistency(self, w: Window) -> None:
+        cap = 4 * self.cfg.consistency_min + 32
+        for e in w.events:
+            if e.kind != "quality":
+                continue
+            x, y = e.data.get("temperature"), e.data.get("self_consistency")
+            if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or x != x or y != y:
+                continue
+            g = self.consistency.setdefault(round(float(x), 4), [0.0, 0.0, e.t])
+            if g[0] >= cap:  # forget old responses geometrically, as for repetition
+                g[0] *= 0.5
+                g[1] *= 0.5
+            g[0] += 1.0
+            g[1] += float(y)
+            g[2] = e.t
+        horizon = w.t - self.cfg.memory_s
+        keep = round(self.requested, 4) if self.requested is not None else None  # the floor's same-run baseline
+        for key in [k for k, g in self.consistency.items() if g[2] < horizon and k != keep]:
+            del self.consistency[key]
+
+    def _consistency_at(self, temp: float) -> tuple[float | None, int]:
+        g = self.consistency.get(round(temp, 4))
+        if g is None or g[0] <= 0:
+            return None, 0
+        return g[1] / g[0], int(g[0])
+
+    def _floor(self) -> float | None:
+        """The self-consistency floor: ``consistency_floor`` times its value at the requested temperature
+        (None while that is not measured, or the floor is off)."""
+        if self.cfg.consistency_floor <= 0 or self.requested is None:
+            return None
+        base, n = self._consistency_at(self.requested)
+        if base is None or n < self.cfg.consistency_min:
+            return None
+        return self.cfg.consistency_floor * base
+
+    def _under_floor(self, temp: float) -> float | None:
+        """The self-consistency measured at ``temp`` when it is under the floor (enough responses), else None."""
+        floor = self._floor()
+        sc, n = self._consistency_at(temp)
+        if floor is None or sc is None or n < self.cfg.consistency_min or sc >= floor:
+            return None
+        return sc
+
+    def _past_floor(self, temp: float, new: float) -> str | None:
+        """Why a move from ``temp`` to ``new`` would go past the floor: it moves away from the requested temperature
+        to, or beyond, a temperature on that side where self-consistency was measured under the floor."""
+        req = self.requested
+        floor = self._floor()
+        if req is None or floor is None or abs(new - req) <= abs(temp - req) + 1e-9:
+            return None
+        side = 1.0 if new > req else -1.0
+        for x in sorted(self.consistency, key=lambda k: abs(k - req)):
+            if (x - req) * side > 1e-9 and abs(x - req) <= abs(new - req) + 1e-9:
+                sc = self._under_floor(x)
+                if sc is not None:
+                    base, _ = self._consistency_at(req)
+                    return (f"self-consistency {sc:.3f} at T {x:g} is under the floor {floor:.3f} "
+                            f"({self.cfg.consistency_floor:g} of {base:.3f} at the requested T {req:g})")
+        return None
+
+    def _baseline_pending(self, w: Window, temp: float) -> bool:
+        """Stay at the requested temperature while the scorer runs and its self-consistency there (the floor's
+        baseline) is not measured yet, for at most ``consistency_wait_s``."""
+        cfg = self.cfg
+        if cfg.consistency_floor <= 0 or self.requested is None or abs(temp - self.requested) > 1e-3:
+            return False
+        ts, _ = w.pairs("quality_jobs", 5.0)
+        if ts.size == 0:  # no scorer (or it stopped): no floor to wait for
+            self.floor_held = None
+            return False
+        _, n = self._consistency_at(self.requested)
+        if n >= cfg.consistency_min:
+            return False
+        waited = w.t - (self.first_seen if self.first_seen is not None else w.t)
+        if waited >= cfg.consistency_wait_s:
+            self.floor_held = (f"no self-consistency floor: {n} of {cfg.consistency_min} responses scored at the "
+                               f"requested T {self.requested:g} in {cfg.consistency_wait_s:g} s")
+            return False
+        self.floor_held = (f"measuring self-consistency at the requested T {self.requested:g} first (the floor's "
+                           f"baseline): {n} of {cfg.consistency_min} responses scored")
+        return True
+
+    def _held_by_floor(self, why: str, rep: float, penalty: float, ev: dict[str, Any]) -> list[Action]:
+        """The temperature may not go past the floor: the repetition penalty instead, or hold and say why."""
+        ev = {**ev, "consistency_floor": self._floor(), "floor": why}
+        acts = self._penalty(rep, penalty, ev)
+        if acts:
+            a = acts[0]
+            self.floor_held = None
+            return [replace(a, reason=f"{why}: raising the repetition penalty instead of the temperature")]
+        self.floor_held = (f"holding at T {self.current:g}: {why}; repetition {rep:.3f} stays where it is"
+                           + (f" (penalty at its maximum {penalty:g})" if penalty >= self.cfg.penalty_max - 1e-9
+                              else ""))
+        self.phase = "floor"
+        return []
+
     # -- decisions ----------------------------------------------------------------------------------
     def decide(self, window: Window, knobs: Knobs) -> list[Action]:
         cfg = self.cfg
+        self._ingest_consistency(window)
         temp = knobs.temperature
         if temp is None:
             return []  # no response has told us the temperature yet
@@ -224,6 +352,11 @@ class TemperaturePolicy(Policy):
                 return []
             self.phase = "track"
         if rep is None or n < cfg.min_requests:
+            self.phase = "warmup"
+            return []
+        if self.first_seen is None:
+            self.first_seen = window.t
+        if self._baseline_pending(window, temp):
             self.phase = "warmup"
             return []
         if self.phase == "warmup":
@@ -243,6 +376,16 @@ class TemperaturePolicy(Policy):
         sign, slope = self._signed_slope()
         if sign != 0 and self.sign == 0:
             ev["slope_remembered"] = slope
+        if self._floor() is not None:
+            self.floor_held = None
+        below = self._under_floor(temp) if self.requested is not None and abs(temp - self.requested) > 1e-3 else None
+        if below is not None and self.requested is not None:  # past the floor: back toward the requested temperature
+            floor = self._floor()
+            gap = self.requested - temp
+            new = round(_clip(temp + max(-cfg.max_step, min(cfg.max_step, gap)), cfg.min, cfg.max), 4)
+            return [self._move(window, new, f"self-consistency {below:.3f} at T {temp:g} is under the floor "
+                               f"{floor:.3f}: back toward the requested temperature", {**ev, "consistency_floor":
+                                                                                       floor})]
         if self._outside(rep, self._rep_se(temp), wm):
             ev["seq_rep_4_se"] = self._rep_se(temp)
             where = self._where(rep, max(wm, cfg.edge_z * self._rep_se(temp)))
@@ -261,6 +404,9 @@ class TemperaturePolicy(Policy):
                     new = _clip(temp - step, cfg.min, cfg.max)
                 if abs(new - temp) < 1e-9:
                     return self._penalty(rep, penalty, ev)
+                past = self._past_floor(temp, new)
+                if past is not None:
+                    return self._held_by_floor(past, rep, penalty, ev)
                 return [self._move(window, new, f"probe: repetition {rep:.3f} {where}, sign unknown", ev)]
             self.phase = "correct"
             delta = (target - rep) / slope
@@ -268,6 +414,9 @@ class TemperaturePolicy(Policy):
             new = _clip(temp + delta, cfg.min, cfg.max)
             if abs(new - temp) < 1e-3:
                 return self._penalty(rep, penalty, ev)  # at a bound: the penalty is all that is left
+            past = self._past_floor(temp, new)
+            if past is not None:
+                return self._held_by_floor(past, rep, penalty, ev)
             return [
                 self._move(
                     window,
@@ -356,6 +505,14 @@ class TemperaturePolicy(Policy):
         return self.act("temperature", round(new, 4), reason, **ev)
 
     def feedback(self, applied: Applied) -> None:
+        done = applied.outcome in ("applied", "clamped", "dry-run")
+        if applied.action.knob == "repetition_penalty" and done and applied.action.evidence.get("floor"):
+            # raised instead of the temperature (the consistency floor): measure its effect before the next step
+            self.phase = "dwell"
+            self.moved_at = applied.t
+            if self.current is not None:
+                self.groups.pop(round(self.current, 4), None)
+            return
         if applied.action.knob == "temperature" and applied.outcome in ("applied", "clamped", "dry-run"):
             self.phase = "dwell"
             self.moved_at = applied.t

@@ -152,3 +152,51 @@ def test_demo_precision_step_with_the_floor_on_and_off(floor: float, tmp_path: P
         assert acts[2:4] == [("fp32", "sent"), ("fp32", "done")]
     else:
         assert acts == [("int8", "sent"), ("int8", "done")]
+
+
+# -- temperature: the self-consistency floor -------------------------------------------------------------------
+def run_temperature(floor: float, seconds: float = 900.0, seed: int = 3) -> tuple[Agent, Any, list[float]]:
+    """A plant where repetition falls with temperature (the band's centre needs T ~1.18) and self-consistency
+    falls too (under 0.8 of its value at the requested 0.8 above T ~0.97); a response every 0.1 s, one in four
+    scored for consistency.  The repetition penalty lowers repetition."""
+    import random
+
+    from tuner.core.actuator import DryRunActuator
+    from tuner.policies.temperature import TemperatureConfig, TemperaturePolicy
+
+    rng = random.Random(seed)
+    cfg = TemperatureConfig(requested=0.8, min=0.2, max=1.5, max_step=0.15, probe_step=0.1, dwell_min_s=10.0,
+                            consistency_floor=floor, consistency_min=8, window_responses=0)
+    pol = TemperaturePolicy(cfg)
+    agent = Agent([pol], Arbiter(bounds=pol.bounds, cooldown_s={"temperature": 1.0, "repetition_penalty": 1.0}),
+                  DryRunActuator(), None, knobs=Knobs(temperature=0.8, repetition_penalty=1.0))
+    temps = []
+    for i in range(int(seconds * 10)):
+        t = round(i * 0.1, 6)
+        temp = agent.knobs.temperature or 0.8
+        pen = agent.knobs.repetition_penalty or 1.0
+        temps.append(temp)
+        rep = max(0.0, 0.45 - 0.33 * temp - 0.4 * (pen - 1.0) + rng.gauss(0, 0.02))
+        ev = [Event(t, "request", {"temperature": temp, "seq_rep_4": rep, "tokens": 64})]
+        if i % 4 == 0:
+            sc = 0.25 - 0.3 * (temp - 0.8) + rng.gauss(0, 0.02)
+            ev.append(Event(t, "quality", {"temperature": temp, "self_consistency": sc, "backend": "minilm"}))
+        agent.step(_Tick(t, {"quality_jobs": 0.0}, ev))  # the scorer runs
+    return agent, pol, temps
+
+
+def test_temperature_is_not_bought_past_the_consistency_floor() -> None:
+    agent, pol, temps = run_temperature(0.8)
+    moves = [(a.action.knob, a.action.value, a.action.reason) for a in agent.applied if a.outcome == "dry-run"]
+    assert pol._floor() is not None and abs(pol._floor() - 0.2) < 0.02  # 0.8 of ~0.25 measured at T 0.8
+    assert any(k == "repetition_penalty" and "under the floor" in r and "raising the repetition penalty" in r
+               for k, _, r in moves), moves
+    last_minutes = temps[-3000:]
+    assert max(last_minutes) <= 1.0  # never settled past the floor (~0.97)
+    assert (agent.knobs.repetition_penalty or 1.0) > 1.0
+
+
+def test_without_the_floor_the_temperature_goes_where_repetition_wants() -> None:
+    agent, pol, temps = run_temperature(0.0)
+    assert max(temps[-3000:]) >= 1.05 and pol._floor() is None
+    assert not any("floor" in a.action.reason for a in agent.applied)
