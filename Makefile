@@ -84,5 +84,16 @@ example-trace: $(STAMP)
 		t = json.loads(open(p).read().splitlines()[-1])["t"]; print(f"{p}: {n} bytes, {t:.1f} s"); \
 		sys.exit(n > 1_000_000 or t > 60)' $(EXAMPLE_TRACE)
 
+# The GPU check (issue 16 §5): `make gpu-check-bundle` here writes $(GPU_BUNDLE) (the committed source and the
+# wheels the GPU machine lacks, <= 64 MiB); copy it there and run `make gpu-check` in it (no venv, no network:
+# python3 as it is).  Here, without a GPU, `make gpu-check` says so in one line and exits 0.
+GPU_BUNDLE ?= build/gpu-check
+
+gpu-check-bundle:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) tools/gpu_check.py --bundle $(GPU_BUNDLE)
+
+gpu-check:
+	@PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) sh tools/gpu_check.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks
