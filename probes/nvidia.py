@@ -462,8 +462,11 @@ class NvidiaProbe:
         deadline_s: float = DEADLINE_S,
         start_deadline_s: float = START_DEADLINE_S,
         events: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tree = tree
+        self.clock = clock
+        """What the 1 s and 60 s cadences are counted on (a test or bench moves it; deadlines use the real one)."""
         self.root = root
         self._proc_root = proc
         self.deadline_s = deadline_s
@@ -885,14 +888,14 @@ class NvidiaProbe:
         procs: dict[int, dict[str, Any]] = {}
         events: list[Event] = []
         tree = self._tree_pids()
-        mono = time.monotonic()
+        mono = self.clock()
         jobs: list[tuple[_Device, _Job]] = []
         for dev in self._devices:
             w = dev.worker
             assert w is not None
             if dev.hung_at is not None and not w.busy and dev.retry_at == float("inf"):
                 dev.retry_at = w.released_at + dev.backoff  # the hung call returned: try again after a back-off
-            if dev.lost or w.busy or (dev.hung_at is not None and mono < dev.retry_at):
+            if dev.lost or w.busy or (dev.hung_at is not None and time.monotonic() < dev.retry_at):
                 self._fill_none(dev, values)
                 continue
             jobs.append((dev, w.submit(self._job(dev, tree, mono))))
