@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuner.errors import UserError
-from tuner.trace import TraceError, TraceFollower
+from tuner.trace import TraceError, TraceFollower, trace_files
 
 
 class RecordSource(Protocol):
@@ -32,20 +32,30 @@ class RecordSource(Protocol):
 
 def _has_end(path: Path) -> bool:
     """True if the last complete line of the file is an ``end`` record (a finished recording)."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 65536))
-        tail = f.read(65536)
+    if path.name.endswith(".gz"):  # a compressed last segment: read through to its end
+        import gzip
+
+        tail = b""
+        with gzip.open(path, "rb") as g:
+            while chunk := g.read(1 << 20):
+                tail = (tail + chunk)[-65536:]
+    else:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            tail = f.read(65536)
     lines = [ln for ln in tail.split(b"\n") if ln.strip()]
     return bool(lines) and b'"k":"end"' in lines[-1].replace(b" ", b"")
 
 
 class FileSource:
-    """A trace file: a finished one (ends with an ``end`` record) is replayed, a growing one followed."""
+    """A trace file: a finished one (ends with an ``end`` record) is replayed, a growing one followed.  A
+    rotated recording (given by any of its files or a glob) is one trace, from its first segment."""
 
     def __init__(self, path: str | os.PathLike[str], *, poll_interval: float = 0.1) -> None:
-        p = Path(path)
+        files, _ = trace_files(path)
+        p = files[0]
         if not p.exists():
             raise UserError(f"{p}: no such file")
         if p.is_dir():
@@ -53,7 +63,7 @@ class FileSource:
         if not p.is_file():  # a device or a FIFO: /dev/zero would be read without end
             raise UserError(f"{p}: not a regular file, not a trace")
         try:
-            self.replay = _has_end(p)
+            self.replay = _has_end(files[-1])
             self._f = TraceFollower(p)
             first = self._f.poll(max_bytes=1 << 20)
         except PermissionError:

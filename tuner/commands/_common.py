@@ -30,6 +30,18 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace --trace PATH when it already exists (without it an existing file is never replaced)",
     )
+    g.add_argument(
+        "--trace-rotate",
+        metavar="SIZE|AGE",
+        help="cut the trace into segments at a size (1GiB) or an age (6h), or both (1GiB,6h); closed segments "
+        "are gzip-compressed; readers take the segments as one trace (see docs/fleet.md)",
+    )
+    g.add_argument(
+        "--trace-keep",
+        type=int,
+        metavar="N",
+        help="with --trace-rotate: keep the N newest closed segments, delete older ones (default: keep all)",
+    )
     g.add_argument("--headless", action="store_true", help="no TUI; print a summary at the end")
     g.add_argument("--prometheus", metavar="ADDR", help="serve /metrics for Prometheus on ADDR (e.g. 127.0.0.1:9464)")
     g.add_argument("--prometheus-public", action="store_true", help="allow --prometheus on a non-loopback address")
@@ -125,7 +137,8 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         config = load_policy(args.policy)  # raises a one-line UserError
     elif args.observe_only:
         raise UserError("--observe-only needs --policy P (without a policy nothing acts anyway)")
-    check_trace_target(args.trace, overwrite=bool(getattr(args, "overwrite", False)))
+    rotation = trace_rotation(args)
+    check_trace_target(args.trace, overwrite=bool(getattr(args, "overwrite", False)), rotating=rotation is not None)
     if args.prometheus:
         from tuner.outputs.prometheus import check_bindable, parse_listen
 
@@ -142,7 +155,23 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         observe_only=args.observe_only,
         record_text=args.record_text,
         quality=consistency_options(args),
+        trace_rotate=rotation,
     )
+
+
+def trace_rotation(args: argparse.Namespace) -> Any:
+    """``--trace-rotate`` and ``--trace-keep`` as a ``tuner.trace.Rotation`` (None: one file)."""
+    spec, keep = getattr(args, "trace_rotate", None), getattr(args, "trace_keep", None)
+    if spec is None:
+        if keep is not None:
+            raise UserError("--trace-keep needs --trace-rotate SIZE|AGE (without rotation there is one file)")
+        return None
+    from tuner.trace import parse_rotation
+
+    try:
+        return parse_rotation(spec, keep)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def redact_command(cmd: list[str], record_text: bool) -> tuple[list[str], int]:
@@ -187,10 +216,11 @@ def _nearest_existing(p: Path) -> Path:
     return Path(".")
 
 
-def check_trace_target(trace: str | None, *, overwrite: bool = False) -> None:
+def check_trace_target(trace: str | None, *, overwrite: bool = False, rotating: bool = False) -> None:
     """Refuse, before anything starts, a trace path that cannot be written — or that holds data a new
-    recording would erase (any non-empty file, unless ``overwrite``).  ``None``: the default directory
-    ``./traces`` must be creatable."""
+    recording would erase (any non-empty file, unless ``overwrite``; ``rotating``: also the segments an
+    earlier rotated recording left under that name).  ``None``: the default directory ``./traces`` must
+    be creatable."""
     p = Path(trace) if trace else Path("traces") / "x.jsonl"
     shown = trace if trace else "traces/"
     if trace and p.is_dir():
@@ -200,9 +230,20 @@ def check_trace_target(trace: str | None, *, overwrite: bool = False) -> None:
         raise UserError(f"cannot write trace {shown}: {anc} is not a directory")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise UserError(f"cannot write trace {shown}: permission denied in {anc}")
+    if rotating and trace:
+        from tuner.trace import leftovers
+
+        old = leftovers(p)
+        if old and not overwrite:
+            raise UserError(
+                f"--trace {trace}: an earlier rotated recording left {len(old)} segment file(s) beside it "
+                f"({old[0].name}, ...): give a new path, or add --overwrite to replace them"
+            )
     if not trace or not p.exists():
         return
     mode = p.stat().st_mode
+    if rotating and not stat.S_ISREG(mode):
+        raise UserError(f"--trace-rotate needs --trace to be a regular file ({trace} is not)")
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # a FIFO would block the start; a socket cannot be opened
         raise UserError(f"cannot write trace {trace}: not a regular file")
     if not os.access(p, os.W_OK):

@@ -40,6 +40,8 @@ class SessionOptions:
     quality: Any = None
     """``--consistency``: a ``tuner.quality.probe.QualityOptions`` (None: consistency is not measured)."""
     """A serving engine's Prometheus page to scrape (``--engine-metrics URL``; ``tuner.probes.engine``)."""
+    trace_rotate: Any = None
+    """``tuner.trace.Rotation`` (``--trace-rotate``, ``--trace-keep``): the trace in segments; None: one file."""
 
 
 def _policy_header(config: Any) -> dict[str, Any]:
@@ -134,8 +136,14 @@ class Session:
                 **opts.extra_header,
             },
         )
+        self.writer: TraceWriter
         try:
-            self.writer = TraceWriter(self.trace_path, header)
+            if opts.trace_rotate is not None:
+                from tuner.trace import RotatingTraceWriter
+
+                self.writer = RotatingTraceWriter(self.trace_path, header, opts.trace_rotate, log=self.log)
+            else:
+                self.writer = TraceWriter(self.trace_path, header)
         except OSError as exc:
             self._close_observer()
             raise UserError(f"cannot write trace {self.trace_path}: {exc.strerror or exc}") from None

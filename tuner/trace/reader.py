@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import os
+import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
@@ -25,6 +27,7 @@ from tuner.trace.format import (
     renamed_procs,
     renamed_record,
 )
+from tuner.trace.rotate import GZ, SegmentInfo, open_file, segment_info, trace_files
 
 _READ_CHUNK = 1024 * 1024
 
@@ -109,7 +112,7 @@ def _parse_line(raw: bytes, lineno: int) -> dict[str, Any]:
 
 def _open_trace(p: Path) -> BinaryIO:
     try:
-        f = open(p, "rb")  # noqa: SIM115 - the caller closes it
+        f = open_file(p)  # a compressed segment (``.gz``) is decompressed as it is read
     except FileNotFoundError:
         raise TraceError(f"{p}: no such file") from None
     except IsADirectoryError:
@@ -245,7 +248,7 @@ def _batches(
 
     try:
         try:
-            cf = _open_companion(p, f) if columns else None
+            cf = _open_companion(p, f) if columns and not p.name.endswith(GZ) else None
             if cf is not None:
                 try:
                     pos = 0
@@ -269,6 +272,8 @@ def _batches(
                 finally:
                     cf.close()
             yield from parse(_chunks(f))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # a compressed segment cut short or damaged
+            raise TraceError(f"{p}: the compressed trace is damaged ({exc})") from None
         except OSError as exc:
             raise TraceError(f"cannot read {p}: {exc.strerror or exc}") from None
         except MemoryError:
@@ -279,6 +284,34 @@ def _batches(
         f.close()
 
 
+def _trace_batches(
+    path: str | os.PathLike[str], skip_bad: bool, warnings: list[str] | None, columns: bool = False
+) -> Generator[list[dict[str, Any]] | _Covered, None, None]:
+    """``_batches`` over the trace ``path`` names: one file, or a rotated recording's segments in order
+    (``tuner.trace.rotate.trace_files``) read as one trace — the first segment's header, then each
+    segment's records (its own header checked and left out)."""
+    files, notes = trace_files(path)
+    if warnings is not None:
+        warnings.extend(notes)
+    if len(files) == 1:
+        yield from _batches(files[0], skip_bad, warnings, columns)
+        return
+    first: SegmentInfo | None = None
+    for f in files:
+        batches = _batches(f, skip_bad, warnings, columns)
+        try:
+            header = next(batches)
+            seg = segment_info(header[0])  # type: ignore[index,arg-type]
+            if first is None:
+                first = seg
+                yield header
+            elif seg is None or seg.set != first.set:  # changed on disk since trace_files looked
+                raise TraceError(f"{f}: not a segment of the same recording as {files[0]}")
+            yield from batches
+        finally:
+            batches.close()
+
+
 def iter_records(
     path: str | os.PathLike[str], *, skip_bad: bool = False, warnings: list[str] | None = None
 ) -> Generator[dict[str, Any], None, None]:
@@ -287,7 +320,7 @@ def iter_records(
     A torn last line (a writer killed mid-write) is skipped with a warning; a bad line elsewhere (not
     JSON, not a record, a known kind without a numeric ``t`` or with the wrong shape, longer than
     ``MAX_LINE_BYTES``) is an error naming it, or with ``skip_bad`` skipped with a warning."""
-    batches = _batches(Path(path), skip_bad, warnings)
+    batches = _trace_batches(path, skip_bad, warnings)
     try:
         for recs in batches:
             yield from map(renamed_record, recs)  # type: ignore[arg-type]
@@ -453,7 +486,7 @@ def read_trace(path: str | os.PathLike[str], *, skip_bad: bool = False) -> Trace
     Ranges its columnar companion stands for (``columns_path``; checked against the trace's bytes) are
     taken from it instead of parsing their ticks; the result is the same either way."""
     warnings: list[str] = []
-    batches = _batches(Path(path), skip_bad, warnings, columns=True)
+    batches = _trace_batches(path, skip_bad, warnings, columns=True)
     times: list[float] = []
     # Tick values grouped by key layout (see ``_columns``); ticks come in long runs of one layout.
     groups: dict[tuple[str, ...], _Group] = {}

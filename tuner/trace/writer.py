@@ -365,6 +365,37 @@ class TraceWriter:
         self.reopened += 1
         self._cols_abandon()  # its offsets were the removed file's
 
+    def _switch_file(self, path: Path, header: Mapping[str, Any]) -> None:
+        """Go on in a new file ``path`` (created, never replaced: ``FileExistsError`` if it is there),
+        which starts with ``header``; the current file and its companion are closed complete.  Only with
+        nothing pending (after a successful ``flush``).  Raises ``OSError`` with the current file kept
+        (then nothing changed); ``self.header`` stays the recording's first header."""
+        assert not (self._pending or self._carry) and not self._closed
+        line = encode_record(header) + b"\n"
+        fd = _open_private(path, os.O_EXCL)
+        try:
+            _write_all(fd, line)
+        except OSError:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        if self._cols is not None:  # the old file's last, partial block
+            self._cols_durable(b"", 0, True)
+            if self._cols is not None:
+                self._cols.close()
+        self._cols, self._cols_rows = None, None
+        os.close(self._fd)
+        self._fd, self.path, self._header_line = fd, path, line
+        self.records += 1
+        try:
+            self._cols = _ColumnsOut(path, line)
+            self._cols_rows = []
+        except Exception:  # no companion then: the segment is read by parsing it
+            self._cols = None
+
     def close(self) -> None:
         if self._closed:
             return
