@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--max-concurrency", type=int, metavar="N",
                    help="at most N generation requests upstream at once (FIFO queue); the batch-size knob "
                    "may lower it, never raise it (default: unlimited)")
+    k.add_argument("--shadow-concurrency", type=int, default=1, metavar="N",
+                   help="with --consistency: shadow requests (the second answer of a sampled request, sent again "
+                   "upstream and not returned) in flight at most (default 1)")
     k.add_argument("--cleanup-url", action="append", default=[], metavar="[METHOD ]PATH",
                    help="admin call the cleanup policy may make, e.g. /reset_prefix_cache (vLLM); repeatable; "
                    "default POST; off unless given")
@@ -68,6 +71,13 @@ def _bounds(text: str) -> tuple[float, float]:
     if not sep or not (0.0 <= lo <= hi) or hi > 100:
         raise UserError(f"--temperature-bounds {text!r}: need 0 <= LO <= HI")
     return lo, hi
+
+
+def _shadow_concurrency(args: argparse.Namespace) -> int:
+    n = getattr(args, "shadow_concurrency", 1)
+    if n < 1:
+        raise UserError(f"--shadow-concurrency {n}: must be at least 1")
+    return int(n)
 
 
 def build_config(args: argparse.Namespace) -> Any:
@@ -96,6 +106,7 @@ def build_config(args: argparse.Namespace) -> Any:
         max_body_bytes=args.max_body_bytes,
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
+        shadow_concurrency=_shadow_concurrency(args),
         engine=args.engine,
         engine_metrics=engine_metrics,
     )
@@ -239,6 +250,8 @@ def serve_proxy(
             if before_finish is not None:
                 end = before_finish()
         finally:
+            if proxy.shadow is not None:  # the shadow requests' tally (tuner.proxy.shadow)
+                end = {**end, "shadow": proxy.shadow.stats()}
             path = session.finish(upstream=config.upstream, failed_requests=channel.failed, **end)
     return path, reason[0] if reason else None
 

@@ -265,6 +265,7 @@ class ProxyChannel:
         self.record_text = False
         self.knobs = Knobs()
         self.failed = 0
+        self.consistency_rate = 0.0
         self.active = 0
         self.proxy: Proxy | None = None  # set by the app at start-up (knobs and commands go there)
         self.penalty = _Penalty()
@@ -304,6 +305,8 @@ class ProxyChannel:
     def set_welcome(self, **options: Any) -> None:
         if "record_text" in options:
             self.record_text = bool(options["record_text"])
+        if "consistency_rate" in options:  # --consistency: the share of requests shadowed (tuner.proxy.shadow)
+            self.consistency_rate = float(options["consistency_rate"] or 0.0)
 
     def broadcast_knobs(self, knobs: Knobs) -> int:
         """The proxy is the one client: it uses the knobs for every request from now on, within its limits
@@ -411,6 +414,11 @@ class ProxyChannel:
             self._rows.append((time.monotonic(), row, extra))
             self._received += 1
 
+    def post_quality(self, msg: dict[str, Any]) -> None:
+        """A shadowed request's two answers, for the quality probe (``tuner.proxy.shadow``)."""
+        with self._lock:
+            self._control.append((time.monotonic(), {**msg, "pid": os.getpid(), "conn": 0}))
+
     def post_result(self, cid: str, cmd: str, ok: bool, result: dict[str, Any] | None, error: str | None) -> None:
         msg = {"type": "command_result", "pid": os.getpid(), "conn": 0, "id": cid, "cmd": cmd, "ok": ok,
                "result": result, "error": error}
@@ -429,6 +437,8 @@ class ProxyConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY
     timeout: float = 600.0
     connect_timeout: float = 5.0
+    shadow_concurrency: int = 1
+    """Shadow requests (``--consistency``) in flight at most."""
     engine: str = "auto"
     """``vllm``, ``sglang``, ``tgi``, ``llamacpp``, or ``auto``: what the engine probe recognised on /metrics."""
     engine_metrics: str | None = None
@@ -943,6 +953,8 @@ class Proxy:
         self.admin_unsupported: dict[str, str] = {}
         """Admin call -> why it is not supported (404/405 once: not called again)."""
         self._next_id = 0
+        self.shadow: Any = None
+        """Shadow requests for self-consistency (``tuner.proxy.shadow``), with ``--consistency``."""
         self._errors_logged: set[str] = set()
         self._notes_once: set[str] = set()
         self.app = self  # (an object with an async __call__: uvicorn detects ASGI 3 from that)
@@ -994,9 +1006,15 @@ class Proxy:
         c = self.config
         self.loop = asyncio.get_running_loop()
         self.upstream = Upstream(c.upstream, read_timeout=c.timeout, connect_timeout=c.connect_timeout)
+        if self.channel.consistency_rate > 0:
+            from tuner.proxy.shadow import ShadowSampler
+
+            self.shadow = ShadowSampler(self.channel.consistency_rate, c.shadow_concurrency, self.channel.post_quality)
         self.knobs_changed()
 
     async def stop(self) -> None:
+        if self.shadow is not None:
+            await self.shadow.close()
         if self.upstream is not None:
             self.upstream.close()
         if self.admin is not None:
@@ -1165,6 +1183,8 @@ class Proxy:
         headers = [(k, v) for k, v in self._headers(scope, True) if k != b"content-type"]
         headers.append((b"content-type", b"application/json"))
         req = _Request("POST", self._target(scope), headers, body, plan)
+        if self.shadow is not None:
+            req.shadow = self.shadow.maybe_start(obj, scope["path"], self.upstream, "POST", req.target, headers, body)
         m = _Measure(created, strip_final=plan.usage, strip_usage=plan.continuous)
         await _Forward(self, req, m, temperature=_float_or_none(obj.get("temperature"))).serve(receive, send)
 
@@ -1226,7 +1246,7 @@ class Proxy:
             self.log(f"{message} (further {kind} errors are counted, not printed)")
 
     def record(self, m: _Measure, end: float, temperature: float | None, batch_size: int,
-               capacity: int | None, aborted: str | None = None) -> None:
+               capacity: int | None, aborted: str | None = None) -> int:
         tokens = m.completion_tokens if m.completion_tokens is not None else m.n
         if m.n == 0 and m.completion_tokens is None:
             tokens = len(word_ids("".join(m.texts)))
@@ -1253,6 +1273,7 @@ class Proxy:
         if m.first_answer is not None:
             extra["answer_ttft_seconds"] = m.first_answer - m.created
         self.channel.post_row(row, extra or None)
+        return self._next_id
 
 
 def _float_or_none(x: Any) -> float | None:
@@ -1311,6 +1332,8 @@ class _Request:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     plan: _Plan | None = None
+    shadow: Any = None
+    """The request's shadow (``tuner.proxy.shadow.Shadow``) when it was sampled for consistency."""
 
 
 class _Forward:
@@ -1483,16 +1506,21 @@ class _Forward:
             if m is not None:
                 # A client may hang up as soon as it has read ``[DONE]`` (the openai client does), before the
                 # upstream's end of body reaches us: the answer was complete, so it counts as finished.
+                shadow = self.req.shadow
                 if (completed or (m.is_sse and m.done)) and resp.status_code < 400:
                     if not m.is_sse:
                         m.finish_body()
-                    proxy.record(m, end, self.temperature, batch, proxy.limiter.limit)
+                    rid = proxy.record(m, end, self.temperature, batch, proxy.limiter.limit)
+                    if shadow is not None:
+                        shadow.answered(rid, "".join(m.texts))
                 elif m.is_sse and resp.status_code < 400:
                     # a stream cut short (the client left, or the upstream broke it): recorded as aborted, with
                     # the tokens generated so far (exact with vLLM's continuous usage)
                     proxy.record(m, end, self.temperature, batch, proxy.limiter.limit, aborted=aborted)
                 else:
                     proxy.channel.failed += 1
+                if shadow is not None and not shadow.original_done:
+                    shadow.answered(None, None)  # not finished: its shadow is of no use
 
     def _penalty_unsettled(self, status: int | None) -> None:
         """The request carrying a pending penalty change got no verdict on it: the next one carries it."""
