@@ -795,7 +795,6 @@ class BatchSizePolicy(Policy):
         def growth(x: Measurement) -> float:
             return x.queue_growth if x.queue_growth is not None else 0.0
 
-        grew = (m.backlog and not before.backlog) or growth(m) > growth(before) + c.backlog_growth
         if tr["kind"] == "down":
             self.measured[cur] = m
             if m.backlog:  # a backlog stands at the smaller size (the larger had none)
@@ -817,10 +816,11 @@ class BatchSizePolicy(Policy):
         pooled = m if tr["pooled"] is None else _pool(tr["pooled"], m)
         tr["pooled"] = pooled
         tr["windows"] += 1
+        # judged on tokens/s: under a backlog the server's pace; the wait's growth is arrivals minus that pace,
+        # and arrivals vary (a burst made a step up that ran 39% faster look like one that grew the queue)
         keeps_up = (before.backlog and not pooled.saturated and self._feasible(pooled)
                     and pooled.tokens_per_second > before.tokens_per_second)
-        if not keeps_up and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second
-                             or grew):
+        if not keeps_up and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second):
             self.measured[cur] = pooled
             self.no_up[frm] = w.t + c.retune_wait_s
             self.trial = None

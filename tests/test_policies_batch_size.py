@@ -599,3 +599,29 @@ def test_a_latency_miss_without_room_to_spare_is_held() -> None:
 
     assert moves(size=8, creep=0.02) == []
     assert moves(size=5, creep=0.0)[:1] == [4]
+
+
+def test_a_step_up_is_judged_on_tokens_per_second_not_on_the_queue_growth() -> None:
+    """Under a backlog the server's pace is its tokens/s; the wait's growth in a window is arrivals minus that
+    pace, and arrivals vary: on the demo (burst workload) a step 8 -> 13 ran at 624 tok/s against 449 and was
+    undone because a burst grew the queue faster in its window.  Faster beyond the noise: kept."""
+    from tuner.core.window import Window
+    from tuner.policies.batch_size import Measurement
+
+    pol = BatchSizePolicy(BatchConfig(min=1, max=64, slo_ttft_p95_s=1.0))
+    before = Measurement(8, 449.0, 0.4, 0.01, 120, rate=9.0, prompt_mean=60.0, queue_p50=47.9, queue_growth=0.21,
+                         backlog=True, saturated=True, occupancy=1.0)
+    pol.measured = {8: before}
+    pol.trial = {"kind": "up", "from": 8, "before": before, "windows": 0, "pooled": None}
+    pol.phase, pol.next_phase = "measure", "judge"
+    burst = Measurement(13, 624.0, 0.6, 0.01, 150, rate=11.0, prompt_mean=60.0, queue_p50=52.0, queue_growth=0.45,
+                        backlog=True, saturated=True, occupancy=1.0)
+    w = Window(keys=[])
+    w.update(100.0, {})
+    acts = pol._judge(w, 13, burst)
+    assert acts == [] and pol.phase == "hold" and pol.incumbent == 13
+    slower = Measurement(13, 380.0, 0.6, 0.01, 150, rate=7.0, prompt_mean=60.0, queue_p50=52.0, queue_growth=0.1,
+                         backlog=True, saturated=True, occupancy=1.0)
+    pol.trial = {"kind": "up", "from": 8, "before": before, "windows": 0, "pooled": None}
+    pol.phase, pol.next_phase = "measure", "judge"
+    assert [a.value for a in pol._judge(w, 13, slower)] == [8]
