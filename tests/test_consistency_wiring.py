@@ -168,3 +168,62 @@ def test_demo_with_consistency(tmp_path: Path) -> None:
     assert all(d["self_consistency"] is not None or "empty answer" in d["reason"] for d in q)
     assert sum(d["self_consistency"] is not None for d in q) >= 2
     assert {d["id"] for d in q} <= {r["id"] for r in reqs}
+
+
+def test_tuned_generator_makes_second_answers_in_the_same_batch_and_canary_rounds() -> None:
+    """tuner.integrations.hf with a real (tiny) tokenizer and model and a real channel: every request sampled
+    (rate 1), each batch gets its twin rows, the pairs reach the sidecar decoded; a precision change sends a
+    canary round."""
+    import time
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_hf import EOS, PAD, tiny_llama
+    from tuner.client import Client
+    from tuner.integrations.hf import TunedGenerator
+    from tuner.link.channel import ChannelServer
+
+    vocab = {"<pad>": PAD, "<s>": 1, "</s>": EOS, **{f"w{i}": i for i in range(3, 64)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    server = ChannelServer()
+    server.set_welcome(consistency_rate=1.0)
+    server.start()
+    c = Client(server.path)
+    torch.manual_seed(0)
+    gen = TunedGenerator(tiny_llama(), client=c, tokenizer=tok, temperature=0.9, batch_size=4, max_new_tokens=6,
+                         generate_kwargs={"min_new_tokens": 6}, canary_prompts=["w5 w6 w7", "w9 w10", "w11"],
+                         canary_tokens=4)
+    got: list[dict[str, Any]] = []
+    try:
+        deadline = time.monotonic() + 10
+        while not c.consistency and time.monotonic() < deadline:
+            time.sleep(0.02)
+        prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14, 15], [1, 20]]
+        outs = gen.generate(prompts)
+        server.send_command("precision", {"precision": "int8"})
+        while not c._commands and time.monotonic() < deadline:
+            time.sleep(0.02)
+        gen.step()  # runs the command between batches
+        while time.monotonic() < deadline + 10:
+            got.extend(m for _, m in server.drain())
+            if any(m.get("kind") == "canary" for m in got) and sum(m.get("type") == "request" for m in got) >= 4:
+                break
+            time.sleep(0.05)
+    finally:
+        gen.close()
+        c.close()
+        server.close()
+    selfs = [m for m in got if m.get("type") == "quality" and m.get("kind") == "self"]
+    reqs = [m for m in got if m.get("type") == "request"]
+    assert len(selfs) == 4 and len(reqs) == 4
+    assert all(m["batch_size"] == 4 for m in reqs)  # the twin rows are not counted in the batch
+    by_answer = {m["answer"] for m in selfs}
+    assert by_answer == {tok.decode(o, skip_special_tokens=True) for o in outs}
+    assert all(len(m["second"].split()) <= 6 and m["prompt"].startswith("w") for m in selfs)
+    (canary,) = [m for m in got if m.get("kind") == "canary"]
+    assert canary["precision"] == "int8" and canary["previous"] == "fp32"
+    assert len(canary["reference"]) == len(canary["answers"]) == 3

@@ -12,6 +12,10 @@ Per batch the knobs are read once: ``temperature`` goes into the generation conf
 ``repetition_penalty`` likewise (both over the same keys in ``generate_kwargs``, which sets everything else),
 ``batch_size`` decides how many queued requests are grouped (left-padded).
 Tokens reach the client through a streamer as ``generate`` produces them (TTFT and TPOT are real).
+With ``tokenizer=`` consistency can be measured (``--consistency``): a sampled request gets a second answer as a
+twin row of the same ``generate`` batch (its tokens are not reported: it is no request), both decoded and passed to
+the client with the prompt; a precision change answers the canary prompts (``canary_prompts``, or the sidecar's
+``--canary`` set) greedily for reference consistency.
 Precision commands go through :class:`~tuner.integrations.precision.PrecisionManager` (int8 on CPU via
 dynamic quantization); cleanup commands use the client's default (registered caches, gc, empty_cache,
 malloc_trim).  Between batches ``step`` calls ``c.poll()`` and reports allocator figures.
@@ -43,6 +47,8 @@ class Handle:
     req: TrackedRequest
     output: list[int] = field(default_factory=list)
     done: bool = False
+    second: list[int] | None = None
+    """The second answer's tokens (a sampled request, ``--consistency``): a twin row of the same batch."""
 
 
 class ClientStreamer(BaseStreamer):  # type: ignore[misc]
@@ -52,8 +58,11 @@ class ClientStreamer(BaseStreamer):  # type: ignore[misc]
     every later token of that row (padding) is ignored.
     """
 
-    def __init__(self, handles: Sequence[Handle], eos_ids: set[int]) -> None:
+    def __init__(self, handles: Sequence[Handle], eos_ids: set[int], twins: Sequence[Handle] = ()) -> None:
         self.handles = list(handles)
+        self.twins = list(twins)
+        """Rows after the handles': the second answers of sampled requests (collected, never reported)."""
+        self.twin_done = [False] * len(self.twins)
         self.eos_ids = eos_ids
         self.prompt_seen = False
         self.steps = 0
@@ -62,9 +71,9 @@ class ClientStreamer(BaseStreamer):  # type: ignore[misc]
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        ids = value.reshape(len(self.handles), -1)[:, -1].tolist()
+        ids = value.reshape(len(self.handles) + len(self.twins), -1)[:, -1].tolist()
         self.steps += 1
-        for h, tok in zip(self.handles, ids, strict=True):
+        for h, tok in zip(self.handles, ids, strict=False):
             if h.done:
                 continue
             if tok in self.eos_ids:
@@ -72,6 +81,13 @@ class ClientStreamer(BaseStreamer):  # type: ignore[misc]
                 continue
             h.output.append(int(tok))
             h.req.token(int(tok))
+        for i, (h, tok) in enumerate(zip(self.twins, ids[len(self.handles) :], strict=True)):
+            if self.twin_done[i] or h.second is None:
+                continue
+            if tok in self.eos_ids:
+                self.twin_done[i] = True
+                continue
+            h.second.append(int(tok))
 
     def end(self) -> None:
         for h in self.handles:
@@ -97,6 +113,9 @@ class TunedGenerator:
         max_kl: float | None = None,
         min_top1: float | None = None,
         caches: Sequence[object] = (),
+        tokenizer: Any = None,
+        canary_prompts: Sequence[str] = (),
+        canary_tokens: int = 64,
     ) -> None:
         cfg = getattr(model, "generation_config", None)
         eos = eos_token_id if eos_token_id is not None else getattr(cfg, "eos_token_id", None)
@@ -107,6 +126,10 @@ class TunedGenerator:
         self.pad_token_id = int(pad)
         self.max_new_tokens = max_new_tokens
         self.generate_kwargs = dict(generate_kwargs or {})
+        self.tokenizer = tokenizer
+        """With a tokenizer, consistency can be measured (``--consistency``): sampled requests get a second answer
+        in the same batch, and a precision change answers the canary prompts (greedy, ``canary_tokens``)."""
+        self.canary_tokens = canary_tokens
         self.loop = TorchLoop(
             model,
             client=client,
@@ -117,6 +140,8 @@ class TunedGenerator:
             max_kl=max_kl,
             min_top1=min_top1,
             caches=caches,
+            canary_answers=self._canary_answers if tokenizer is not None else None,
+            canary_prompts=canary_prompts,
         )
         self.queue: deque[Handle] = deque()
         self._ids = itertools.count(1)
@@ -170,17 +195,21 @@ class TunedGenerator:
         if not batch:
             self.loop.between_batches()
             return []
-        width = max(len(h.input_ids) for h in batch)
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, h in enumerate(batch):
+        twins = [h for h in batch if self.tokenizer is not None and h.req.sampled]
+        for h in twins:
+            h.second = []
+        rows = batch + twins  # a sampled request's twin: the same prompt, decoded in the same batch, unreported
+        width = max(len(h.input_ids) for h in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, h in enumerate(rows):
             ids[i, width - len(h.input_ids) :] = torch.tensor(h.input_ids)
             mask[i, width - len(h.input_ids) :] = 1
         for h in batch:
             h.req.started(s, len(batch))
         model: Any = self.loop.model
         device = next(iter(model.parameters())).device
-        streamer = ClientStreamer(batch, self.eos_ids)
+        streamer = ClientStreamer(batch, self.eos_ids, twins)
         error: BaseException | None = None
         try:
             with torch.inference_mode():
@@ -199,6 +228,7 @@ class TunedGenerator:
             self.oom_ceiling = len(batch) // 2
             for h in reversed(batch):  # OOM: back to the front of the queue, the sidecar was told
                 h.output.clear()
+                h.second = None
                 self.queue.appendleft(h)
             self.loop.between_batches()
             return []
@@ -206,9 +236,32 @@ class TunedGenerator:
             if error is None:
                 for h in batch:
                     h.done = True
+                    if h.second is not None:
+                        self._consistency(h)
                     self.loop.finish(h.req)
         self.loop.between_batches()
         return [(h, h.output) for h in batch]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _consistency(self, h: Handle) -> None:
+        try:
+            h.req.consistency(self._decode(h.output), self._decode(h.second or []), self._decode(h.input_ids))
+        except Exception:  # a tokenizer that cannot decode these ids: no measurement, never a failed request
+            pass
+
+    def _canary_answers(self, model: nn.Module, prompts: Sequence[str]) -> list[str]:
+        """Greedy answers to the canary prompts, one at a time (no padding to get wrong)."""
+        out = []
+        m: Any = model
+        device = next(iter(m.parameters())).device
+        for p in prompts:
+            ids = self.tokenizer(p, return_tensors="pt").input_ids.to(device)
+            gen = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.canary_tokens,
+                             do_sample=False, pad_token_id=self.pad_token_id)
+            out.append(self._decode(gen[0, ids.shape[1] :].tolist()))
+        return out
 
     def generate(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Submit every prompt, serve the queue to the end, return the new tokens in prompt order."""
