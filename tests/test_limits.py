@@ -413,3 +413,18 @@ def test_a_projected_cleanup_passes_the_cooldown_only_when_waiting_would_reach_t
         ev["time_to_limit_s"] = ttl
     (d,) = arb.resolve(100.0 + since_last, [Action("cleanup", "cleanup", ["gc"], "projected", ev)], Knobs())
     assert (d.outcome != "rejected") is passes, d
+
+
+def test_a_flat_reading_right_after_a_cleanup_does_not_end_the_episode() -> None:
+    w = Window(keys=[])
+    w.horizon_s = 120.0
+    feed(w, 0.0, 20.0, lambda t: 300 * MIB + 5 * MIB * t)
+    assert w.memory_pressure() is not None
+    w.update(20.0, {}, [Event(20.0, "command_result", {"cmd": "cleanup", "ok": True,
+                                                       "result": {"reclaimed_bytes": 90 * MIB}})])  # fmt: skip
+    rng = np.random.default_rng(5)
+    feed(w, 20.1, 40.0, lambda t: 320 * MIB + rng.normal(0, 3 * MIB))  # flat since the cleanup, 20 s of it
+    mp = w.memory_pressure()
+    assert mp is not None and not mp.fresh  # held: the episode goes on (no batch increase meanwhile)
+    feed(w, 40.0, 56.0, lambda t: 320 * MIB + rng.normal(0, 3 * MIB))  # 36 s flat: a verdict
+    assert w.memory_pressure() is None

@@ -48,6 +48,10 @@ PROJECT_EVERY_S = 2.0
 """The time-to-limit projection is computed at most this often (trace time): horizons are minutes, and at
 ~60 us a term it is the agent's largest fixed cost (the replay benchmark)."""
 _NO_COLUMNS: dict[str, float] = {}
+RELEASE_SPAN_S = 30.0
+"""A flat trend ends an episode only when measured over this long since the last memory action: 10-15 s after
+a cleanup the floor often reads flat by chance (on the demo, an edge run's batch went up 15 s after one, at
+80% of the cgroup's limit, and the next spike was killed)."""
 RELEASE = 1.5
 """An episode of memory pressure ends when the trend is flat or the limit is projected beyond this many
 horizons (hysteresis: a time to limit hovering at the horizon is one episode, not many)."""
@@ -451,8 +455,10 @@ class Window:
         if p.seconds is not None and p.seconds < self.horizon_s:
             if self._episode is None:
                 self._episode = self.t
-        elif p.verdict == "flat" or (p.seconds is not None and p.seconds >= RELEASE * self.horizon_s):
-            self._episode = None  # a real verdict (not a restart after an action), clear of the horizon
+        elif (p.verdict == "flat" and p.span_s >= RELEASE_SPAN_S) or (
+            p.seconds is not None and p.seconds >= RELEASE * self.horizon_s
+        ):
+            self._episode = None  # a verdict on enough data since the last action, clear of the horizon
 
     def memory_pressure(self) -> MemoryPressure | None:
         """The binding limit is projected to be reached within ``horizon_s``: the signal the cleanup, batch
