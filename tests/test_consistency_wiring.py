@@ -116,6 +116,15 @@ def test_sampled_requests_are_scored_and_only_scores_reach_the_trace(tmp_path: P
     last = next(r["m"] for r in reversed(ticks) if "quality_scored_total" in r.get("m", {}))
     assert last["quality_scored_total"] == 13 and last["quality_dropped_total"] == 0
     assert any("quality_self_consistency_ratio/lexical-chrf" in r.get("m", {}) for r in ticks)
+    # tuner report: the consistency section names the backend, and says it is lexical
+    rep = tuner("report", str(trace))
+    assert rep.returncode == 0, rep.stderr
+    assert ("consistency  lexical-chrf (lexical: shared characters, not meaning), self-check AUC 1.00, 100% of "
+            "requests sampled: 13 responses scored (13 in-process)") in rep.stdout
+    assert "  self-consistency   mean " in rep.stdout and "  relevance          mean " in rep.stdout
+    js = json.loads(tuner("report", "--json", str(trace)).stdout)["consistency"]
+    assert js["backend"] == "lexical-chrf" and js["scored"] == 13 and js["self_consistency"]["n"] == 13
+    assert js["by_temperature"] == [] and js["precision_steps"] == []
 
 
 def test_record_text_keeps_the_texts_with_the_scores(tmp_path: Path) -> None:
@@ -151,6 +160,8 @@ def test_a_model_that_is_not_a_model_leaves_everything_else_running(tmp_path: Pa
     q = events(recs, "quality")
     assert q and all(d["self_consistency"] is None and reason in d["reason"] for d in q)
     assert any(r.get("k") == "note" and "consistency scorer failed" in r.get("msg", "") for r in recs)
+    rep = tuner("report", str(trace))
+    assert f"consistency  minilm (semantic): scorer failed: {reason}; not measured" in rep.stdout
 
 
 def test_demo_with_consistency(tmp_path: Path) -> None:
@@ -227,3 +238,42 @@ def test_tuned_generator_makes_second_answers_in_the_same_batch_and_canary_round
     (canary,) = [m for m in got if m.get("kind") == "canary"]
     assert canary["precision"] == "int8" and canary["previous"] == "fp32"
     assert len(canary["reference"]) == len(canary["answers"]) == 3
+
+
+def test_prometheus_labels_each_figure_with_its_backend() -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tuner.outputs.prometheus import PrometheusExporter
+
+    e = PrometheusExporter(("127.0.0.1", 0))
+    try:
+        e.update({"quality_self_consistency_ratio/minilm": 0.42, "quality_relevance_ratio/minilm": 0.2,
+                  "quality_reference_consistency_ratio/minilm": None, "quality_scored_total": 7.0,
+                  "quality_scorer_rss_bytes": 4.5e8}, {})
+        with urllib.request.urlopen(f"http://127.0.0.1:{e.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    finally:
+        e.close()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert got[("tuner_quality_self_consistency_ratio", (("backend", "minilm"),))] == 0.42
+    assert got[("tuner_quality_relevance_ratio", (("backend", "minilm"),))] == 0.2
+    assert got[("tuner_quality_scored_total", ())] == 7.0 and got[("tuner_quality_scorer_rss_bytes", ())] == 4.5e8
+    assert "tuner_quality_reference_consistency_ratio" not in text  # None is left out, never NaN
+
+
+def test_live_view_line_names_the_backend() -> None:
+    from tuner.tui.model import Model
+
+    m = Model()
+    m.apply({"k": "header", "quality": {"backend": "lexical-chrf", "semantic": False}, "probes": {}})
+    m.apply({"k": "tick", "t": 1.0, "m": {"quality_jobs": 0.0}})
+    assert m.quality_line(1.0) == "consistency (lexical-chrf, lexical): no scores yet"
+    m.apply({"k": "tick", "t": 2.0, "m": {"quality_jobs": 0.0, "quality_self_consistency_ratio/lexical-chrf": 0.31,
+                                          "quality_relevance_ratio/lexical-chrf": 0.12}})
+    assert m.quality_line(2.0) == "consistency (lexical-chrf, lexical): self 0.31, relevance 0.12"
+    plain = Model()
+    plain.apply({"k": "header", "probes": {}})
+    assert plain.quality_line(0.0) is None

@@ -322,6 +322,9 @@ class TunerApp(App[None]):
             else:
                 reason = st.get("reason") if isinstance(st, dict) else None
                 parts.append(f"{name} ✗ ({reason or 'unavailable'})  ", "#d7875f")
+        quality = m.quality_line(now)  # consistency (--consistency), with the backend's name
+        if quality is not None:
+            parts = Text.assemble((quality, "#87afd7"), "  │  ", parts)
         energy = m.energy_line(now)  # energy per generated token on the inference's GPUs
         if energy is not None:
             parts = Text.assemble((energy, "#87afd7"), "  │  ", parts)

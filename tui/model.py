@@ -282,6 +282,24 @@ class Model:
             return None
         return f"memory: {b.describe()} ({b.headroom:.0%} free)" + (f", limit in {ttl:.0f} s" if soon else "")
 
+    def quality_line(self, now: float) -> str | None:
+        """Consistency (``--consistency``): the latest figures, named with the backend that produced them."""
+        q = (self.header or {}).get("quality")
+        if not isinstance(q, dict):
+            return None
+        b = str(q.get("backend"))
+        name = b if q.get("semantic") else f"{b}, lexical"
+        parts = []
+        for key, label in (("quality_self_consistency_ratio", "self"), ("quality_relevance_ratio", "relevance"),
+                           ("quality_reference_consistency_ratio", "reference")):
+            v = self.cols.latest(f"{key}/{b}", now)
+            if v is not None:
+                parts.append(f"{label} {v:.2f}")
+        if not parts:
+            state = "scorer not running" if self.cols.latest("quality_jobs", now) is None else "no scores yet"
+            return f"consistency ({name}): {state}"
+        return f"consistency ({name}): {', '.join(parts)}"
+
     def energy_line(self, now: float) -> str | None:
         """Energy per generated token on the GPUs the inference uses (``tuner.core.energy``), or why not."""
         from tuner.core import energy

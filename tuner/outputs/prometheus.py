@@ -35,6 +35,9 @@ cannot be added across replicas: the histograms stand in; ``engine_*_p50_seconds
 own histograms are on its own ``/metrics``) and the windowed rates ``req_tokens_per_second``/
 ``req_requests_per_second`` (``rate()`` of the histograms' ``_sum``/``_count``) and any ``<x>_per_second``
 whose counter ``<x>_total`` is in the tick (``engine_generation_tokens_per_second``).
+Consistency (``--consistency``): ``tuner_quality_self_consistency_ratio{backend="minilm"}`` and the relevance and
+reference consistency likewise (the backend that produced a figure is its label), ``tuner_quality_scored_total``,
+``tuner_quality_dropped_total``, ``tuner_quality_scorer_rss_bytes`` ...
 Kept although windowed: the means ``req_seq_rep_4_ratio``, ``req_rep_32_ratio``, ``req_loop_ratio``,
 ``req_distinct_2_ratio`` and ``req_batch_occupancy_ratio`` — the quality signals the policies steer by,
 with no per-request counter to stand in for them (a mean over the last ``window_s``; averaging them
@@ -70,7 +73,13 @@ PROC_LEFT_OUT = frozenset({"name", "pid", "ppid", "cpu_ratio"})
 """Per-process fields that are labels, ids or a cores'-worth ratio (``cpu_seconds_total`` stands in)."""
 CONVERTED: dict[str, tuple[str, float]] = {"knob_precision_bits": ("knob_precision_bytes", 1 / 8)}
 """Keys in a unit Prometheus has no place for -> (name in its base unit, factor): bits -> bytes per value."""
-LABEL_NAMES: dict[str, str] = {"probe_cost_seconds": "probe"}
+LABEL_NAMES: dict[str, str] = {
+    "probe_cost_seconds": "probe",
+    # consistency (tuner.quality.probe): the backend that produced the figure is a label, never left out
+    "quality_self_consistency_ratio": "backend",
+    "quality_relevance_ratio": "backend",
+    "quality_reference_consistency_ratio": "backend",
+}
 """The label a key's ``/<part>`` becomes where it is not a device."""
 HELP: dict[str, str] = {
     "tree_cpu_seconds_total": "user+system CPU time of the watched process tree (each process since it started, "

@@ -32,6 +32,8 @@
   "policy", "diverged_at", "diverged_why", "text"}``: the metrics are the recording's, which are what the
   replayed policy would have caused only up to ``diverged_at`` (None: never diverged; missing from traces
   written before it was recorded, ``text`` says so)
+- ``consistency``: None without ``--consistency``, else ``tuner.quality.report.summarize``'s dict (the backend,
+  self-consistency and relevance, by temperature, each precision step's KL / top-1 / reference consistency)
 - ``warnings``: list of one-line strings (reader warnings, warn/error notes, findings)
 
 ``render_text(summary)`` turns it into a compact table for a terminal.
@@ -48,6 +50,7 @@ import numpy as np
 
 from tuner.core import limits
 from tuner.core.stats import leak_verdict, percentiles
+from tuner.quality import report as quality_report
 from tuner.records import split_key, unit_of
 from tuner.trace import TraceData
 
@@ -259,6 +262,7 @@ def summarize(data: TraceData) -> dict[str, Any]:
         "memory_limit": _memory_limit(data, times),
         "time_to_limit": _time_to_limit(data, times),
         "energy": _energy(data, req_data, times),
+        "consistency": quality_report.summarize(hdr, data.events, data.actions),
         "gpu_tree_memory": _gpu_tree_memory(data),
         "oom_kill": _oom_kill(data, end, exit_code),
         "actions": sum(by_outcome.values()),
@@ -618,6 +622,7 @@ def render_text(summary: Mapping[str, Any]) -> str:
             lines += _table(rows)
         if req.get("loop_share") is not None:
             lines.append(f"  looping responses  {req['loop_share']:.1%}")
+    lines += quality_report.render(s.get("consistency"))
     n_act = s.get("actions") or 0
     by = s.get("actions_by_outcome") or {}
     detail = " (" + ", ".join(f"{v} {k}" for k, v in sorted(by.items())) + ")" if by else ""
