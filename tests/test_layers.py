@@ -26,10 +26,12 @@ LAYERS: dict[str, int] = {
     "tuner.records": 0,
     "tuner.errors": 0,
     "tuner.reclaim": 0,
-    # what a policy reads and judges with: the window, statistics, memory limits (records and numpy only)
+    # what a policy reads and judges with, and what reports compute from it: the window, statistics, memory
+    # limits, energy (records and numpy only)
     "tuner.core.window": 1,
     "tuner.core.stats": 1,
     "tuner.core.limits": 1,
+    "tuner.core.energy": 1,
     # measuring, deciding, the record of a run, the wire between processes
     "tuner.probes": 2,
     "tuner.policies": 2,
@@ -58,7 +60,7 @@ THE_LOOP_AND_ABOVE = (
     "tuner.core", "tuner.outputs", "tuner.link", "tuner.proxy", "tuner.commands", "tuner.cli", "tuner.tui",
     "tuner.integrations", "tuner.demo", "tuner.client", "tuner.trace",
 )  # fmt: skip
-POLICY_INPUTS = ("tuner.core.window", "tuner.core.stats", "tuner.core.limits")
+POLICY_INPUTS = ("tuner.core.window", "tuner.core.stats", "tuner.core.limits", "tuner.core.energy")
 """What a policy reads (``decide(window, knobs)``) and judges with (statistics, memory limits): layer 1, below the
 policies, though their files sit in ``tuner/core/`` with the loop that fills the window."""
 TORCH_SCORER = "tuner.quality.backends"
