@@ -1166,6 +1166,17 @@ def cell_verdict(t: dict[str, Any], u: dict[str, Any], att_noise: float, thr_noi
     return bool(why), ", ".join(why)
 
 
+def away_s(r: dict[str, Any], base: int = 8) -> float:
+    """Seconds a tuned run spent at a batch size other than ``base`` (from its applied moves to the run's end,
+    taken as the first move + the workload's length): the exposure to what the batch policy did."""
+    moves = [(float(t), int(v)) for t, v, _ in r.get("batch_moves") or []]
+    if not moves:
+        return 0.0
+    end = moves[0][0] + float(r.get("seconds") or 0.0)
+    return sum(max(0.0, min(nt, end) - t) for (t, v), (nt, _) in zip(moves, [*moves[1:], (end, base)], strict=True)
+               if v != base)
+
+
 def shown(command: str) -> str:
     """A run's command as the doc shows it: the policy file by its name (its text is in the doc)."""
     return re.sub(r"--policy \S*/([^/\s]+)", r"--policy \1", command)
@@ -1238,7 +1249,8 @@ def render_heldout(recs: list[dict[str, Any]]) -> str:
 
                 rows.append(
                     f"| {seed} | {shape} | {trio('attainment', '.1%')} | {trio('throughput', '.0f')} | "
-                    f"{trio('band_share', '.0%')} | {' '.join(str(m[1]) for m in t['batch_moves']) or '-'} | "
+                    f"{trio('band_share', '.0%')} | {' '.join(str(m[1]) for m in t['batch_moves']) or '-'} "
+                    f"({away_s(t):.0f}) | "
                     f"{' '.join(str(m[1]) for m in t['precision_moves']) or '-'} | "
                     f"{'**worse**: ' + why if bad else 'not worse'} |")
                 for arm in ("untuned", "tuned", "fixed"):
@@ -1250,8 +1262,8 @@ def render_heldout(recs: list[dict[str, Any]]) -> str:
         out += ["", f"### Held-out set {set_name}: seeds {', '.join(map(str, HELDOUT_SETS[set_name]))}", "",
                 f"Runs {min(r['utc'] for r in mine)} to {max(r['utc'] for r in mine)}.  Figures are tuned / untuned "
                 "/ best fixed.", "",
-                "| seed | shape | attainment | throughput (tok/s) | band share | tuned batch moves | tuned precision "
-                "| never worse? |", "|---|---|---|---|---|---|---|---|", *rows, "",
+                "| seed | shape | attainment | throughput (tok/s) | band share | tuned batch moves (s away from 8) | "
+                "tuned precision | never worse? |", "|---|---|---|---|---|---|---|---|", *rows, "",
                 "Noise (untuned run twice in the same cell):", "",
                 "| seed | shape | attainment | throughput | spread | spread |", "|---|---|---|---|---|---|",
                 *noise_rows,
