@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-vllm bench effects effects-containers lint soak clean venv example-trace
+.PHONY: demo test test-py test-vllm bench effects effects-containers lint soak clean venv example-trace
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ test-vllm: $(STAMP)
 		{ echo "no vLLM in $(VLLM_LAB) and no installer at $(VLLM_LAB_SCRIPT) (set VLLM_LAB or VLLM_LAB_SCRIPT)"; exit 2; }
 	test -x $(VLLM_LAB)/venv/bin/python || VLLM_LAB=$(VLLM_LAB) $(VLLM_LAB_SCRIPT) install
 	VLLM_LAB=$(VLLM_LAB) $(PY) -m pytest -q -s tests/vllm -m vllm -p no:randomly $(TEST_ARGS)
+
+# The fast suite on another Python in its own venv, .venv-X.Y, without the torch extra (the local torch wheel is
+# for the default Python only; torch tests skip saying so): make test-py PYVER=3.10.  The interpreter is
+# pythonX.Y on PATH or pyenv's (~/.pyenv/versions/X.Y.*); none is downloaded.
+PYVER ?= 3.13
+
+.venv-%/.installed: pyproject.toml
+	@py=""; for p in $$(command -v python$*) $$HOME/.pyenv/versions/$*.*/bin/python$*; do \
+		if "$$p" -c '' 2>/dev/null; then py=$$p; break; fi; done; \
+		test -n "$$py" || { echo "make: no python$* on this machine (PATH or ~/.pyenv/versions/$*.*)"; exit 1; }; \
+		test -x .venv-$*/bin/python || "$$py" -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -m pip install -q -e '.[export,report,proxy,dev]'
+	touch $@
+
+test-py: .venv-$(PYVER)/.installed
+	.venv-$(PYVER)/bin/python -m pytest -q $(TEST_ARGS)
 
 # Costs (minutes); the policies' effects on the demo model are the long ones (hours): make effects.
 bench: $(STAMP)
@@ -96,4 +113,4 @@ gpu-check:
 	@PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) sh tools/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .venv-*/ .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import stat
 import struct
@@ -20,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.cli import tuner_env
+from tests.cli import cannot_run_as_nobody, tuner_env
 from tuner.link.channel import ChannelServer, encode
 from tuner.link.wire import peer_allowed
 from tuner.records import Knobs
@@ -121,8 +120,9 @@ def test_other_uid_rejected_fake_peer_credential() -> None:
         s.close()
 
 
-@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_other_uid_rejected_real_process(server: ChannelServer) -> None:
+    if why := cannot_run_as_nobody():
+        pytest.skip(why)
     script = (
         "import socket,struct,sys,json\n"
         "s=socket.socket(socket.AF_UNIX,socket.SOCK_STREAM)\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cli import assert_one_line_error, tuner, tuner_popen
+from tests.cli import assert_one_line_error, cannot_run_as_nobody, tuner, tuner_popen
 from tuner.trace import read_trace
 
 MB = 1024 * 1024
@@ -180,6 +180,8 @@ def test_attach_to_a_process_it_may_not_read(tmp_path: Path) -> None:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv not installed")
+    if why := cannot_run_as_nobody():
+        pytest.skip(why)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
     try:
         env_root = str(Path(__file__).resolve().parents[1])

@@ -586,6 +586,7 @@ def test_a_byte_level_client_chooses_longer_loop_ngrams(server: ChannelServer) -
 
 
 def test_numpy_and_torch_token_ids_are_accepted(server: ChannelServer) -> None:
+    pytest.importorskip("torch", reason="needs torch (the torch extra)")
     col = Collector(server, time.monotonic())
     p = child(
         """

@@ -107,6 +107,7 @@ def test_minilm_refuses_what_is_not_the_model(tmp_path: Path) -> None:
     with pytest.raises(B.BackendError, match=r"SHA-256 .* is not the pinned 53aa51172d142c89") as e:
         B.MiniLMBackend(str(tmp_path))
     assert "\n" not in str(e.value)
+    pytest.importorskip("torch", reason="needs torch (the consistency extra) for the last refusal: loading")
     with pytest.raises(B.BackendError, match="cannot be loaded") as e:
         B.MiniLMBackend(str(tmp_path), verify=False)
     assert "\n" not in str(e.value)
@@ -114,6 +115,7 @@ def test_minilm_refuses_what_is_not_the_model(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def minilm() -> B.MiniLMBackend:
+    pytest.importorskip("torch", reason="needs torch (the consistency extra)")
     return B.MiniLMBackend()
 
 

@@ -166,6 +166,7 @@ def test_a_model_that_is_not_a_model_leaves_everything_else_running(tmp_path: Pa
 
 def test_demo_with_consistency(tmp_path: Path) -> None:
     """The demo makes a second answer in the same batch for sampled requests; the scorer scores both."""
+    pytest.importorskip("torch", reason="needs torch (the torch extra): tuner demo runs the built-in model")
     trace = tmp_path / "d.jsonl"
     cp = tuner("demo", "--headless", "--quiet", "--duration", "8", "--rate", "4", "--trace", str(trace),
                "--consistency", "lexical", "--consistency-rate", "0.5", timeout=300)
@@ -187,7 +188,7 @@ def test_tuned_generator_makes_second_answers_in_the_same_batch_and_canary_round
     canary round."""
     import time
 
-    import torch
+    torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -7,13 +7,15 @@ import json
 import statistics
 
 import pytest
-import torch
 
-from tuner.demo.curve import has_loop, measure, rep_w, seq_rep_n
-from tuner.demo.model import CONFIG_FILE, WEIGHTS_FILE, BatchDecoder, TinyLlama, load, param_count
-from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample
-from tuner.demo.tokenizer import BOS, EOS, ByteTokenizer
-from tuner.demo.train import evaluate, held_out_prompts, split_topics, to_ids
+# CI runs the fast suite on the oldest and newest Python without the torch extra (its wheel is for one Python)
+torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
+
+from tuner.demo.curve import has_loop, measure, rep_w, seq_rep_n  # noqa: E402
+from tuner.demo.model import CONFIG_FILE, WEIGHTS_FILE, BatchDecoder, TinyLlama, load, param_count  # noqa: E402
+from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample  # noqa: E402
+from tuner.demo.tokenizer import BOS, EOS, ByteTokenizer  # noqa: E402
+from tuner.demo.train import evaluate, held_out_prompts, split_topics, to_ids  # noqa: E402
 
 tok = ByteTokenizer()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import queue
 import re
@@ -21,6 +22,9 @@ import pytest
 
 from tests.cli import ROOT, assert_one_line_error, tuner, tuner_env, tuner_popen
 from tuner.trace import read_trace
+
+# tuner demo --serve runs the built-in torch model; CI runs the fast suite on the oldest and newest Python without torch
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (the torch extra)")
 
 MODEL = "tuner-demo"
 PROMPT = "The with statement"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +14,10 @@ import pytest
 
 from tests.cli import assert_one_line_error, tuner, tuner_env
 from tuner.trace import read_trace
+
+# tuner demo and its workload run the built-in torch model; CI runs the fast suite on the oldest and newest Python
+# without the torch extra
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (the torch extra)")
 
 
 def workload_summary(stdout: str) -> dict:
@@ -27,6 +32,7 @@ def arrivals(trace: Path) -> tuple[np.ndarray, list[dict]]:
     return np.sort(np.array([r["t"] - r["e2e_seconds"] for r in reqs])), reqs
 
 
+@needs_torch
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -44,6 +50,7 @@ def test_bad_workload_options_are_one_line(args: list[str], message: str, tmp_pa
     assert not (tmp_path / "t.jsonl").exists()  # refused before anything started
 
 
+@needs_torch
 def test_step_rises_to_over_capacity_in_the_middle_third_and_falls_back(tmp_path: Path) -> None:
     """Capacity pinned at 4 requests/s: 2/s (0.5x), then 5.2/s (1.3x) over the middle third, then 2/s."""
     trace = tmp_path / "step.jsonl"
@@ -61,6 +68,7 @@ def test_step_rises_to_over_capacity_in_the_middle_third_and_falls_back(tmp_path
     assert 60 <= sum(thirds) <= 130, thirds  # 2*10 + 5.2*10 + 2*10 = 92 expected
 
 
+@needs_torch
 def test_mix_shifts_to_long_prompts_in_the_second_half(tmp_path: Path) -> None:
     trace = tmp_path / "mix.jsonl"
     cp = tuner("demo", "--headless", "--workload", "mix", "--capacity", "3", "--duration", "20", "--seed", "4",
@@ -74,6 +82,7 @@ def test_mix_shifts_to_long_prompts_in_the_second_half(tmp_path: Path) -> None:
     assert max(first) <= 49 and min(second) >= 60, (max(first), min(second))  # bytes + BOS; 16-48 vs 120-160
 
 
+@needs_torch
 def test_capacity_is_measured_at_the_start_when_not_given() -> None:
     """No sidecar needed: the workload alone measures its capacity and shapes the stream with it."""
     cp = subprocess.run([sys.executable, "-m", "tuner.demo.workload", "--workload", "burst", "--duration", "6",
@@ -85,6 +94,7 @@ def test_capacity_is_measured_at_the_start_when_not_given() -> None:
     assert f"capacity {own['capacity_rps']:g} requests/s (measured over 4 batches of 8" in cp.stderr
 
 
+@needs_torch
 def test_the_same_capacity_and_seed_give_the_same_stream() -> None:
     """What pairs a cell's runs: ``--capacity C --seed S`` arrives the same requests at the same moments (the
     prompts and lengths too), whatever the server does with them."""
@@ -100,6 +110,7 @@ def test_the_same_capacity_and_seed_give_the_same_stream() -> None:
     assert a["capacity_rps"] == b["capacity_rps"] == 13.7
 
 
+@needs_torch
 def test_shapes_follow_their_definitions() -> None:
     from tuner.commands.demo import WORKLOADS as CLI_WORKLOADS
     from tuner.demo.workload import OVER, UNDER, WORKLOADS, shape_mean, shape_peak, shape_rate

@@ -6,9 +6,11 @@ import time
 from typing import Any
 
 import pytest
-import torch
 
-transformers = pytest.importorskip("transformers")
+# CI runs the fast suite on the oldest and newest Python without the torch extra (its wheel is for one Python)
+torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (the torch extra)")
 
 from tuner.integrations.hf import TunedGenerator  # noqa: E402
 from tuner.integrations.precision import current_precision  # noqa: E402

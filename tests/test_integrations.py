@@ -9,20 +9,22 @@ import time
 from typing import Any
 
 import pytest
-import torch
 
-from tuner.demo.model import BatchDecoder, TinyLlama, load
-from tuner.demo.tokenizer import ByteTokenizer
-from tuner.demo.train import held_out_prompts
-from tuner.integrations.cleanup import STEPS, malloc_stats, rss_bytes, run_cleanup
-from tuner.integrations.precision import (
+# CI runs the fast suite on the oldest and newest Python without the torch extra (its wheel is for one Python)
+torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
+
+from tuner.demo.model import BatchDecoder, TinyLlama, load  # noqa: E402
+from tuner.demo.tokenizer import ByteTokenizer  # noqa: E402
+from tuner.demo.train import held_out_prompts  # noqa: E402
+from tuner.integrations.cleanup import STEPS, malloc_stats, rss_bytes, run_cleanup  # noqa: E402
+from tuner.integrations.precision import (  # noqa: E402
     PrecisionError,
     PrecisionManager,
     apply_precision,
     current_precision,
     model_bytes,
 )
-from tuner.integrations.torch_loop import TorchLoop
+from tuner.integrations.torch_loop import TorchLoop  # noqa: E402
 
 linux_glibc = pytest.mark.skipif(malloc_stats() is None, reason="needs glibc (mallinfo2/malloc_trim)")
 

@@ -165,6 +165,7 @@ def test_attach_names_the_oom_kill_of_the_process_it_watches(v1: V1Memory, tmp_p
 def test_the_unreclaimable_demo_leak_survives_a_cleanup() -> None:
     """``tuner demo --leak unreclaimable`` (the containers effect run's second variant): the same per-request
     cache, not registered for cleanup — a cleanup command from a real channel gives it nothing back."""
+    pytest.importorskip("torch", reason="needs torch (the torch extra): the demo workload runs the built-in model")
     from tuner.link.channel import ChannelServer
 
     server = ChannelServer()

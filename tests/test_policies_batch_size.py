@@ -386,10 +386,8 @@ def test_a_small_rise_after_a_gain_is_explored_one_step_further() -> None:
 # -- closed loop on a plant with a queue (tests/replay/sim.py: QueueSim) --------------------------------------
 def interactive_agent(sim: object, **batch: object) -> Agent:
     """The interactive preset's batch and precision policies (and its agent table) driving ``sim``."""
-    import tomllib
-
     from tests.replay.sim import QueueActuator, QueueSim
-    from tuner.core.policy_config import PRESET_DIR, build_agent, parse_policy
+    from tuner.core.policy_config import PRESET_DIR, build_agent, parse_policy, tomllib  # tomli before 3.11
 
     with open(PRESET_DIR / "interactive.toml", "rb") as f:
         preset = tomllib.load(f)

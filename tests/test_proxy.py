@@ -104,6 +104,7 @@ def chat_text(stream: Any) -> str:
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[DemoServer]:
+    pytest.importorskip("torch", reason="needs torch (the torch extra): the demo server runs the built-in model")
     s = DemoServer()
     yield s
     s.close()

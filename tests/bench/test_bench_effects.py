@@ -53,7 +53,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tomllib
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # tomli: a dependency before 3.11
+    import tomli as tomllib
 
 from tuner.trace import TraceData, read_trace
 

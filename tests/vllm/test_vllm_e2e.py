@@ -9,6 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+# the demo model is a torch model; CI runs the fast suite on the oldest and newest Python without torch
+pytest.importorskip("torch", reason="needs torch (the torch extra)")
+
 from tests.helpers.demo_greedy import demo_greedy
 from tests.test_proxy import ProxyProcess
 from tests.vllm.lab import MODEL, VLLMServer, Watch, burst, closed_loop
