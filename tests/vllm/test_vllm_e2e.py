@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -288,3 +290,100 @@ def test_a_repetition_penalty_from_the_policy_reaches_vllm(vllm: VLLMServer, tmp
     assert [a["outcome"] for a in pen[:2]] == ["pending", "applied"] and pen[0]["value"] == 1.3, pen
     assert outputs[0] == plain  # before the policy acted: vLLM's greedy output without a penalty
     assert outputs[-1] == penalized  # after: the demo model's greedy output under the penalty
+
+
+def _closed_loop(vllm: VLLMServer, tmp_path: Path, name: str, policy: Path, seconds: int) -> Any:
+    """``tuner proxy --policy POLICY --temperature-mode always`` in front of vLLM, the demo's prompt stream
+    (``python -m tuner.demo.drive``, 3 requests/s asking for temperature 0.3) through it: the trace."""
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+
+    trace = tmp_path / f"{name}.jsonl"
+    proxy = ProxyProcess(
+        vllm.root, trace, "--policy", str(policy), "--temperature-mode", "always", "--pid", str(vllm.pid)
+    )
+    try:
+        drive = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tuner.demo.drive",
+                "--url",
+                proxy.url,
+                "--duration",
+                str(seconds),
+                "--rate",
+                "3",
+                "--temperature",
+                "0.3",
+                "--seed",
+                "7",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=tuner_env(),
+        )
+    finally:
+        proxy.stop()
+    assert drive.returncode == 0, drive.stderr
+    summary = json.loads(drive.stdout.splitlines()[-1])
+    assert summary["requests_failed"] == 0 and summary["requests_done"] >= 2 * seconds, summary
+    td = read_trace(trace)
+    print(f"\n{name}: {summary}")
+    for a in td.actions:
+        print(f"{a['t']:6.1f} s  {a['knob']} {a.get('previous')} -> {a['value']} {a['outcome']}: {a['reason'][:70]}")
+    return td
+
+
+def _dashboard_shows(trace: Path, knobs: tuple[str, ...]) -> None:
+    """``tuner tui TRACE``'s app at the end of the recording: the knobs' last values on the knob charts."""
+    from tests.test_tui import run_app, screen_text, wait_for
+    from tuner.tui.app import TunerApp
+    from tuner.tui.source import FileSource
+
+    td = read_trace(trace)
+    shown = {"temperature": "temp", "repetition_penalty": "pen", "batch_size": "batch"}
+    want = [f"{shown[k]} {[v for v in td.column(f'knob_{k}') if v is not None and v == v][-1]:g}" for k in knobs]
+    app = TunerApp(FileSource(trace), clock=lambda: 0.0)
+
+    async def go(pilot: Any) -> None:
+        await wait_for(pilot, lambda: app.loaded, timeout=60)
+        await pilot.press("end")
+        await pilot.pause(0.5)
+        s = screen_text(app)
+        assert all(w in s for w in want), (want, s)
+
+    run_app(app, go, size=(160, 48))
+
+
+PRESET = Path(__file__).resolve().parents[2] / "policies" / "presets" / "interactive.toml"
+
+
+def test_the_closed_loop_tunes_vllm_and_the_tui_shows_it(vllm: VLLMServer, tmp_path: Path) -> None:
+    """The README's recipe: vLLM serving the exported demo model, ``tuner proxy --policy interactive`` in front,
+    the demo's prompt stream asking for temperature 0.3 (where the model repeats) through it.  The temperature
+    policy moves the temperature vLLM is asked for, the batch-size policy the concurrency (vLLM's running
+    requests stay under it); the dashboard shows the knobs.  Then the same with the temperature pinned at 0.3:
+    repetition over the band can only be fought with the repetition penalty, which rises and reaches vLLM."""
+    td = _closed_loop(vllm, tmp_path, "interactive", PRESET, 120)
+    applied = [a for a in td.actions if a["outcome"] == "applied"]
+    assert {"temperature", "batch_size"} <= {a["knob"] for a in applied}
+    temps = {r["temperature"] for r in (e.data for e in td.events if e.kind == "request")}
+    assert 0.3 in temps and len(temps) >= 2 and max(temps) <= 1.0  # what vLLM was asked, within the preset
+    running = [v for v in td.column("engine_requests_running") if v is not None and v == v]
+    limits = [a["value"] for a in applied if a["knob"] == "batch_size"]
+    assert running and max(running) <= max(limits), (max(running), limits)
+    _dashboard_shows(tmp_path / "interactive.jsonl", ("temperature", "batch_size"))
+
+    pinned = tmp_path / "pinned.toml"
+    text = PRESET.read_text()
+    assert "min = 0.2\nmax = 1.0 " in text
+    pinned.write_text(text.replace("min = 0.2\nmax = 1.0 ", "min = 0.3\nmax = 0.3 ", 1))
+    td = _closed_loop(vllm, tmp_path, "pinned", pinned, 75)
+    pen = [a for a in td.actions if a["knob"] == "repetition_penalty"]
+    assert "applied" in [a["outcome"] for a in pen], pen  # vLLM answered requests carrying it
+    assert max(a["value"] for a in pen if a["outcome"] == "applied") > 1.0
+    _dashboard_shows(tmp_path / "pinned.jsonl", ("temperature", "repetition_penalty", "batch_size"))

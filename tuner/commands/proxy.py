@@ -189,7 +189,8 @@ def serve_proxy(
         "engine_metrics": config.engine_metrics,
         "token_unit": "usage.completion_tokens (the proxy asks for it: stream_options.include_usage, on vLLM "
         "continuous_usage_stats), else one per SSE chunk with output",
-        "repetition_unit": "whitespace-separated words",
+        "repetition_unit": "the engine's token ids when the stream carries them (token_ids), else "
+                           "whitespace-separated words",
     }
     channel = ProxyChannel()
     extra: list[Any] = []
