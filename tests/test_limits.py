@@ -428,3 +428,20 @@ def test_a_flat_reading_right_after_a_cleanup_does_not_end_the_episode() -> None
     assert mp is not None and not mp.fresh  # held: the episode goes on (no batch increase meanwhile)
     feed(w, 40.0, 56.0, lambda t: 320 * MIB + rng.normal(0, 3 * MIB))  # 36 s flat: a verdict
     assert w.memory_pressure() is None
+
+
+def test_a_batch_change_beside_a_cleanup_does_not_make_it_look_helpful() -> None:
+    """The batch halves in the same tick the cleanup is sent (the demo, unreclaimable leak): the growth the
+    cleanup was sent to undo is still the one it was projected on."""
+    w = Window(keys=[])
+    w.horizon_s = 120.0
+    feed(w, 0.0, 20.0, lambda t: 300 * MIB + 5 * MIB * t)
+    assert w.memory_pressure() is not None
+    clean = Action("cleanup", "cleanup", ["gc"], "test", {"trigger": "projection"})
+    w.add_action(Applied(19.95, clean, "sent", None, {"command_id": "c1"}))
+    w.add_action(Applied(19.95, Action("batch_size", "batch_size", 4, "test"), "applied", 8))
+    w.update(20.0, {}, [Event(20.0, "command_result", {"cmd": "cleanup", "ok": True,
+                                                       "result": {"reclaimed_bytes": 2 * MIB}})])  # fmt: skip
+    feed(w, 20.1, 34.0, lambda t: 300 * MIB + 5 * MIB * t)
+    mp = w.memory_pressure()
+    assert mp is not None and mp.cleanup_helped is False and mp.escalate

@@ -166,8 +166,8 @@ class Window:
         self._pressure: MemoryPressure | None = None
         self._cleanups: deque[tuple[float, bool]] = deque(maxlen=16)
         """Cleanup results: (time, whether it gave back at least half of the growth it was sent for)."""
-        self._cleanup_sent: tuple[float, float | None] | None = None
-        """The last cleanup sent: (time, the projected growth in bytes/s then)."""
+        self._cleanup_sent: tuple[float, float | None, float] | None = None
+        """The last cleanup sent: (time, the projected growth in bytes/s then, the start of its trend data)."""
         self._cleanup_done_at = -math.inf
         self._add_columns(sorted(self._keys))
 
@@ -257,7 +257,8 @@ class Window:
     def add_action(self, a: Applied) -> None:
         self.actions.append(a)
         if a.action.knob == "cleanup" and a.outcome in ("sent", "applied", "clamped"):
-            self._cleanup_sent = (a.t, self._pressure.slope if self._pressure is not None else None)
+            # its time, the projected growth then, and where that projection's data began
+            self._cleanup_sent = (a.t, self._pressure.slope if self._pressure is not None else None, self._trend_since)
         if a.action.knob == "batch_size" and a.outcome in ("applied", "clamped", "pending"):
             self._restart_trend(a.t)  # memory per batch changed: judge the trend on what follows
 
@@ -277,7 +278,6 @@ class Window:
             return
         if d.get("cmd") not in MEMORY_COMMANDS:
             return
-        since = self._trend_since
         self._restart_trend(e.t)
         if d.get("cmd") == "cleanup":
             res = d.get("result")
@@ -285,7 +285,7 @@ class Window:
             reclaimed = got if got == got else 0.0
             # what it was sent to undo: the growth since the previous cleanup (or over the trend it was
             # projected from) at the rate projected when it was sent
-            sent_t, slope = self._cleanup_sent if self._cleanup_sent is not None else (e.t, None)
+            sent_t, slope, since = self._cleanup_sent if self._cleanup_sent is not None else (e.t, None, e.t)
             first = float(self.times.last(len(self.times))[0]) if len(self.times) else e.t
             ref = max(self._cleanup_done_at, since, sent_t - limits.PROJECTION_WINDOW_S, first)
             grown = float(slope) * max(0.0, sent_t - ref) if slope is not None else None
