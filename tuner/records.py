@@ -147,6 +147,11 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8}
 """Bits per weight of each precision."""
 
+GENAI_DURATION_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
+                                              20.48, 40.96, 81.92)  # fmt: skip
+"""The OpenTelemetry GenAI conventions' advised buckets (semantic-conventions v1.41.0) for operation
+durations and the time per output chunk: the proxy counts its chunk gaps in them (``chunk_gaps``)."""
+
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
 _OPT_INT = (int, type(None))

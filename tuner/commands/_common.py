@@ -45,6 +45,12 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--headless", action="store_true", help="no TUI; print a summary at the end")
     g.add_argument("--prometheus", metavar="ADDR", help="serve /metrics for Prometheus on ADDR (e.g. 127.0.0.1:9464)")
     g.add_argument("--prometheus-public", action="store_true", help="allow --prometheus on a non-loopback address")
+    g.add_argument(
+        "--otlp",
+        metavar="URL",
+        help="send metrics and policy actions to an OpenTelemetry collector over OTLP/HTTP (e.g. "
+        "http://collector:4318; OTEL_* variables apply: headers, interval, resource; see docs/fleet.md)",
+    )
     g.add_argument("--quiet", action="store_true", help="print nothing but errors")
     g.add_argument(
         "--record-text",
@@ -144,6 +150,12 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
 
         addr = parse_listen(args.prometheus, args.prometheus_public)  # a bad address fails before a child starts
         check_bindable(addr, args.prometheus)  # and so does a port already taken
+    otlp = getattr(args, "otlp", None)
+    if otlp is not None:
+        from tuner.outputs.otlp import check_available, endpoints
+
+        endpoints(otlp)  # a bad URL, or the SDK not installed: one line before anything starts
+        check_available()
     return SessionOptions(
         interval=interval,
         trace=args.trace,
@@ -156,6 +168,7 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         record_text=args.record_text,
         quality=consistency_options(args),
         trace_rotate=rotation,
+        otlp=otlp,
     )
 
 

@@ -40,6 +40,8 @@ class SessionOptions:
     quality: Any = None
     """``--consistency``: a ``tuner.quality.probe.QualityOptions`` (None: consistency is not measured)."""
     """A serving engine's Prometheus page to scrape (``--engine-metrics URL``; ``tuner.probes.engine``)."""
+    otlp: str | None = None
+    """``--otlp URL``: metrics and policy actions to an OpenTelemetry collector (``tuner.outputs.otlp``)."""
     trace_rotate: Any = None
     """``tuner.trace.Rotation`` (``--trace-rotate``, ``--trace-keep``): the trace in segments; None: one file."""
 
@@ -86,6 +88,7 @@ class Session:
         self.t0 = time.monotonic() if t0 is None else t0
         self.log = log or (lambda msg: None if opts.quiet else print(f"tuner: {msg}", file=sys.stderr, flush=True))
         self.exporter: Any = None
+        self.exporters: list[Any] = []  # Prometheus and/or OTLP: update, count_tick, count_skipped, count_event, close
         self.channel = channel
         self.observer: Any = None
         self.agent: Any = None
@@ -163,6 +166,13 @@ class Session:
                 raise UserError(
                     f"cannot serve Prometheus metrics on {opts.prometheus}: {exc.strerror or exc}"
                 ) from None
+            self.exporters.append(self.exporter)
+        if opts.otlp:
+            from tuner.outputs.otlp import OtlpExporter
+
+            otlp = OtlpExporter(opts.otlp, self.writer.header, log=self.log)
+            self.exporters.append(otlp)
+            self.writer.add_line_listener(otlp.trace_line)  # policy actions as log records
 
         hooks: list[Callable[[Tick], None]] = []
         if opts.policy_config is not None:
@@ -286,11 +296,11 @@ class Session:
         self.writer.tick(tick.t, tick.values, tick.procs)
         for e in tick.events:
             self.writer.event(e)
-        if self.exporter is not None:
-            self.exporter.update(tick.values, tick.procs)
-            self.exporter.count_tick()
+        for ex in self.exporters:
+            ex.update(tick.values, tick.procs)
+            ex.count_tick()
             for e in tick.events:
-                self.exporter.count_event(e.kind, e.data)  # a request: one observation per histogram
+                ex.count_event(e.kind, e.data)  # a request: one observation per histogram
         if tick.final:  # fast rates: once a batch (the sampler's ``batch_s``), not at every tick
             self._flush(tick.t)
 
@@ -318,8 +328,8 @@ class Session:
 
     def _on_skip(self, t: float, n: int) -> None:
         self.writer.skip(t, n)
-        if self.exporter is not None:
-            self.exporter.count_skipped(n)
+        for ex in self.exporters:
+            ex.count_skipped(n)
 
     def _on_note(self, t: float, msg: str, level: str) -> None:
         self.writer.note(t, msg, level)
@@ -358,8 +368,8 @@ class Session:
         self.writer.end(self.now(), ticks=self.sampler.ticks, skipped=self.sampler.skipped, **end)
         self.writer.close()
         self.sampler.close()
-        if self.exporter is not None:
-            self.exporter.close()
+        for ex in self.exporters:
+            ex.close()
         if self.channel is not None:
             self.channel.close()
         self._close_observer()

@@ -87,6 +87,7 @@ saved ~6 % CPU and nothing measurable in latency, so it is left out.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import os
@@ -112,7 +113,7 @@ from tuner.errors import UserError
 from tuner.link.addr import parse_listen as parse_address
 from tuner.link.channel import expand_rows
 from tuner.probes.engine import ENGINES as ENGINES_SHOWN
-from tuner.records import ROW_FIELDS, Knobs
+from tuner.records import GENAI_DURATION_BUCKETS, ROW_FIELDS, Knobs
 
 MEASURED = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_MAX_BODY = 8 << 20
@@ -422,6 +423,11 @@ class ProxyChannel:
         with self._lock:
             self._control.append((time.monotonic(), {**msg, "pid": os.getpid(), "conn": 0}))
 
+    def post_error(self, data: dict[str, Any]) -> None:
+        """A measured request that failed (``_Forward._failed``): a ``request_error`` message."""
+        with self._lock:
+            self._control.append((time.monotonic(), {"type": "request_error", "pid": os.getpid(), "conn": 0, **data}))
+
     def post_result(self, cid: str, cmd: str, ok: bool, result: dict[str, Any] | None, error: str | None) -> None:
         msg = {"type": "command_result", "pid": os.getpid(), "conn": 0, "id": cid, "cmd": cmd, "ok": ok,
                "result": result, "error": error}
@@ -483,12 +489,19 @@ class _Measure:
     other chunks; ``feed_sse`` then returns the bytes to forward.
     """
 
-    __slots__ = ("buf", "completion_tokens", "created", "done", "first", "first_answer", "is_sse", "kept", "last",
-                 "n", "n_first", "nonsse", "prompt_tokens", "reasoning", "rewrite", "started", "strip_final",
-                 "strip_usage", "texts", "token_ids")
+    __slots__ = ("buf", "completion_tokens", "created", "done", "first", "first_answer", "gaps", "gaps_sum",
+                 "is_sse", "kept", "last", "model", "n", "n_first", "nonsse", "operation", "prompt_tokens",
+                 "reasoning", "rewrite", "started", "stream", "strip_final", "strip_usage", "texts", "token_ids")
 
     def __init__(self, created: float, strip_final: bool = False, strip_usage: bool = False) -> None:
         self.created = created
+        # for the OpenTelemetry GenAI metrics (``tuner.outputs.otlp``): what was asked, and the time between
+        # output chunks (SSE events with output) counted in GENAI_DURATION_BUCKETS (+Inf last)
+        self.model: str | None = None
+        self.operation = "chat"
+        self.stream = False
+        self.gaps: list[int] | None = None
+        self.gaps_sum = 0.0
         self.started: float | None = None
         self.first: float | None = None
         self.first_answer: float | None = None
@@ -549,6 +562,10 @@ class _Measure:
             if out is not None:
                 out.append(line)
         if self.n > before:
+            if self.first is not None:  # a chunk gap since the last output; merged events came at once (0)
+                self._gaps(now - (self.last or now), self.n - before)
+            elif self.n - before > 1:
+                self._gaps(0.0, self.n - before - 1)
             if self.first is None:
                 self.first = now
                 self.n_first = usage_at if usage_at is not None else self.n
@@ -556,6 +573,15 @@ class _Measure:
         if out is None:
             return None
         return b"".join(x + b"\n" for x in out)
+
+    def _gaps(self, gap: float, n: int) -> None:
+        """``n`` output chunks arrived in one read, ``gap`` after the previous output: one gap of ``gap``,
+        the rest 0."""
+        if self.gaps is None:
+            self.gaps = [0] * (len(GENAI_DURATION_BUCKETS) + 1)
+        self.gaps[bisect.bisect_left(GENAI_DURATION_BUCKETS, gap)] += 1
+        self.gaps[0] += n - 1
+        self.gaps_sum += gap
 
     def _event(self, ev: dict[str, Any]) -> bool:
         """Count one event's output; True when it held answer text or a tool call."""
@@ -1202,6 +1228,10 @@ class Proxy:
         if self.shadow is not None:
             req.shadow = self.shadow.maybe_start(obj, scope["path"], self.upstream, "POST", req.target, headers, body)
         m = _Measure(created, strip_final=plan.usage, strip_usage=plan.continuous)
+        model = obj.get("model")
+        m.model = model[:200] if isinstance(model, str) else None
+        m.operation = "text_completion" if scope["path"].rstrip("/").endswith("/v1/completions") else "chat"
+        m.stream = obj.get("stream") is True
         await _Forward(self, req, m, temperature=_float_or_none(obj.get("temperature"))).serve(receive, send)
 
     def _plan(self, obj: dict[str, Any], path: str) -> _Plan:
@@ -1283,13 +1313,26 @@ class Proxy:
         row[_ROW_INDEX["batch_capacity"]] = capacity
         row[_ROW_INDEX["temperature"]] = temperature
         row[_ROW_INDEX["text"]] = "".join(m.texts)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = request_labels(m, self.engine())
+        if m.gaps is not None and m.stream:
+            extra["chunk_gaps"] = {"counts": m.gaps, "sum": m.gaps_sum}
         if aborted:
             extra["aborted"] = aborted
         if m.first_answer is not None:
             extra["answer_ttft_seconds"] = m.first_answer - m.created
         self.channel.post_row(row, extra or None)
         return self._next_id
+
+
+def request_labels(m: _Measure, engine: str | None) -> dict[str, Any]:
+    """What a request event carries for the GenAI metrics' attributes: the operation, the model asked for,
+    whether it streamed, the engine behind the proxy (when known)."""
+    out: dict[str, Any] = {"operation": m.operation, "stream": m.stream}
+    if m.model is not None:
+        out["model"] = m.model
+    if engine is not None:
+        out["engine"] = engine
+    return out
 
 
 def _float_or_none(x: Any) -> float | None:
@@ -1451,12 +1494,14 @@ class _Forward:
             resp = await self._send_upstream()
         except UpstreamTimeout as exc:
             proxy.channel.failed += m is not None
+            self._failed("timeout")
             self._penalty_unsettled(None)
             proxy.note_error("timeout", f"upstream {proxy.config.upstream} timed out: {exc}")
             await _send_json(send, 504, "upstream_timeout", f"the upstream server did not answer in time ({exc})")
             return
         except UpstreamError as exc:
             proxy.channel.failed += m is not None
+            self._failed("upstream_unavailable")
             self._penalty_unsettled(None)
             proxy.note_error("unavailable", f"upstream {proxy.config.upstream} unavailable: {exc}")
             await _send_json(send, 502, "upstream_unavailable",
@@ -1535,8 +1580,21 @@ class _Forward:
                     proxy.record(m, end, self.temperature, batch, proxy.limiter.limit, aborted=aborted)
                 else:
                     proxy.channel.failed += 1
+                    error = str(resp.status_code) if resp.status_code >= 400 else (
+                        "stream_broken" if aborted == "upstream" else "cancelled")
+                    self._failed(error, end)
                 if shadow is not None and not shadow.original_done:
                     shadow.answered(None, None)  # not finished: its shadow is of no use
+
+    def _failed(self, error: str, end: float | None = None) -> None:
+        """A measured request that ended in an error: a ``request_error`` event (``error``: the upstream's
+        HTTP status, ``timeout``, ``upstream_unavailable``, ``stream_broken``, ``cancelled``: the client left
+        a whole-body answer) for the error-rate metrics."""
+        m = self.m
+        if m is not None:
+            end = time.monotonic() if end is None else end
+            labels = request_labels(m, self.proxy.engine())
+            self.proxy.channel.post_error({"error": error, "e2e_seconds": end - m.created, **labels})
 
     def _penalty_unsettled(self, status: int | None) -> None:
         """The request carrying a pending penalty change got no verdict on it: the next one carries it."""
