@@ -87,8 +87,9 @@ def test_kv_cache_is_a_term_of_the_one_binding_rule() -> None:
 
 
 def run_behind_proxy(kv: float, tmp_path: Path) -> list[dict[str, object]]:
-    """Six clients streaming slow answers through ``tuner proxy --policy`` (batch size from 2) for 12 s, vLLM's
-    KV cache at ``kv``: the queue in the proxy makes the policy want a larger batch.  Its batch actions."""
+    """Eight clients streaming slow answers through ``tuner proxy --policy`` (batch size from 2) for 12 s, vLLM's
+    KV cache at ``kv``: the queue in the proxy (three times the service time: a backlog by the policy's rule,
+    over twice) makes the policy want a larger batch.  Its batch actions."""
     import asyncio
 
     import openai
@@ -111,7 +112,7 @@ def run_behind_proxy(kv: float, tmp_path: Path) -> list[dict[str, object]]:
     async def main() -> None:
         c = openai.AsyncOpenAI(base_url=p.url, api_key="k", max_retries=0, timeout=60)
         until = time.monotonic() + 12
-        await asyncio.gather(*(client(c, until) for _ in range(6)))
+        await asyncio.gather(*(client(c, until) for _ in range(8)))
 
     try:
         asyncio.run(main())

@@ -36,6 +36,7 @@ from tuner.trace import read_trace
 DATA = Path(__file__).parent / "data" / "vllm"
 CAPTURE = (DATA / "stream-0.32.0-cpu.txt").read_text()
 METRICS = (DATA / "metrics-0.32.0-cpu.txt").read_text()
+GEN_TOTAL = re.compile(r'^(vllm:generation_tokens_total\{engine="0",model_name="tiny-llama"\} )([0-9.e+]+)$', re.M)
 
 
 def _section(route: str) -> list[str]:
@@ -67,6 +68,7 @@ class FakeVllm:
         self.reject = reject  # a field answered with vLLM's 400 when present
         self.kv = 0.5
         self.resets = 0
+        self.generated = 0  # tokens streamed since start: vLLM's generation_tokens_total counts them
         routes = [
             Route("/v1/chat/completions", self.generate, methods=["POST"]),
             Route("/v1/completions", self.generate, methods=["POST"]),
@@ -83,6 +85,7 @@ class FakeVllm:
     async def metrics(self, request: Request) -> Response:
         page = METRICS.replace('vllm:kv_cache_usage_perc{engine="0",model_name="tiny-llama"} 0.0',
                                f'vllm:kv_cache_usage_perc{{engine="0",model_name="tiny-llama"}} {self.kv}')
+        page = GEN_TOTAL.sub(lambda m: f"{m.group(1)}{float(m.group(2)) + self.generated}", page)
         return PlainTextResponse(page, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def reset(self, request: Request) -> Response:
@@ -108,6 +111,7 @@ class FakeVllm:
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                               "finish_reason": "length"}],
                                  "usage": {"prompt_tokens": 33, "total_tokens": 49, "completion_tokens": 16}})
+            self.generated += 16
         return StreamingResponse(self._stream(body, chat), media_type="text/event-stream; charset=utf-8")
 
     async def _stream(self, body: dict[str, Any], chat: bool) -> AsyncIterator[bytes]:
@@ -123,6 +127,7 @@ class FakeVllm:
                 yield line.encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
             self.sent.append(16)
+            self.generated += 16
             return
         pieces: list[tuple[dict[str, Any], int]] = []  # (event, tokens it holds)
         template = _obj(lines[1] if chat else lines[0])
@@ -162,6 +167,7 @@ class FakeVllm:
                 if scenario == "slow":
                     await asyncio.sleep(0.05)
                 done += k
+                self.generated += k
                 if continuous:  # vLLM puts usage right after choices, on every chunk
                     ev = {**{key: v for key, v in ev.items() if key != "choices"}, "choices": ev["choices"],
                           "usage": {"prompt_tokens": prompt, "total_tokens": prompt + done,
