@@ -1029,13 +1029,16 @@ def load_heldout() -> list[dict[str, Any]]:
 
 def heldout_run(trace_dir: Path, set_name: str, seed: int, shape: str, arm: str, **kw: Any) -> dict[str, Any]:
     args = heldout_args(seed, shape, **kw)
+    load0 = os.getloadavg()
     run = run_demo(trace_dir, f"{set_name}-s{seed}-{shape}-{arm}", args, report=False, timeout=HELDOUT_S + 900)
+    load1 = os.getloadavg()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
     rec = {"set": set_name, "seed": seed, "shape": shape, "arm": arm, "utc": stamp(), "commit": commit,
            "command": "tuner demo --headless " + " ".join(args),
            "batch_size": kw.get("batch", 8), "temperature": kw.get("temp", REQUESTED_T),
-           "policy": kw.get("policy"), "mirostat": kw.get("mirostat"), **heldout_figures(run)}
+           "policy": kw.get("policy"), "mirostat": kw.get("mirostat"), **heldout_figures(run),
+           "load": {"start_1m": round(load0[0], 2), "end_1m": round(load1[0], 2), "end_5m": round(load1[1], 2)}}
     HELDOUT_FILE.parent.mkdir(parents=True, exist_ok=True)
     with HELDOUT_FILE.open("a") as f:
         f.write(json.dumps(rec) + "\n")
