@@ -440,6 +440,30 @@ def test_live_gpu_panel_and_requests() -> None:
     run_app(app, go)
 
 
+@pytest.mark.parametrize("attributed", [True, False])
+def test_gpu_panel_shows_the_trees_memory_or_the_clients_labelled(attributed: bool) -> None:
+    """The tree's own memory on the GPU beside the device's; where NVML could not attribute it (the key
+    recorded as missing), the client's allocator report, labelled "client alloc" — never a 0."""
+    recs: list[dict[str, Any]] = [header()]
+    for i in range(1, 30):
+        recs.append(tick(i / 10, **{"gpu_mem_used_bytes/0": 6 << 30, "gpu_mem_total_bytes/0": 8 << 30,
+                                    "gpu_util_ratio/0": 0.5, "gpu_tree_mem_bytes/0": (3 << 30) if attributed else None,
+                                    "alloc_reserved_bytes": 1 << 30}))
+    app = TunerApp(QueueSource(recs), redraw_interval=0.05)
+
+    async def go(pilot: Any) -> None:
+        await wait_for(pilot, lambda: "GPU 0" in screen_text(app))
+        await pilot.pause(0.2)
+        s = screen_text(app)
+        if attributed:
+            assert "tree 3.0G" in s and "client alloc" not in s, s
+        else:
+            line = next(x for x in s.splitlines() if "client alloc" in x)
+            assert "client alloc 1.0G" in line and "tree" not in line.split("75%")[1], s
+
+    run_app(app, go)
+
+
 def test_live_socket_end_to_end(tmp_path: Path) -> None:
     path = str(tmp_path / "obs.sock")
     srv = ObserverServer(path)

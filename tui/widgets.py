@@ -330,13 +330,30 @@ class DevicePanel(Vertical):
                     f"  {watts:.0f}W" if watts is not None else "",
                 ),
             )
-            _set(self.meter, bar(frac, w) + Text(f" {fmt_value(frac, 'ratio')}"))
+            mine = self._tree_memory(model, t1)
+            _set(self.meter, bar(frac, max(4, w - len(mine))) + Text(f" {fmt_value(frac, 'ratio')}{mine}"))
             spark_key = f"{k}_util_ratio/{i}"
         _, vs = cols.window(spark_key, t0, t1)
         vals = vs[np.isfinite(vs)]
         data = vals[-2000:].tolist() if len(vals) else [0.0]
         if data != self.spark.data:
             self.spark.data = data
+
+
+    def _tree_memory(self, model: Model, t1: float) -> str:
+        """The watched tree's own memory on this device; where NVML cannot attribute it (another PID
+        namespace, MIG without privileges), the client's allocator report, labelled as such; else nothing."""
+        cols, i = model.cols, self.device.index
+        mine = cols.latest(f"{self.device.kind}_tree_mem_bytes/{i}", t1)
+        if mine is not None:
+            return f"  tree {fmt_value(mine, 'bytes')}"
+        if self.device.kind == "gpu" and any(cols.latest(k, t1) is not None for k in cols.cols
+                                             if k.startswith("gpu_tree_mem_bytes/")):
+            return ""  # attributed on another device: the tree does not use this one
+        client = cols.latest("alloc_reserved_bytes", t1)
+        if self.device.kind == "gpu" and client is not None:
+            return f"  client alloc {fmt_value(client, 'bytes')}"
+        return ""
 
 
 class MissingPanel(Static):
