@@ -255,6 +255,7 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("consistency_floor", 0.0, 1.0)
         rng("consistency_min", 1, 100_000)
         rng("consistency_wait_s", 0.0, 86_400.0)
+        rng("consistency_z", 0.0, 10.0)
         order("min", "max")
         order("band_low", "band_high")
         order("penalty_min", "penalty_max")
