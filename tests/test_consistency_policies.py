@@ -200,3 +200,30 @@ def test_without_the_floor_the_temperature_goes_where_repetition_wants() -> None
     agent, pol, temps = run_temperature(0.0)
     assert max(temps[-3000:]) >= 1.05 and pol._floor() is None
     assert not any("floor" in a.action.reason for a in agent.applied)
+
+
+def test_report_lists_each_precision_step_with_its_three_figures() -> None:
+    from tuner.quality.report import render, summarize
+
+    actions = [
+        {"t": 20.9, "knob": "precision", "value": "int8", "previous": None, "outcome": "done", "reason": "memory",
+         "result": {"previous": "fp32", "kl": 0.0042, "top1": 1.0, "canary_answers": 24}},
+        {"t": 42.4, "knob": "precision", "value": "fp32", "previous": "int8", "outcome": "done",
+         "reason": "quality guard: canary answers at int8 drifted", "result": {"previous": "int8", "kl": 0.0}},
+    ]
+    events = [Event(1.0, "quality_backend", {"state": "ready", "backend": {"name": "minilm", "model":
+                                                                          "all-MiniLM-L6-v2"},
+                                             "self_check": {"auc": 1.0}}),
+              Event(10.0, "quality", {"self_consistency": 0.3, "relevance": 0.2, "temperature": 0.8}),
+              reference(24.0, "int8", 0.263, 0.493)]
+    s = summarize({"quality": {"backend": "minilm", "semantic": True, "rate": 0.02}}, events, actions)
+    assert s is not None
+    (step, back) = s["precision_steps"]
+    assert (step["from"], step["to"], step["kl"], step["top1"], step["reference"], step["normalised"]) == \
+        ("fp32", "int8", 0.0042, 1.0, 0.493, 0.263)
+    assert step["rolled_back"] and not step["rollback"] and back["rollback"]
+    text = "\n".join(render(s))
+    assert "precision fp32 -> int8 at 20.9 s: KL 0.0042, top-1 1.000, reference 0.493 (2/24 answers the same; " \
+           "normalised 0.26 vs unrelated 0.311): rolled back" in text
+    assert "precision int8 -> fp32 at 42.4 s: the quality guard's rollback" in text
+    assert summarize({}, events, actions) is None

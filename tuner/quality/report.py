@@ -11,7 +11,7 @@
 - ``precision_steps``: one entry per precision change the inference carried out (a ``done`` action), with the
   three figures the guard judged — ``kl``, ``top1`` (the command's result) and the canary round's ``reference``
   (mean), ``normalised``, ``unrelated_mean``, ``identical``/``n`` — and ``rolled_back`` (a later step back to
-  where it came from whose reason is the quality guard's).
+  where it came from whose reason is the quality guard's); ``rollback``: this change is such a step back.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def _precision_steps(actions: Sequence[Mapping[str, Any]], refs: list[tuple[floa
     for i, a in enumerate(done):
         t = _num(a.get("t")) or 0.0
         res = _map(a.get("result"))
-        to, frm = a.get("value"), a.get("previous")
+        to, frm = a.get("value"), a.get("previous") or res.get("previous")
         ref = next((d for rt, d in refs if rt >= t - 1.0 and d.get("precision") == to), None) \
             if res.get("canary_answers") else None
-        back = next((b for b in done[i + 1:] if b.get("value") == frm and b.get("previous") == to), None)
+        back = next((b for b in done[i + 1:] if b.get("value") == frm
+                     and (b.get("previous") or _map(b.get("result")).get("previous")) == to), None)
         steps.append({
             "t": t, "from": frm, "to": to, "kl": _num(res.get("kl")), "top1": _num(res.get("top1")),
             "reference": _num(ref.get("mean")) if ref else None,
@@ -101,6 +102,7 @@ def _precision_steps(actions: Sequence[Mapping[str, Any]], refs: list[tuple[floa
             "identical": ref.get("identical") if ref else None, "n": ref.get("n") if ref else None,
             "backend": ref.get("backend") if ref else None,
             "rolled_back": bool(back and str(back.get("reason") or "").startswith("quality guard")),
+            "rollback": str(a.get("reason") or "").startswith("quality guard"),
         })
     return steps
 
@@ -140,5 +142,8 @@ def render(s: Mapping[str, Any] | None) -> list[str]:
         else:
             ref = "reference not measured"
         verdict = "rolled back" if st.get("rolled_back") else "kept"
+        if st.get("rollback"):
+            lines.append(f"  precision {st['from']} -> {st['to']} at {st['t']:.1f} s: the quality guard's rollback")
+            continue
         lines.append(f"  precision {st['from']} -> {st['to']} at {st['t']:.1f} s: {kl}, {top1}, {ref}: {verdict}")
     return lines
