@@ -227,3 +227,28 @@ def test_report_lists_each_precision_step_with_its_three_figures() -> None:
            "normalised 0.26 vs unrelated 0.311): rolled back" in text
     assert "precision int8 -> fp32 at 42.4 s: the quality guard's rollback" in text
     assert summarize({}, events, actions) is None
+
+
+def test_a_temperature_is_under_the_floor_only_by_more_than_its_noise() -> None:
+    """consistency_z: 9 scattered responses at T 1.0 averaging a little under the floor do not count as under it
+    (the mean is within 1.64 standard errors); the point estimate (z = 0) counts them; a clear drop counts with
+    either."""
+    from tuner.policies.temperature import TemperatureConfig, TemperaturePolicy
+
+    def policy(z: float, at_1: list[float]) -> TemperaturePolicy:
+        pol = TemperaturePolicy(TemperatureConfig(requested=0.8, consistency_floor=0.8, consistency_min=8,
+                                                  consistency_z=z))
+        pol.requested = 0.8
+        ys = [(0.8, 0.25)] * 20 + [(1.0, y) for y in at_1]
+        pol.consistency = {}
+        for temp, y in ys:
+            g = pol.consistency.setdefault(temp, [0.0, 0.0, 0.0, 0.0])
+            g[0], g[1], g[3] = g[0] + 1, g[1] + y, g[3] + y * y
+        return pol
+
+    noisy = [0.05, 0.35, 0.10, 0.30, 0.12, 0.28, 0.15, 0.25, 0.16]  # mean 0.196 under the floor 0.2, se ~0.035
+    assert policy(1.64, noisy)._floor() == pytest.approx(0.2)
+    assert policy(1.64, noisy)._under_floor(1.0) is None
+    assert policy(0.0, noisy)._under_floor(1.0) == pytest.approx(sum(noisy) / 9)
+    clear = [0.10, 0.12, 0.09, 0.11, 0.10, 0.13, 0.08, 0.11, 0.10]
+    assert policy(1.64, clear)._under_floor(1.0) == pytest.approx(sum(clear) / 9)
