@@ -1225,79 +1225,147 @@ def render_heldout(recs: list[dict[str, Any]]) -> str:
                 ", ".join(f"{s} {b}" for s, b in sizes.items()) + f"; fixed temperature {fmt(temp, 'g')} (the "
                 "nearest to the request that held the band on the dev seed, else the best band share)."]
     for set_name in [s for s in HELDOUT_SETS if any(r["set"] == s for r in recs)]:
-        mine = [r for r in recs if r["set"] == set_name]
-        att_noise, thr_noise, noise_rows = noise_band(mine)
-        by = {(r["seed"], r["shape"], r["arm"]): r for r in mine}
-        rows, worse, missing, cmds = [], [], [], []
-        worst: tuple[float, str] | None = None
-        batch_ok = thr_ok = 0
-        cells = 0
-        for seed in HELDOUT_SETS[set_name]:
-            for shape in SHAPES:
-                t, u, f = (by.get((seed, shape, arm)) for arm in ("tuned", "untuned", "fixed"))
-                if t is None or u is None:
-                    missing.append(f"{seed}/{shape}")
-                    continue
-                cells += 1
-                bad, why = cell_verdict(t, u, att_noise, thr_noise)
-                if bad:
-                    worse.append(f"seed {seed} {shape} ({why})")
-                gap = min((t["attainment"] or 0) - (u["attainment"] or 0),
-                          ((t["throughput"] or 0) - (u["throughput"] or 0)) / max(u["throughput"] or 1e-9, 1e-9))
-                if worst is None or gap < worst[0]:
-                    worst = (gap, f"seed {seed} {shape}")
-                if f is not None:
-                    batch_ok += (t["attainment"] or 0) >= (f["attainment"] or 0) - max(att_noise, 0.0)
-                    ft = f["throughput"] or 0.0
-                    thr_ok += (t["throughput"] or 0) >= (0.95 - thr_noise) * ft
-
-                def trio(key: str, spec: str, t: Any = t, u: Any = u, f: Any = f) -> str:
-                    return " / ".join(fmt(x.get(key) if x else None, spec) for x in (t, u, f))
-
-                rows.append(
-                    f"| {seed} | {shape} | {trio('attainment', '.1%')} | {trio('throughput', '.0f')} | "
-                    f"{trio('band_share', '.0%')} | {' '.join(str(m[1]) for m in t['batch_moves']) or '-'} "
-                    f"({away_s(t):.0f}) | "
-                    f"{' '.join(str(m[1]) for m in t['precision_moves']) or '-'} | "
-                    f"{'**worse**: ' + why if bad else 'not worse'} |")
-                for arm in ("untuned", "tuned", "fixed"):
-                    x = by.get((seed, shape, arm))
-                    if x is not None:
-                        cmds.append(f"- seed {seed} {shape} {arm}: `{shown(x['command'])}`")
-        tuned_band = [by[k] for k in by if k[2] == "tuned" and by[k].get("band_share") is not None]
-        mirostat = [by[k] for k in by if k[2] == "mirostat"]
-        out += ["", f"### Held-out set {set_name}: seeds {', '.join(map(str, HELDOUT_SETS[set_name]))}", "",
-                f"Runs {min(r['utc'] for r in mine)} to {max(r['utc'] for r in mine)}.  Figures are tuned / untuned "
-                "/ best fixed.", "",
-                "| seed | shape | attainment | throughput (tok/s) | band share | tuned batch moves (s away from 8) | "
-                "tuned precision | never worse? |", "|---|---|---|---|---|---|---|---|", *rows, "",
-                "Noise (untuned run twice in the same cell):", "",
-                "| seed | shape | attainment | throughput | spread | spread |", "|---|---|---|---|---|---|",
-                *noise_rows,
-                "", f"Noise band used: {att_noise * 100:.1f} points of attainment, {thr_noise:.1%} of throughput.", ""]
-        prec = [(r["seed"], r["shape"], m) for r in mine if r["arm"] == "tuned" for m in r["precision_moves"]]
-        pooled_band = sum(r["band_in"] for r in tuned_band) / max(1, sum(r["band_windows"] for r in tuned_band))
-        out += [
-            "| goal | measured | |", "|---|---|---|",
-            f"| never worse than untuned (every cell) | {cells - len(worse)} of {cells} cells not worse"
-            + (f"; worse: {'; '.join(worse)}" if worse else "") + f" | {ok(not worse and cells > 0)} |",
-            f"| batch: attainment >= the best fixed setting's (within the noise) | {batch_ok} of {cells} cells | "
-            f"{ok(batch_ok == cells and cells > 0)} |",
-            f"| batch: throughput >= 95% of the best fixed setting's (within the noise) | {thr_ok} of {cells} cells | "
-            f"{ok(thr_ok == cells and cells > 0)} |",
-            f"| temperature: >= 90% of windows in the band after {BAND_WARMUP_S:g} s | "
-            f"{sum((r['band_share'] or 0) >= 0.9 for r in tuned_band)} of {len(tuned_band)} tuned runs; band share "
-            f"over all tuned windows {fmt(pooled_band, '.0%')}"
-            + (f"; Mirostat tau 5: {', '.join(fmt(r['band_share'], '.0%') for r in mirostat)}" if mirostat else "")
-            + f" | {ok(all((r['band_share'] or 0) >= 0.9 for r in tuned_band) and bool(tuned_band))} |",
-            f"| interplay: precision steps in tuned runs | {len(prec)}"
-            + (": " + "; ".join(f"seed {s} {sh} {m[1]} at {m[0]} s ({m[2]})" for s, sh, m in prec) if prec else "")
-            + " | - |",
-        ]
-        if worst is not None:
-            out += ["", f"Worst cell (the largest loss to untuned, attainment points or throughput share): {worst[1]} "
-                    f"({worst[0] * 100:+.1f})."]
-        if missing:
-            out += ["", f"Missing cells (not run in the budget): {', '.join(missing)}."]
-        out += ["", "<details><summary>Command of every run</summary>", "", *cmds, "", "</details>"]
+        out += render_heldout_set(set_name, [r for r in recs if r["set"] == set_name], recs)
     return "\n".join(out)
+
+
+def short_of(have: float | None, want: float | None, noise: float, *, relative: bool) -> float | None:
+    """How far ``have`` falls short of ``want`` (points, or a share of ``want``) when that counts as a miss under
+    the noise rule (more than 5 points / 5% *and* more than the noise), else None."""
+    if want is None:
+        return None
+    gap = want - (have or 0.0)
+    if relative:
+        gap = gap / want if want > 0 else 0.0
+    return gap if gap > NEVER_WORSE and gap > noise else None
+
+
+def load_text(r: dict[str, Any] | None) -> str:
+    ld = (r or {}).get("load")
+    return f"{ld['start_1m']:.1f}->{ld['end_1m']:.1f}" if ld else "-"
+
+
+def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dict[str, Any]]) -> list[str]:
+    """One held-out set: the cells (tuned / untuned / best fixed), the noise, the goals of issue 14 §2 per cell
+    and over the cells, the worst cell, the command of every run."""
+    att_noise, thr_noise, noise_rows = noise_band(mine)
+    _, fixed_t = best_fixed(recs)
+    by = {(r["seed"], r["shape"], r["arm"]): r for r in mine}
+    rows, goal_rows, worse, strict, missing, cmds = [], [], [], [], [], []
+    miss: dict[str, list[str]] = {"batch attainment": [], "batch throughput": [], "band": [], "distance": []}
+    worst: tuple[float, str] | None = None
+    cells = 0
+    for seed in HELDOUT_SETS[set_name]:
+        for shape in SHAPES:
+            t, u, f = (by.get((seed, shape, arm)) for arm in ("tuned", "untuned", "fixed"))
+            for arm in ("untuned", "tuned", "fixed", "untuned-repeat", "mirostat"):
+                x = by.get((seed, shape, arm))
+                if x is not None:
+                    cmds.append(f"- seed {seed} {shape} {arm} ({x['utc'][11:16]}, load {load_text(x)}): "
+                                f"`{shown(x['command'])}`")
+            if t is None or u is None or f is None:
+                missing.append(f"{seed}/{shape}")
+                continue
+            cells += 1
+            cell = f"{seed} {shape}"
+            bad, why = cell_verdict(t, u, att_noise, thr_noise)
+            if bad:
+                worse.append(f"{cell} ({why})")
+            bad5, why5 = cell_verdict(t, u, 0.0, 0.0)
+            if bad5:
+                strict.append(f"{cell} ({why5})")
+            gap = min((t["attainment"] or 0) - (u["attainment"] or 0),
+                      ((t["throughput"] or 0) - (u["throughput"] or 0)) / max(u["throughput"] or 1e-9, 1e-9))
+            if worst is None or gap < worst[0]:
+                worst = (gap, cell)
+            ba = short_of(t["attainment"], f["attainment"], att_noise, relative=False)
+            bt = short_of(t["throughput"], f["throughput"], thr_noise, relative=True)
+            band_ok = (t["band_share"] or 0.0) >= 0.9
+            dist_ok = t["distance"] is not None and f["distance"] is not None and t["distance"] < f["distance"]
+            for key, missed in (("batch attainment", ba is not None), ("batch throughput", bt is not None),
+                                ("band", not band_ok), ("distance", not dist_ok)):
+                if missed:
+                    miss[key].append(cell)
+
+            def trio(key: str, spec: str, t: Any = t, u: Any = u, f: Any = f) -> str:
+                return " / ".join(fmt(x.get(key) if x else None, spec) for x in (t, u, f))
+
+            rows.append(
+                f"| {seed} | {shape} | {trio('attainment', '.1%')} | {trio('throughput', '.0f')} | "
+                f"{trio('band_share', '.0%')} | {' '.join(str(m[1]) for m in t['batch_moves']) or '-'} "
+                f"({away_s(t):.0f}) | {' '.join(str(m[1]) for m in t['precision_moves']) or '-'} | "
+                f"{load_text(t)} / {load_text(u)} |")
+            goal_rows.append(
+                f"| {seed} | {shape} | {'**worse**: ' + why if bad else 'not worse'} | "
+                f"{'worse: ' + why5 if bad5 else 'not worse'} | "
+                f"{'met' if ba is None else f'**missed** by {ba * 100:.1f} pts'} | "
+                f"{'met' if bt is None else f'**missed** by {bt:.1%}'} | "
+                f"{t['band_in']}/{t['band_windows']} {'met' if band_ok else '**missed**'} | "
+                f"{fmt(t['distance'], '.2f')} vs {fmt(f['distance'], '.2f')} "
+                f"{'met' if dist_ok else '**missed**'} (fixed band {fmt(f['band_share'], '.0%')}) |")
+    tuned = [by[k] for k in by if k[2] == "tuned" and f"{k[0]}/{k[1]}" not in missing]
+    mirostat = [by[k] for k in by if k[2] == "mirostat"]
+    pooled = sum(r["band_in"] for r in tuned) / max(1, sum(r["band_windows"] for r in tuned))
+    fixed_runs = [by[(r["seed"], r["shape"], "fixed")] for r in tuned]
+    fixed_pooled = sum(r["band_in"] for r in fixed_runs) / max(1, sum(r["band_windows"] for r in fixed_runs))
+    loads = [v for r in mine if r.get("load") for v in (r["load"]["start_1m"], r["load"]["end_1m"])]
+    total = len(HELDOUT_SETS[set_name]) * len(SHAPES)
+    out = ["", f"### Held-out set {set_name}: seeds {', '.join(map(str, HELDOUT_SETS[set_name]))} "
+           f"({cells} of {total} cells done)", "",
+           f"Runs {min(r['utc'] for r in mine)} to {max(r['utc'] for r in mine)}"
+           + (f"; load average (1-min, at the start and end of each run, recorded since seed 102 step) "
+              f"{min(loads):.1f}-{max(loads):.1f} on the 2 cores" if loads else "")
+           + ".  Figures are tuned / untuned / best fixed; load is tuned / untuned (1-min, start->end).", "",
+           "| seed | shape | attainment | throughput (tok/s) | band share | tuned batch moves (s away from 8) | "
+           "tuned precision | load |", "|---|---|---|---|---|---|---|---|", *rows, "",
+           "Noise (untuned run twice in the same cell):", "",
+           "| seed | shape | attainment | throughput | spread | spread |", "|---|---|---|---|---|---|",
+           *noise_rows, "",
+           f"Noise band used: {att_noise * 100:.1f} points of attainment, {thr_noise:.1%} of throughput (the "
+           "largest spread of the repeated cells).", "",
+           "#### The goals of issue 14 §2, cell by cell", "",
+           "Never worse: tuned against untuned, worse only when it loses more than 5 points / 5% *and* more than "
+           "the noise band; the next column applies the 5% alone, to show what the noise allowance forgives.  Batch: "
+           "tuned attainment against the best fixed setting's, throughput against 95% of it, the same noise rule "
+           "(missed = short by more than 5 points / 5% and more than the noise band).  Temperature: tuned windows in "
+           "the band after the warm-up (>= 90% to meet) and the mean distance of the tuned temperatures from the "
+           f"request against the best fixed temperature's ({fmt(fixed_t, 'g')}; met when closer).", "",
+           "| seed | shape | never worse (noise rule) | never worse (5% alone) | batch: attainment >= fixed | "
+           "batch: throughput >= 95% fixed | temperature: band >= 90% | temperature: distance tuned vs fixed |",
+           "|---|---|---|---|---|---|---|---|", *goal_rows, ""]
+    prec = [(r["seed"], r["shape"], m) for r in tuned for m in r["precision_moves"]]
+
+    def cells_text(key: str) -> str:
+        return f"{cells - len(miss[key])} of {cells} cells" + (f"; missed: {', '.join(miss[key])}" if miss[key]
+                                                                 else "")
+
+    out += [
+        "| goal | measured | |", "|---|---|---|",
+        f"| never worse than untuned (every cell, noise rule) | {cells - len(worse)} of {cells} cells not worse"
+        + (f"; worse: {'; '.join(worse)}" if worse else "") + f" | {ok(not worse and cells > 0)} |",
+        f"| (the same by 5% alone, no noise allowance) | {cells - len(strict)} of {cells} cells"
+        + (f"; worse: {'; '.join(strict)}" if strict else "") + " | - |",
+        f"| batch: attainment >= the best fixed setting's | {cells_text('batch attainment')} | "
+        f"{ok(not miss['batch attainment'] and cells > 0)} |",
+        f"| batch: throughput >= 95% of the best fixed setting's | {cells_text('batch throughput')} | "
+        f"{ok(not miss['batch throughput'] and cells > 0)} |",
+        f"| temperature: >= 90% of windows in the band after {BAND_WARMUP_S:g} s | {cells_text('band')}; "
+        f"pooled over the tuned runs' windows {fmt(pooled, '.0%')} (best fixed T {fmt(fixed_t, 'g')}: "
+        f"{fmt(fixed_pooled, '.0%')})"
+        + (f"; Mirostat tau 5 (seed {mirostat[0]['seed']}): "
+           f"{', '.join(r['shape'] + ' ' + fmt(r['band_share'], '.0%') for r in mirostat)}" if mirostat else "")
+        + f" | {ok(not miss['band'] and cells > 0)} |",
+        f"| temperature: closer to the request than the best fixed temperature | {cells_text('distance')} | "
+        f"{ok(not miss['distance'] and cells > 0)} |",
+        f"| interplay: precision steps in tuned runs | {len(prec)}"
+        + (": " + "; ".join(f"seed {s} {sh} {m[1]} at {m[0]} s ({m[2]})" for s, sh, m in prec) if prec else "")
+        + " | - |",
+    ]
+    if worst is not None:
+        out += ["", f"Worst cell (the largest loss to untuned, attainment points or throughput share): {worst[1]} "
+                f"({worst[0] * 100:+.1f})."]
+    if missing:
+        out += ["", f"Cells not done yet: {', '.join(missing)}."]
+    out += ["", "<details><summary>Command of every run (UTC time, 1-min load average at its start -> end)</summary>",
+            "", *cmds, "", "</details>"]
+    return out
