@@ -166,6 +166,8 @@ class FakeVllm:
                     raise RuntimeError("the engine died mid-stream")
                 if scenario == "slow":
                     await asyncio.sleep(0.05)
+                elif scenario == "merged3" and n:
+                    await asyncio.sleep(0.002)  # apart, as decode steps are: chunks read together share one time
                 done += k
                 self.generated += k
                 if continuous:  # vLLM puts usage right after choices, on every chunk
