@@ -46,6 +46,30 @@ class SessionOptions:
     """``tuner.trace.Rotation`` (``--trace-rotate``, ``--trace-keep``): the trace in segments; None: one file."""
 
 
+class _HeldLimitColumns:
+    """The agent writes the binding limit's ``mem_headroom_ratio`` and ``mem_time_to_limit_seconds`` with the tick
+    of each projection (every ``PROJECT_EVERY_S``), not with every tick, so the trace stays small.  The exporters
+    show the latest tick: without a hold a scrape caught them once in twenty at 10 Hz.  They get the last
+    projection's values for ``HOLD_S`` (a projection tick without the time to limit means none is projected
+    now: it is dropped; no projection for ``HOLD_S``, both are)."""
+
+    COLUMNS = ("mem_headroom_ratio", "mem_time_to_limit_seconds")
+    HOLD_S = 5.0
+
+    def __init__(self) -> None:
+        self._held: dict[str, Any] = {}
+        self._at = 0.0
+
+    def apply(self, t: float, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        fresh = {k: values[k] for k in self.COLUMNS if k in values}
+        if fresh:
+            self._held, self._at = fresh, t
+            return values
+        if not self._held or t - self._at > self.HOLD_S:
+            return values
+        return {**values, **self._held}
+
+
 def _policy_header(config: Any) -> dict[str, Any]:
     """What the live view shows about the policy: its members (what ``d`` toggles) and target bands."""
     if config is None:
@@ -89,6 +113,7 @@ class Session:
         self.log = log or (lambda msg: None if opts.quiet else print(f"tuner: {msg}", file=sys.stderr, flush=True))
         self.exporter: Any = None
         self.exporters: list[Any] = []  # Prometheus and/or OTLP: update, count_tick, count_skipped, count_event, close
+        self._held_limits = _HeldLimitColumns()  # the projection columns, between projections (exporters only)
         self.channel = channel
         self.observer: Any = None
         self.agent: Any = None
@@ -296,8 +321,9 @@ class Session:
         self.writer.tick(tick.t, tick.values, tick.procs)
         for e in tick.events:
             self.writer.event(e)
+        exported = self._held_limits.apply(tick.t, tick.values) if self.exporters else tick.values
         for ex in self.exporters:
-            ex.update(tick.values, tick.procs)
+            ex.update(exported, tick.procs)
             ex.count_tick()
             for e in tick.events:
                 ex.count_event(e.kind, e.data)  # a request: one observation per histogram

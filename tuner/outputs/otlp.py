@@ -288,10 +288,14 @@ class OtlpExporter:
         self._start_ns = int(self._t0_unix * 1e9)
         self._models: set[str] = set()
 
-        attrs: dict[str, Any] = {"service.version": __version__, "service.instance.id": str(uuid.uuid4()),
-                                 "host.name": socket.gethostname()}  # fmt: skip
-        named = "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "") or env.get("OTEL_SERVICE_NAME")
-        if not named:
+        # OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME name the replica: Resource.create lets the attributes
+        # given here win over them, so only what they leave out is filled in (a fleet sets service.instance.id
+        # to the pod's name: it becomes the series' instance label in Prometheus, stable across restarts)
+        given = {kv.split("=", 1)[0].strip() for kv in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",") if "=" in kv}
+        defaults = {"service.version": __version__, "service.instance.id": str(uuid.uuid4()),
+                    "host.name": socket.gethostname()}  # fmt: skip
+        attrs: dict[str, Any] = {k: v for k, v in defaults.items() if k not in given}
+        if "service.name" not in given and not env.get("OTEL_SERVICE_NAME"):
             attrs["service.name"] = "inference-tuner"
         self.resource = Resource.create(attrs, schema_url=SCHEMA_URL)
         self.scope = InstrumentationScope(SCOPE, __version__, SCHEMA_URL)
