@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "tuner.trace": 2,
     "tuner.link": 2,
     "tuner.quality": 2,  # semantic consistency: the quality probe, its backends, the scorer child process
+    "tuner.fleet": 2,  # the fleet from PromQL (what tuner fleet shows; its Textual app is tuner.tui.fleet)
     # the loop; what leaves a session; the TUI; the client the inference imports
     "tuner.core": 3,
     "tuner.outputs": 3,

@@ -171,6 +171,7 @@ def test_metrics_names_labels_and_counters(exporter: PrometheusExporter) -> None
     assert got["tuner_skipped_ticks_total"] == [({}, 2.0)]
     assert sorted(got["tuner_events_total"], key=lambda s: s[0]["kind"]) == [
         ({"kind": "oom"}, 1.0),
+        ({"kind": "oom_kill"}, 0.0),
         ({"kind": "request"}, 2.0),
     ]
     # identity on one series; no host, command line or pid of the session anywhere

@@ -5,7 +5,7 @@ from types import ModuleType
 
 # Order is the order in `tuner --help`.  A module that is missing (an optional part not installed)
 # is skipped rather than breaking the whole CLI.
-COMMANDS = ("probes", "run", "attach", "demo", "tui", "replay", "report", "compare", "export", "proxy")
+COMMANDS = ("probes", "run", "attach", "demo", "tui", "replay", "report", "compare", "export", "proxy", "fleet")
 
 
 def load() -> list[ModuleType]:

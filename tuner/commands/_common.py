@@ -46,6 +46,13 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prometheus", metavar="ADDR", help="serve /metrics for Prometheus on ADDR (e.g. 127.0.0.1:9464)")
     g.add_argument("--prometheus-public", action="store_true", help="allow --prometheus on a non-loopback address")
     g.add_argument(
+        "--prometheus-linger",
+        type=float,
+        metavar="S",
+        help="after the end, keep /metrics up until each server scraping it scraped once more, at most S seconds "
+        "(default: two scrape intervals, as seen; 0: stop at once)",
+    )
+    g.add_argument(
         "--otlp",
         metavar="URL",
         help="send metrics and policy actions to an OpenTelemetry collector over OTLP/HTTP (e.g. "
@@ -150,6 +157,12 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
 
         addr = parse_listen(args.prometheus, args.prometheus_public)  # a bad address fails before a child starts
         check_bindable(addr, args.prometheus)  # and so does a port already taken
+    linger = getattr(args, "prometheus_linger", None)
+    if linger is not None:
+        if not args.prometheus:
+            raise UserError("--prometheus-linger needs --prometheus ADDR")
+        if not (0 <= linger <= 3600):
+            raise UserError(f"--prometheus-linger {linger:g} is out of range: 0 to 3600 s")
     otlp = getattr(args, "otlp", None)
     if otlp is not None:
         from tuner.outputs.otlp import check_available, endpoints
@@ -161,6 +174,7 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         trace=args.trace,
         prometheus=args.prometheus,
         prometheus_public=args.prometheus_public,
+        prometheus_linger=linger,
         quiet=args.quiet,
         policy=args.policy,
         policy_config=config,

@@ -27,6 +27,8 @@ class SessionOptions:
     trace: str | None = None
     prometheus: str | None = None
     prometheus_public: bool = False
+    prometheus_linger: float | None = None
+    """At most how long ``/metrics`` stays up after the end for a last scrape (None: two scrape intervals)."""
     quiet: bool = False
     extra_header: dict[str, Any] = field(default_factory=dict)
     policy: str | None = None
@@ -184,7 +186,8 @@ class Session:
 
             addr = parse_listen(opts.prometheus, opts.prometheus_public)
             try:
-                self.exporter = PrometheusExporter(addr, self.writer.header)
+                self.exporter = PrometheusExporter(addr, self.writer.header, linger=opts.prometheus_linger,
+                                                   log=self.log)  # fmt: skip
             except OSError as exc:
                 self.writer.close()
                 self._close_observer()
@@ -192,6 +195,7 @@ class Session:
                     f"cannot serve Prometheus metrics on {opts.prometheus}: {exc.strerror or exc}"
                 ) from None
             self.exporters.append(self.exporter)
+            self.writer.add_line_listener(self.exporter.trace_line)  # policy actions (tuner_actions_total)
         if opts.otlp:
             from tuner.outputs.otlp import OtlpExporter
 
@@ -391,6 +395,8 @@ class Session:
             pass
         for kind, data in events:
             self.writer.event(Event(self.now(), kind, dict(data)))
+            for ex in self.exporters:  # the last scrape (--prometheus-linger) or export sees it too
+                ex.count_event(kind, data)
         self.writer.end(self.now(), ticks=self.sampler.ticks, skipped=self.sampler.skipped, **end)
         self.writer.close()
         self.sampler.close()

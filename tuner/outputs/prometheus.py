@@ -27,6 +27,13 @@ rules in ``docs/conventions.md`` were chosen so that they map one to one):
   ``rate(tuner_req_generation_tokens_sum[1m])`` is tokens per second, ``histogram_quantile`` the
   percentiles, over any set of replicas.
 - ``tuner_ticks_total``, ``tuner_skipped_ticks_total``, ``tuner_events_total{kind}``.
+- policy actions (the trace's ``action`` records, through ``trace_line``): ``tuner_actions_total{policy,knob,
+  outcome}`` and ``tuner_last_action_timestamp_seconds{policy,knob,outcome}`` (wall clock): the last action of
+  a replica is the series with the largest timestamp (``tuner fleet`` shows it).
+
+At the end (``close``) ``/metrics`` stays up for a last scrape (``linger``): until every server that scraped it
+in the last 10 minutes has scraped once more, at most ``linger`` seconds (default: two of the scrape intervals
+seen; nothing when nobody scraped) — so the last counters, an OOM kill, are not lost between two scrapes.
 
 Left out of ``/metrics`` (they stay in the trace): CPU ratios in cores' worth (``tree_cpu_ratio``,
 ``self_cpu_ratio``, per-process ``cpu_ratio``: a gauge above 1 — their ``*_cpu_seconds_total`` counters
@@ -49,12 +56,15 @@ A missing value (None) is left out of the scrape rather than exported as NaN.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import platform
 import re
 import socket
+import statistics
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,10 +263,12 @@ class TunerCollector:
         self._snap = _Snapshot({}, None)
         self._ticks = 0
         self._skipped = 0
-        self._events: dict[str, int] = {}
+        self._events: dict[str, int] = {"oom_kill": 0}  # there from the start: increase() sees the first kill
         self._info = dict(info if info is not None else info_labels(None))
         self._hists = [_Histogram(h.buckets) for h in HISTOGRAMS]
         self._fields = [(spec.field, h) for spec, h in zip(HISTOGRAMS, self._hists, strict=True)]
+        self._actions: dict[tuple[str, str, str], tuple[int, float]] = {}  # (policy, knob, outcome) -> count, unix
+        self.started_unix = time.time()
 
     # -- writers (the sampler thread) ---------------------------------------------------------------
     def update(self, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None) -> None:
@@ -286,6 +298,15 @@ class TunerCollector:
             for h, v in obs:
                 h.observe(v)
 
+    def count_action(self, rec: Mapping[str, Any]) -> None:
+        """A policy action (a trace ``action`` record): counted by policy, knob and outcome, with its time."""
+        key = (str(rec.get("policy")), str(rec.get("knob")), str(rec.get("outcome")))
+        t = rec.get("t")
+        when = self.started_unix + float(t) if isinstance(t, (int, float)) and math.isfinite(t) else time.time()
+        with self._lock:
+            n, last = self._actions.get(key, (0, when))
+            self._actions[key] = (n + 1, max(last, when))
+
     # -- reader (the HTTP thread) --------------------------------------------------------------------
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, InfoMetricFamily
@@ -294,6 +315,7 @@ class TunerCollector:
         with self._lock:
             snap, ticks, skipped, events = self._snap, self._ticks, self._skipped, dict(self._events)
             hists = [h.copy() for h in self._hists]
+            actions = dict(self._actions)
 
         yield InfoMetricFamily("tuner", "the inference-tuner session serving these metrics", value=self._info)
 
@@ -362,26 +384,108 @@ class TunerCollector:
         for kind, n in sorted(events.items()):
             ev.add_metric([kind], n)
         yield ev
+        if actions:
+            from prometheus_client.core import GaugeMetricFamily
+
+            labels = ["policy", "knob", "outcome"]
+            act = CounterMetricFamily("tuner_actions", "policy actions by policy, knob and outcome", labels=labels)
+            last = GaugeMetricFamily("tuner_last_action_timestamp_seconds",
+                                     "wall-clock time of the last policy action by policy, knob and outcome",
+                                     labels=labels)  # fmt: skip
+            for (policy, knob, outcome), (n, when) in sorted(actions.items()):
+                act.add_metric([policy, knob, outcome], n)
+                last.add_metric([policy, knob, outcome], when)
+            yield act
+            yield last
+
+
+SCRAPERS_FORGOTTEN_S = 600.0
+"""A server that has not scraped for this long is not waited for at the end."""
+MAX_DEFAULT_LINGER_S = 300.0
 
 
 class PrometheusExporter:
     """Serves ``/metrics`` on ``addr`` from a background thread until ``close()``.  Raises ``OSError`` when
     the address cannot be bound (the session turns it into a one-line error).  ``header``: the trace's
-    header, for ``tuner_info``'s labels (``info_labels``)."""
+    header, for ``tuner_info``'s labels (``info_labels``).  ``linger``: at most how long ``close`` keeps
+    ``/metrics`` up for a last scrape (None: two scrape intervals, as seen; 0: not at all); ``log`` hears that it
+    does."""
 
-    def __init__(self, addr: tuple[str, int], header: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        header: Mapping[str, Any] | None = None,
+        *,
+        linger: float | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         try:
-            from prometheus_client import CollectorRegistry, start_http_server
+            from prometheus_client import CollectorRegistry, make_wsgi_app
+            from prometheus_client.exposition import ThreadingWSGIServer, _get_best_family, _SilentHandler
         except ImportError:
             raise UserError("--prometheus needs prometheus-client: pip install 'inference-tuner[export]'") from None
+        from wsgiref.simple_server import make_server
+
         self.addr = addr
+        self.linger = linger
+        self._log = log
         self.collector = TunerCollector(info_labels(header))
+        started = (header or {}).get("started_unix")
+        if isinstance(started, (int, float)):
+            self.collector.started_unix = float(started)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)  # type: ignore[arg-type]
+        self._scrapes: dict[str, list[float]] = {}  # scraper's address -> times of its last scrapes
+        self._scraped = threading.Condition()
+        app = make_wsgi_app(self.registry)
+
+        def counted(environ: dict[str, Any], start_response: Any) -> Any:
+            out = app(environ, start_response)  # rendered: this scrape has the values as they are now
+            if environ.get("PATH_INFO", "/") in ("/", "/metrics"):
+                with self._scraped:
+                    times = self._scrapes.setdefault(str(environ.get("REMOTE_ADDR")), [])
+                    times.append(time.monotonic())
+                    del times[:-5]
+                    self._scraped.notify_all()
+            return out
+
+        class Server(ThreadingWSGIServer):
+            pass
+
         host, port = addr
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        Server.address_family, host = _get_best_family(host, port)
+        self._server = make_server(host, port, counted, Server, handler_class=_SilentHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="tuner-prometheus", daemon=True)
+        self._thread.start()
         self.port = int(self._server.server_address[1])
         self._closed = False
+
+    def scrape_interval(self) -> float | None:
+        """The median time between two scrapes by one server, as seen; None before any second scrape."""
+        with self._scraped:
+            gaps = [b - a for times in self._scrapes.values() for a, b in itertools.pairwise(times)]
+        return statistics.median(gaps) if gaps else None
+
+    def _linger(self) -> None:
+        """Wait (at most ``linger`` s) until every server that scraped lately has scraped again."""
+        now = time.monotonic()
+        with self._scraped:
+            waiting = {a for a, times in self._scrapes.items() if now - times[-1] < SCRAPERS_FORGOTTEN_S}
+        if self.linger is not None:
+            limit = self.linger
+        else:
+            interval = self.scrape_interval()
+            limit = min(2 * interval, MAX_DEFAULT_LINGER_S) if interval is not None else 0.0
+        if limit <= 0 or not waiting:
+            return
+        if self._log is not None:
+            self._log(f"keeping /metrics up for a last scrape (at most {limit:.0f} s; --prometheus-linger)")
+        deadline = now + limit
+        with self._scraped:
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                waiting = {a for a in waiting if self._scrapes[a][-1] < now}
+                if waiting:
+                    self._scraped.wait(left)
 
     def update(self, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         self.collector.update(values, procs)
@@ -395,10 +499,21 @@ class PrometheusExporter:
     def count_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
         self.collector.count_event(kind, data)
 
+    def trace_line(self, line: bytes, kind: str) -> None:
+        """A ``TraceWriter`` line listener: the policy actions (``tuner_actions_total``)."""
+        if kind == "action":
+            import orjson
+
+            self.collector.count_action(orjson.loads(line))
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        try:
+            self._linger()
+        except KeyboardInterrupt:  # Ctrl-C while lingering: stop now
+            pass
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
