@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from tests.test_proxy import AppServer, ProxyProcess
 from tuner.core.actuator import ChannelActuator
-from tuner.proxy.server import Proxy, ProxyChannel, ProxyConfig
+from tuner.proxy.server import Proxy, ProxyChannel, ProxyConfig, _without_usage
 from tuner.records import Action, Knobs
 from tuner.trace import read_trace
 
@@ -271,6 +271,22 @@ def test_the_captured_stream_passes_byte_for_byte_without_usage(tmp_path: Path) 
     assert lines == [*CHAT_LINES[:-1], "data: [DONE]"]  # vLLM's own bytes, the usage chunk taken out
     (r,) = requests_of(trace)
     assert r["tokens"] == 16 and r["prompt_tokens"] == 33
+
+
+def test_usage_is_cut_out_of_an_event_whatever_its_layout() -> None:
+    """The usage the client did not ask for leaves each event and nothing else does: vLLM's compact layout (cut
+    by finding), a nested ``prompt_tokens_details`` (the regular expression), other spacing (encoded again)."""
+    head = b'data: {"id":"c","choices":[{"index":0,"text":"a}{b","token_ids":null}]'
+    for usage, tail in ((b',"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}', b"}"),
+                        (b',"usage":{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":null}',
+                         b',"system_fingerprint":"vllm-0.32.0"}'),
+                        (b',"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1}}', b"}"),
+                        (b', "usage": {"prompt_tokens": 3}', b"}")):
+        line = head + usage + tail
+        got = _without_usage(line, json.loads(line[6:]))
+        assert json.loads(got[6:]) == {k: v for k, v in json.loads(line[6:]).items() if k != "usage"}, got
+        if not usage.startswith(b", "):
+            assert got == head + tail  # the engine's own bytes otherwise
 
 
 def test_reasoning_and_tool_calls_count_and_ttft_is_the_first_token(vllm: tuple[FakeVllm, AppServer],
