@@ -18,6 +18,7 @@ from tuner.proxy.shadow import eligible, prompt_text, sse_text
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[DemoServer]:
+    pytest.importorskip("torch", reason="needs torch (the torch extra): the demo server runs the built-in model")
     s = DemoServer()
     yield s
     s.close()

@@ -3,9 +3,12 @@ own server; against vLLM in tests/vllm)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.cli import tuner_env
 from tests.test_demo_serve import DemoServer
@@ -17,6 +20,8 @@ def drive(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="needs torch (the torch extra): the demo server runs the built-in model")
 def test_drive_sends_the_prompt_stream_and_reports_what_came_back() -> None:
     server = DemoServer()
     try:
@@ -33,6 +38,7 @@ def test_drive_sends_the_prompt_stream_and_reports_what_came_back() -> None:
 
 
 def test_drive_against_nothing_fails_every_request_and_says_why() -> None:
+    """Also without torch: the drive only sends HTTP (the fast suite on other Pythons runs without the extra)."""
     cp = drive("--url", "http://127.0.0.1:9/v1", "--requests", "2", "--rate", "50", "--plain")
     assert cp.returncode == 1
     out = json.loads(cp.stdout.splitlines()[-1])

@@ -11,11 +11,12 @@ import pytest
 # CI runs the fast suite on the oldest and newest Python without the torch extra (its wheel is for one Python)
 torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
 
+from tuner.demo.corpus import held_out_prompts, split_topics  # noqa: E402
 from tuner.demo.curve import has_loop, measure, rep_w, seq_rep_n  # noqa: E402
 from tuner.demo.model import CONFIG_FILE, WEIGHTS_FILE, BatchDecoder, TinyLlama, load, param_count  # noqa: E402
 from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample  # noqa: E402
 from tuner.demo.tokenizer import BOS, EOS, ByteTokenizer  # noqa: E402
-from tuner.demo.train import evaluate, held_out_prompts, split_topics, to_ids  # noqa: E402
+from tuner.demo.train import evaluate, to_ids  # noqa: E402
 
 tok = ByteTokenizer()
 

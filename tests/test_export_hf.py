@@ -40,7 +40,7 @@ def transformers_():  # type: ignore[no-untyped-def]
 
 
 def held_out(n: int = 8) -> list[str]:
-    from tuner.demo.train import held_out_prompts
+    from tuner.demo.corpus import held_out_prompts
 
     return held_out_prompts(n, seed=4242)  # cut from the topics the demo model never trained on
 

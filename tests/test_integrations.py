@@ -13,9 +13,9 @@ import pytest
 # CI runs the fast suite on the oldest and newest Python without the torch extra (its wheel is for one Python)
 torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
 
+from tuner.demo.corpus import held_out_prompts  # noqa: E402
 from tuner.demo.model import BatchDecoder, TinyLlama, load  # noqa: E402
 from tuner.demo.tokenizer import ByteTokenizer  # noqa: E402
-from tuner.demo.train import held_out_prompts  # noqa: E402
 from tuner.integrations.cleanup import STEPS, malloc_stats, rss_bytes, run_cleanup  # noqa: E402
 from tuner.integrations.precision import (  # noqa: E402
     PrecisionError,

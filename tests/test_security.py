@@ -260,7 +260,7 @@ def test_a_prompt_on_the_command_line_is_recorded_only_with_record_text(tmp_path
 def test_demo_records_no_prompt_text(tmp_path: Path) -> None:
     """The demo's prompts are known (held-out documentation): none of them, nor any text field, is in its trace."""
     pytest.importorskip("torch")
-    from tuner.demo.train import held_out_prompts
+    from tuner.demo.corpus import held_out_prompts
 
     trace = tmp_path / "demo.jsonl"
     cp = tuner("demo", "--headless", "--quiet", "--requests", "4", "--trace", str(trace), cwd=tmp_path, timeout=240)

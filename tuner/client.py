@@ -81,6 +81,9 @@ STATUS_EVERY_S = 1.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_FRAME = 1 << 20
+# the sidecar's welcome (its options, e.g. record_text) is awaited this long on the sender thread, never the
+# inference's: on a loaded host 1 s was not enough and the first requests went out without their text
+WELCOME_WAIT_S = 5.0
 LOOP_MAX_N = 64
 ROWS_PER_FRAME = 256
 IDS_PER_FRAME = 8192  # one C encode call holds the GIL: keep each well under a millisecond
@@ -609,7 +612,7 @@ class Client:
         try:
             s.settimeout(1.0)
             s.connect(self.path)
-            self._await_welcome(s, _monotonic() + 1.0)
+            self._await_welcome(s, _monotonic() + WELCOME_WAIT_S)
             s.setblocking(False)
         except OSError:
             s.close()

@@ -17,9 +17,9 @@ pytest.importorskip("torch", reason="needs torch (the torch extra)")
 from tests.helpers.demo_greedy import demo_greedy
 from tests.test_proxy import ProxyProcess
 from tests.vllm.lab import MODEL, VLLMServer, Watch, burst, closed_loop
+from tuner.demo.corpus import held_out_prompts
 from tuner.demo.export_hf import ALLOWED_TOKEN_IDS
 from tuner.demo.tokenizer import ByteTokenizer
-from tuner.demo.train import held_out_prompts
 from tuner.trace import read_trace
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]

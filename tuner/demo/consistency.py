@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from tuner.demo.corpus import held_out_prompts
 from tuner.demo.model import BatchDecoder, load
 from tuner.demo.sampling import SamplingParams, generate
 from tuner.demo.tokenizer import ByteTokenizer
-from tuner.demo.train import held_out_prompts
 from tuner.demo.workload import CANARY_TOKENS, canary_answers
 from tuner.integrations.precision import PrecisionManager
 from tuner.quality.backends import Backend, BackendError, open_backend, parse_spec

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
+from tuner.demo.corpus import held_out_prompts
 from tuner.demo.model import TinyLlama, load
 from tuner.demo.sampling import Mirostat, SamplingParams, generate
 from tuner.demo.tokenizer import ByteTokenizer
-from tuner.demo.train import held_out_prompts
 from tuner.probes.repetition import response_repetition
 
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4)

@@ -5,7 +5,7 @@ proxy``).
 ``python -m tuner.demo.drive --url http://127.0.0.1:8100/v1 [--duration S | --requests N] [--rate R] [--seed N]``
 
 - Requests arrive as a Poisson process (``--rate`` per second), each a streamed ``/v1/completions`` of a prompt
-  cut from the held-out part of the demo's corpus (``tuner.demo.train.held_out_prompts``, the workload's own
+  cut from the held-out part of the demo's corpus (``tuner.demo.corpus.held_out_prompts``, the workload's own
   prompts) with a response length drawn per request, as ``python -m tuner.demo.workload`` draws them.  No
   concurrency limit here: arrivals do not wait for answers (the proxy's limit, or the server's, queues them).
 - ``--temperature T`` is what the user asks for (sent on every request; ``tuner proxy --temperature-mode
@@ -127,7 +127,7 @@ def _p(values: list[float], q: float) -> float | None:
 
 
 async def drive(args: argparse.Namespace, stop: asyncio.Event) -> dict[str, Any]:
-    from tuner.demo.train import held_out_prompts
+    from tuner.demo.corpus import held_out_prompts
 
     prompts = held_out_prompts(args.prompts, seed=args.seed)
     rng = random.Random(args.seed)

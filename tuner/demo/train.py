@@ -8,44 +8,17 @@ minutes ends at the low learning rate whatever the machine's speed; the step cou
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import random
 import time
-import zlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tuner.demo.corpus import split_topics
 from tuner.demo.model import WEIGHTS_DIR, ModelConfig, TinyLlama, param_count, save
 from tuner.demo.tokenizer import BOS, EOS
-
-HELD_OUT_SHARE = 0.05
-
-
-def topics() -> dict[str, str]:
-    """The pydoc topic texts every CPython ships (read through importlib, not from a path)."""
-    mod = importlib.import_module("pydoc_data.topics")
-    return {str(k): str(v) for k, v in mod.topics.items()}
-
-
-def split_topics(texts: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
-    """(train, held_out) texts.  Topics are ordered by the CRC32 of their name (stable across Python
-    versions for the topics they share) and taken into the held-out part until it has 5% of the bytes."""
-    texts = topics() if texts is None else texts
-    total = sum(len(v.encode()) for v in texts.values())
-    held: list[str] = []
-    train: list[str] = []
-    held_bytes = 0
-    for key in sorted(texts, key=lambda k: (zlib.crc32(k.encode()), k)):
-        size = len(texts[key].encode())
-        if held_bytes < HELD_OUT_SHARE * total and size < 0.5 * HELD_OUT_SHARE * total * 4:
-            held.append(texts[key])
-            held_bytes += size
-        else:
-            train.append(texts[key])
-    return train, held
 
 
 def to_ids(docs: list[str]) -> torch.Tensor:
@@ -168,28 +141,3 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def held_out_prompts(n: int, seed: int = 0, min_bytes: int = 32, max_bytes: int = 160) -> list[str]:
-    """``n`` prompts cut from the held-out topics: each starts at a paragraph and ends at a word boundary."""
-    _, held = split_topics()
-    starts: list[tuple[int, int]] = []
-    for d, doc in enumerate(held):
-        pos = 0
-        while pos < len(doc) - min_bytes:
-            starts.append((d, pos))
-            nxt = doc.find("\n\n", pos)
-            if nxt < 0:
-                break
-            pos = nxt + 2
-    rng = random.Random(seed)
-    out: list[str] = []
-    while len(out) < n:
-        d, pos = starts[rng.randrange(len(starts))]
-        length = rng.randint(min_bytes, max_bytes)
-        text = held[d][pos : pos + length]
-        cut = text.rfind(" ")
-        if cut >= min_bytes // 2:
-            text = text[:cut]
-        text = text.lstrip("\n")
-        if len(text.strip()) >= min_bytes // 2:
-            out.append(text)
-    return out

@@ -64,11 +64,11 @@ from typing import Any, TextIO
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch (libgomp) is loaded: see the docstring
 import torch
 
+from tuner.demo.corpus import held_out_prompts
 from tuner.demo.curve import LOOP_MAX_N, LOOP_MIN_N, repetition
 from tuner.demo.model import BatchDecoder, TinyLlama, load
 from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample
 from tuner.demo.tokenizer import EOS, ByteTokenizer
-from tuner.demo.train import held_out_prompts
 from tuner.integrations.cleanup import rss_bytes
 from tuner.integrations.torch_loop import BatchSettings, TorchLoop, TrackedRequest
 from tuner.quality.canary import demo_canary
