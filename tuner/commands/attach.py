@@ -21,7 +21,7 @@ from tuner.commands.run import (
 )
 from tuner.core.session import Session, pid_exists_or_error
 from tuner.errors import UserError
-from tuner.probes.cgroup import judge_exit, oom_baseline
+from tuner.probes.cgroup import earlier_kills, judge_exit, oom_baseline
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if redacted:
         opts.extra_header["command_redacted"] = redacted
     oom_before = oom_baseline(pid)
+    oom_earlier = earlier_kills(os.getpid()) if oom_before is not None else None
     session = Session(opts, command=command, roots=[pid])
     stop = threading.Event()
 
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        earlier_oom(session, oom_before)
+        earlier_oom(session, oom_earlier)
         session.start()
         signal_number: int | None = None
         while not stop.wait(0.2):

@@ -168,6 +168,7 @@ def supervise(
     if channel is not None:
         child_env["TUNER_SOCKET"] = channel.path
     oom_before = oom_baseline(os.getpid())  # the command starts in this cgroup: its OOM-kill count now
+    oom_earlier = earlier_kills(os.getpid()) if oom_before is not None else None
     try:
         child = start_child(cmd, child_env, log_path)
     except BaseException:
@@ -189,7 +190,7 @@ def supervise(
             if channel is not None:
                 channel.close()
             raise
-        earlier_oom(session, oom_before)
+        earlier_oom(session, oom_earlier)
         try:
             session.start()
             if tui:
@@ -227,10 +228,10 @@ def oom_now(session: Session, before: OomState | None) -> OomState | None:
     return oom_baseline(os.getpid()) if before is not None else None
 
 
-def earlier_oom(session: Session, before: OomState | None) -> None:
-    """A start in a cgroup whose OOM-kill counter is not zero names the earlier kill (the sidecar may have
-    died with the process it watched: its own trace then ends without a word)."""
-    got = earlier_kills(os.getpid()) if before is not None else None
+def earlier_oom(session: Session, got: tuple[str, int] | None) -> None:
+    """A start in a cgroup whose OOM-kill counter was not zero (``earlier_kills``, read before the command
+    started: a command killed in its first second is this run's, not an earlier one's) names the earlier kill
+    (the sidecar may have died with the process it watched: its own trace then ends without a word)."""
     if got is None:
         return
     path, kills = got
