@@ -24,7 +24,7 @@ from tests.cli import assert_one_line_error, tuner, tuner_env, tuner_popen
 from tuner.core.limits import DictReader, binding
 from tuner.fleet import PromClient, fetch_fleet
 from tuner.fleet.table import COLUMNS, sorted_rows
-from tuner.fleet.view import Replica, queries
+from tuner.fleet.view import Fleet, Replica, queries
 from tuner.outputs.prometheus import TTFT_BUCKETS
 from tuner.trace import TraceData, read_trace
 
@@ -110,6 +110,66 @@ def test_bad_options_are_one_line_errors(args: list[str], msg: str) -> None:
 def test_an_unreachable_prometheus_is_a_one_line_error() -> None:
     err = assert_one_line_error(tuner("fleet", "--once", "--prometheus", f"http://127.0.0.1:{free_port()}"))
     assert "cannot reach Prometheus at http://127.0.0.1:" in err
+
+
+def test_a_url_that_is_not_prometheus_is_a_one_line_error() -> None:
+    """A web server that is not Prometheus' API: its 404, or a page that is not the API's JSON."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            ok = self.path.startswith("/grafana/")
+            body = b"<html>login</html>" if ok else b"404 page not found"
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Type", "text/html" if ok else "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        err = assert_one_line_error(tuner("fleet", "--once", "--prometheus", url + "/prom"))
+        assert err == f"tuner: {url}/prom: HTTP 404 Not Found"
+        err = assert_one_line_error(tuner("fleet", "--once", "--json", "--prometheus", url + "/grafana/"))
+        assert err == f"tuner: {url}/grafana: the answer is not the Prometheus API's JSON"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.integration
+@needs_prometheus
+def test_a_prometheus_without_sidecars_is_a_one_line_error(tmp_path: Path) -> None:
+    prom = Prometheus(tmp_path, [])
+    try:
+        for args in ([], ["--json"], ["--match", 'job="tuner"']):
+            err = assert_one_line_error(tuner("fleet", "--once", "--prometheus", prom.url, *args))
+            assert err.startswith(f"tuner: no tuner sidecars at {prom.url}: no tuner_info series")
+        assert 'matching {job="tuner"} in the last hour' in err
+        # a query Prometheus refuses (a label matcher it cannot parse) is its own error, in one line
+        err = assert_one_line_error(tuner("fleet", "--once", "--prometheus", prom.url, "--match", 'job=~"("'))
+        assert err.startswith(f"tuner: {prom.url}: bad_data: ")
+    finally:
+        prom.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [(["--prometheus-linger", "5"], "--prometheus-linger needs --prometheus ADDR"),
+     (["--prometheus-linger", "-1"], "--prometheus-linger -1 is out of range: 0 to 3600 s"),
+     (["--prometheus-linger", "nan"], "'nan' is not a finite number")],
+)  # fmt: skip
+def test_bad_linger_is_a_one_line_error(tmp_path: Path, args: list[str], msg: str) -> None:
+    if args[1] != "5":
+        args = ["--prometheus", f"127.0.0.1:{free_port()}", *args]
+    err = assert_one_line_error(tuner("run", "--quiet", "--trace", str(tmp_path / "t.jsonl"), *args, "--", "true"))
+    assert msg in err
 
 
 def test_sorting_puts_missing_values_last_both_ways() -> None:
@@ -365,6 +425,57 @@ def test_the_view_sorts_and_shows_a_replicas_detail(hundred: tuple[Prometheus, f
     asyncio.run(main())
 
 
+def test_the_view_keeps_the_last_rows_when_a_refresh_fails_and_says_why() -> None:
+    """Refreshes: no sidecars yet, then two, then Prometheus unreachable (the rows stay, the status says why)."""
+    import asyncio
+
+    from tuner.fleet import PromError
+    from tuner.tui.fleet import FleetApp
+
+    def fleet(keys: list[str]) -> Fleet:
+        rows = [Replica(k, {"instance": k}, up=True, ttft_p95=0.25) for k in keys]
+        return Fleet("http://prom:9090", time.time(), "1m", "instance", "", rows, {
+            "replicas": len(rows), "up": len(rows), "reporting": len(rows), "tokens_per_second": None,
+            "requests_per_second": None, "oom_kills": None, "oom_kills_window": 0.0, "min_headroom": None,
+            "ttft_p50": None, "ttft_p95": None, "ttft_p99": None, "tpot_p95": None, "e2e_p95": None}, 0.01)  # fmt: skip
+
+    down = PromError("cannot reach Prometheus at http://prom:9090: [Errno 111] Connection refused")
+    answers: list[Any] = [fleet([]), fleet(["a:9464", "b:9464"]), down]
+
+    def fetch() -> Fleet:
+        a = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    app = FleetApp(fetch, refresh=3600)
+
+    def screen() -> str:
+        return "\n".join(s.text for s in app.screen._compositor.render_strips())
+
+    async def main() -> None:
+        async with app.run_test(size=(220, 30)) as pilot:
+
+            async def shown(text: str) -> str:
+                deadline = time.monotonic() + 10
+                while text not in (s := screen()):
+                    assert time.monotonic() < deadline, s
+                    await pilot.pause(0.05)
+                return s
+
+            await shown("no tuner sidecars at http://prom:9090: no tuner_info series in the last hour")
+            await pilot.press("g")  # refresh now
+            s = await shown("2 replicas")
+            assert "a:9464" in s and "250 ms" in s
+            await pilot.press("g")
+            s = await shown("refresh failed: cannot reach Prometheus at http://prom:9090: [Errno 111] Connection "
+                            "refused (showing the last answer)")  # fmt: skip
+            assert "a:9464" in s and "b:9464" in s
+            await pilot.press("q")
+
+    asyncio.run(main())
+
+
 # -- the last scrape: --prometheus-linger ----------------------------------------------------------------
 
 
@@ -410,3 +521,54 @@ def test_an_oom_kill_reaches_prometheus_before_the_sidecar_goes(tmp_path: Path) 
     assert r.oom_kills == 1.0 and r.oom_kills_window == pytest.approx(1.0, abs=0.5)
     data = read_trace(trace)
     assert [e.kind for e in data.events if e.kind == "oom_kill"] == ["oom_kill"]
+
+
+LAST_BURST = """\
+import sys, time
+from tuner import client
+c = client.connect()
+sys.stdin.readline()  # the test says when: Prometheus has scraped the sidecar a few times
+for i in range(25):  # the last requests, then gone at once: no scrape in between
+    with c.request(prompt_tokens=4) as r:
+        r.token([1, 2, 3])
+"""
+
+
+@pytest.mark.integration
+@needs_prometheus
+@pytest.mark.parametrize("linger", [None, "30"])
+def test_the_last_counters_reach_prometheus_after_the_command_exits(tmp_path: Path, linger: str | None) -> None:
+    """A command ends right after its last requests.  The sidecar keeps /metrics up until Prometheus scraped it
+    once more (default: at most two scrape intervals as seen; ``--prometheus-linger 30``: at most 30 s, and only
+    as long as that scrape takes), so Prometheus' last value is the trace's whole count."""
+    port = free_port()
+    trace = tmp_path / "burst.jsonl"
+    args = ["run", "--headless", "--trace", str(trace), "--prometheus", f"127.0.0.1:{port}"]
+    if linger:
+        args += ["--prometheus-linger", linger]
+    run = tuner_popen(*args, "--", sys.executable, "-c", LAST_BURST, stdin=subprocess.PIPE)
+    prom = Prometheus(tmp_path, [f"127.0.0.1:{port}"], interval="2s")
+    try:
+        client = PromClient(prom.url)
+        deadline = time.monotonic() + 60
+        while not client.query('count_over_time(tuner_ticks_total{job="tuner"}[1m]) >= 3'):
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.3)
+        assert run.stdin is not None
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        started = time.monotonic()
+        _, err = run.communicate(timeout=60)
+        took = time.monotonic() - started
+        assert run.returncode == 0, err
+        time.sleep(0.5)
+        [last] = client.query('last_over_time(tuner_req_e2e_seconds_count{job="tuner"}[5m])')
+        [kills] = client.query('last_over_time(tuner_events_total{job="tuner", kind="oom_kill"}[5m])')
+    finally:
+        prom.close()
+    limit = "4 s" if linger is None else "30 s"
+    assert f"keeping /metrics up for a last scrape (at most {limit}; --prometheus-linger)" in err
+    assert len(read_trace(trace).requests()) == 25
+    assert last.value == 25.0  # the whole count: the burst came after the last regular scrape
+    assert kills.value == 0.0  # the series is there from the start, at 0
+    assert took < 2.0 + 10.0  # one scrape interval at most (+ the run's own ending), not the 30 s

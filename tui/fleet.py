@@ -2,8 +2,8 @@
 
 A worker thread calls ``fetch() -> Fleet`` (``tuner.fleet.fetch_fleet``) every ``refresh`` seconds and posts
 ``FleetFetched``; the app keeps the last answer, sorts it and redraws the table.  Keys: ``s`` / ``S`` sort by
-the next / previous column (or click a header), ``r`` reverse, Enter a replica's detail, ``?`` help, ``q``
-quit.  A failed refresh keeps the last rows and says why in the status line.
+the next / previous column (or click a header), ``r`` reverse, ``g`` refresh now, Enter a replica's detail,
+``?`` help, ``q`` quit.  A failed refresh keeps the last rows and says why in the status line.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
-from tuner.fleet.table import COLUMNS, last_action_text, num, secs, sorted_rows, status, totals_text
+from tuner.fleet.table import COLUMNS, empty_text, last_action_text, num, secs, sorted_rows, status, totals_text
 from tuner.fleet.view import Fleet, Replica
 
 HELP = """\
 [b]tuner fleet[/b]: one row per sidecar Prometheus scrapes
   s / S    sort by the next / previous column (or click a header)
   r        reverse the order
+  g        refresh now
   enter    the selected replica's detail
   ?        this help          q   quit
 
@@ -117,6 +118,7 @@ class FleetApp(App[None]):
         Binding("s", "sort(1)", "sort"),
         Binding("S", "sort(-1)", "sort back", show=False),
         Binding("r", "reverse", "reverse"),
+        Binding("g", "refresh_now", "refresh"),
         Binding("question_mark", "help", "help"),
     ]
 
@@ -202,6 +204,8 @@ class FleetApp(App[None]):
         if f is not None:
             parts.append(f"queried in {f.query_seconds * 1000:.0f} ms, drawn in "
                          f"{(self.redraw_seconds or 0) * 1000:.0f} ms; every {self.refresh_s:g} s")  # fmt: skip
+        if f is not None and not f.replicas and not self.error:
+            parts.append(empty_text(f))
         if self.error:
             parts.append(f"refresh failed: {self.error}" + (" (showing the last answer)" if f else ""))
         self.query_one("#status", Static).update(Text("  ".join(parts), style="red" if self.error else ""))
@@ -220,6 +224,9 @@ class FleetApp(App[None]):
         keys = [c.key for c in COLUMNS]
         self.sort_key = keys[(keys.index(self.sort_key) + step) % len(keys)]
         self.redraw()
+
+    def action_refresh_now(self) -> None:
+        self._wake.set()
 
     def action_reverse(self) -> None:
         self.reverse = not self.reverse

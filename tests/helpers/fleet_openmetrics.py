@@ -121,3 +121,44 @@ def write(path: Path, n: int, t_end: float, **kw: float) -> None:
     with open(path, "w") as f:
         for line in lines(n, t_end, **kw):
             f.write(line + "\n")
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def from_page(page: str, n: int, t_end: float, *, minutes: float = 10, step: float = 15) -> Iterator[str]:
+    """A real sidecar's ``/metrics`` page (text format) as ``n`` replicas' series: every series the page has, for
+    each replica (``instance(i)``, ``job="tuner"``), at one sample every ``step`` seconds over ``minutes``.
+    Counters and histograms grow linearly to the page's value times ``1 + (i % 10) / 10`` at ``t_end`` (buckets
+    stay ordered); gauges keep the page's value.  What a fleet of such sidecars costs Prometheus to answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    times = [t_end - k * step for k in range(int(minutes * 60 / step), -1, -1)]
+    for fam in text_string_to_metric_families(page):
+        yield f"# TYPE {fam.name} {fam.type}"
+        grows = fam.type in ("counter", "histogram")
+        metrics: dict[tuple[tuple[str, str], ...], list[tuple[str, dict[str, str], float]]] = {}
+        for s in fam.samples:  # one metric per label set without le: its samples stay together at each time
+            if s.name.endswith("_created"):
+                continue
+            key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            metrics.setdefault(key, []).append((s.name, dict(s.labels), float(s.value)))
+        for i in range(n):
+            scale = 1 + (i % 10) / 10
+            for samples in metrics.values():
+                for k, t in enumerate(times):
+                    frac = scale * (k + 1) / len(times) if grows else 1.0
+                    for name, labels, value in samples:
+                        items = {"instance": instance(i), "job": "tuner", **labels}
+                        if "le" in labels:
+                            items["le"] = "+Inf" if labels["le"] in ("+Inf", "inf") else repr(float(labels["le"]))
+                        lbl = ",".join(f'{a}="{_escape(b)}"' for a, b in items.items())
+                        yield f"{name}{{{lbl}}} {value * frac!r} {t}"
+    yield "# EOF"
+
+
+def write_page(path: Path, page: str, n: int, t_end: float, **kw: float) -> None:
+    with open(path, "w") as f:
+        for line in from_page(page, n, t_end, **kw):
+            f.write(line + "\n")

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
             fleet = fetch()
         except PromError as exc:
             raise UserError(str(exc)) from None
+        if not fleet.replicas:
+            from tuner.fleet.table import empty_text
+
+            raise UserError(empty_text(fleet))
         if args.json:
             json.dump(fleet.to_json(), sys.stdout, indent=2, allow_nan=False)
             sys.stdout.write("\n")

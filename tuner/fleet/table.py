@@ -87,3 +87,8 @@ def totals_text(f: Fleet) -> str:
             f"OOM kills {num(t['oom_kills'], '{:.0f}')}")  # fmt: skip
 
 
+def empty_text(fleet: Fleet) -> str:
+    """Why there is nothing to show, in one line."""
+    where = f" matching {{{fleet.match}}}" if fleet.match else ""
+    return (f"no tuner sidecars at {fleet.prometheus}: no tuner_info series{where} in the last hour (is Prometheus "
+            "scraping the sidecars' --prometheus ADDR?)")  # fmt: skip
