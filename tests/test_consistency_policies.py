@@ -252,3 +252,44 @@ def test_a_temperature_is_under_the_floor_only_by_more_than_its_noise() -> None:
     assert policy(0.0, noisy)._under_floor(1.0) == pytest.approx(sum(noisy) / 9)
     clear = [0.10, 0.12, 0.09, 0.11, 0.10, 0.13, 0.08, 0.11, 0.10]
     assert policy(1.64, clear)._under_floor(1.0) == pytest.approx(sum(clear) / 9)
+
+
+def test_policy_run_summary_command(tmp_path: Path) -> None:
+    """``python -m tuner.demo.consistency policy TRACE`` (docs/quality.md's table of the temperature policy's runs)
+    on a recorded trace: temperatures set, holds at the floor, 10 s windows in the repetition band, scored
+    self-consistency; a file that is not a trace is one line."""
+    import subprocess
+    import sys
+
+    from tests.cli import tuner_env
+    from tuner.trace import TraceWriter, make_header
+
+    trace = tmp_path / "run.jsonl"
+    with TraceWriter(trace, make_header(probes={}, interval_s=0.1, command=["demo"])) as w:
+        for i in range(30):  # 30 s: windows 0-9 s and 10-19 s in the band (0.05), 20-29 s above it (0.3)
+            temp = 0.5 if i < 12 else 0.65
+            w.event(Event(float(i), "request", {"id": i, "tokens": 64, "seq_rep_4": 0.05 if i < 20 else 0.3,
+                                                "temperature": temp}))
+            if i % 3 == 0:
+                w.event(Event(i + 0.5, "quality", {"id": i, "temperature": temp, "self_consistency": 0.2 + i / 100,
+                                                   "backend": "minilm"}))
+        w.write({"k": "action", "t": 11.5, "policy": "temperature", "knob": "temperature", "value": 0.65,
+                 "previous": 0.5, "outcome": "applied", "reason": "probe"})
+        w.write({"k": "action", "t": 25.0, "policy": "temperature", "knob": "repetition_penalty", "value": 1.1,
+                 "previous": 1.0, "outcome": "applied", "reason": "T 0.8 is under the floor: raising the repetition "
+                                                                "penalty"})
+        w.end(30.0)
+    cp = subprocess.run([sys.executable, "-m", "tuner.demo.consistency", "policy", str(trace), "--last", "10",
+                         "--json"], capture_output=True, text=True, timeout=300, env=tuner_env())
+    assert cp.returncode == 0, cp.stderr
+    (r,) = json.loads(cp.stdout)["runs"]
+    assert (r["requests"], r["temperature_first"], r["temperature_max"], r["temperature_last_mean"]) == \
+        (30, 0.5, 0.65, 0.65)
+    assert (r["temperature_moves"], r["penalty_max"], r["floor_actions"]) == (1, 1.1, 1)
+    assert (r["windows"], r["windows_in_band"], r["scored"]) == (3, 2, 10)
+    assert r["self_consistency"] == pytest.approx(0.2 + 13.5 / 100)
+    bad = tmp_path / "x.txt"
+    bad.write_text("not a trace\n")
+    cp = subprocess.run([sys.executable, "-m", "tuner.demo.consistency", "policy", str(bad)], capture_output=True,
+                        text=True, timeout=300, env=tuner_env())
+    assert cp.returncode == 2 and len(cp.stderr.strip().splitlines()) == 1 and "Traceback" not in cp.stderr

@@ -2,6 +2,10 @@
 
 ``python -m tuner.demo.consistency temperature [--backend minilm] [--temps 0.2,0.4,...] [--prompts 48]``
     self-consistency (two answers to each held-out prompt, sampled in one batch at T) and relevance against T;
+``python -m tuner.demo.consistency policy TRACE [TRACE ...] [--band 0.02,0.10] [--last 120]``
+    what the temperature policy did in recorded runs (``tuner demo --policy ... --consistency ...``): the
+    temperatures and repetition penalties it set, its holds at the self-consistency floor, the share of 10 s
+    windows whose mean repetition (seq-rep-4) was in the band, and the self-consistency of the scored responses;
 ``python -m tuner.demo.consistency precision [--backend minilm]``
     reference consistency of the shipped canary set (``tuner/quality/data/demo_canary.txt``), greedy answers at
     bf16 and int8 vs fp32, with the KL / top-1 figures the precision guard reports for the same step, and the
@@ -19,18 +23,14 @@ import math
 import statistics
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tuner.demo.corpus import held_out_prompts
-from tuner.demo.model import BatchDecoder, load
-from tuner.demo.sampling import SamplingParams, generate
-from tuner.demo.tokenizer import ByteTokenizer
-from tuner.demo.workload import CANARY_TOKENS, canary_answers
-from tuner.integrations.precision import PrecisionManager
 from tuner.quality.backends import Backend, BackendError, open_backend, parse_spec
 from tuner.quality.canary import demo_canary
+
+if TYPE_CHECKING:
+    import torch
 
 
 def reference_figures(backend: Backend, ref: list[str], new: list[str]) -> dict[str, Any]:
@@ -50,6 +50,12 @@ def reference_figures(backend: Backend, ref: list[str], new: list[str]) -> dict[
 
 
 def run_precision(backend: Backend) -> dict[str, Any]:
+    from tuner.demo.corpus import held_out_prompts
+    from tuner.demo.model import BatchDecoder, load
+    from tuner.demo.tokenizer import ByteTokenizer
+    from tuner.demo.workload import CANARY_TOKENS, canary_answers
+    from tuner.integrations.precision import PrecisionManager
+
     tok = ByteTokenizer()
     kl_prompts = [tok.encode(p, bos=True) for p in held_out_prompts(8, seed=1000, max_bytes=96)]
 
@@ -76,6 +82,14 @@ def run_precision(backend: Backend) -> dict[str, Any]:
 
 
 def run_temperature(backend: Backend, temps: list[float], n: int, seed: int) -> dict[str, Any]:
+    import torch
+
+    from tuner.demo.corpus import held_out_prompts
+    from tuner.demo.model import load
+    from tuner.demo.sampling import SamplingParams, generate
+    from tuner.demo.tokenizer import ByteTokenizer
+    from tuner.demo.workload import CANARY_TOKENS
+
     tok = ByteTokenizer()
     model = load()
     prompts = held_out_prompts(n, seed=seed)
@@ -96,8 +110,60 @@ def run_temperature(backend: Backend, temps: list[float], n: int, seed: int) -> 
     return {"backend": backend.name, "prompts": n, "tokens": CANARY_TOKENS, "seed": seed, "rows": rows}
 
 
+def summarize_policy_run(path: str, band: tuple[float, float], last_s: float) -> dict[str, Any]:
+    """One recorded run of the temperature policy with ``--consistency``: see the module's docstring."""
+    from tuner.trace import iter_records
+
+    reqs: list[tuple[float, float, float | None]] = []  # (t, seq_rep_4, temperature)
+    scored: list[float] = []
+    temps: list[tuple[float, float]] = []
+    penalties: list[float] = []
+    held = 0
+    end = 0.0
+    for r in iter_records(path):
+        k, t = r.get("k"), float(r.get("t") or 0.0)
+        end = max(end, t)
+        if k == "event" and r.get("kind") == "request":
+            d = r["data"]
+            if isinstance(d.get("seq_rep_4"), (int, float)):
+                reqs.append((t, float(d["seq_rep_4"]), d.get("temperature")))
+        elif k == "event" and r.get("kind") == "quality":
+            sc = r["data"].get("self_consistency")
+            if isinstance(sc, (int, float)):
+                scored.append(float(sc))
+        elif k == "action" and r.get("outcome") in ("applied", "done"):
+            if r.get("knob") == "temperature" and isinstance(r.get("value"), (int, float)):
+                temps.append((t, float(r["value"])))
+            elif r.get("knob") == "repetition_penalty" and isinstance(r.get("value"), (int, float)):
+                penalties.append(float(r["value"]))
+            if "floor" in str(r.get("reason", "")):
+                held += 1
+    served = [x for _, _, x in reqs if isinstance(x, (int, float))]
+    windows: dict[int, list[float]] = {}
+    for t, rep, _ in reqs:
+        windows.setdefault(int(t // 10), []).append(rep)
+    in_band = sum(1 for xs in windows.values() if band[0] <= statistics.fmean(xs) <= band[1])
+    late = [x for t, _, x in reqs if t >= end - last_s and isinstance(x, (int, float))]
+    return {"trace": path, "seconds": round(end, 1), "requests": len(reqs),
+            "temperature_first": served[0] if served else None, "temperature_max": max(served) if served else None,
+            "temperature_last_mean": statistics.fmean(late) if late else None, "temperature_moves": len(temps),
+            "penalty_max": max(penalties) if penalties else 1.0, "floor_actions": held,
+            "windows": len(windows), "windows_in_band": in_band, "scored": len(scored),
+            "self_consistency": statistics.fmean(scored) if scored else None}
+
+
 def render(kind: str, res: dict[str, Any]) -> str:
     lines = []
+    if kind == "policy":
+        lines.append(f"{'trace':32s} {'s':>5s} {'T first':>7s} {'T max':>6s} {'T last':>6s} {'pen.max':>7s} "
+                     f"{'floor':>5s} {'in band':>8s} {'self-cons.':>10s}")
+        for r in res["runs"]:
+            sc = "-" if r["self_consistency"] is None else f"{r['self_consistency']:.3f} ({r['scored']})"
+            lines.append(f"{Path(r['trace']).name[:32]:32s} {r['seconds']:5.0f} {r['temperature_first'] or 0:7.2f} "
+                         f"{r['temperature_max'] or 0:6.2f} {r['temperature_last_mean'] or 0:6.2f} "
+                         f"{r['penalty_max']:7.2f} {r['floor_actions']:5d} "
+                         f"{str(r['windows_in_band']) + '/' + str(r['windows']):>8s} {sc:>10s}")
+        return "\n".join(lines)
     if kind == "precision":
         lines.append(f"reference consistency, {res['prompts']} canary prompts, greedy {res['tokens']} bytes, backend "
                      f"{res['backend']}")
@@ -119,7 +185,10 @@ def render(kind: str, res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tuner.demo.consistency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("temperature", "precision"))
+    ap.add_argument("what", choices=("temperature", "precision", "policy"))
+    ap.add_argument("traces", nargs="*", help="policy: the recorded runs")
+    ap.add_argument("--band", default="0.02,0.10", help="policy: the repetition band (low,high)")
+    ap.add_argument("--last", type=float, default=120.0, help="policy: seconds at the end for 'T last'")
     ap.add_argument("--backend", default="minilm")
     ap.add_argument("--temps", default="0.2,0.4,0.6,0.8,1.0,1.2")
     ap.add_argument("--prompts", type=int, default=48)
@@ -127,6 +196,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.what == "policy":
+        from tuner.trace import TraceError
+
+        if not args.traces:
+            print("tuner: give the traces of the runs", file=sys.stderr)
+            return 2
+        lo, hi = (float(x) for x in args.band.split(","))
+        try:
+            res = {"runs": [summarize_policy_run(t, (lo, hi), args.last) for t in args.traces]}
+        except TraceError as exc:
+            print(f"tuner: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(res, indent=1) if args.json else render("policy", res))
+        return 0
+    import torch
+
     torch.set_num_threads(args.threads)
     try:
         backend = open_backend(parse_spec(args.backend))
