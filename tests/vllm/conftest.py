@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import tuner
-from tests.vllm.lab import VLLMServer, existing, lab_python, start_vllm
+from tests.vllm.lab import MAX_SEQS, VLLMServer, existing, lab_python, start_vllm
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +34,8 @@ def vllm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     if python is None:
         pytest.skip("no vLLM: set VLLM_LAB to a folder vllm-lab installed it into (make test-vllm does)")
     demo_export: Path = request.getfixturevalue("demo_export")
-    # --max-num-seqs 8: more streams than that wait in vLLM's own queue (num_requests_waiting)
-    server = start_vllm(python, demo_export, tmp_path_factory.mktemp("vllm-run"), "--max-num-seqs", "8")
+    # --max-num-seqs 32: more streams than that wait in vLLM's own queue (num_requests_waiting)
+    server = start_vllm(python, demo_export, tmp_path_factory.mktemp("vllm-run"), "--max-num-seqs", str(MAX_SEQS))
     print(f"\nvLLM ready in {server.started_seconds:.0f} s (pid {server.pid}, {server.root})")
     yield server
     server.stop()

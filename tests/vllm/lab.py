@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tuner.demo.export_hf import ALLOWED_TOKEN_IDS
 
 MODEL = "tuner-demo"
+MAX_SEQS = 32  # the server's --max-num-seqs: streams past it wait in vLLM's queue
 START_TIMEOUT_S = 900.0  # ~40 s on an idle 2-core machine; several minutes when the machine is busy
 
 
