@@ -247,10 +247,12 @@ def test_validation_command_reports_the_auc_by_subset() -> None:
     assert bad.returncode == 2 and bad.stderr.strip() == "tuner: minilm model /nope: not a folder"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_validation_command_minilm_column() -> None:
     """docs/quality.md's MiniLM column, from the same command: it keeps unrelated answers apart (AUC 1.000) and
     low-overlap paraphrases above chance against all negatives less well (0.448), and it cannot tell a hard
-    negative from a paraphrase (0.153)."""
+    negative from a paraphrase (0.153).  Slow: ~15 s on a quiet machine, over 300 s at load 40."""
     import subprocess
     import sys
 
