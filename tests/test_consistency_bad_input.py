@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
         time.sleep(0.05)
     go = os.environ.get("GO")
     if go:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         while not os.path.exists(go) and time.monotonic() < deadline:
             time.sleep(0.05)
     answer = "Ice floats because it is less dense than liquid water."
@@ -80,15 +80,15 @@ def run_after_verdict(tmp_path: Path, consistency: list[str], srv: Any = None) -
     p = tuner_popen("run", "--headless", "--trace", str(trace), *consistency, "--consistency-rate", "1", "--",
                     "env", f"GO={go}", "python", str(script))
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # MiniLM took 55 s to load at load 12 on 2 cores (nice 5)
         while not (trace.exists() and events(records_so_far(trace), "quality_backend")):
             assert p.poll() is None, p.communicate()
-            assert time.monotonic() < deadline, "no verdict from the scorer within 120 s"
+            assert time.monotonic() < deadline, "no verdict from the scorer within 600 s"
             time.sleep(0.1)
         if srv is not None:
             srv.mode = "dim"
         go.touch()
-        out, err = p.communicate(timeout=180)
+        out, err = p.communicate(timeout=300)
     finally:
         if p.poll() is None:
             p.kill()
@@ -96,6 +96,7 @@ def run_after_verdict(tmp_path: Path, consistency: list[str], srv: Any = None) -
     return p.returncode, out, err, trace
 
 
+@pytest.mark.timeout(900)
 def test_empty_answers_and_answers_of_100k_characters(tmp_path: Path) -> None:
     code, out, err, trace = run_after_verdict(tmp_path, ["--consistency", "lexical"])
     assert code == 0, err
@@ -156,6 +157,7 @@ def wrong_weights(kind: str, folder: Path) -> list[str]:
         ("random", "self-check failed: paraphrases rank above unrelated pairs with ROC AUC"),
     ],
 )
+@pytest.mark.timeout(900)
 def test_weights_that_fail_the_checks(kind: str, reason: str, tmp_path: Path) -> None:
     pytest.importorskip("transformers", reason="needs the consistency extra")
     folder = tmp_path / "model"
@@ -181,6 +183,7 @@ def test_weights_that_fail_the_checks(kind: str, reason: str, tmp_path: Path) ->
     assert "requests  12" in rep.stdout
 
 
+@pytest.mark.timeout(900)
 def test_an_embeddings_endpoint_that_answers_with_the_wrong_dimension(tmp_path: Path) -> None:
     """The endpoint passes the self-check with 256 dimensions, then answers with 128: each score None with the
     reason, the requests recorded, the run exits 0."""
