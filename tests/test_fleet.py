@@ -23,7 +23,7 @@ import pytest
 from tests.cli import assert_one_line_error, tuner, tuner_env, tuner_popen
 from tuner.core.limits import DictReader, binding
 from tuner.fleet import PromClient, fetch_fleet
-from tuner.fleet.table import COLUMNS, sorted_rows
+from tuner.fleet.table import COLUMNS, sorted_rows, status
 from tuner.fleet.view import Fleet, Replica, queries
 from tuner.outputs.prometheus import TTFT_BUCKETS
 from tuner.trace import TraceData, read_trace
@@ -177,6 +177,11 @@ def test_sorting_puts_missing_values_last_both_ways() -> None:
     assert [r.key for r in sorted_rows(rows, "ttft", False)] == ["c", "a", "b"]
     assert [r.key for r in sorted_rows(rows, "ttft", True)] == ["a", "c", "b"]
     assert {c.key for c in COLUMNS} >= {"replica", "ttft", "tokens", "headroom", "binding", "knobs", "action", "oom"}
+    rows = [Replica(k, {}) for k in ("10.0.0.10:9464", "10.0.0.9:9464", "pod-10", "pod-2")]
+    natural = ["10.0.0.9:9464", "10.0.0.10:9464", "pod-2", "pod-10"]
+    assert [r.key for r in sorted_rows(rows, "replica", False)] == natural
+    assert [status(r) for r in (Replica("a", {}, up=True), Replica("b", {}, up=False), Replica("c", {}),
+                                Replica("d", {}, up=True, reporting=False))] == ["up", "down", "reporting", "down"]
 
 
 # -- three real sidecars ------------------------------------------------------------------------------
@@ -476,6 +481,54 @@ def test_the_view_keeps_the_last_rows_when_a_refresh_fails_and_says_why() -> Non
     asyncio.run(main())
 
 
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_tuner_fleet_in_a_real_terminal(tmp_path: Path, hundred: tuple[Prometheus, float]) -> None:
+    """``tuner fleet`` in tmux (a real pseudo-terminal): the rows, a sort, a replica's detail, quit with exit 0."""
+    import shlex
+
+    prom, _ = hundred
+    sock, done = f"tuner-fleet-{free_port()}", tmp_path / "exit"
+    cmd = shlex.join([sys.executable, "-m", "tuner", "fleet", "--prometheus", prom.url, "--match", 'job="tuner"'])
+    env = tuner_env()
+    env.pop("TMUX", None)
+
+    def tmux(*args: str) -> str:
+        return subprocess.run(["tmux", "-L", sock, *args], env=env, capture_output=True, text=True, timeout=30,
+                              check=True).stdout  # fmt: skip
+
+    def shown(text: str) -> str:
+        deadline = time.monotonic() + 60
+        while text not in (s := tmux("capture-pane", "-p", "-t", "fleet")):
+            assert time.monotonic() < deadline, s
+            time.sleep(0.2)
+        return s
+
+    tmux("new-session", "-d", "-s", "fleet", "-x", "220", "-y", "50", f"{cmd}; echo $? > {done}; sleep 30")
+    try:
+        s = shown("100 replicas (0 up, 100 reporting)")
+        assert "10.0.0.0:9464" in s and "cgroup working set" in s and "batch size 8" in s and "reporting" in s
+        assert s.index("10.0.0.9:9464") < s.index("10.0.0.10:9464")
+        tmux("send-keys", "-t", "fleet", "s")
+        shown("sorted by status")
+        tmux("send-keys", "-t", "fleet", "Enter")
+        d = shown("memory limits (tightest first)")
+        assert "10.0.0.0:9464" in d and "batch_size set batch_size: applied" in d
+        tmux("send-keys", "-t", "fleet", "Escape")
+        deadline = time.monotonic() + 30
+        while "memory limits" in (s := tmux("capture-pane", "-p", "-t", "fleet")):  # (a key right after an
+            assert time.monotonic() < deadline, s  # escape would read as alt+key)
+            time.sleep(0.2)
+        tmux("send-keys", "-t", "fleet", "q")
+        deadline = time.monotonic() + 30
+        while not done.exists() or not done.read_text().strip():
+            assert time.monotonic() < deadline, tmux("capture-pane", "-p", "-t", "fleet")
+            time.sleep(0.2)
+        assert done.read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], env=env, capture_output=True, timeout=30)
+
+
 # -- the last scrape: --prometheus-linger ----------------------------------------------------------------
 
 
@@ -510,7 +563,7 @@ def test_an_oom_kill_reaches_prometheus_before_the_sidecar_goes(tmp_path: Path) 
             run.stdin.flush()
             _, err = run.communicate(timeout=120)
             assert run.returncode == 137, err
-            assert "keeping /metrics up for a last scrape (at most 4 s; --prometheus-linger)" in err, err
+            assert "keeping /metrics up for a last scrape (at most 4 s; --prometheus-linger; Ctrl-C" in err, err
             time.sleep(1)
             f = fetch_fleet(client, window="1m", match='job="tuner"')
         finally:
@@ -567,8 +620,53 @@ def test_the_last_counters_reach_prometheus_after_the_command_exits(tmp_path: Pa
     finally:
         prom.close()
     limit = "4 s" if linger is None else "30 s"
-    assert f"keeping /metrics up for a last scrape (at most {limit}; --prometheus-linger)" in err
+    assert f"keeping /metrics up for a last scrape (at most {limit}; --prometheus-linger; Ctrl-C stops it)" in err
     assert len(read_trace(trace).requests()) == 25
     assert last.value == 25.0  # the whole count: the burst came after the last regular scrape
     assert kills.value == 0.0  # the series is there from the start, at 0
     assert took < 2.0 + 10.0  # one scrape interval at most (+ the run's own ending), not the 30 s
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_wait_for_a_last_scrape(tmp_path: Path, sig: str) -> None:
+    """A scraper that scraped twice and does not come back: ``--prometheus-linger 120`` would wait two minutes;
+    Ctrl-C (or SIGTERM) ends the wait at once, the command's exit code and the trace intact."""
+    import signal
+
+    port = free_port()
+    trace = tmp_path / "t.jsonl"
+    run = tuner_popen("run", "--headless", "--trace", str(trace), "--prometheus", f"127.0.0.1:{port}",
+                      "--prometheus-linger", "120", "--", sys.executable, "-c", "import sys; sys.stdin.readline()",
+                      stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        scrapes = 0
+        while scrapes < 2:
+            assert time.monotonic() < deadline and run.poll() is None
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    scrapes += r.status == 200
+            except OSError:
+                time.sleep(0.2)
+        assert run.stdin is not None and run.stderr is not None
+        run.stdin.write("\n")
+        run.stdin.flush()
+        lines = []
+        for line in run.stderr:
+            lines.append(line)
+            if "keeping /metrics up for a last scrape (at most 120 s" in line:
+                break
+        time.sleep(0.5)
+        assert run.poll() is None, "".join(lines)  # still waiting for the scraper
+        started = time.monotonic()
+        run.send_signal(getattr(signal, sig))
+        _, err = run.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, "".join(lines) + err
+    assert took < 5.0, took
+    assert "Traceback" not in err and "trace written to" in err
+    assert read_trace(trace).end is not None

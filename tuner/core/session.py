@@ -6,10 +6,13 @@ path a user's own command takes.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,8 +403,9 @@ class Session:
         self.writer.end(self.now(), ticks=self.sampler.ticks, skipped=self.sampler.skipped, **end)
         self.writer.close()
         self.sampler.close()
-        for ex in self.exporters:
-            ex.close()
+        with _signals_stop_lingering(self.exporters):  # Ctrl-C / SIGTERM end the wait for a last scrape
+            for ex in self.exporters:
+                ex.close()
         if self.channel is not None:
             self.channel.close()
         self._close_observer()
@@ -410,6 +414,27 @@ class Session:
             self.log(f"trace {self.trace_path} is incomplete: its last {kib:,.0f} KiB of records could not be "
                      f"written ({self.writer.error})")
         return self.trace_path
+
+
+@contextlib.contextmanager
+def _signals_stop_lingering(exporters: Sequence[Any]) -> Iterator[None]:
+    """While the exporters close (``/metrics`` may wait for a last scrape), SIGINT and SIGTERM end that wait
+    instead of whatever the command's handlers would do (its child is gone by now)."""
+    stoppers = [ex.stop_lingering for ex in exporters if hasattr(ex, "stop_lingering")]
+    if not stoppers or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for stop in stoppers:
+            stop()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def pid_exists_or_error(pid: int) -> None:

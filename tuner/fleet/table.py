@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.fleet.view import Fleet, Replica
+from tuner.fleet.view import Fleet, Replica, natural
 
 
 def secs(v: float | None) -> str:
@@ -33,9 +33,11 @@ def age(s: float) -> str:
 
 
 def status(r: Replica) -> str:
+    """``up`` / ``down`` by Prometheus' ``up`` for the sidecar's target; ``reporting`` when its series are there
+    but no ``up`` carries the ``--by`` label (series remote-written or federated, or blocks)."""
     if r.up is False or not r.reporting:
         return "down"
-    return "up"
+    return "up" if r.up else "reporting"
 
 
 def last_action_text(r: Replica) -> str:
@@ -55,7 +57,7 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("replica", "replica", lambda r: r.key, lambda r: r.key),
+    Column("replica", "replica", lambda r: r.key, lambda r: natural(r.key)),
     Column("status", "status", status, status),
     Column("ttft", "TTFT p95", lambda r: secs(r.ttft_p95), lambda r: r.ttft_p95),
     Column("tpot", "TPOT p95", lambda r: secs(r.tpot_p95), lambda r: r.tpot_p95),
@@ -75,7 +77,7 @@ def sorted_rows(rows: list[Replica], column: str, reverse: bool) -> list[Replica
     col = next(c for c in COLUMNS if c.key == column)
     have = [r for r in rows if col.sort(r) is not None]
     none = [r for r in rows if col.sort(r) is None]
-    return sorted(have, key=col.sort, reverse=reverse) + sorted(none, key=lambda r: r.key)
+    return sorted(have, key=col.sort, reverse=reverse) + sorted(none, key=lambda r: natural(r.key))
 
 
 def totals_text(f: Fleet) -> str:

@@ -197,9 +197,14 @@ def fetch_fleet(client: PromClient, *, by: str = "instance", window: str = "1m",
             if (key := s.labels.get(by)) in replicas and s.value is not None:
                 now = getattr(replicas[key], attr)
                 setattr(replicas[key], attr, s.value if now is None else max(now, s.value))
-    rows = sorted(replicas.values(), key=lambda r: r.key)
+    rows = sorted(replicas.values(), key=lambda r: natural(r.key))
     totals = _totals(rows, res)
     return Fleet(client.url, when, window, by, match, rows, totals, round(took, 4))
+
+
+def natural(key: str) -> tuple[Any, ...]:
+    """``10.0.0.9:9464`` before ``10.0.0.10:9464``; ``pod-2`` before ``pod-10``."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", key)))
 
 
 def _target_labels(labels: dict[str, str]) -> dict[str, str]:

@@ -459,6 +459,7 @@ class PrometheusExporter:
         self._thread.start()
         self.port = int(self._server.server_address[1])
         self._closed = False
+        self._stop_lingering = False
 
     def scrape_interval(self) -> float | None:
         """The median time between two scrapes by one server, as seen; None before any second scrape."""
@@ -479,13 +480,18 @@ class PrometheusExporter:
         if limit <= 0 or not waiting:
             return
         if self._log is not None:
-            self._log(f"keeping /metrics up for a last scrape (at most {limit:.0f} s; --prometheus-linger)")
+            self._log(f"keeping /metrics up for a last scrape (at most {limit:.0f} s; --prometheus-linger; "
+                      "Ctrl-C stops it)")  # fmt: skip
         deadline = now + limit
         with self._scraped:
-            while waiting and (left := deadline - time.monotonic()) > 0:
+            while waiting and not self._stop_lingering and (left := deadline - time.monotonic()) > 0:
                 waiting = {a for a in waiting if self._scrapes[a][-1] < now}
                 if waiting:
-                    self._scraped.wait(left)
+                    self._scraped.wait(min(left, 0.2))  # (a signal handler only sets the flag: no lock there)
+
+    def stop_lingering(self) -> None:
+        """End the wait for a last scrape now (a signal handler calls it: it only sets a flag)."""
+        self._stop_lingering = True
 
     def update(self, values: Mapping[str, Any], procs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         self.collector.update(values, procs)
