@@ -3,15 +3,17 @@ the tokens/s lost at 8 and 32 streams, and what scraping vLLM's ``/metrics`` onc
 and vLLM's).  Figures are printed (BENCHMARKS.md takes them from a run); what is asserted is that every stream
 arrived whole both ways.
 
-- TTFT: one request at a time (16 new tokens), bare-socket client, direct and proxied alternating (which goes
-  first alternates too), ``TTFT_PAIRS`` pairs: the difference of the medians and the median (and quartiles) of
-  the paired differences.
-- tokens/s: N concurrent streams of ``TOKENS`` tokens (``ignore_eos``), a direct round and a proxied one,
-  ``PAIRS`` pairs in ABBA order (drift in the machine's load falls on both sides alike); the loss is 1 - the
-  median of the pairs' ratios, with its quartiles.  The proxy shares the 2 cores with vLLM and the client here,
-  and on a shared machine the rounds swing with other jobs: the CPU figures are the steadier reading — vLLM's
-  processes' CPU per token direct and proxied (does the proxy make vLLM work more?), and the proxy's own CPU
-  per token, as a share of vLLM's (what, on a CPU-bound host, it can take from vLLM).
+- TTFT: one request at a time (16 new tokens), bare-socket client, direct, proxied and through a bare asyncio
+  TCP relay process (bytes in, bytes out: what one more process hop costs on this machine at this load), the
+  order rotating, ``TTFT_PAIRS`` rounds: the difference of the medians and the median (and quartiles) of the
+  paired differences.
+- tokens/s: N concurrent streams of ``TOKENS`` tokens (``ignore_eos``), ``PAIRS`` rounds each of direct,
+  proxied and direct asking what the proxy asks vLLM for (``continuous_usage_stats``: usage on every chunk),
+  the order rotating; the loss is 1 - the median of the (proxied / direct) ratios, with its quartiles.  The
+  proxy shares the 2 cores with vLLM and the client here, and on a shared machine the rounds swing with other
+  jobs: the CPU figures are the steadier reading — vLLM's processes' CPU per token direct, proxied and direct
+  with usage on every chunk (does the proxy make vLLM work more, and is it that request?), and the proxy's own
+  CPU per token, as a share of vLLM's (what, on a CPU-bound host, it can take from vLLM).
 - scrape cost: two proxies idle side by side for 20 s, one scraping (the default), one with
   ``--no-engine-metrics``: the difference of their CPU; and vLLM's API-server process CPU over 20 s idle with
   the scraping proxy against 20 s without any proxy.
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from tests.vllm.test_vllm_e2e import short_prompts
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 PAIRS = int(os.environ.get("TUNER_VLLM_PAIRS", "12"))
 TTFT_PAIRS = 60
+RELAY = Path(__file__).resolve().parents[1] / "bench" / "test_bench_proxy_cpu.py"  # run as a script: --relay URL
 TOKENS = 64  # a stream: rounds of ~2 s (8 streams) and ~4 s (32) on the 2-core machine: many short pairs
 
 
@@ -53,6 +59,13 @@ def test_figures_direct_against_proxied(vllm: VLLMServer, tmp_path: Path) -> Non
     c0 = _cpu(api)
     time.sleep(20.0)
     idle_plain = _cpu(api) - c0
+    env = {**os.environ, "PYTHONPATH": str(RELAY.parents[2])}  # the script imports tests.bench
+    relay = subprocess.Popen([sys.executable, str(RELAY), "--relay", vllm.root], stderr=subprocess.PIPE, text=True,
+                             env=env)
+    assert relay.stderr is not None
+    m = re.search(r"relay on (http://\S+)", relay.stderr.readline())
+    assert m, "the relay did not start"
+    relay_root = m.group(1)
     scraping = ProxyProcess(vllm.root, tmp_path / "scrape.jsonl", "--pid", str(vllm.pid))
     quiet = ProxyProcess(vllm.root, tmp_path / "quiet.jsonl", "--pid", str(vllm.pid), "--no-engine-metrics")
     try:
@@ -65,29 +78,39 @@ def test_figures_direct_against_proxied(vllm: VLLMServer, tmp_path: Path) -> Non
         figures["scrape_cost_vllm_cores"] = round((a1 - a0 - idle_plain) / 20.0, 5)
         figures["proxy_idle_cores"] = round((q1 - q0) / 20.0, 5)
         quiet.stop()
-        # TTFT added: one at a time, alternating
+        # TTFT added: one at a time, direct / proxied / through a bare TCP relay, the order rotating
         body = {"max_tokens": 16, "temperature": 0.8}
         closed_loop(scraping.root, prompts[:4], 1, **body)  # warm-up
-        d, p = [], []
+        closed_loop(relay_root, prompts[:4], 1, **body)
+        arms: dict[str, list[float]] = {vllm.root: [], scraping.root: [], relay_root: []}
+        order = list(arms)
         for i in range(TTFT_PAIRS):
-            for root in (vllm.root, scraping.root)[:: 1 if i % 2 == 0 else -1]:
-                (d if root == vllm.root else p).extend(closed_loop(root, [prompts[i % 64]], 1, **body))
+            for root in order[i % 3 :] + order[: i % 3]:
+                arms[root].extend(closed_loop(root, [prompts[i % 64]], 1, **body))
+        d, p, r = arms[vllm.root], arms[scraping.root], arms[relay_root]
         figures["ttft_direct_p50_ms"] = round(statistics.median(d) * 1e3, 2)
         figures["ttft_proxied_p50_ms"] = round(statistics.median(p) * 1e3, 2)
         figures["ttft_added_p50_ms"] = round((statistics.median(p) - statistics.median(d)) * 1e3, 2)
         diffs = [b - a for a, b in zip(d, p, strict=True)]
         figures["ttft_added_paired_p50_ms"] = round(statistics.median(diffs) * 1e3, 2)
         figures["ttft_added_paired_iqr_ms"] = [round(x * 1e3, 2) for x in statistics.quantiles(diffs, n=4)[::2]]
+        # what one more process hop costs on this machine now: a relay that only copies bytes
+        figures["ttft_relay_added_paired_p50_ms"] = round(
+            statistics.median(b - a for a, b in zip(d, r, strict=True)) * 1e3, 2
+        )
         # tokens/s at 8 and 32 streams; CPU of vLLM's processes and of the proxy over the same rounds
         tree = [api, *api.children(recursive=True)]
         for n in (8, 32):
             ratios: list[float] = []
-            rates: dict[str, list[float]] = {"direct": [], "proxied": []}
-            vllm_cpu: dict[str, list[float]] = {"direct": [], "proxied": []}
+            rates: dict[str, list[float]] = {"direct": [], "proxied": [], "direct_usage": []}
+            vllm_cpu: dict[str, list[float]] = {"direct": [], "proxied": [], "direct_usage": []}
             proxy_cpu: list[float] = []
             for i in range(PAIRS):
-                sides = (("direct", vllm.url), ("proxied", scraping.url))
-                for name, url in sides[:: 1 if i % 2 == 0 else -1]:
+                # direct, proxied, and direct asking what the proxy asks vLLM for (usage on every chunk): does that
+                # request make vLLM work more?  The order rotates.
+                sides = [("direct", vllm.url, False), ("proxied", scraping.url, False),
+                         ("direct_usage", vllm.url, True)]
+                for name, url, continuous in sides[i % 3 :] + sides[: i % 3]:
                     v0, x0, t = sum(_cpu(q) for q in tree), _cpu(ps), time.monotonic()
                     out = burst(
                         url,
@@ -95,7 +118,7 @@ def test_figures_direct_against_proxied(vllm: VLLMServer, tmp_path: Path) -> Non
                         max_tokens=TOKENS,
                         ignore_eos=True,
                         temperature=0.8,
-                        stream_options={"include_usage": True},
+                        stream_options={"include_usage": True, "continuous_usage_stats": continuous},
                     )
                     wall = time.monotonic() - t
                     v1, x1 = sum(_cpu(q) for q in tree), _cpu(ps)
@@ -114,6 +137,9 @@ def test_figures_direct_against_proxied(vllm: VLLMServer, tmp_path: Path) -> Non
             # on a CPU-bound host what the proxy can take from vLLM is CPU: its own, and any extra in vLLM
             figures[f"vllm_cpu_ms_per_token_direct_{n}"] = round(statistics.median(vllm_cpu["direct"]) * 1e3, 3)
             figures[f"vllm_cpu_ms_per_token_proxied_{n}"] = round(statistics.median(vllm_cpu["proxied"]) * 1e3, 3)
+            figures[f"vllm_cpu_ms_per_token_direct_usage_{n}"] = round(
+                statistics.median(vllm_cpu["direct_usage"]) * 1e3, 3
+            )
             figures[f"proxy_cpu_ms_per_token_{n}"] = round(statistics.median(proxy_cpu) * 1e3, 4)
             figures[f"proxy_cpu_of_vllm_pct_{n}"] = round(
                 statistics.median(proxy_cpu) / statistics.median(vllm_cpu["proxied"]) * 100, 2
@@ -122,6 +148,8 @@ def test_figures_direct_against_proxied(vllm: VLLMServer, tmp_path: Path) -> Non
         if quiet.proc.poll() is None:
             quiet.stop()
         scraping.stop()
+        relay.terminate()
+        relay.wait(timeout=10)
     figures["load_avg_1m_end"] = round(os.getloadavg()[0], 1)
     figures["pairs"] = PAIRS
     print("\nvLLM direct vs proxied: " + json.dumps(figures))
