@@ -57,6 +57,23 @@ def test_rules_pass_their_unit_tests() -> None:
     assert cp.returncode == 0 and "SUCCESS" in cp.stdout, cp.stdout + cp.stderr
 
 
+def test_every_alert_and_record_has_a_unit_test() -> None:
+    """Each alert is expected both firing and quiet somewhere in the unit tests; each record is evaluated in one
+    (directly or through an alert that reads it)."""
+    rules = [r for g in yaml.safe_load((PROM / "tuner-rules.yml").read_text())["groups"] for r in g["rules"]]
+    tests = yaml.safe_load((PROM / "tuner-rules.test.yml").read_text())["tests"]
+    cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+    exprs = {e["expr"] for t in tests for e in t.get("promql_expr_test", [])}
+    alert_exprs = " ".join(r["expr"] for r in rules if "alert" in r)
+    for r in rules:
+        if "alert" in r:
+            mine = [c for c in cases if c["alertname"] == r["alert"]]
+            assert any(c["exp_alerts"] for c in mine) and any(not c["exp_alerts"] for c in mine), r["alert"]
+        else:
+            used_by = exprs | {x["expr"] for x in rules if "record" in x and x["record"] in exprs}
+            assert any(r["record"] in e for e in used_by) or r["record"] in alert_exprs, r["record"]
+
+
 @needs_promtool
 @pytest.mark.parametrize(("old", "new", "why"), [
     ('le=~"1(\\\\.0)?"', 'le="1.0"', "Prometheus 3 stores le as 1: the code service's fast burn goes unseen"),
