@@ -24,8 +24,8 @@ import pytest
 from tests.cli import assert_one_line_error, tuner, tuner_env, tuner_popen
 from tuner.core.limits import DictReader, binding
 from tuner.fleet import PromClient, fetch_fleet
-from tuner.fleet.table import COLUMNS, sorted_rows, status
-from tuner.fleet.view import Fleet, Replica, queries
+from tuner.fleet.table import COLUMNS, secs, sorted_rows, status
+from tuner.fleet.view import Fleet, Replica, queries, replica_detail
 from tuner.outputs.prometheus import TTFT_BUCKETS
 from tuner.trace import TraceData, read_trace
 
@@ -94,6 +94,9 @@ def test_the_queries_use_the_label_the_window_and_the_matchers() -> None:
     assert q["gauges"].startswith('last_over_time({__name__=~"tuner_(knob_.+|')
     assert q["gauges"].endswith(', job="tuner", namespace="prod"}[5m])')
     assert queries("instance", "1m", "")["info"] == "last_over_time(tuner_info{}[1h])"
+    light = queries("pod", "2m", "", rows_only=True)  # what the terminal UI refreshes: the rows' and totals'
+    assert {k for k in light if "_p" in k} == {"ttft_p95", "tpot_p95", "fleet_ttft_p50", "fleet_ttft_p95",
+                                               "fleet_ttft_p99", "fleet_tpot_p95"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -386,7 +389,10 @@ def test_the_view_sorts_and_shows_a_replicas_detail(hundred: tuple[Prometheus, f
 
     prom, t_end = hundred
     client = PromClient(prom.url)
-    app = FleetApp(lambda: fetch_fleet(client, window="1m", match='job="tuner"', at=t_end), refresh=3600)
+    opts: dict[str, Any] = {"window": "1m", "match": 'job="tuner"', "at": t_end}
+    full = {r.key: r for r in fetch_fleet(client, **opts).replicas}  # every percentile, as --once --json has them
+    app = FleetApp(lambda: fetch_fleet(client, rows_only=True, **opts), refresh=3600,
+                   detail=lambda r: replica_detail(client, r, **opts))  # as tuner fleet runs it  # fmt: skip
 
     def screen() -> str:
         return "\n".join(s.text for s in app.screen._compositor.render_strips())
@@ -422,7 +428,10 @@ def test_the_view_sorts_and_shows_a_replicas_detail(hundred: tuple[Prometheus, f
             await pilot.press("enter")
             d = await shown("memory limits")
             assert first in d and "memory limits" in d and "batch_size set batch_size: applied" in d
-            assert "TTFT p50" in d and "OOM kills" in d
+            assert "OOM kills" in d and app.fleet.replicas[0].ttft_p50 is None  # type: ignore[union-attr]
+            e = full[first]  # the refreshes left p50, p99 and end-to-end out: the detail asked for them
+            d = await shown(f"TTFT p50 {secs(e.ttft_p50)}  p95 {secs(e.ttft_p95)}  p99 {secs(e.ttft_p99)}")
+            assert e.ttft_p50 is not None and e.e2e_p95 is not None and f"end-to-end p95 {secs(e.e2e_p95)}" in d
             await pilot.press("escape")
             await shown("sorted by tok/s")
             assert "memory limits" not in screen()

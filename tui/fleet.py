@@ -79,6 +79,11 @@ class FetchFailed(Message):
     error: str
 
 
+@dataclass
+class DetailFetched(Message):
+    replica: Replica
+
+
 class DetailScreen(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,enter,q", "close", "close")]
     DEFAULT_CSS = """
@@ -87,9 +92,11 @@ class DetailScreen(ModalScreen[None]):
                             background: $surface; }
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, key: str | None = None) -> None:
         super().__init__()
         self.text = text
+        self.key = key
+        """The replica shown (None: not a replica's detail)."""
 
     def compose(self) -> ComposeResult:
         yield Static(self.text, id="detail")
@@ -122,9 +129,12 @@ class FleetApp(App[None]):
         Binding("question_mark", "help", "help"),
     ]
 
-    def __init__(self, fetch: Callable[[], Fleet], *, refresh: float = 5.0, sort: str = "replica") -> None:
+    def __init__(self, fetch: Callable[[], Fleet], *, refresh: float = 5.0, sort: str = "replica",
+                 detail: Callable[[Replica], Replica] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.fetch = fetch
+        self.detail = detail
+        """Fills in what a refresh leaves out for one replica (``tuner.fleet.view.replica_detail``), on Enter."""
         self.refresh_s = refresh
         self.fleet: Fleet | None = None
         self.sort_key = sort
@@ -246,7 +256,22 @@ class FleetApp(App[None]):
             return
         r = next((x for x in f.replicas if x.key == str(msg.row_key.value)), None)
         if r is not None:
-            self.push_screen(DetailScreen(detail_text(r, f.window)))
+            self.push_screen(DetailScreen(detail_text(r, f.window), r.key))
+            if self.detail is not None:
+                self.fetch_detail(r)
+
+    @work(thread=True, group="detail", exit_on_error=False)
+    def fetch_detail(self, r: Replica) -> None:
+        assert self.detail is not None
+        try:
+            self.post_message(DetailFetched(self.detail(r)))
+        except Exception as exc:  # the detail keeps what the last refresh had; the status line says why
+            self.post_message(FetchFailed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+
+    def on_detail_fetched(self, msg: DetailFetched) -> None:
+        screen, f = self.screen, self.fleet
+        if isinstance(screen, DetailScreen) and screen.key == msg.replica.key and f is not None:
+            screen.query_one("#detail", Static).update(detail_text(msg.replica, f.window))
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

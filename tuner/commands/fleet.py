@@ -70,9 +70,17 @@ def run(args: argparse.Namespace) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserError("tuner fleet needs a terminal (stdin and stdout are not a tty); for text use --once "
                         "(--json for scripts)")  # fmt: skip
+    from tuner.fleet import Replica
+    from tuner.fleet.view import replica_detail
     from tuner.tui.fleet import FleetApp
 
-    FleetApp(fetch, refresh=args.refresh).run()
+    def light() -> Fleet:  # each refresh: the percentiles the rows and totals show; the rest on Enter
+        return fetch_fleet(client, by=args.by, window=args.window, match=args.match, rows_only=True)
+
+    def detail(r: Replica) -> Replica:
+        return replica_detail(client, r, by=args.by, window=args.window, match=args.match)
+
+    FleetApp(light, refresh=args.refresh, detail=detail).run()
     return 0
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tuner.core.limits import DictReader, terms
@@ -34,6 +34,8 @@ _GAUGES = ("knob_.+", "cgroup_mem_.+", "cgroup_oom_kills_total", "sys_mem_.+", "
            "gpu_tree_.+", "engine_kv_cache_usage_ratio", "engine_requests_(running|waiting)", "mem_headroom_ratio",
            "mem_time_to_limit_seconds", "last_action_timestamp_seconds", "actions_total", "tree_rss_bytes")  # fmt: skip
 """The series read for the memory terms, the knobs and the actions (the tuner_ prefix left out)."""
+ROW_QUANTILES = ("ttft_p95", "tpot_p95")
+"""The percentiles the view's rows show (``COLUMNS``)."""
 QUANTILES = (("ttft_p50", "tuner_req_ttft_seconds", 0.5), ("ttft_p95", "tuner_req_ttft_seconds", 0.95),
              ("ttft_p99", "tuner_req_ttft_seconds", 0.99), ("tpot_p95", "tuner_req_tpot_seconds", 0.95),
              ("e2e_p95", "tuner_req_e2e_seconds", 0.95))  # fmt: skip
@@ -114,8 +116,9 @@ def check_options(by: str, window: str, match: str) -> str:
     return m
 
 
-def queries(by: str, window: str, match: str) -> dict[str, str]:
-    """Every query of one refresh, by name."""
+def queries(by: str, window: str, match: str, *, rows_only: bool = False) -> dict[str, str]:
+    """Every query of one refresh, by name (``rows_only``: of the percentiles only those the rows and the totals
+    line show; ``replica_detail`` fetches the rest for one replica)."""
     m = check_options(by, window, match)
     sel = "{" + m + "}"
     comma = f", {m}" if m else ""
@@ -134,18 +137,41 @@ def queries(by: str, window: str, match: str) -> dict[str, str]:
         "fleet_requests": f"sum(rate(tuner_req_e2e_seconds_count{sel}[{window}]))",
     }
     for name, metric, quant in QUANTILES:
+        if rows_only and name not in ROW_QUANTILES:
+            continue
         q[name] = f"histogram_quantile({quant}, sum by ({by}, le) (rate({metric}_bucket{sel}[{window}])))"
         q["fleet_" + name] = f"histogram_quantile({quant}, sum by (le) (rate({metric}_bucket{sel}[{window}])))"
+    if rows_only:  # the fleet's TTFT p50 and p99 are in the totals line
+        for name, metric, quant in QUANTILES:
+            if name in ("ttft_p50", "ttft_p99"):
+                q["fleet_" + name] = f"histogram_quantile({quant}, sum by (le) (rate({metric}_bucket{sel}[{window}])))"
     return q
 
 
+def replica_detail(client: PromClient, r: Replica, *, by: str = "instance", window: str = "1m", match: str = "",
+                   at: float | None = None) -> Replica:  # fmt: skip
+    """``r`` with every percentile of ``QUANTILES`` (one replica's buckets: a few small queries), for the
+    detail of a view that refreshes only the rows' percentiles (``fetch_fleet(rows_only=True)``)."""
+    m = check_options(by, window, match)
+    value = r.key.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    sel = "{" + (m + ", " if m else "") + f'{by}="{value}"' + "}"
+    qs = {name: f"histogram_quantile({quant}, sum by (le) (rate({metric}_bucket{sel}[{window}])))"
+          for name, metric, quant in QUANTILES}  # fmt: skip
+    res = client.query_many(qs, at)
+    out = replace(r)
+    for name, got in res.items():
+        setattr(out, name, got[0].value if got else None)
+    return out
+
+
 def fetch_fleet(client: PromClient, *, by: str = "instance", window: str = "1m", match: str = "",
-                at: float | None = None) -> Fleet:  # fmt: skip
+                at: float | None = None, rows_only: bool = False) -> Fleet:  # fmt: skip
     """One refresh: every query at once, folded into replicas and totals.  ``PromError`` (one line) when
-    Prometheus cannot be asked."""
+    Prometheus cannot be asked.  ``rows_only``: the percentiles the view's rows and totals line show, not the
+    detail's (what the terminal UI refreshes; ``replica_detail`` on demand)."""
     started = time.monotonic()
     when = time.time() if at is None else at
-    res = client.query_many(queries(by, window, match), when)
+    res = client.query_many(queries(by, window, match, rows_only=rows_only), when)
     took = time.monotonic() - started
     replicas: dict[str, Replica] = {}
     for s in res["info"]:
@@ -189,7 +215,7 @@ def fetch_fleet(client: PromClient, *, by: str = "instance", window: str = "1m",
                              "age_seconds": max(0.0, when - last.value)}  # fmt: skip
     for name, attr in (("tokens", "tokens_per_second"), ("requests", "requests_per_second"),
                        ("oom_window", "oom_kills_window"), *((n, n) for n, _, _ in QUANTILES)):  # fmt: skip
-        for s in res[name]:
+        for s in res.get(name, ()):
             if (key := s.labels.get(by)) in replicas:
                 setattr(replicas[key], attr, s.value)
     for name, attr in (("oom_events", "oom_kills"), ("oom_events_window", "oom_kills_window")):
@@ -244,5 +270,5 @@ def _totals(rows: list[Replica], res: dict[str, list[Series]]) -> dict[str, Any]
         "min_headroom": min(heads) if heads else None,
     }
     for name, _, _ in QUANTILES:
-        out[name] = one("fleet_" + name)
+        out[name] = one("fleet_" + name) if "fleet_" + name in res else None
     return out
