@@ -359,6 +359,21 @@ def test_no_collector_at_all_is_the_same(tmp_path: Path) -> None:
     assert read_trace(trace).end is not None
 
 
+def test_no_collector_and_the_sdks_retries_print_nothing_raw_at_the_end(tmp_path: Path) -> None:
+    """With the SDK's own timeout (10 s) the last export is still retrying when the tuner stops waiting (5 s): its
+    retry's messages after the end ("Shutdown in progress, aborting retry.", "Exporter already shutdown") stay on
+    the one-line route instead of reaching stderr as they are (--quiet: nothing at all)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cp = subprocess.run([sys.executable, "-m", "tuner", "run", "--quiet", "--trace", str(tmp_path / "t.jsonl"),
+                         "--otlp", f"http://127.0.0.1:{port}", "--", "sleep", "2"], capture_output=True, text=True,
+                        timeout=120, env=tuner_env(OTEL_METRIC_EXPORT_INTERVAL="500"))  # fmt: skip
+    assert cp.returncode == 0 and cp.stderr == "", cp.stderr
+
+
 def test_a_stuck_collector_delays_neither_sampling_nor_the_end(tmp_path: Path) -> None:
     """The collector reads each request and never answers: the sampler goes on at 100 Hz, and the session
     ends at most ``CLOSE_WAIT_S`` after its command."""

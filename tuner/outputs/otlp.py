@@ -631,7 +631,8 @@ class OtlpExporter:
         self._stop = True
         self._wake.set()
         self._thread.join(CLOSE_WAIT_S)
-        if self._thread.is_alive():
+        left_behind = self._thread.is_alive()
+        if left_behind:
             self._log(f"OTLP export to {self.url}: the last export did not finish in {CLOSE_WAIT_S:g} s; "
                       "left behind")  # fmt: skip
         for exp in (self._metric_exporter, self._log_exporter):
@@ -639,6 +640,8 @@ class OtlpExporter:
                 exp.shutdown()
             except Exception:
                 pass
+        if left_behind:  # its retry still logs ("Shutdown in progress, aborting retry."): keep that on our route
+            return
         otel_logger = logging.getLogger("opentelemetry")
         otel_logger.removeHandler(self._handler)
         otel_logger.propagate, level = self._saved
