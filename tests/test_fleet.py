@@ -104,7 +104,8 @@ def test_the_queries_use_the_label_the_window_and_the_matchers() -> None:
     [(["--prometheus", "prom:9090"], "give the server's http"), (["--prometheus", "http://p:9090", "--by", "a-b"],
       "not a label name"), (["--prometheus", "http://p:9090", "--window", "5"], "not a Prometheus duration"),
      (["--prometheus", "http://p:9090", "--match", "{a}=b"], "give label matchers"),
-     (["--prometheus", "http://p:9090", "--refresh", "0"], "--refresh 0 is out of range")],
+     (["--prometheus", "http://p:9090", "--refresh", "0"], "--refresh 0 is out of range"),
+     (["--prometheus", "http://p:9090", "--sort", "p95"], "--sort 'p95': one of replica, status, ttft, tpot")],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors(args: list[str], msg: str) -> None:
     err = assert_one_line_error(tuner("fleet", "--once", *args))
@@ -380,6 +381,20 @@ def test_a_hundred_replicas_each_as_its_series_say(hundred: tuple[Prometheus, fl
     assert t["oom_kills"] == 34 and t["min_headroom"] == pytest.approx(min(r.headroom or 1 for r in f.replicas))
     # fleet percentiles from the summed buckets: a fifth of the requests at each TTFT, weighted by rate
     assert 0.5 <= t["ttft_p95"] <= 2.5 and t["ttft_p50"] <= t["ttft_p95"] <= t["ttft_p99"]
+
+
+@pytest.mark.integration
+def test_once_sorts_as_asked(hundred: tuple[Prometheus, float]) -> None:
+    prom, _ = hundred
+    base = ["fleet", "--prometheus", prom.url, "--once", "--match", 'job="tuner"']
+    cp = tuner(*base, "--json", "--sort", "replica", "--reverse")
+    assert cp.returncode == 0, cp.stderr
+    keys = [r["key"] for r in json.loads(cp.stdout)["replicas"]]
+    assert keys[:3] == ["10.0.0.99:9464", "10.0.0.98:9464", "10.0.0.97:9464"] and keys[-1] == "10.0.0.0:9464"
+    cp = tuner(*base)
+    assert cp.returncode == 0, cp.stderr
+    rows = [line.split()[0] for line in cp.stdout.splitlines()[2:102]]
+    assert rows[:3] == ["10.0.0.0:9464", "10.0.0.1:9464", "10.0.0.2:9464"] and rows[-1] == "10.0.0.99:9464"
 
 
 def test_the_view_sorts_and_shows_a_replicas_detail(hundred: tuple[Prometheus, float]) -> None:

@@ -130,7 +130,7 @@ class FleetApp(App[None]):
     ]
 
     def __init__(self, fetch: Callable[[], Fleet], *, refresh: float = 5.0, sort: str = "replica",
-                 detail: Callable[[Replica], Replica] | None = None) -> None:  # fmt: skip
+                 reverse: bool = False, detail: Callable[[Replica], Replica] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.fetch = fetch
         self.detail = detail
@@ -138,7 +138,7 @@ class FleetApp(App[None]):
         self.refresh_s = refresh
         self.fleet: Fleet | None = None
         self.sort_key = sort
-        self.reverse = False
+        self.reverse = reverse
         self.error: str | None = None
         self.fetched_at: float | None = None
         self.redraw_seconds: float | None = None

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", default="1m", metavar="DUR",
                    help="rate and percentile window, a Prometheus duration (default 1m: at least 4 scrapes)")
     p.add_argument("--refresh", type=float, default=5.0, metavar="S", help="seconds between refreshes (default 5)")
+    p.add_argument("--sort", default="replica", metavar="COLUMN",
+                   help="order of the rows: replica (default), status, ttft, tpot, tokens, requests, headroom, "
+                   "binding, knobs, action (newest first), oom; replicas without the value last")  # fmt: skip
+    p.add_argument("--reverse", action="store_true", help="the other way round (--sort)")
     p.add_argument("--once", action="store_true", help="print the fleet once as a table and exit (no terminal UI)")
     p.add_argument("--json", action="store_true", help="with --once: print it as JSON (implies --once)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-query timeout (default 10)")
@@ -43,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--refresh {args.refresh:g} is out of range: 0.2 to 3600 s")
     if not (0.1 <= args.timeout <= 300):
         raise UserError(f"--timeout {args.timeout:g} is out of range: 0.1 to 300 s")
+    from tuner.fleet.table import COLUMNS, sorted_rows
+
+    keys = [c.key for c in COLUMNS]
+    if args.sort not in keys:
+        raise UserError(f"--sort {args.sort!r}: one of {', '.join(keys)}")
     try:
         client = PromClient(args.prometheus, timeout=args.timeout)
         check_options(args.by, args.window, args.match)
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             from tuner.fleet.table import empty_text
 
             raise UserError(empty_text(fleet))
+        fleet.replicas = sorted_rows(fleet.replicas, args.sort, args.reverse)
         if args.json:
             json.dump(fleet.to_json(), sys.stdout, indent=2, allow_nan=False)
             sys.stdout.write("\n")
@@ -80,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     def detail(r: Replica) -> Replica:
         return replica_detail(client, r, by=args.by, window=args.window, match=args.match)
 
-    FleetApp(light, refresh=args.refresh, detail=detail).run()
+    FleetApp(light, refresh=args.refresh, detail=detail, sort=args.sort, reverse=args.reverse).run()
     return 0
 
 
