@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
             r.token(max(1, len(a) // 4))
             r.consistency(a, b, prompt)
     print("done", flush=True)
-    c.close()
+    c.close(timeout=30)  # the default 1 s flush lost all 12 requests once at load ~20 (the sender thread starved)
     """
 )
 
