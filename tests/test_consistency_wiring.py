@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
         late.token(1)
     late.consistency("a late second answer", "a late second answer", "late")  # after the request ended
     print("sampled", sampled, "consistency", c.consistency, flush=True)
-    c.close()
+    c.close(timeout=30)  # the default 1 s flush can lose queued requests on a starved machine
     """
 )
 
