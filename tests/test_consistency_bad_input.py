@@ -1,7 +1,7 @@
 """Issue 17's bad input, each through the CLI as a user meets it (``tuner run --consistency ... -- python infer.py``):
 weights that fail the checks, an embeddings endpoint that answers with the wrong dimension, empty answers and
 answers of 100,000 characters.  Each is a one-line reason, the figure is None, every request is still recorded.
-(A model path that is not a model and an endpoint that times out: ``tests/test_consistency_wiring.py``.)"""
+(A model path that is not a model: ``tests/test_consistency_wiring.py``.)"""
 
 from __future__ import annotations
 
@@ -204,6 +204,29 @@ def test_an_embeddings_endpoint_that_answers_with_the_wrong_dimension(tmp_path: 
     assert len(scored_long_or_empty) == 4
     rest = [d for d in q if d not in scored_long_or_empty]
     assert all(d["self_consistency"] is None and d["reason"] == f"relevance: {wrong}; self: {wrong}" for d in rest)
+
+
+@pytest.mark.timeout(900)
+def test_an_embeddings_endpoint_that_times_out(tmp_path: Path) -> None:
+    """The endpoint answers only after 15 s: the self-check gives up at 10 s, one line, the run goes on.  (The
+    script sends its requests after the verdict: sent at once, a run shorter than the scorer's start-up plus the
+    10 s timeout ended before the verdict at load ~20, and its responses were left unscored with a note.)"""
+    from tests.helpers.embeddings_server import EmbeddingsServer
+
+    with EmbeddingsServer() as srv:
+        srv.mode, srv.delay = "slow", 15.0
+        code, out, err, trace = run_after_verdict(tmp_path, ["--consistency", f"embeddings:{srv.url}/v1"])
+    assert code == 0, err
+    assert "Traceback" not in err and "done" in out
+    reason = "embeddings self-check: embeddings endpoint: no answer within 10 s"
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("tuner: consistency scorer failed")]
+    assert line == f"tuner: consistency scorer failed: {reason}; consistency is not measured, everything else goes on"
+    recs = records(trace)
+    assert answered(recs) == 12
+    q = by_request(recs)
+    assert sorted(q) == list(range(12))
+    assert all(d["self_consistency"] is None and d["relevance"] is None for d in q.values())
+    assert all(reason in q[i]["reason"] for i in (0, 1, 2, 4, 6, 8, 10, 11))
 
 
 def records_so_far(path: Path) -> list[dict[str, Any]]:

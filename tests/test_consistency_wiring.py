@@ -278,21 +278,3 @@ def test_live_view_line_names_the_backend() -> None:
     plain = Model()
     plain.apply({"k": "header", "probes": {}})
     assert plain.quality_line(0.0) is None
-
-
-def test_an_embeddings_endpoint_that_times_out_leaves_everything_else_running(tmp_path: Path) -> None:
-    from tests.helpers.embeddings_server import EmbeddingsServer
-
-    script = tmp_path / "infer.py"
-    script.write_text(SCRIPT)
-    trace = tmp_path / "t.jsonl"
-    with EmbeddingsServer() as srv:
-        srv.mode, srv.delay = "slow", 15.0
-        cp = tuner("run", "--headless", "--trace", str(trace), "--consistency", f"embeddings:{srv.url}/v1",
-                   "--consistency-rate", "1", "--", "python", str(script), timeout=180)
-    assert cp.returncode == 0, cp.stderr
-    reason = "embeddings self-check: embeddings endpoint: no answer within 10 s"
-    assert f"tuner: consistency scorer failed: {reason}; consistency is not measured" in cp.stderr
-    recs = records(trace)
-    assert sum(1 for r in events(recs, "request") if r["prompt_tokens"] == 8) == 12
-    assert all(d["self_consistency"] is None for d in events(recs, "quality"))
