@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -738,6 +739,49 @@ def test_sidecar_sigkilled_at_any_moment_the_inference_finishes(tmp_path: Path, 
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert json.loads(out) == {"done": 60}
+
+
+def test_close_does_not_wait_behind_a_sidecar_that_has_not_greeted(tmp_path: Path) -> None:
+    """A sidecar that accepts but has not greeted yet (busy host): the sender waits for its welcome (the
+    options such as record_text) up to WELCOME_WAIT_S, but close() ends that wait — what is queued is sent
+    within close()'s timeout, not dropped behind the wait."""
+    import socket as socket_mod
+    import threading
+
+    path = str(tmp_path / "mute.sock")
+    srv = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    got = bytearray()
+
+    def read_all() -> None:
+        conn, _ = srv.accept()
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                got.extend(chunk)
+        conn.close()
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    script = """
+import json, time
+from tuner import client
+c = client.connect()
+with c.request(prompt_tokens=3) as r:
+    r.token([1, 2, 3])
+time.sleep(0.3)  # connected, waiting for the welcome
+t = time.monotonic()
+c.close(timeout=2.0)
+print(json.dumps({"close_seconds": time.monotonic() - t}), flush=True)
+"""
+    p = subprocess.run([sys.executable, "-c", script], env=tuner_env(TUNER_SOCKET=path), capture_output=True,
+                       text=True, timeout=60)
+    reader.join(10)
+    srv.close()
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["close_seconds"] < 2.0
+    assert b'"requests"' in got, bytes(got)[:300]  # the request went out; before: dropped behind a 5 s wait
 
 
 def test_a_hung_sidecar_never_blocks_the_inference(tmp_path: Path) -> None:

@@ -327,6 +327,7 @@ class Client:
         self._cleanup_fn: Callable[[list[str]], dict[str, Any]] | None = None
         self._caches: list[object] = []
         self._closing = False
+        self._close_by = 0.0  # close()'s deadline (monotonic)
         self.refused: str | None = None
         """Why the sidecar refused this process (it runs as another user), or None."""
         self._start = start
@@ -481,6 +482,7 @@ class Client:
         """Send what is queued (for up to ``timeout`` s) and disconnect."""
         if self._closing:
             return
+        self._close_by = _monotonic() + timeout
         self._closing = True
         t = self._thread
         if t is not None and t.is_alive() and t is not threading.current_thread():
@@ -488,6 +490,12 @@ class Client:
             t.join(timeout)
         with contextlib.suppress(Exception):
             if self._sock is not None:
+                # read what the sidecar sent and we did not (a late welcome): a Unix socket closed with
+                # unread input resets the peer, which could then lose the last frames we sent it
+                self._sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    while self._sock.recv(65536):
+                        pass
                 self._sock.close()
         self._sock = None
 
@@ -625,14 +633,15 @@ class Client:
     def _await_welcome(self, s: socket.socket, deadline: float) -> None:
         """The sidecar greets first (options such as ``record_text``): read that before sending anything."""
         while not self._in.ready() and self._in.oversized is None:
-            left = deadline - _monotonic()
+            # close() shortens the wait to its own timeout (less a margin to send what is queued)
+            left = (min(deadline, self._close_by - 0.25) if self._closing else deadline) - _monotonic()
             if left <= 0:
-                return  # an older sidecar that does not greet: go on without
-            s.settimeout(left)
+                return  # an older sidecar that does not greet, or close()'s time is up: go on without
+            s.settimeout(min(left, POLL_S))
             try:
                 data = s.recv(65536)
             except TimeoutError:
-                return
+                continue
             if not data:
                 raise ConnectionResetError("sidecar closed the channel")
             self._in.feed(data)
