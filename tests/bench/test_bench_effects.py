@@ -1245,6 +1245,19 @@ def load_text(r: dict[str, Any] | None) -> str:
     return f"{ld['start_1m']:.1f}->{ld['end_1m']:.1f}" if ld else "-"
 
 
+def late_rows(mine: list[dict[str, Any]]) -> list[str]:
+    """Untuned rerun later in the session (arm ``untuned-late``, the cell's command again, at another load): how
+    much the load moves a cell.  Not the noise band, which is measured back to back like the pairs it judges."""
+    by = {(r["seed"], r["shape"], r["arm"]): r for r in mine}
+    rows = [f"| {s} | {sh} | {fmt(u['attainment'], '.1%')} / {fmt(r['attainment'], '.1%')} | {fmt(u['throughput'])} "
+            f"/ {fmt(r['throughput'])} | {load_text(u)} / {load_text(r)} | {u['utc'][11:16]} / {r['utc'][11:16]} |"
+            for (s, sh, a), r in sorted(by.items()) if a == "untuned-late" and (u := by.get((s, sh, "untuned")))]
+    if not rows:
+        return []
+    return ["Untuned rerun later, at another load (the same command and stream; not used for the noise band):", "",
+            "| seed | shape | attainment | throughput | load (1-min) | UTC |", "|---|---|---|---|---|---|", *rows, ""]
+
+
 def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dict[str, Any]]) -> list[str]:
     """One held-out set: the cells (tuned / untuned / best fixed), the noise, the goals of issue 14 §2 per cell
     and over the cells, the worst cell, the command of every run."""
@@ -1322,7 +1335,7 @@ def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dic
            "| seed | shape | attainment | throughput | spread | spread |", "|---|---|---|---|---|---|",
            *noise_rows, "",
            f"Noise band used: {att_noise * 100:.1f} points of attainment, {thr_noise:.1%} of throughput (the "
-           "largest spread of the repeated cells).", "",
+           "largest spread of the repeated cells).", "", *late_rows(mine),
            "#### The goals of issue 14 §2, cell by cell", "",
            "Never worse: tuned against untuned, worse only when it loses more than 5 points / 5% *and* more than "
            "the noise band; the next column applies the 5% alone, to show what the noise allowance forgives.  Batch: "
