@@ -363,7 +363,7 @@ OPTION_ROWS: list[tuple[str, tuple[str, ...], str | re.Pattern[str], int]] = [
         "unknown-subcommand",
         ("frobnicate",),
         "tuner: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'probes', 'run', 'attach', 'demo', "
-        "'tui', 'replay', 'report', 'compare', 'export', 'proxy') (see 'tuner --help')",
+        "'tui', 'replay', 'report', 'compare', 'export', 'proxy', 'fleet') (see 'tuner --help')",
         2,
     ),
     ("unknown-top-option", ("--turbo",), "tuner: error: unrecognized arguments: --turbo (see 'tuner --help')", 2),
