@@ -389,8 +389,9 @@ def test_promtool_on_a_live_sidecar_serving_the_demo_workload(tmp_path: Path) ->
     n = 6
     port = free_port()
     trace = tmp_path / "t.jsonl"
+    # exec: our SIGTERM reaches the sleep itself (a sleep forked by sh outlived it and held our pipes)
     workload = (f"{shlex.quote(sys.executable)} -m tuner.demo.workload --requests {n} --rate 0 "
-                "--max-new-tokens 12 >/dev/null; sleep 60")  # fmt: skip
+                "--max-new-tokens 12 >/dev/null; exec sleep 60")  # fmt: skip
     run = tuner_popen("run", "--quiet", "--trace", str(trace), "--prometheus", f"127.0.0.1:{port}",
                       "--", "sh", "-c", workload)  # fmt: skip
     text = ""
