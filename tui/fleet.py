@@ -192,11 +192,16 @@ class FleetApp(App[None]):
         started = time.perf_counter()
         table = self.query_one(DataTable)
         selected = self._selected_key()
-        table.clear()
         rows = sorted_rows(f.replicas, self.sort_key, self.reverse)
-        for r in rows:
-            cells = [Text(c.cell(r), style="bold red" if c.key == "status" and status(r) == "down" else "")
-                     for c in COLUMNS]  # fmt: skip
+        texts = [[Text(c.cell(r), style="bold red" if c.key == "status" and status(r) == "down" else "")
+                  for c in COLUMNS] for r in rows]  # fmt: skip
+        # Columns sized here from the cells, not by DataTable's idle-time measuring: on a loaded CI machine
+        # that measuring had not run 10 s after the rows came, and every cell showed cut to its title's width.
+        widths = [max([len(c.title)] + [t[i].cell_len for t in texts]) for i, c in enumerate(COLUMNS)]
+        table.clear(columns=True)
+        for c, w in zip(COLUMNS, widths, strict=True):
+            table.add_column(c.title, key=c.key, width=w)
+        for r, cells in zip(rows, texts, strict=True):
             table.add_row(*cells, key=r.key)
         if selected is not None and selected in {r.key for r in rows}:
             table.move_cursor(row=table.get_row_index(selected))
