@@ -105,9 +105,11 @@ def test_nvml_errors_mid_run_reported_and_sampling_goes_on(tmp_path: Path, child
     lost = [r for r in recs if r.get("kind") == "device_lost"]
     assert [e["data"]["device"] for e in lost] == [1]
     t_lost = lost[0]["t"]
-    before = [t["m"] for t in ticks if t["t"] < t_lost]
+    # The faults are set from this thread while the sampler runs: the one or two ticks before the loss was
+    # noticed may already have read GPU 0 broken (a loaded host failed this once), so they are not "before".
+    before = [t["m"] for t in ticks if t["t"] < t_lost][:-2]
     after = [t["m"] for t in ticks if t["t"] > t_lost + 0.06]
-    assert len(before) >= 5 and len(after) >= 5
+    assert len(before) >= 3 and len(after) >= 5
     assert all(m["gpu_util_ratio/0"] == 0.0 or m["gpu_util_ratio/0"] for m in before)  # it worked before
     assert all(m["gpu_util_ratio/0"] is None and m["gpu_mem_util_ratio/0"] is None for m in after)
     gone = ("gpu_mem_used_bytes/1", "gpu_util_ratio/1", "gpu_temp_celsius/1")
