@@ -278,3 +278,37 @@ def test_live_view_line_names_the_backend() -> None:
     plain = Model()
     plain.apply({"k": "header", "probes": {}})
     assert plain.quality_line(0.0) is None
+
+
+def test_the_sampled_share_is_the_rate_over_any_stretch_and_its_places_vary() -> None:
+    """A client given --consistency-rate 0.02 by a real channel: one request in each block of 50, never 3 or 12
+    in 400 as a coin per request gave; two clients sample different requests."""
+    import time
+
+    from tuner.client import Client
+    from tuner.link.channel import ChannelServer
+
+    server = ChannelServer()
+    server.set_welcome(consistency_rate=0.02)
+    server.start()
+    clients = [Client(server.path), Client(server.path)]
+    try:
+        deadline = time.monotonic() + 10
+        while not all(c.consistency for c in clients) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        places: list[list[int]] = []
+        for c in clients:
+            picked = []
+            for i in range(400):
+                with c.request(prompt_tokens=1) as r:
+                    if r.sampled:
+                        picked.append(i)
+            places.append(picked)
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+    for picked in places:
+        assert len(picked) == 8, picked
+        assert [p // 50 for p in picked] == list(range(8)), picked  # one in each block of 50
+    assert places[0] != places[1]  # random places (equal by chance: 50**-8)
