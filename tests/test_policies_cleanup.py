@@ -94,3 +94,30 @@ def test_periodic_by_seconds_and_a_missing_answer_counts_as_nothing() -> None:
             pol.feedback(Applied(float(t), a, "applied", None, {"command_id": "c"}))  # no result ever comes
     assert sent[:2] == [10.0, 36.0]  # 10 s, then more than 5 s waiting for the answer + 2x10 s of back-off
     assert pol.backoff >= 2
+
+
+def test_a_batch_increase_is_not_read_as_a_leak() -> None:
+    """Issue 14 fault 4 (H1, 104 step): the batch went 11 -> 22 and the RSS stepped up with it (the larger batch's
+    working memory), then stayed flat; the series restarts at the change, so no cleanup.  The same step without a
+    batch change (memory that grows on its own) is left to the leak test, which acts."""
+
+    def run(knobs_at: Callable[[int], Knobs]) -> list[Action]:
+        pol = CleanupPolicy(CleanupConfig(min_requests=1000, check_every_s=30))
+        w = Window(keys=KEYS)
+        out: list[Action] = []
+        for i in range(900):
+            done = 5.0 * i
+            # flat at 1 GB with a sawtooth, and 150 MB more over the 40 s after the change (the larger batch's
+            # buffers), then flat again
+            step = 1.5e8 * min(1.0, max(0.0, (i - 300) / 40))
+            v = {"req_done_total": done, "tree_rss_bytes": 1e9 + step + 2e7 * ((i % 37) / 37)}
+            w.update(float(i), v)
+            acts = pol.decide(w, knobs_at(i))
+            for a in acts:
+                pol.feedback(Applied(float(i), a, "applied", None, {"command_id": "c"}))
+            out += acts
+        return out
+
+    assert run(lambda i: Knobs(batch_size=11 if i < 300 else 22)) == []
+    before = run(lambda i: Knobs(batch_size=11))  # what the policy did before the fix, seeing no change
+    assert before and before[0].evidence["trigger"] == "growth"
