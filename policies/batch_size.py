@@ -343,6 +343,8 @@ class BatchSizePolicy(Policy):
         """Held size -> until when no step up from it is tried again (one was judged no better)."""
         self.backlog_windows = 0
         """Consecutive windows at the held size with a backlog (a growing one takes two: one can be noise)."""
+        self.early_seen: tuple[int, float | None] | None = None
+        """(size, when it was set) whose early look in the first search was taken (one a step)."""
         self.no_down: tuple[int, float] | None = None
         """(size, since): no step down from this size until a window there shows no backlog (a smaller one
         grew the queue)."""
@@ -429,6 +431,14 @@ class BatchSizePolicy(Policy):
         if c.slo_ttft_p95_s is not None and m.ttft_p95 is not None and m.ttft_p95 > 0:
             nxt = min(nxt, int(0.9 * cur * c.slo_ttft_p95_s / m.ttft_p95))  # 10% short of the SLO
         return nxt if nxt >= cur + max(1, math.ceil(cur / 4)) else None
+
+    def _draining(self, m: Measurement) -> bool:
+        """Requests wait and the wait shrinks (by more than ``backlog_growth``): the size held serves more than
+        arrives and works the queue off; a larger one has nothing to show and costs while it is measured (in H1,
+        6 of the 15 step-ups were made with the wait's growth between -0.86 and 0.00 s/s).  A standing queue
+        that does not shrink still calls for a step up: it would never drain by itself."""
+        return (not m.closed and m.queue_p50 is not None and m.queue_growth is not None
+                and m.queue_growth < -self.cfg.backlog_growth)
 
     def _measure(self, w: Window, batch: int, measure_s: float | None = None,
                  min_batches: int | None = None) -> Measurement | None:
@@ -599,7 +609,7 @@ class BatchSizePolicy(Policy):
         nxt = self._up_size(cur, m)
         # a size whose batches ran part-full without a backlog kept up with the demand: nothing to gain above
         if (self._feasible(m) and m.saturated and (gaining or rising) and room and nxt is not None
-                and nxt not in self.measured):
+                and nxt not in self.measured and not self._draining(m)):
             self.next_phase = "explore"
             self.phase = "measure"
             return self._go(w, cur, nxt, f"exploring: {cur} gave {m.tokens_per_second:.0f} tok/s, trying {nxt}")
@@ -718,7 +728,10 @@ class BatchSizePolicy(Policy):
             return self._step_down(w, cur, m, f"latency SLO missed for a whole window at {cur}")
         self.backlog_windows = self.backlog_windows + 1 if m.backlog else 0
         standing = m.queue_p50 is not None and m.backlog and (m.queue_growth or 0.0) <= c.backlog_growth
-        if (self.backlog_windows >= 2 or standing) and self._memory_room(w):
+        if (self.backlog_windows >= 2 or standing) and not self._draining(m) and self._memory_room(w):
+            # a doubling, as in the search: half-again steps were tried (issue 14) and gave up real gains — on the
+            # simulated plant 8 -> 12 ran +18% and could not be shown beyond this host's window noise in three
+            # windows, so it was undone; a slower doubling is undone after a third of a window (_early_undo)
             up = self._up_size(cur, m)
             if up is not None and self.no_up.get(cur, -math.inf) <= w.t:
                 known = self.measured.get(up)
@@ -757,11 +770,14 @@ class BatchSizePolicy(Policy):
                         cause="latency", ttft_p95=m.ttft_p95, tpot_p95=m.tpot_p95)
 
     def _early_undo(self, w: Window, cur: int) -> list[Action]:
-        """A step up from the held size that already shows, over a third of a window (and one whole batch),
-        tokens/s below the held size's by twice a window's noise is undone at once: under a backlog
-        every second at a slower size lengthens the queue (on the demo 16 ran at half of 8's pace, and the full
-        window cost 13 s of it)."""
+        """A step up that already shows, over a third of a window (and one whole batch), tokens/s below the size it
+        came from by twice a window's noise is undone at once: under a backlog every second at a slower size
+        lengthens the queue (on the demo 16 ran at half of 8's pace, and the full window cost 13 s of it).  For a
+        step up from the held size, and for a step of the first search made under a backlog (in H1, 101 burst,
+        16 ran 30 s at 169 tok/s against 473 at 8 before its whole window and batches were in)."""
         c = self.cfg
+        if self.next_phase == "explore":
+            return self._early_undo_explore(w, cur)
         tr = self.trial
         if self.next_phase != "judge" or tr is None or tr["kind"] != "up" or tr["windows"] or tr.get("early"):
             return []
@@ -781,6 +797,27 @@ class BatchSizePolicy(Policy):
         return self._go(w, cur, frm, f"{cur} runs at {m.tokens_per_second:.0f} tok/s against "
                         f"{before.tokens_per_second:.0f} at {frm} after {m.requests} requests: back to {frm} at once",
                         cause="queue")
+
+    def _early_undo_explore(self, w: Window, cur: int) -> list[Action]:
+        c = self.cfg
+        below = [b for b in self.measured if b < cur]
+        if not below or cur in self.measured or self.early_seen == (cur, self.changed_at):
+            return []
+        prev = self.measured[max(below)]
+        if not prev.backlog:
+            return []  # no queue to lengthen: the whole window decides, as before
+        m = self._measure(w, cur, measure_s=c.measure_s / 3, min_batches=1)
+        if m is None:
+            return []
+        self.early_seen = (cur, self.changed_at)
+        if m.tokens_per_second >= (1 - 2 * c.noise_cv) * prev.tokens_per_second:
+            return []
+        self.measured[cur] = m
+        self.windows += 1
+        knee = self._knee()
+        return self._settle(w, cur, knee if knee is not None and knee < cur else prev.batch,
+                            why=f"{cur} runs at {m.tokens_per_second:.0f} tok/s against {prev.tokens_per_second:.0f} "
+                            f"at {prev.batch} after {m.requests} requests under a backlog: back at once")
 
     def _judge(self, w: Window, cur: int, m: Measurement) -> list[Action]:
         """A window after a step from the held size: keep it, go on, or undo it (see the module doc)."""

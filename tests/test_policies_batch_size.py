@@ -200,12 +200,12 @@ def test_continuous_batching_falls_back_to_responses_per_window() -> None:
 
 def test_a_rate_change_alone_moves_nothing_and_a_backlog_only_up() -> None:
     """Held at 16: completions at half the reference rate move nothing when requests are served as they come
-    (no backlog); with a standing backlog (30 s queues) the only move is one step *up* from the held size,
-    never a re-search from below it."""
+    (no backlog); with a standing backlog (30 s queues) the only move is one step *up* from the held size, never a
+    re-search from below it; with the queue shrinking, none."""
     from tuner.core.window import Window
     from tuner.policies.batch_size import Measurement
 
-    def held(queue_s: float) -> list[tuple[int, str]]:
+    def held(queue_s: float, shrink: float = 0.0) -> list[tuple[int, str]]:
         pol = BatchSizePolicy(BatchConfig(min=1, max=64, measure_s=10.0, retune_shift=0.3))
         pol.phase = "hold"
         pol.incumbent = 16
@@ -214,8 +214,9 @@ def test_a_rate_change_alone_moves_nothing_and_a_backlog_only_up() -> None:
         acts = []
         for i in range(1, 101):  # 25 s of completions at 4/s: half the reference rate
             t = i * 0.25
-            ev = Event(t, "request", {"tokens": 64, "prompt_tokens": 100, "queue_seconds": queue_s,
-                                      "e2e_seconds": queue_s + 2.0, "ttft_seconds": queue_s + 0.3})
+            q = max(0.0, queue_s - shrink * t)
+            ev = Event(t, "request", {"tokens": 64, "prompt_tokens": 100, "queue_seconds": q,
+                                      "e2e_seconds": q + 2.0, "ttft_seconds": q + 0.3})
             w.update(t, {}, [ev])
             acts += pol.decide(w, Knobs(batch_size=16))
         return [(int(a.value), a.reason) for a in acts]
@@ -223,6 +224,7 @@ def test_a_rate_change_alone_moves_nothing_and_a_backlog_only_up() -> None:
     assert held(0.5) == []
     up = held(30.0)
     assert [v for v, _ in up] == [32] and "backlog" in up[0][1]
+    assert held(30.0, shrink=0.5) == []  # the held size works the queue off (H1: step-ups at -0.86..0 s/s)
 
 
 def test_a_batch_begun_during_the_settle_time_does_not_turn_off_whole_batch_measuring() -> None:
@@ -623,3 +625,24 @@ def test_a_step_up_is_judged_on_tokens_per_second_not_on_the_queue_growth() -> N
     pol.trial = {"kind": "up", "from": 8, "before": before, "windows": 0, "pooled": None}
     pol.phase, pol.next_phase = "measure", "judge"
     assert [a.value for a in pol._judge(w, 13, slower)] == [8]
+
+
+def test_a_first_search_step_that_runs_slower_under_a_backlog_is_undone_at_once() -> None:
+    """H1 (101 burst, a spent seed): the first search stepped 8 -> 16 under a backlog and 16 ran 30 s at 169 tok/s
+    against 473 at 8 before its whole window (and three whole batches) was in.  The same plant as above, loaded
+    from the start: the search's step is undone after a third of a window and a batch, and never tried again."""
+    from tests.replay.sim import TOK_S, QueueSim
+
+    fast = TOK_S * 5.0
+    fast[4:] = fast[3] / 2  # 16 and above: half of 8's
+    sim = QueueSim(seed=4, rate=lambda t: 13.0, tok_s=fast)
+    agent = interactive_agent(sim)
+    for _ in range(int(200 / sim.dt)):
+        agent.step(sim.tick())
+    moves = batch_moves(agent)
+    ups = [i for i, a in enumerate(moves) if a.action.value > 8]
+    assert len(ups) == 1, [(a.t, a.action.value, a.action.reason) for a in moves]
+    up, back = moves[ups[0]], moves[ups[0] + 1]
+    assert back.action.value == 8 and "back at once" in back.action.reason, back.action.reason
+    assert back.t - up.t < 2.0 + 10.0 / 3 + 5.0, (up.t, back.t)  # settle + a third + a batch
+    assert sim.batch_size == 8
