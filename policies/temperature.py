@@ -50,6 +50,17 @@ class TemperatureConfig:
     min_requests: int = 8
     memory_s: float = 600.0
     sign_z: float = 2.0
+    prior: str = "falls"
+    """How repetition is assumed to move as temperature rises until the fit establishes it: ``falls`` (Holtzman
+    et al. 2020), ``rises`` or ``none``.  It sets the direction of probes, and a fitted
+    sign against it must be significant by ``contrary_z`` standard errors, and is not remembered past a fit that
+    lost it: in H1 (101 steady, a spent seed) a remembered +0.795 with the fit then at +0.59 +- 0.35 lowered T
+    0.56 -> 0.29 with repetition above the band for 32 s."""
+    contrary_z: float = 3.0
+    """Standard errors a fitted slope against the prior needs to set the direction."""
+    min_correct_step: float = 0.05
+    """The smallest step of a correction out of the band: a steep first fit (-1.77/unit in H1, 103 ramp) made the
+    Newton steps 0.02-0.04, and the run stayed at the band's edge for 45 s."""
     penalty_min: float = 1.0
     penalty_max: float = 1.3
     penalty_step: float = 0.05
@@ -71,6 +82,10 @@ class TemperatureConfig:
     far (plus the hysteresis) from the edge.  0: off (the band's edges and the hysteresis only)."""
     window_z: float = 1.28
     """One-sided: 1.28 keeps ~90% of windows of ``window_responses`` inside, for a mean held at the margin."""
+    @property
+    def prior_sign(self) -> int:
+        return {"falls": -1, "rises": 1}.get(self.prior, 0)
+
     consistency_floor: float = 0.8
     """With ``--consistency``: the floor on self-consistency, as a share of its value measured at the requested
     temperature in the same run (a relative floor: the scale is the backend's and the model's, and
@@ -118,6 +133,8 @@ class TemperaturePolicy(Policy):
         self.fit_center: tuple[float, float] | None = None
         """(weighted mean temperature, weighted mean repetition) of the last fit: the line's anchor."""
         self.probe_dir = 1.0
+        self.prior_overruled = False
+        """A probe the prior's way made repetition clearly worse: probes go the other way until a fit says."""
         self.last_probe: tuple[float, float, float] | None = None
         """(temperature, its repetition's distance from the band centre, that mean's standard error) where
         the last probe started: a probe that made it worse by two standard errors turns round."""
@@ -144,9 +161,14 @@ class TemperaturePolicy(Policy):
         }
 
     def _signed_slope(self) -> tuple[int, float | None]:
-        """The sign and slope to act on: this fit's when significant, else the last significant one."""
+        """The sign and slope to act on: this fit's when significant, else the last significant one — unless that
+        one goes against the prior and this fit no longer establishes it (a slope within its standard errors
+        of zero does not set the direction: the policy probes, the prior's way)."""
         if self.sign != 0:
             return self.sign, self.slope
+        prior = self.cfg.prior_sign
+        if prior and self.known_sign == -prior and self.slope is not None:
+            return 0, None
         return self.known_sign, self.known_slope
 
     # -- measurement --------------------------------------------------------------------------------
@@ -211,9 +233,12 @@ class TemperaturePolicy(Policy):
         se = math.sqrt(max(within / dof, 1e-8) / sxx)
         self.slope, self.slope_se = slope, se
         self.fit_center = (xw, yw)
-        if abs(slope) > cfg.sign_z * se:
-            self.sign = 1 if slope > 0 else -1
+        sign = 1 if slope > 0 else -1
+        z = cfg.contrary_z if cfg.prior_sign and sign != cfg.prior_sign else cfg.sign_z
+        if abs(slope) > z * se:
+            self.sign = sign
             self.known_sign, self.known_slope = self.sign, slope
+            self.prior_overruled = False
 
     def _rep_se(self, temp: float) -> float:
         g = self.groups.get(round(temp, 4))
@@ -403,12 +428,31 @@ class TemperaturePolicy(Policy):
             ev["seq_rep_4_se"] = self._rep_se(temp)
             where = self._where(rep, max(wm, cfg.edge_z * self._rep_se(temp)))
             target = (cfg.band_low + cfg.band_high) / 2
+            if cfg.band_low - cfg.hysteresis <= rep <= cfg.band_high + cfg.hysteresis:
+                # In the band, only too near an edge for the windows' swing.  In H1 this rule made 86 of the 197
+                # moves, all upward, 42 of them probes of unknown sign, and held T at 0.85-0.9 for a request of
+                # 0.5: it acts now only on a known sign, on a mean beyond the margin by its own standard error,
+                # and goes just inside the margin (where the drift back stops), not to the band's centre.
+                se = self._rep_se(temp)
+                upper = rep > target
+                m = max(wm, cfg.edge_z * se)
+                need = se if wm >= cfg.edge_z * se else 0.0  # (edge_z's margin is in standard errors already)
+                line = cfg.band_high - m if upper else cfg.band_low + m
+                if sign == 0 or slope is None or (rep - need <= line if upper else rep + need >= line):
+                    self.phase = "track"
+                    return []
+                inner = cfg.band_high - m - cfg.hysteresis if upper else cfg.band_low + m + cfg.hysteresis
+                target = inner if (inner < target) == upper else target
             if sign == 0 or slope is None:
                 self.phase = "probe"
                 off, se = abs(rep - target), self._rep_se(temp)
                 last = self.last_probe
                 if last is not None and abs(last[0] - temp) > 1e-9 and off - last[1] > 2.0 * math.hypot(se, last[2]):
                     self.probe_dir = -self.probe_dir  # the last probe made it clearly worse: the other way
+                    self.prior_overruled = True
+                elif cfg.prior_sign and not self.prior_overruled:
+                    # the prior's way toward the band: with repetition falling as T rises, up when above it
+                    self.probe_dir = 1.0 if (target - rep) * cfg.prior_sign > 0 else -1.0
                 self.last_probe = (temp, off, se)
                 step = cfg.probe_step * self.probe_dir
                 new = _clip(temp + step, cfg.min, cfg.max)
@@ -423,6 +467,8 @@ class TemperaturePolicy(Policy):
                 return [self._move(window, new, f"probe: repetition {rep:.3f} {where}, sign unknown", ev)]
             self.phase = "correct"
             delta = (target - rep) / slope
+            if abs(delta) < cfg.min_correct_step:
+                delta = math.copysign(cfg.min_correct_step, delta)
             delta = max(-cfg.max_step, min(cfg.max_step, delta))
             new = _clip(temp + delta, cfg.min, cfg.max)
             if abs(new - temp) < 1e-3:

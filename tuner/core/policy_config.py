@@ -246,6 +246,10 @@ def _check(pname: str, cfg: Any, fail: Any) -> None:
         rng("min_requests", 1, 100_000)
         rng("memory_s", 1.0, 86_400.0)
         rng("sign_z", 0.0, 10.0)
+        rng("contrary_z", 0.0, 10.0)
+        rng("min_correct_step", 0.0, 5.0)
+        if cfg.prior not in ("falls", "rises", "none"):
+            raise fail(f"{pname}.prior = {cfg.prior!r}: use falls, rises or none")
         rng("edge_z", 0.0, 10.0)
         rng("window_responses", 0, 100_000)
         rng("window_z", 0.0, 10.0)
