@@ -64,6 +64,14 @@ class TemperatureConfig:
     penalty_min: float = 1.0
     penalty_max: float = 1.3
     penalty_step: float = 0.05
+    penalty_first: bool = False
+    """Repetition above the band: raise the repetition penalty (up to ``penalty_max``) before moving the
+    temperature away from the requested one.  The penalty lowers repetition by construction (a seen token's logit
+    is scaled down), so it needs no measured sign; on the demo at T 0.5 (seed 0) it took seq-rep-4 from 0.161 to
+    0.106 at 1.15 and 0.087 at 1.3, for 1.4% and 3.5% of tokens/s, where the band held only from T ~0.8 without it
+    (issue 14: H1's tuned runs sat at T 0.83-0.91 for a request of 0.5).  The temperature comes back toward the
+    request once the band holds; the penalty eases only at the requested temperature, with repetition low.  On in
+    the ``interactive`` preset."""
     dwell_min_s: float = 10.0
     """Stay at least this long at a new temperature before judging it."""
     local_span: float = 0.4
@@ -428,6 +436,20 @@ class TemperaturePolicy(Policy):
             ev["seq_rep_4_se"] = self._rep_se(temp)
             where = self._where(rep, max(wm, cfg.edge_z * self._rep_se(temp)))
             target = (cfg.band_low + cfg.band_high) / 2
+            se = self._rep_se(temp)
+            if (cfg.penalty_first and rep > target and penalty < cfg.penalty_max - 1e-9
+                    and (rep > cfg.band_high + cfg.hysteresis or rep - se > cfg.band_high - max(wm, cfg.edge_z * se))):
+                # too repetitive (or too near the upper edge, beyond the mean's own error): the penalty first
+                new_p = min(cfg.penalty_max, penalty + cfg.penalty_step)
+                return [self.act("repetition_penalty", round(new_p, 4), f"repetition {rep:.3f} {where}: raising "
+                                 "the repetition penalty before moving the temperature", **ev)]
+            if (cfg.penalty_first and rep < cfg.band_low - cfg.hysteresis and penalty > cfg.penalty_min + 1e-9
+                    and (self.requested is None or temp <= self.requested + 1e-3)):
+                # not repetitive enough at (or below) the request: the penalty eases first (it raises repetition
+                # by construction); above the request the temperature comes back toward it first
+                new_p = max(cfg.penalty_min, penalty - cfg.penalty_step)
+                return [self.act("repetition_penalty", round(new_p, 4), f"repetition {rep:.3f} {where}: easing "
+                                 "the repetition penalty before moving the temperature", **ev)]
             if cfg.band_low - cfg.hysteresis <= rep <= cfg.band_high + cfg.hysteresis:
                 # In the band, only too near an edge for the windows' swing.  In H1 this rule made 86 of the 197
                 # moves, all upward, 42 of them probes of unknown sign, and held T at 0.85-0.9 for a request of
@@ -486,7 +508,9 @@ class TemperaturePolicy(Policy):
             ]
         # inside the band (with hysteresis)
         self.phase = "track"
-        if rep < cfg.band_low + cfg.hysteresis and penalty > cfg.penalty_min + 1e-9:
+        at_request = self.requested is None or abs(temp - self.requested) <= 1e-3
+        if (rep < cfg.band_low + cfg.hysteresis and penalty > cfg.penalty_min + 1e-9
+                and (at_request or not cfg.penalty_first)):
             new_p = max(cfg.penalty_min, penalty - cfg.penalty_step)
             return [self.act("repetition_penalty", round(new_p, 4), "repetition low again: easing the penalty", **ev)]
         gap = self.requested - temp
@@ -565,12 +589,12 @@ class TemperaturePolicy(Policy):
 
     def feedback(self, applied: Applied) -> None:
         done = applied.outcome in ("applied", "clamped", "dry-run")
-        if applied.action.knob == "repetition_penalty" and done and applied.action.evidence.get("floor"):
-            # raised instead of the temperature (the consistency floor): measure its effect before the next step
+        if applied.action.knob == "repetition_penalty" and done:
+            # another penalty moves the whole repetition curve: what was measured at every temperature is of the
+            # old one (the slope's sign stays: the penalty shifts the curve, it does not turn it); measure again
             self.phase = "dwell"
             self.moved_at = applied.t
-            if self.current is not None:
-                self.groups.pop(round(self.current, 4), None)
+            self.groups.clear()
             return
         if applied.action.knob == "temperature" and applied.outcome in ("applied", "clamped", "dry-run"):
             self.phase = "dwell"

@@ -235,3 +235,44 @@ def test_a_steep_first_slope_still_moves_by_a_useful_step() -> None:
     acts = pol.decide(_two_groups([(0.5, 0.29), (0.6, 0.113)], 0.01), Knobs(temperature=0.6))  # type: ignore[arg-type]
     assert pol.sign == -1 and abs((pol.slope or 0) + 1.77) < 0.01
     assert [a.knob for a in acts] == ["temperature"] and abs(acts[0].value - 0.65) < 1e-9  # Newton: +0.024
+
+
+def test_penalty_first_keeps_the_requested_temperature_where_the_penalty_suffices() -> None:
+    """The interactive preset's ``penalty_first`` (issue 14: H1's tuned runs sat at T 0.83-0.91 for a request of
+    0.5).  Asked for 0.3 on a plant where repetition is 0.16 there and the penalty takes 0.09 off at 1.3: the
+    penalty goes up (1.1, 1.2, 1.3) before any temperature move, the band holds, and T stays at the request; where
+    the penalty is not enough (0.22 at 0.3), the temperature moves only after the penalty reached its maximum."""
+    cfg = dataclasses.replace(CFG, requested=0.3, penalty_first=True, penalty_step=0.1, penalty_max=1.3)
+    sim = Sim(seed=1, temperature=0.3, slope_sign=-1.0, tokens_per_request=64)
+    agent, reps = run(sim, cfg)
+    moves = [a.action for a in agent.applied if a.outcome == "applied"]
+    assert [a.value for a in moves[:3]] == [1.1, 1.2, 1.3] and all(a.knob == "repetition_penalty" for a in moves[:3])
+    assert abs(sim.temperature - 0.3) < 1e-9 and band_share(reps[len(reps) // 3 :]) >= 0.9
+    steep = Sim(seed=2, temperature=0.3, slope_sign=-1.0, rep_slope=0.4, tokens_per_request=64)
+    agent, reps = run(steep, cfg)
+    moves = [a.action for a in agent.applied if a.outcome == "applied"]
+    first_t = next(i for i, a in enumerate(moves) if a.knob == "temperature")
+    assert [a.value for a in moves[:first_t]] == [1.1, 1.2, 1.3]
+    assert 0.3 < steep.temperature <= 0.6 and band_share(reps[len(reps) // 3 :]) >= 0.9
+    without = Sim(seed=2, temperature=0.3, slope_sign=-1.0, rep_slope=0.4, tokens_per_request=64)
+    run(without, dataclasses.replace(cfg, penalty_first=False))
+    assert without.temperature > steep.temperature  # temperature alone goes further from the request
+
+
+def test_penalty_first_brings_the_temperature_back_before_easing_the_penalty() -> None:
+    """Hot (T 0.9, requested 0.3) with the penalty at 1.3 and repetition under the band at every temperature (0.05
+    without the penalty, flat in T): the temperature comes back to the request first; the penalty eases only
+    there, until repetition is back in the band."""
+    cfg = dataclasses.replace(CFG, requested=0.3, penalty_first=True, penalty_step=0.1, penalty_max=1.3)
+    sim = Sim(seed=3, temperature=0.9, slope_sign=-1.0, rep_at_07=0.05, rep_slope=0.0, tokens_per_request=64)
+    sim.repetition_penalty = 1.3
+    pol = TemperaturePolicy(cfg)
+    agent = Agent([pol], Arbiter(bounds=pol.bounds, cooldown_s={"temperature": 5.0, "repetition_penalty": 5.0}),
+                  SimActuator(sim), None, knobs=Knobs(repetition_penalty=1.3))  # fmt: skip
+    for _ in range(3000):
+        agent.step(sim.tick())
+    moves = [(a.action.knob, a.action.value) for a in agent.applied if a.outcome == "applied"]
+    first_p = next(i for i, (k, _) in enumerate(moves) if k == "repetition_penalty")
+    assert all(k == "temperature" for k, _ in moves[:first_p]) and moves[first_p - 1][1] == 0.3, moves
+    assert [v for k, v in moves if k == "repetition_penalty"] == [1.2, 1.1, 1.0], moves
+    assert abs(sim.temperature - 0.3) < 1e-9 and sim.repetition_penalty == 1.0

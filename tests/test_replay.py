@@ -33,7 +33,10 @@ def test_fixtures_tell_their_story() -> None:
     """The expected files are not just whatever came out: each scenario shows what it is for."""
     inter = json.loads((HERE / "interactive.expected.json").read_text())
     temps = [d["value"] for d in inter if d["knob"] == "temperature"]
-    assert temps and temps[-1] > 0.3  # repetitive at 0.3: the temperature went up
+    assert temps and temps[-1] > 0.3  # repetitive at 0.3: the temperature went up ...
+    pens = [(d["t"], d["value"]) for d in inter if d["knob"] == "repetition_penalty"]
+    first_t = min(d["t"] for d in inter if d["knob"] == "temperature")
+    assert [v for _, v in pens] == [1.1, 1.2, 1.3] and pens[-1][0] < first_t  # ... after the penalty's maximum
     batches = [d["value"] for d in inter if d["knob"] == "batch_size"]
     assert 64 not in batches  # the 1 s TTFT SLO stops it before 64
     edge = json.loads((HERE / "edge_oom.expected.json").read_text())

@@ -27,10 +27,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[], Sim], int, str]] = {
     # name: (policy, simulator, ticks, what it shows)
     "interactive": (
         "interactive",
-        lambda: Sim(seed=11, dt=0.25, temperature=0.3, batch_size=8, tokens_per_request=96),
+        lambda: Sim(seed=11, dt=0.25, temperature=0.3, rep_slope=0.4, batch_size=8, tokens_per_request=96),
         1200,
-        "temperature too low (repetitive): probe, measured sign, correction; batch explored to the knee under "
-        "a 1 s TTFT SLO",
+        "repetitive at the requested 0.3: the repetition penalty first (to its 1.3 maximum), then a probe up in "
+        "temperature; batch explored to the knee under a 1 s TTFT SLO",
     ),
     "edge_oom": (
         "edge",
