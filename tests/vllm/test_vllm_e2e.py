@@ -369,18 +369,22 @@ PRESET = Path(__file__).resolve().parents[2] / "policies" / "presets" / "interac
 def test_the_closed_loop_tunes_vllm_and_the_tui_shows_it(vllm: VLLMServer, tmp_path: Path) -> None:
     """The README's recipe: vLLM serving the exported demo model, ``tuner proxy --policy interactive`` in front,
     the demo's prompt stream asking for temperature 0.3 (where the model repeats) through it.  The temperature
-    policy moves the temperature vLLM is asked for, the batch-size policy the concurrency (vLLM's running
+    policy raises the repetition penalty vLLM is asked for first (the preset's ``penalty_first``) and moves the
+    temperature only after it, within the preset; the batch-size policy moves the concurrency (vLLM's running
     requests stay under it); the dashboard shows the knobs.  Then the same with the temperature pinned at 0.3:
     repetition over the band can only be fought with the repetition penalty, which rises and reaches vLLM."""
     td = _closed_loop(vllm, tmp_path, "interactive", PRESET, 120)
     applied = [a for a in td.actions if a["outcome"] == "applied"]
-    assert {"temperature", "batch_size"} <= {a["knob"] for a in applied}
+    assert {"repetition_penalty", "batch_size"} <= {a["knob"] for a in applied}
+    pens = [a for a in applied if a["knob"] == "repetition_penalty"]
+    moved = [a for a in applied if a["knob"] == "temperature"]
+    assert not moved or pens[0]["t"] < moved[0]["t"]  # the penalty first
     temps = {r["temperature"] for r in (e.data for e in td.events if e.kind == "request")}
-    assert 0.3 in temps and len(temps) >= 2 and max(temps) <= 1.0  # what vLLM was asked, within the preset
+    assert 0.3 in temps and max(temps) <= 1.0  # what vLLM was asked, within the preset
     running = [v for v in td.column("engine_requests_running") if v is not None and v == v]
     limits = [a["value"] for a in applied if a["knob"] == "batch_size"]
     assert running and max(running) <= max(limits), (max(running), limits)
-    _dashboard_shows(tmp_path / "interactive.jsonl", ("temperature", "batch_size"))
+    _dashboard_shows(tmp_path / "interactive.jsonl", ("temperature", "repetition_penalty", "batch_size"))
 
     pinned = tmp_path / "pinned.toml"
     text = PRESET.read_text()
