@@ -829,5 +829,7 @@ print(json.dumps({"seconds": time.monotonic() - t, "worst": worst, "dropped": c.
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["dropped"] > 0  # ~6 MB of ids could not all fit: counted, not waited for
-    assert res["worst"] < 0.05  # no request ever waited on the sidecar
+    # no request ever waited on the sidecar: a send on the request path would block until the 60 s kill, while
+    # a GIL switch to the sender thread on a loaded 2-core CI box costs tens of ms (0.069 s seen), not 0.5 s
+    assert res["worst"] < 0.5
     assert wall < res["seconds"] + 5  # exit waits at most ~1 s for a last flush
