@@ -339,9 +339,10 @@ def test_scrapes_in_its_own_thread_on_its_cadence(server: Server) -> None:
         assert v["engine_generation_tokens_per_second"] == 0  # the same page twice: nothing generated
         notes = p.take_notes()
         assert any("vLLM" in m and "13 of 92 families" in m for m, _ in notes), notes
-        before = server.b.hits
+        before, t0 = server.b.hits, time.monotonic()
         time.sleep(1.0)
-        assert 5 <= server.b.hits - before <= 12  # ~10 Hz, on deadlines: not a busy loop, no bunching
+        rate = (server.b.hits - before) / (time.monotonic() - t0)  # the sleep runs long on a loaded box
+        assert 3 <= rate <= 13, rate  # ~10 Hz, on deadlines: not a busy loop (hundreds a second), no bunching
     finally:
         p.close()
 
