@@ -779,7 +779,7 @@ class BatchSizePolicy(Policy):
         * half a window's requests show a backlog by the median wait (over twice the service time, full
           batches) that still grows by more than ``backlog_growth``."""
         c = self.cfg
-        if not c.early_backlog or not self._memory_room(w):
+        if not c.early_backlog:
             return []
         inflight = w.values("req_active", c.early_inflight_s)
         if inflight.size >= 3 and float(inflight.min()) >= 2 * cur:
@@ -791,12 +791,13 @@ class BatchSizePolicy(Policy):
                 short = np.flatnonzero(n < cur)
                 since = float(ts[short[-1]]) if short.size else float(ts[0])
                 m = self._measure(w, cur, measure_s=c.early_inflight_s, min_batches=1, since=since)
-                if m is not None:
+                if m is not None and self._memory_room(w):
                     self._saturated_figure(cur, replace(m, saturated=True))
                     return self._step_up(w, cur, m, f"{float(inflight.min()):.0f}+ requests in flight for "
                                          f"{c.early_inflight_s:g} s, {rise:+.0f} in {c.measure_s / 2:g} s")
         m = self._measure(w, cur, measure_s=c.measure_s / 2)
-        if m is None or not m.waits or m.queue_growth is None or m.queue_growth <= c.backlog_growth:
+        if (m is None or not m.waits or m.queue_growth is None or m.queue_growth <= c.backlog_growth
+                or not self._memory_room(w)):  # (the memory room last: a projection, every tick otherwise)
             return []
         self._saturated_figure(cur, m)
         elapsed = w.t - (self.changed_at if self.changed_at is not None else w.t) - c.settle_s
