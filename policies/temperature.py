@@ -440,16 +440,14 @@ class TemperaturePolicy(Policy):
             if (cfg.penalty_first and rep > target and penalty < cfg.penalty_max - 1e-9
                     and (rep > cfg.band_high + cfg.hysteresis or rep - se > cfg.band_high - max(wm, cfg.edge_z * se))):
                 # too repetitive (or too near the upper edge, beyond the mean's own error): the penalty first
-                new_p = min(cfg.penalty_max, penalty + cfg.penalty_step)
-                return [self.act("repetition_penalty", round(new_p, 4), f"repetition {rep:.3f} {where}: raising "
-                                 "the repetition penalty before moving the temperature", **ev)]
+                return self._step_penalty(penalty, +1, f"repetition {rep:.3f} {where}: raising the repetition "
+                                          "penalty before moving the temperature", ev)
             if (cfg.penalty_first and rep < cfg.band_low - cfg.hysteresis and penalty > cfg.penalty_min + 1e-9
                     and (self.requested is None or temp <= self.requested + 1e-3)):
                 # not repetitive enough at (or below) the request: the penalty eases first (it raises repetition
                 # by construction); above the request the temperature comes back toward it first
-                new_p = max(cfg.penalty_min, penalty - cfg.penalty_step)
-                return [self.act("repetition_penalty", round(new_p, 4), f"repetition {rep:.3f} {where}: easing "
-                                 "the repetition penalty before moving the temperature", **ev)]
+                return self._step_penalty(penalty, -1, f"repetition {rep:.3f} {where}: easing the repetition "
+                                          "penalty before moving the temperature", ev)
             if cfg.band_low - cfg.hysteresis <= rep <= cfg.band_high + cfg.hysteresis:
                 # In the band, only too near an edge for the windows' swing.  In H1 this rule made 86 of the 197
                 # moves, all upward, 42 of them probes of unknown sign, and held T at 0.85-0.9 for a request of
@@ -511,8 +509,7 @@ class TemperaturePolicy(Policy):
         at_request = self.requested is None or abs(temp - self.requested) <= 1e-3
         if (rep < cfg.band_low + cfg.hysteresis and penalty > cfg.penalty_min + 1e-9
                 and (at_request or not cfg.penalty_first)):
-            new_p = max(cfg.penalty_min, penalty - cfg.penalty_step)
-            return [self.act("repetition_penalty", round(new_p, 4), "repetition low again: easing the penalty", **ev)]
+            return self._step_penalty(penalty, -1, "repetition low again: easing the penalty", ev)
         gap = self.requested - temp
         if abs(gap) > 1e-3:
             step = max(-cfg.max_step, min(cfg.max_step, gap))
@@ -578,11 +575,14 @@ class TemperaturePolicy(Policy):
     def _penalty(self, rep: float, penalty: float, ev: dict[str, Any]) -> list[Action]:
         cfg = self.cfg
         if rep > cfg.band_high and penalty < cfg.penalty_max - 1e-9:
-            new_p = min(cfg.penalty_max, penalty + cfg.penalty_step)
-            return [
-                self.act("repetition_penalty", round(new_p, 4), "temperature at its bound: raising the penalty", **ev)
-            ]
+            return self._step_penalty(penalty, +1, "temperature at its bound: raising the penalty", ev)
         return []
+
+    def _step_penalty(self, penalty: float, direction: int, reason: str, ev: dict[str, Any]) -> list[Action]:
+        """One ``penalty_step`` up (``direction`` +1) or down (-1), clipped to ``penalty_min``..``penalty_max``."""
+        cfg = self.cfg
+        new_p = _clip(penalty + direction * cfg.penalty_step, cfg.penalty_min, cfg.penalty_max)
+        return [self.act("repetition_penalty", round(new_p, 4), reason, **ev)]
 
     def _move(self, w: Window, new: float, reason: str, ev: dict[str, Any]) -> Action:
         return self.act("temperature", round(new, 4), reason, **ev)
