@@ -72,6 +72,12 @@ class VLLMServer:
                 out[key] = out.get(key, 0.0) + float(s.value)
         return out
 
+    def num_gpu_blocks(self) -> int:
+        """The KV cache's size in blocks (``vllm:cache_config_info``'s label)."""
+        m = re.search(r'num_gpu_blocks="(\d+)"', self.metrics_text())
+        assert m, "no num_gpu_blocks in vllm:cache_config_info"
+        return int(m.group(1))
+
     def settled(self, timeout: float = 60.0) -> dict[str, float]:
         """The metrics once no request runs or waits and the token counter stopped moving."""
         deadline = time.monotonic() + timeout
@@ -196,8 +202,15 @@ class Streamed:
 async def stream_completion(
     client: httpx.AsyncClient, url: str, prompt: str, *, abort_after: int | None = None, **body: Any
 ) -> Streamed:
-    """One streamed ``/v1/completions``; ``abort_after=N`` hangs up after N chunks with text."""
+    """One streamed ``/v1/completions``; ``abort_after=N`` hangs up after N chunks with text.  With
+    ``stream=False`` in ``body``, one plain request (its answer is one chunk)."""
     req = {"model": MODEL, "prompt": prompt, "stream": True, "allowed_token_ids": ALLOWED_TOKEN_IDS, **body}
+    if not req["stream"]:
+        t0 = time.monotonic()
+        r = await client.post(url + "/completions", json=req)
+        assert r.status_code == 200, (r.status_code, r.text)
+        answer = r.json()
+        return Streamed(answer["choices"][0]["text"], 1, answer.get("usage"), time.monotonic() - t0, False)
     texts: list[str] = []
     usage = None
     ttft = None
@@ -258,7 +271,7 @@ def burst(url: str, prompts: list[str], *, aborts: dict[int, int] | None = None,
     """All prompts at once, each its own stream; ``aborts[i] = N``: stream i hangs up after N chunks."""
 
     async def main() -> list[Streamed]:
-        limits = httpx.Limits(max_connections=len(prompts) + 4)
+        limits = httpx.Limits(max_connections=len(prompts) + 4, keepalive_expiry=2.0)
         async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as c:
             return list(
                 await asyncio.gather(
@@ -268,6 +281,32 @@ def burst(url: str, prompts: list[str], *, aborts: dict[int, int] | None = None,
                     )
                 )
             )
+
+    return asyncio.run(main())
+
+
+def sustained(
+    url: str, prompts: list[str], workers: int, seconds: float, **body: Any
+) -> list[Streamed]:
+    """``workers`` streaming clients, each sending its share of ``prompts`` (round and round) one after the other
+    until ``seconds`` have passed (a request started before then runs to its end): a load that lasts as long on a
+    fast vLLM as on a slow one, so a sampler of ``/metrics`` sees it several times.  Every stream, in order of
+    start per worker."""
+
+    async def main() -> list[Streamed]:
+        # (keep-alive shorter than the server's 5 s: a connection it closed is never reused)
+        limits = httpx.Limits(max_connections=workers + 4, keepalive_expiry=2.0)
+        deadline = time.monotonic() + seconds
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as c:
+
+            async def worker(w: int) -> list[Streamed]:
+                mine = prompts[w::workers] or prompts
+                out: list[Streamed] = []
+                while not out or time.monotonic() < deadline:
+                    out.append(await stream_completion(c, url, mine[len(out) % len(mine)], **body))
+                return out
+
+            return [s for ss in await asyncio.gather(*(worker(w) for w in range(workers))) for s in ss]
 
     return asyncio.run(main())
 
