@@ -1060,7 +1060,9 @@ class Upstream:
         if body or method in ("POST", "PUT", "PATCH"):
             hdrs.append((b"content-length", str(len(body)).encode("ascii")))
         for attempt in (0, 1):
-            conn = self._take_idle()
+            # the retry is on a fresh connection: the other idle ones may be as stale (a server that closes idle
+            # connections after its keep-alive closes them all at once; under load their ends are not read yet)
+            conn = self._take_idle() if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
