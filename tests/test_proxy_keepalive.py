@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socketserver
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,8 +89,10 @@ def test_a_request_on_connections_the_upstream_dropped_is_answered(upstream: _Up
         # three at once: three upstream connections, each kept alive afterwards
         with ThreadPoolExecutor(3) as pool:
             futs = [pool.submit(httpx.post, proxy.url + "/completions", json=body, timeout=30) for _ in range(3)]
+            deadline = time.monotonic() + 30
             while upstream.answered < 3:
-                threading.Event().wait(0.02)
+                assert time.monotonic() < deadline, f"{upstream.answered} of 3 requests reached the upstream"
+                time.sleep(0.02)
             upstream.release.set()
             assert [f.result().status_code for f in futs] == [200] * 3
         # the next requests go out on those connections, which the upstream now drops unanswered
