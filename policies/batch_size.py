@@ -135,7 +135,11 @@ class BatchConfig:
     early_backlog: bool = True
     """While holding, a queue that builds now steps up before the window ends (``_early_backlog``)."""
     early_inflight_s: float = 2.0
-    """How long the requests in flight must have been at least twice the held size for ``early_backlog``."""
+    """How long the requests in flight must have been at least ``early_inflight_factor`` times the held size for
+    ``early_backlog``."""
+    early_inflight_factor: float = 2.0
+    """Requests in flight (queued and running) over the held size that count as a backlog for ``early_backlog``
+    (with a rise of a whole batch in half a window: a closed loop's standing queue does not rise)."""
     retune_wait_s: float = 120.0
     """After a step up judged no better, no step up from that size for this long (unless the prompt mix changes):
     every trial under a backlog costs throughput (three in 150 s cost the demo 14% on a loaded host)."""
@@ -773,16 +777,17 @@ class BatchSizePolicy(Policy):
         the window that showed the rate step ended 15-20 s after it, the step up came ~25 s after it, and fixed
         16 attained 89-97% against the policy's 41-48%).  Either of:
 
-        * the requests in flight (``req_active``: queued and running) were at least twice the held size for the
-          last ``early_inflight_s`` and rose by at least the held size over the last half window (a queue of a
-          whole batch or more, still building: a closed loop's standing queue does not rise);
+        * the requests in flight (``req_active``: queued and running) were at least ``early_inflight_factor``
+          times the held size for the last ``early_inflight_s`` and rose by at least the held size over the last
+          half window (a queue of a whole batch or more, still building: a closed loop's standing queue does not
+          rise);
         * half a window's requests show a backlog by the median wait (over twice the service time, full
           batches) that still grows by more than ``backlog_growth``."""
         c = self.cfg
         if not c.early_backlog:
             return []
         inflight = w.values("req_active", c.early_inflight_s)
-        if inflight.size >= 3 and float(inflight.min()) >= 2 * cur:
+        if inflight.size >= 2 and float(inflight.min()) >= c.early_inflight_factor * cur:
             ts, n = w.pairs("req_active", c.measure_s / 2)
             rise = float(n[-1] - n[0])
             if rise >= cur:

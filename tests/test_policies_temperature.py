@@ -276,3 +276,30 @@ def test_penalty_first_brings_the_temperature_back_before_easing_the_penalty() -
     assert all(k == "temperature" for k, _ in moves[:first_p]) and moves[first_p - 1][1] == 0.3, moves
     assert [v for k, v in moves if k == "repetition_penalty"] == [1.2, 1.1, 1.0], moves
     assert abs(sim.temperature - 0.3) < 1e-9 and sim.repetition_penalty == 1.0
+
+
+def test_penalty_at_its_top_near_the_upper_edge_probes_the_priors_way() -> None:
+    """H3 (issue 14): penalty at 1.3, T at the request, the mean 0.076-0.087 — in the band, but within the
+    windows' swing of its upper edge, so 14 of 25 runs lost a 10 s window just above it; with no measured sign
+    the policy held.  Asked for 0.3 on a plant where, with the penalty at 1.3, responses at 0.3 average ~0.088
+    and spread 0.1 (the margin for 40-response windows: 0.02): once the penalty is at its top the prior
+    (repetition falls as T rises) sends a probe up within a minute and 40-response windows stay in the band;
+    with no prior it holds at 0.3 until a noisy mean happens to read above the band (478 s) and a quarter of the
+    windows are out."""
+    cfg = TemperatureConfig(requested=0.3, min=0.1, max=1.0, band_low=0.02, band_high=0.10, hysteresis=0.01,
+                            max_step=0.15, min_requests=8, window_responses=40, penalty_first=True,
+                            penalty_step=0.15, penalty_max=1.3)  # fmt: skip
+    shares, first = {}, {}
+    for prior in ("falls", "none"):
+        sim = Sim(seed=5, temperature=0.3, slope_sign=-1.0, rep_at_07=0.065, rep_slope=0.25, tokens_per_request=64,
+                  rep_noise=0.1)  # fmt: skip
+        agent, reps = run(sim, dataclasses.replace(cfg, prior=prior), ticks=6000)
+        done = [a for a in agent.applied if a.outcome == "applied"]
+        assert [a.action.value for a in done[:2]] == [1.15, 1.3]
+        assert all(a.action.knob == "repetition_penalty" for a in done[:2])
+        shares[prior] = band_share(reps[len(reps) // 3 :], 0.02, 0.10, per=40)
+        first[prior] = next(a for a in done if a.action.knob == "temperature")
+    probe = first["falls"]
+    assert probe.t < 100 and probe.action.value > 0.3, probe
+    assert probe.action.reason.startswith("probe") and "in the band but within" in probe.action.reason
+    assert first["none"].t > 300 and shares["none"] < 0.85 <= 0.95 <= shares["falls"], (first, shares)
