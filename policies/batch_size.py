@@ -928,7 +928,13 @@ class BatchSizePolicy(Policy):
         # and arrivals vary (a burst made a step up that ran 39% faster look like one that grew the queue)
         keeps_up = (before.backlog and not pooled.saturated and self._feasible(pooled)
                     and pooled.tokens_per_second > before.tokens_per_second)
-        if not keeps_up and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second):
+        # under a backlog a size that serves faster beyond the noise drains the queue sooner, whatever its own
+        # service TTFT: going back makes every waiting request wait longer (dev seed 0, step, 2026-12-04: 16 ran
+        # 1074 tok/s against 774 at 8 and was undone for its service TTFT); the latency rule steps down once the
+        # backlog is gone
+        drains = before.backlog and self._beats(pooled, before)
+        if (not keeps_up and not drains
+                and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second)):
             self.measured[cur] = pooled
             self.no_up[frm] = w.t + c.retune_wait_s
             self.trial = None
@@ -937,7 +943,7 @@ class BatchSizePolicy(Policy):
             return self._go(
                 w, cur, frm, f"{cur} {what} ({pooled.tokens_per_second:.0f} tok/s against "
                 f"{before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")
-        if keeps_up or self._beats(pooled, before):
+        if keeps_up or drains or self._beats(pooled, before):
             self.measured[cur] = pooled
             self.trial = None
             self.phase, self.next_phase = "hold", "hold"

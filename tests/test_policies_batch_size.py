@@ -707,3 +707,32 @@ def test_a_closed_loops_standing_queue_is_not_answered_before_the_window_ends() 
         w.update(t, {"req_active": 40.0}, [req])
         out += pol.decide(w, Knobs(batch_size=8))
     assert out == [], [a.reason for a in out]
+
+
+def test_under_a_backlog_a_faster_size_is_kept_though_its_own_ttft_misses_the_slo() -> None:
+    """Dev seed 0, step shape (2026-12-04): under the rate step's backlog 16 ran 1074 tok/s against 774 at 8,
+    and was undone because its service TTFT p95 missed the 1 s SLO — going back to 8 makes every waiting request
+    wait longer.  Beyond the noise faster under a backlog: kept (the latency rule steps down once the backlog is
+    gone).  Faster only within the noise, or with no backlog before: the SLO miss still sends it back."""
+    from tuner.core.window import Window
+    from tuner.policies.batch_size import Measurement
+
+    def meas(batch: int, tps: float, ttft: float, backlog: bool) -> Measurement:
+        return Measurement(batch=batch, tokens_per_second=tps, ttft_p95=ttft, tpot_p95=None, requests=200,
+                           rate=12.0, prompt_mean=64.0, occupancy=1.0, queue_p50=3.0 if backlog else 0.1,
+                           queue_growth=0.3 if backlog else 0.0, backlog=backlog, waits=backlog)  # fmt: skip
+
+    def judged(before: Measurement, after: Measurement) -> tuple[list[Action], BatchSizePolicy]:
+        pol = BatchSizePolicy(BatchConfig(min=1, max=64, slo_ttft_p95_s=1.0))
+        pol.trial = {"kind": "up", "from": 8, "before": before, "windows": 0, "pooled": None}
+        pol.phase, pol.incumbent, pol.changed_at = "measure", 8, 0.0
+        w = Window(keys=["req_active"])
+        w.update(20.0, {"req_active": 40.0}, [])
+        return pol._judge(w, 16, after), pol
+
+    acts, pol = judged(meas(8, 774.0, 0.6, True), meas(16, 1074.0, 1.4, True))
+    assert acts == [] and pol.incumbent == 16 and pol.phase == "hold"
+    acts, _ = judged(meas(8, 774.0, 0.6, True), meas(16, 800.0, 1.4, True))  # +3%: within the noise
+    assert [a.value for a in acts] == [8] and "misses the latency SLO" in acts[0].reason
+    acts, _ = judged(meas(8, 774.0, 0.6, False), meas(16, 1074.0, 1.4, False))  # no backlog: latency first
+    assert [a.value for a in acts] == [8] and "misses the latency SLO" in acts[0].reason

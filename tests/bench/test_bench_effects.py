@@ -945,7 +945,7 @@ SHAPES = ("steady", "step", "burst", "ramp", "mix")
 DEV_SEED = 0
 HELDOUT_S = float(os.environ.get("TUNER_EFFECT_HELDOUT_SECONDS", "90"))
 HELDOUT_SETS: dict[str, tuple[int, ...]] = {"H1": (101, 102, 103, 104, 105), "H2": (106, 107, 108, 109, 110),
-                                            "H3": (111, 112, 113, 114, 115)}
+                                            "H3": (111, 112, 113, 114, 115), "H4": (116, 117, 118, 119, 120)}
 """Held-out seed sets in the order they are spent: a policy change after a held-out run is judged on the next."""
 HELDOUT_SET = os.environ.get("TUNER_EFFECT_SET", "H1")
 HELDOUT_BUDGET_S = float(os.environ.get("TUNER_EFFECT_BUDGET_S", str(3 * 3600)))
@@ -1303,8 +1303,10 @@ def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dic
             def trio(key: str, spec: str, t: Any = t, u: Any = u, f: Any = f) -> str:
                 return " / ".join(fmt(x.get(key) if x else None, spec) for x in (t, u, f))
 
+            per = " / ".join(fmt(x["tokens"] / x["done"] if x and x.get("tokens") and x.get("done") else None, ".1f")
+                             for x in (t, u, f))
             rows.append(
-                f"| {seed} | {shape} | {trio('attainment', '.1%')} | {trio('throughput', '.0f')} | "
+                f"| {seed} | {shape} | {trio('attainment', '.1%')} | {trio('throughput', '.0f')} | {per} | "
                 f"{trio('band_share', '.0%')} | {' '.join(str(m[1]) for m in t['batch_moves']) or '-'} "
                 f"({away_s(t):.0f}) | {' '.join(str(m[1]) for m in t['precision_moves']) or '-'} | "
                 f"{load_text(t)} / {load_text(u)} |")
@@ -1329,8 +1331,9 @@ def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dic
            + (f"; load average (1-min, at the start and end of each run, recorded since seed 102 step) "
               f"{min(loads):.1f}-{max(loads):.1f} on the 2 cores" if loads else "")
            + ".  Figures are tuned / untuned / best fixed; load is tuned / untuned (1-min, start->end).", "",
-           "| seed | shape | attainment | throughput (tok/s) | band share | tuned batch moves (s away from 8) | "
-           "tuned precision | load |", "|---|---|---|---|---|---|---|---|", *rows, "",
+           "| seed | shape | attainment | throughput (tok/s) | tokens an answer | band share | "
+           "tuned batch moves (s away from 8) | tuned precision | load |", "|---|---|---|---|---|---|---|---|---|",
+           *rows, "",
            "Noise (untuned run twice in the same cell):", "",
            "| seed | shape | attainment | throughput | spread | spread |", "|---|---|---|---|---|---|",
            *noise_rows, "",
