@@ -265,6 +265,24 @@ def test_small_terminal_80x24() -> None:
     run_app(app, go, size=(80, 24))
 
 
+def test_a_timer_tick_during_shutdown_draws_nothing() -> None:
+    """Textual stops the app (is_running False) and prunes the screen's widgets before it stops the
+    app's own timers, so one redraw tick can land on a screen without '#hdr' (CI, Python 3.13).  That
+    tick must be a no-op, not a NoMatches that fails the session on exit."""
+    app = replay_app()
+
+    async def go(pilot: Any) -> None:
+        await wait_for(pilot, lambda: app.loaded)
+
+    run_app(app, go, size=(80, 24))
+    assert not app.is_running
+    drawn = app.redraws
+    app._tables_stale = True
+    app._on_timer()  # the widgets are gone: before the guard this raised NoMatches('#hdr')
+    app.redraw(force=True)
+    assert app.redraws == drawn
+
+
 def test_large_terminal_160x48_uses_the_whole_screen() -> None:
     """At 160x48 the charts grow into the space (three columns, taller than the 7-row minimum) and the
     tables reach down to the scrubber: no empty band at the bottom.  Integer knobs print as integers."""

@@ -261,6 +261,10 @@ class TunerApp(App[None]):
         self.redraw()
 
     def redraw(self, force: bool = False) -> None:
+        if not self.is_running:
+            # Shutting down: Textual clears _running, then prunes the screen's widgets while the app's
+            # own timer can still tick once (CI, Python 3.13: NoMatches '#hdr' after the test's last check).
+            return
         now = self.view_now()
         t1 = now
         t0 = t1 - self.window
