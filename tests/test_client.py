@@ -833,3 +833,36 @@ print(json.dumps({"seconds": time.monotonic() - t, "worst": worst, "dropped": c.
     # a GIL switch to the sender thread on a loaded 2-core CI box costs tens of ms (0.069 s seen), not 0.5 s
     assert res["worst"] < 0.5
     assert wall < res["seconds"] + 5  # exit waits at most ~1 s for a last flush
+
+
+RISING = """
+import sys, time
+from tuner import client
+c = client.connect()
+time.sleep(0.5)   # connected, the first statuses (0 in flight) sent
+held = []
+for k in range(5):  # one more request in flight every 0.3 s, as a rate step fills a queue
+    r = c.request(prompt_tokens=1)
+    r.__enter__()
+    held.append(r)
+    time.sleep(0.3)
+time.sleep(0.3)
+for r in held:
+    r.__exit__(None, None, None)
+c.close()
+print("done", flush=True)
+"""
+
+
+def test_a_change_in_the_requests_in_flight_is_reported_within_a_fraction_of_a_second(
+        server: ChannelServer) -> None:
+    """The batch policy's early backlog rule reads ``req_active`` from these statuses: sent only once a second,
+    a queue building at a rate step showed up to a second late (H4).  Five rises 0.3 s apart each reach the
+    sidecar (at one status a second, at most three of the five counts could)."""
+    p = child(RISING, server.path)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "done" in out, err
+    msgs = [m for _, m in server.drain()]
+    seen = {m["active"] for m in msgs if m.get("type") == "status"}
+    assert len(seen & {1, 2, 3, 4, 5}) >= 4, sorted(seen)
+    assert 0 in seen  # the idle status before and after
