@@ -279,15 +279,19 @@ def _queue(
     waits = q50 > 2.0 * service
     return q50, growth, waits or growing, q50 <= 0.05 * service, waits
 
-def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | None, int, np.ndarray] | None:
+def _static_batches(cols: dict[str, np.ndarray], since: float,
+                    full: int | None = None) -> tuple[float | None, int, np.ndarray] | None:
     """Tokens/s over the whole static batches that started at or after ``since``; None when the requests
     do not look statically batched.
 
     A request started at ``t - e2e + queue``; requests starting within 1 ms of each other form a batch.
     Static batching shows as requests starting together and every batch ending before the next one
     starts.  The last batch seen may still be running (some of its requests not yet reported), so it
-    only marks where the one before ended.  Returns (tokens/s or None while no batch is complete,
-    complete batches, mask of the requests used).
+    only marks where the one before ended — unless it holds ``full`` requests (the batch size: no batch holds
+    more), when it is complete at its last response.  Waiting for the next batch's first response instead cost
+    the early backlog rule ~1 s at a rate step (dev seed 0, 2026-12-04: a batch of 8 that ran full from 30.9 s was
+    counted only once the next one reported).  Returns (tokens/s or None while no batch is complete, complete
+    batches, mask of the requests used).
     """
     t, e2e, queue, tok = cols["t"], cols["e2e_seconds"], cols["queue_seconds"], cols["tokens"]
     start = t - e2e + queue
@@ -301,18 +305,21 @@ def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | 
     group = np.concatenate(([0], np.cumsum(np.diff(s) > 1e-3)))
     n_groups = int(group[-1]) + 1
     firsts = np.flatnonzero(np.concatenate(([True], group[1:] != group[:-1])))
-    if n_groups == 1:  # one batch so far (they started together), still running: nothing complete
+    if n_groups == 1:  # one batch so far (they started together): no evidence yet that batches are static
         return None, 0, keep
+    last_full = full is not None and int(np.count_nonzero(group == n_groups - 1)) >= full
     ends = np.maximum.reduceat(t[order], firsts)
     # static: each batch ended (its last response) before the next began; 10 ms for timestamp rounding.
     # Judged on every batch seen (also those that started before ``since``).
     if np.any(ends[:-1] > s[firsts[1:]] + 0.01):
         return None
     g_start = s[firsts]
-    use = np.flatnonzero(g_start[:-1] >= since)  # complete batches (a successor started) from ``since`` on
+    # complete batches (a successor started, or the last one is full) from ``since`` on
+    use = np.flatnonzero(g_start[:-1] >= since) if not last_full else np.flatnonzero(g_start >= since)
     if use.size == 0:
         return None, 0, keep
-    span = float(g_start[use[-1] + 1] - g_start[use[0]])
+    end = float(ends[-1]) if last_full and use[-1] == n_groups - 1 else float(g_start[use[-1] + 1])
+    span = end - float(g_start[use[0]])
     if span <= 0:
         return None, 0, keep
     sel = np.isin(group, use)
@@ -321,6 +328,10 @@ def _static_batches(cols: dict[str, np.ndarray], since: float) -> tuple[float | 
 
 class BatchSizePolicy(Policy):
     name = "batch_size"
+    interval_s = 0.5
+    """Asked twice a second: the early backlog rule is a check on the requests in flight, and asked once a second
+    it added up to a second to the step up at a rate step (dev seed 0, 2026-12-04: the condition held from 31.9 s,
+    the decision came at 32.4 s)."""
     knobs = ("batch_size", "cleanup")
     keys = ("req_tpot_p95_seconds", "req_active", *ENGINE_KEYS)
 
@@ -361,6 +372,8 @@ class BatchSizePolicy(Policy):
         """Consecutive windows at the held size with a backlog (a growing one takes two: one can be noise)."""
         self.early_seen: tuple[int, float | None] | None = None
         """(size, when it was set) whose early look in the first search was taken (one a step)."""
+        self.half_checked = -math.inf
+        """When the early backlog's half-window rule last read the requests (at most once a second)."""
         self.no_down: tuple[int, float] | None = None
         """(size, since): no step down from this size until a window there shows no backlog (a smaller one
         grew the queue)."""
@@ -470,7 +483,7 @@ class BatchSizePolicy(Policy):
         n = int(cols["tokens"].size)
         if n < c.min_requests and elapsed < c.max_wait_s:
             return None
-        static = _static_batches(cols, start)
+        static = _static_batches(cols, start, full=batch)
         need = c.min_batches if min_batches is None else min_batches
         if static is not None and static[0] is not None and (static[1] >= need or elapsed >= c.max_wait_s):
             rate, _, keep = static
@@ -786,7 +799,9 @@ class BatchSizePolicy(Policy):
         c = self.cfg
         if not c.early_backlog:
             return []
-        inflight = w.values("req_active", c.early_inflight_s)
+        now_in = w.latest("req_active")  # (no read of the window's block while the newest count is short of it)
+        inflight = (w.values("req_active", c.early_inflight_s)
+                    if now_in is not None and now_in >= c.early_inflight_factor * cur else np.empty(0))
         if inflight.size >= 2 and float(inflight.min()) >= c.early_inflight_factor * cur:
             ts, n = w.pairs("req_active", c.measure_s / 2)
             rise = float(n[-1] - n[0])
@@ -797,9 +812,13 @@ class BatchSizePolicy(Policy):
                 since = float(ts[short[-1]]) if short.size else float(ts[0])
                 m = self._measure(w, cur, measure_s=c.early_inflight_s, min_batches=1, since=since)
                 if m is not None and self._memory_room(w):
-                    self._saturated_figure(cur, replace(m, saturated=True))
+                    # the pace under the backlog this rule saw (a whole batch and more waiting, still rising)
+                    self._saturated_figure(cur, replace(m, saturated=True, backlog=True))
                     return self._step_up(w, cur, m, f"{float(inflight.min()):.0f}+ requests in flight for "
                                          f"{c.early_inflight_s:g} s, {rise:+.0f} in {c.measure_s / 2:g} s")
+        if w.t - self.half_checked < 1.0:
+            return []  # the half-window rule reads 5 s of requests: once a second is enough (and it is the costly one)
+        self.half_checked = w.t
         m = self._measure(w, cur, measure_s=c.measure_s / 2)
         if (m is None or not m.waits or m.queue_growth is None or m.queue_growth <= c.backlog_growth
                 or not self._memory_room(w)):  # (the memory room last: a projection, every tick otherwise)
@@ -943,7 +962,13 @@ class BatchSizePolicy(Policy):
             return self._go(
                 w, cur, frm, f"{cur} {what} ({pooled.tokens_per_second:.0f} tok/s against "
                 f"{before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")
-        if keeps_up or drains or self._beats(pooled, before):
+        # the last window: under a backlog a size that served faster stays even when the gain is within the noise
+        # (going back would lengthen the queue again; a 'before' figure taken early at a rate step rests on
+        # a batch or two and its error hid +17% on the simulated plant, which went back to 8 and let the queue
+        # run to 52 s); the latency rule steps down once the backlog is gone
+        faster_last = (tr["windows"] >= c.judge_windows and before.backlog
+                       and pooled.tokens_per_second > before.tokens_per_second)
+        if keeps_up or drains or faster_last or self._beats(pooled, before):
             self.measured[cur] = pooled
             self.trial = None
             self.phase, self.next_phase = "hold", "hold"

@@ -153,7 +153,7 @@ def test_static_batches_are_measured_whole() -> None:
     falls.  The policy waits for ``min_batches`` whole batches and measures tokens over their span."""
     from tuner.core.window import Window
 
-    events, true_rate = static_batches(64, 8, t0=1.0)
+    events, true_rate = static_batches(64, 8, t0=1.05)
     pol = BatchSizePolicy(BatchConfig(min=1, max=64, settle_s=0.0, measure_s=5.0, min_batches=3))
     pol.changed_at = 1.0
     w = Window(keys=[])
@@ -169,13 +169,26 @@ def test_static_batches_are_measured_whole() -> None:
         w.update(t, {}, new)
         got = pol._measure(w, 64)
     assert got is not None
-    batch_starts = sorted({round(e.t - e.data["e2e_seconds"] + e.data["queue_seconds"], 6) for e in events[:i]})
-    assert len(batch_starts) >= 4  # three whole batches and the start of the next
-    # the batches measured are whole ones: the rate is the true one up to the batches' own spread
+    starts = sorted({round(e.t - e.data["e2e_seconds"] + e.data["queue_seconds"], 6) for e in events})
+    seen = events[:i]
+    by_start: dict[float, list[Event]] = {}
+    for e in seen:
+        by_start.setdefault(round(e.t - e.data["e2e_seconds"] + e.data["queue_seconds"], 6), []).append(e)
+    whole = [b for b in starts if len(by_start.get(b, [])) == 64]
+    assert len(whole) == 3 and whole == starts[:3]  # three whole batches, and no more was waited for
+    # a full batch (64 responses: no batch holds more) is whole at its last response, not at the next one's first
+    assert t < min(e.t for e in events if round(e.t - e.data["e2e_seconds"] + e.data["queue_seconds"], 6)
+                   == starts[3]) + 0.1
+    # the batches measured are whole ones: the rate is theirs exactly (tokens over their span)
+    toks = sum(e.data["tokens"] for b in whole for e in by_start[b])
+    span = max(e.t for e in by_start[whole[-1]]) - whole[0]
+    assert abs(got.tokens_per_second - toks / span) / (toks / span) < 1e-6, (got.tokens_per_second, toks / span)
     assert abs(got.tokens_per_second - true_rate) / true_rate < 0.1, (got.tokens_per_second, true_rate)
-    # the naive figure over the same time (responses that ended / elapsed) is not
-    naive = sum(e.data["tokens"] for e in events[:i]) / (t - 1.0)
-    assert abs(naive - true_rate) / true_rate > abs(got.tokens_per_second - true_rate) / true_rate
+    # the naive figure (responses that ended / elapsed) swings with where the window ends: half-way into the
+    # next batch, its longer answers not yet in, it is off by more than the whole batches' own spread
+    mid = (whole[-1] + starts[4]) / 2 if len(starts) > 4 else t
+    naive = sum(e.data["tokens"] for e in events if e.t <= mid) / (mid - 1.05)
+    assert abs(naive - toks / span) / (toks / span) > abs(got.tokens_per_second - true_rate) / true_rate
 
 
 def test_continuous_batching_falls_back_to_responses_per_window() -> None:
@@ -429,7 +442,10 @@ def test_a_rate_step_up_re_tunes_upward_from_the_held_size_and_raises_throughput
     sim, agent = closed_loop(rate, 360, seed=3, tuned=True)
     assert agent is not None
     moves = [a for a in batch_moves(agent) if a.t >= 120]
-    assert moves and all(a.action.value >= 8 for a in moves), [(a.t, a.action.value) for a in moves]
+    # never back to 8 while the overload lasts: a step up answered early rests its 'before' figure on a batch or
+    # two, and a gain within that figure's error once sent 16 back after three windows (169 tok/s against 145) and
+    # the queue ran to 52 s
+    assert moves and all(a.action.value > 8 for a in moves), [(a.t, a.action.value) for a in moves]
     assert "backlog" in moves[0].action.reason
     assert tokens_started_after(sim, 120) >= 1.2 * tokens_started_after(fixed, 120)
     assert sim.queue_p95() < fixed.queue_p95()  # type: ignore[attr-defined]
@@ -683,6 +699,13 @@ def test_a_rate_step_is_answered_while_the_queue_builds_not_a_window_later() -> 
     slow_up = next(a for a in batch_moves(slow_agent) if a.t > 1.0)
     assert ups[0].t < slow_up.t and tuned.attainment(slo) > slow.attainment(slo), (
         ups[0].t, slow_up.t, tuned.attainment(slo), slow.attainment(slo))
+    # H4 (2026-12-04): 2.9-4.8 s after the step with 1 s of 1.5x; the preset's 0.5 s, asked twice a second, answers
+    # half a second sooner here (32.75 s against 33.25 s) and attains more (88.5% against 83.2%)
+    second, second_agent = run(True, early_inflight_s=1.0)
+    assert second_agent is not None
+    second_up = next(a for a in batch_moves(second_agent) if a.t > 1.0)
+    assert ups[0].t < second_up.t and tuned.attainment(slo) > second.attainment(slo), (
+        ups[0].t, second_up.t, tuned.attainment(slo), second.attainment(slo))
 
 
 def test_a_closed_loops_standing_queue_is_not_answered_before_the_window_ends() -> None:
