@@ -828,6 +828,12 @@ class BatchSizePolicy(Policy):
         return self._step_up(w, cur, m, f"queue p50 {m.queue_p50 or 0:.1f} s, growing {m.queue_growth or 0:+.2f} s/s "
                              f"{elapsed:.0f} s into the window")
 
+    def _part_full(self, m: Measurement) -> bool:
+        """The batches ran part-full without a backlog: the figure is the demand's tokens/s, not the size's pace
+        (full batches are: a short window may not show the queue's growth, but every batch full says one fed it)."""
+        return (not m.backlog and m.occupancy is not None
+                and m.occupancy < self.cfg.saturated_occupancy)
+
     def _saturated_figure(self, cur: int, m: Measurement) -> None:
         """Keep ``m`` as the held size's figure unless one of its server pace is known already (a
         demand-limited figure would flatter a trial judged against it)."""
@@ -876,6 +882,12 @@ class BatchSizePolicy(Policy):
             return []
         tr["early"] = True
         before = tr["before"]
+        if self._part_full(m):
+            # part-full batches, no queue: the demand fell, not the pace (a clump's backlog went); no queue to
+            # lengthen, so the whole window decides (on the simulated plant a 4 s clump stepped 8 -> 16, 16 read
+            # 330 tok/s of a demand of ~5 requests/s against 683 at 8, went back and the retune wait then held 8
+            # through a lasting overload)
+            return []
         if m.tokens_per_second >= (1 - 2 * c.noise_cv) * before.tokens_per_second:
             return []
         frm = int(tr["from"])
@@ -955,10 +967,17 @@ class BatchSizePolicy(Policy):
         if (not keeps_up and not drains
                 and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second)):
             self.measured[cur] = pooled
-            self.no_up[frm] = w.t + c.retune_wait_s
+            # a size that ran part-full with no queue was not needed by this demand; it was not shown slower, so a
+            # backlog that builds later may try it again at once (H5, 121 ramp: a clump stepped 8 -> 16, 16 ran
+            # 43% full at 741 tok/s against one full batch of 8 at 898, went back, and the retune wait held 8 for
+            # the rest of the ramp with the queue growing to 2 s and more)
+            demand_limited = self._part_full(pooled) and self._feasible(pooled)
+            if not demand_limited:
+                self.no_up[frm] = w.t + c.retune_wait_s
             self.trial = None
             self.phase, self.next_phase = "measure", "hold"
-            what = "misses the latency SLO" if not self._feasible(pooled) else "is no better"
+            what = ("misses the latency SLO" if not self._feasible(pooled)
+                    else "was not needed: its batches ran part-full, no queue" if demand_limited else "is no better")
             return self._go(
                 w, cur, frm, f"{cur} {what} ({pooled.tokens_per_second:.0f} tok/s against "
                 f"{before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")

@@ -708,6 +708,27 @@ def test_a_rate_step_is_answered_while_the_queue_builds_not_a_window_later() -> 
         ups[0].t, second_up.t, tuned.attainment(slo), second.attainment(slo))
 
 
+def test_a_clump_s_step_up_does_not_hold_the_size_down_through_a_later_overload() -> None:
+    """H5 (121 ramp, 2026-12-04): a clump of arrivals stepped 8 -> 16; the clump passed, 16 ran part-full (the
+    demand's tokens/s, not its pace) and was judged 'no better' than one full batch of 8, and the retune wait then
+    held 8 while the ramp overloaded it (33.7% attained).  Here a 4 s clump at 30 s, then a lasting overload from
+    70 s: the trial ends without the wait (no pace was measured at 16), and the overload is answered within
+    seconds."""
+    from tests.replay.sim import TOK_S, TTFT, QueueSim
+
+    sim = QueueSim(seed=3, rate=lambda t: 13.0 if (30 <= t < 34 or t >= 70) else 5.0, tok_s=TOK_S * 5.0,
+                   ttft=TTFT / 5.0, batch_size=8)
+    agent = interactive_agent(sim)
+    for _ in range(int(130 / sim.dt)):
+        agent.step(sim.tick())
+    moves = [(a.t, a.action.value, a.action.reason) for a in batch_moves(agent) if a.t > 1.0]
+    assert moves and moves[0][1] == 16 and 30 < moves[0][0] < 40, moves  # the clump's step up
+    back = next(m for m in moves if m[1] == 8)
+    assert "not needed" in back[2], moves  # part-full at 16: the demand fell, not 16's pace
+    assert any(70 <= t < 80 and v >= 16 for t, v, _ in moves), moves  # the overload answered at once
+    assert sim.attainment(1.0) >= 0.8, sim.attainment(1.0)
+
+
 def test_a_closed_loops_standing_queue_is_not_answered_before_the_window_ends() -> None:
     """A closed loop (a fixed number of clients, each sending its next request when the last one ends) keeps
     as many requests in flight as it has clients, far above the batch size, and its queue stands: nothing
