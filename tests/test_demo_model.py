@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch", reason="needs torch (the torch extra)")
 from tuner.demo.corpus import held_out_prompts, split_topics  # noqa: E402
 from tuner.demo.curve import has_loop, measure, rep_w, seq_rep_n  # noqa: E402
 from tuner.demo.model import CONFIG_FILE, WEIGHTS_FILE, BatchDecoder, TinyLlama, load, param_count  # noqa: E402
-from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample  # noqa: E402
+from tuner.demo.sampling import Mirostat, SamplingParams, SeenTokens, apply_repetition_penalty, generate, sample  # noqa: E402
 from tuner.demo.tokenizer import BOS, EOS, ByteTokenizer  # noqa: E402
 from tuner.demo.train import evaluate, to_ids  # noqa: E402
 
@@ -108,6 +108,32 @@ def test_top_k_1_is_greedy_and_penalty_lowers_repetition(model: TinyLlama, promp
     plain = generate(model, prompts, 128, SamplingParams(temperature=0.0), stop_at_eos=False)
     pen = generate(model, prompts, 128, SamplingParams(temperature=0.0, repetition_penalty=1.3), stop_at_eos=False)
     assert statistics.fmean(map(seq_rep_n, pen)) < statistics.fmean(map(seq_rep_n, plain))
+
+
+def test_the_penalty_mask_is_the_ctrl_rule_on_each_rows_tokens_so_far() -> None:
+    """The (rows, vocab) mask gives what the rule gives row by row: a seen token's positive logit divided by
+    the penalty, a negative one multiplied, an unseen one (or -inf) untouched; the step's picks are added."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 264, generator=g) * 3
+    logits[:, 256:] = float("-inf")
+    history = [[65, 66, 65, BOS], [], [0, 255], list(range(0, 256, 7))]
+    seen = SeenTokens(history, 264)
+
+    def by_row(x: torch.Tensor, hist: list[list[int]], p: float) -> torch.Tensor:
+        out = x.clone()
+        for row, ids in enumerate(hist):
+            for i in set(ids):
+                v = x[row, i]  # a float32 tensor: the same arithmetic as the mask's
+                out[row, i] = v / p if v > 0 else v * p
+        return out
+
+    assert torch.equal(apply_repetition_penalty(logits, seen.mask, 1.3), by_row(logits, history, 1.3))
+    assert apply_repetition_penalty(logits, seen.mask, 1.0) is logits
+    picks = torch.tensor([70, 71, 72, 0])
+    seen.add(picks)
+    history = [[*h, int(t)] for h, t in zip(history, picks, strict=True)]
+    assert torch.equal(apply_repetition_penalty(logits, seen.mask, 0.8), by_row(logits, history, 0.8))
+    assert seen.mask.sum(-1).tolist() == [len(set(h)) for h in history]
 
 
 def test_specials_other_than_eos_are_never_sampled() -> None:

@@ -67,7 +67,7 @@ import torch
 from tuner.demo.corpus import held_out_prompts
 from tuner.demo.curve import LOOP_MAX_N, LOOP_MIN_N, repetition
 from tuner.demo.model import BatchDecoder, TinyLlama, load
-from tuner.demo.sampling import Mirostat, SamplingParams, generate, sample
+from tuner.demo.sampling import Mirostat, SamplingParams, SeenTokens, generate, sample
 from tuner.demo.tokenizer import EOS, ByteTokenizer
 from tuner.integrations.cleanup import rss_bytes
 from tuner.integrations.torch_loop import BatchSettings, TorchLoop, TrackedRequest
@@ -355,6 +355,9 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
     with torch.inference_mode():
         dec = BatchDecoder(model, [j.ids for j in jobs] + [j.ids for j in twins], max_new)
         logits = dec.prefill()
+        seen = None
+        if s.repetition_penalty != 1.0 and mirostat is None:
+            seen = SeenTokens([j.ids for j in jobs] + [j.ids for j in twins], logits.size(-1))
         aborted = False
         for step in range(dec.max_new_tokens):
             if stop is not None and stop.is_set():
@@ -363,10 +366,9 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
             if mirostat is not None:
                 nxt = mirostat.sample(logits, gen)
             else:
-                hist = None
-                if s.repetition_penalty != 1.0:
-                    hist = [j.ids + j.out for j in jobs] + [j.ids + (j.twin or []) for j in twins]
-                nxt = sample(logits, params, hist, gen)
+                nxt = sample(logits, params, seen, gen)
+                if seen is not None:
+                    seen.add(nxt)
             t = time.monotonic()
             picked = nxt.tolist()
             for row, tok in enumerate(picked[: len(jobs)]):
