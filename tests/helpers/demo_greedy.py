@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tuner.demo.model import BatchDecoder, TinyLlama, load
-from tuner.demo.sampling import SamplingParams, sample
+from tuner.demo.sampling import SamplingParams, SeenTokens, sample
 from tuner.demo.tokenizer import EOS
 
 _MODEL: list[TinyLlama] = []
@@ -20,8 +20,10 @@ def demo_greedy(prompt_ids: list[int], n: int, repetition_penalty: float = 1.0) 
     with torch.inference_mode():
         dec = BatchDecoder(_MODEL[0], [prompt_ids], n)
         logits = dec.prefill()
+        seen = SeenTokens([prompt_ids], logits.size(-1))
         for i in range(n):
-            nxt = sample(logits, params, [prompt_ids + out])
+            nxt = sample(logits, params, seen)
+            seen.add(nxt)
             out.append(int(nxt[0]))
             if out[-1] == EOS or i == n - 1:
                 break
