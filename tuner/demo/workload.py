@@ -363,12 +363,7 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
             if stop is not None and stop.is_set():
                 aborted = True
                 break
-            if mirostat is not None:
-                nxt = mirostat.sample(logits, gen)
-            else:
-                nxt = sample(logits, params, seen, gen)
-                if seen is not None:
-                    seen.add(nxt)
+            nxt = mirostat.sample(logits, gen) if mirostat is not None else sample(logits, params, seen, gen)
             t = time.monotonic()
             picked = nxt.tolist()
             for row, tok in enumerate(picked[: len(jobs)]):
