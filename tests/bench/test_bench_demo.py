@@ -239,7 +239,8 @@ def test_demo_repetition_penalty_cost_per_decoding_step() -> None:
                 t0 = time.perf_counter()
                 nxt = sample(logits, plain)
                 t1 = time.perf_counter()
-                sample(logits, params, seen)  # adds its pick to seen, as in the workload
+                sample(logits, params, seen)
+                seen.add(nxt)
                 t2 = time.perf_counter()
                 per_row(logits, hist, 1.3)
                 for h, t in zip(hist, nxt.tolist(), strict=True):

@@ -23,6 +23,7 @@ def demo_greedy(prompt_ids: list[int], n: int, repetition_penalty: float = 1.0) 
         seen = SeenTokens([prompt_ids], logits.size(-1))
         for i in range(n):
             nxt = sample(logits, params, seen)
+            seen.add(nxt)
             out.append(int(nxt[0]))
             if out[-1] == EOS or i == n - 1:
                 break

@@ -79,19 +79,14 @@ def sample(
     seen: SeenTokens | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """logits (B, V) -> next ids (B,).  ``seen`` = each row's tokens so far (for the penalty), to which the picks
-    are added."""
+    """logits (B, V) -> next ids (B,).  ``seen`` = each row's tokens so far (for the penalty)."""
     x = mask_specials(logits.float())
     if seen is not None:
         x = apply_repetition_penalty(x, seen.mask, params.repetition_penalty)
     if params.temperature <= 0.0:
-        nxt = x.argmax(-1)
-    else:
-        x = filter_top_k_top_p(x / params.temperature, params.top_k, params.top_p)
-        nxt = torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
-    if seen is not None:
-        seen.add(nxt)
-    return nxt
+        return x.argmax(-1)
+    x = filter_top_k_top_p(x / params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(x.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 class Mirostat:
@@ -150,6 +145,8 @@ def generate(
                 nxt = mirostat.sample(logits, generator)
             else:
                 nxt = sample(logits, params, seen, generator)
+                if seen is not None:
+                    seen.add(nxt)
             for row, tok in enumerate(nxt.tolist()):
                 if done[row]:
                     continue

@@ -363,7 +363,12 @@ def run_batch(loop: TorchLoop, jobs: list[Job], s: BatchSettings, args: argparse
             if stop is not None and stop.is_set():
                 aborted = True
                 break
-            nxt = mirostat.sample(logits, gen) if mirostat is not None else sample(logits, params, seen, gen)
+            if mirostat is not None:
+                nxt = mirostat.sample(logits, gen)
+            else:
+                nxt = sample(logits, params, seen, gen)
+                if seen is not None:
+                    seen.add(nxt)
             t = time.monotonic()
             picked = nxt.tolist()
             for row, tok in enumerate(picked[: len(jobs)]):
