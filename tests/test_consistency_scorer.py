@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,13 +89,15 @@ def test_scorer_that_dies_is_reported() -> None:
 
 
 # -- the probe -------------------------------------------------------------------------------------------------
-_seen: dict[int, list[Event]] = {}
+_seen: weakref.WeakKeyDictionary[QualityProbe, list[Event]] = weakref.WeakKeyDictionary()
+"""Events each probe gave so far (by the probe itself: an id() is reused once its object is collected, and a
+new probe then read an earlier test's events)."""
 
 
 def collect(probe: QualityProbe, kind: str, n: int = 1, timeout: float = 60.0) -> tuple[list[Event], dict[str, Any]]:
     """Sample ``probe`` until it has given ``n`` events of ``kind`` (counting those of earlier calls); returns
     them and the latest values."""
-    seen = _seen.setdefault(id(probe), [])
+    seen = _seen.setdefault(probe, [])
     values: dict[str, Any] = {}
 
     def got() -> list[Event]:
@@ -176,5 +181,30 @@ def test_probe_with_a_scorer_that_failed_goes_on_without_scores() -> None:
         (q,), values = collect(p, "quality")
         assert q.data["self_consistency"] is None and "not a folder" in q.data["reason"]
         assert values["quality_self_consistency_ratio/minilm"] is None and values["quality_jobs"] is None
+    finally:
+        p.close()
+
+
+def test_responses_queued_while_the_scorer_starts_say_why_when_it_fails(tmp_path: Path) -> None:
+    """A response sampled before the scorer has loaded waits in its queue; when loading then fails, that
+    response still gets its ``quality`` event, unscored with the scorer's reason (it was lost before)."""
+    slow = tmp_path / "slow-python"  # the scorer's interpreter, one second late: the jobs are queued first
+    slow.write_text(f"#!/bin/sh\nsleep 1\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    p = QualityProbe(QualityOptions("minilm:/nonexistent"), t0=time.monotonic(),
+                     scorer=ScorerProcess("minilm:/nonexistent", python=str(slow)))
+    try:
+        for i in (1, 2):
+            p.submit({"kind": "self", "id": i, "prompt": "p", "answer": "a", "second": "b"})
+        first = p.sample(time.monotonic() - p.t0)
+        assert p.scorer.state == "starting" and not [e for e in first.events if e.kind == "quality"]
+        assert p.scorer.queued == 2
+        got, values = collect(p, "quality", 2)
+        assert sorted(e.data["id"] for e in got) == [1, 2]
+        for e in got:
+            assert e.data["self_consistency"] is None and e.data["relevance"] is None
+            assert e.data["reason"] == ("relevance: minilm model /nonexistent: not a folder; "
+                                        "self: minilm model /nonexistent: not a folder")
+        assert values["quality_unscored_total"] == 4
     finally:
         p.close()

@@ -177,14 +177,24 @@ class QualityProbe:
                 events.append(ev)
         deadline = time.monotonic() + FINAL_WAIT_S if self._final else 0.0
         while True:
+            state = self.scorer.state  # read before the results: a child that ended has sent all it will
             for res in self.scorer.results():
                 ev = self._result(now, res)
                 if ev is not None:
                     events.append(ev)
-            if not (self._jobs and time.monotonic() < deadline and self.scorer.state in ("starting", "ready")):
+            if not (self._jobs and time.monotonic() < deadline and state in ("starting", "ready")):
                 break
             time.sleep(0.02)  # the session's last tick: the responses sampled so far get their scores
         self._state(now, events)  # (it may have become ready, or failed, meanwhile)
+        if state in ("failed", "exited") and self._jobs:
+            # Responses queued while the scorer was starting, or in it when it died: never scored, each says why.
+            why = self.scorer.reason or f"the scorer {state}"
+            for jid in sorted(self._jobs):
+                job = self._jobs.pop(jid)
+                reasons = dict(job.reasons)
+                for s in job.slots:
+                    reasons.setdefault(s.split(":")[0], why)
+                events.append(self._finish(now, _Job(job.kind, job.t, job.meta, [], reasons), [], []))
         if self._final and self._jobs:
             self._notes.append((f"{len(self._jobs)} sampled responses not scored before the end", "info"))
             self._jobs.clear()
