@@ -1248,16 +1248,22 @@ def load_text(r: dict[str, Any] | None) -> str:
 
 
 def late_rows(mine: list[dict[str, Any]]) -> list[str]:
-    """Untuned rerun later in the session (arm ``untuned-late``, the cell's command again, at another load): how
-    much the load moves a cell.  Not the noise band, which is measured back to back like the pairs it judges."""
+    """A cell's arm rerun later in the session (arms ``untuned-late``, ``tuned-late``: the cell's command again, at
+    another load): how much the host moves a cell.  Shown beside the first runs; the verdicts stay the first
+    runs' (a rerun is evidence about the host, not a second chance), and the noise band, measured back to back
+    like the pairs it judges, does not use them."""
     by = {(r["seed"], r["shape"], r["arm"]): r for r in mine}
-    rows = [f"| {s} | {sh} | {fmt(u['attainment'], '.1%')} / {fmt(r['attainment'], '.1%')} | {fmt(u['throughput'])} "
-            f"/ {fmt(r['throughput'])} | {load_text(u)} / {load_text(r)} | {u['utc'][11:16]} / {r['utc'][11:16]} |"
-            for (s, sh, a), r in sorted(by.items()) if a == "untuned-late" and (u := by.get((s, sh, "untuned")))]
+    rows = [f"| {s} | {sh} | {a[:-5]} | {fmt(u['attainment'], '.1%')} / {fmt(r['attainment'], '.1%')} | "
+            f"{fmt(u['throughput'])} / {fmt(r['throughput'])} | {load_text(u)} / {load_text(r)} | "
+            f"{u['utc'][11:16]} / {r['utc'][11:16]} |"
+            for (s, sh, a), r in sorted(by.items())
+            if a in ("untuned-late", "tuned-late") and (u := by.get((s, sh, a[:-5])))]
     if not rows:
         return []
-    return ["Untuned rerun later, at another load (the same command and stream; not used for the noise band):", "",
-            "| seed | shape | attainment | throughput | load (1-min) | UTC |", "|---|---|---|---|---|---|", *rows, ""]
+    return ["Arms rerun later, at another load (the same command and stream; first run / rerun; the verdicts below "
+            "are the first runs', the noise band does not use these):", "",
+            "| seed | shape | arm | attainment | throughput | load (1-min) | UTC |", "|---|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dict[str, Any]]) -> list[str]:
@@ -1273,7 +1279,7 @@ def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dic
     for seed in HELDOUT_SETS[set_name]:
         for shape in SHAPES:
             t, u, f = (by.get((seed, shape, arm)) for arm in ("tuned", "untuned", "fixed"))
-            for arm in ("untuned", "tuned", "fixed", "untuned-repeat", "mirostat"):
+            for arm in ("untuned", "tuned", "fixed", "untuned-repeat", "mirostat", "untuned-late", "tuned-late"):
                 x = by.get((seed, shape, arm))
                 if x is not None:
                     cmds.append(f"- seed {seed} {shape} {arm} ({x['utc'][11:16]}, load {load_text(x)}): "
