@@ -190,11 +190,7 @@ class QualityProbe:
             # Responses queued while the scorer was starting, or in it when it died: never scored, each says why.
             why = self.scorer.reason or f"the scorer {state}"
             for jid in sorted(self._jobs):
-                job = self._jobs.pop(jid)
-                reasons = dict(job.reasons)
-                for s in job.slots:
-                    reasons.setdefault(s.split(":")[0], why)
-                events.append(self._finish(now, _Job(job.kind, job.t, job.meta, [], reasons), [], []))
+                events.append(self._never_scored(now, self._jobs.pop(jid), why))
         if self._final and self._jobs:
             self._notes.append((f"{len(self._jobs)} sampled responses not scored before the end", "info"))
             self._jobs.clear()
@@ -286,15 +282,19 @@ class QualityProbe:
         jid = next(self._ids)
         job = _Job(str(kind), now, meta, slots, reasons)
         if not self.scorer.submit(jid, pairs):
-            why = self.scorer.reason or "the scorer is not running"
-            for s in slots:
-                reasons.setdefault(s.split(":")[0], why)
-            return self._finish(now, _Job(str(kind), now, meta, [], reasons), [], [])
+            return self._never_scored(now, job, self.scorer.reason or "the scorer is not running")
         self._jobs[jid] = job
         if len(self._jobs) > 4 * max(1, self.opts.queue):  # jobs the scorer dropped never come back
             for old in sorted(self._jobs)[: len(self._jobs) - 4 * self.opts.queue]:
                 del self._jobs[old]
         return None
+
+    def _never_scored(self, now: float, job: _Job, why: str) -> Event:
+        """The event of a job the scorer will never score: each of its measures says ``why``."""
+        reasons = dict(job.reasons)
+        for s in job.slots:
+            reasons.setdefault(s.split(":")[0], why)
+        return self._finish(now, _Job(job.kind, job.t, job.meta, [], reasons), [], [])
 
     def _result(self, now: float, res: dict[str, Any]) -> Event | None:
         job = self._jobs.pop(res.get("id"), None)  # type: ignore[arg-type]
