@@ -1247,6 +1247,10 @@ def load_text(r: dict[str, Any] | None) -> str:
     return f"{ld['start_1m']:.1f}->{ld['end_1m']:.1f}" if ld else "-"
 
 
+LATE_ARMS = ("untuned-late", "tuned-late")
+"""Arms rerun later in a session (``late_rows``): shown and listed, never judged."""
+
+
 def late_rows(mine: list[dict[str, Any]]) -> list[str]:
     """A cell's arm rerun later in the session (arms ``untuned-late``, ``tuned-late``: the cell's command again, at
     another load): how much the host moves a cell.  Shown beside the first runs; the verdicts stay the first
@@ -1257,7 +1261,7 @@ def late_rows(mine: list[dict[str, Any]]) -> list[str]:
             f"{fmt(u['throughput'])} / {fmt(r['throughput'])} | {load_text(u)} / {load_text(r)} | "
             f"{u['utc'][11:16]} / {r['utc'][11:16]} |"
             for (s, sh, a), r in sorted(by.items())
-            if a in ("untuned-late", "tuned-late") and (u := by.get((s, sh, a[:-5])))]
+            if a in LATE_ARMS and (u := by.get((s, sh, a[:-5])))]
     if not rows:
         return []
     return ["Arms rerun later, at another load (the same command and stream; first run / rerun; the verdicts below "
@@ -1279,7 +1283,7 @@ def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dic
     for seed in HELDOUT_SETS[set_name]:
         for shape in SHAPES:
             t, u, f = (by.get((seed, shape, arm)) for arm in ("tuned", "untuned", "fixed"))
-            for arm in ("untuned", "tuned", "fixed", "untuned-repeat", "mirostat", "untuned-late", "tuned-late"):
+            for arm in ("untuned", "tuned", "fixed", "untuned-repeat", "mirostat", *LATE_ARMS):
                 x = by.get((seed, shape, arm))
                 if x is not None:
                     cmds.append(f"- seed {seed} {shape} {arm} ({x['utc'][11:16]}, load {load_text(x)}): "
