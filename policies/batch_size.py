@@ -53,7 +53,9 @@ State machine (the Zeus power-limit optimizer's shape: each state knows what it 
     requests in flight at least twice the held size for ``early_inflight_s`` and up by a whole batch in half
     a window, or half a window whose median wait is over twice the service time and still growing, step up
     at once (H2's step cells: the step up came ~25 s after the rate step).  The step up is kept when it
-    keeps up with the demand (the backlog gone, more tokens/s) or beats them on the evidence rule (up to
+    keeps up with the demand (the backlog gone: its batches run part-full within the SLO — batches form from
+    whoever waits, so a cap the demand seldom reaches costs nothing, and going back re-opened the queue at the
+    next clump in H7) or beats them on the evidence rule (up to
     ``judge_windows`` windows to show it), undone at once when it is no better — after a third of a window
     already when it runs below the held size by twice a window's noise; after a step judged no better no
     step up from that size is tried for ``retune_wait_s`` (unless the prompt mix changes);
@@ -959,25 +961,27 @@ class BatchSizePolicy(Policy):
         # and arrivals vary (a burst made a step up that ran 39% faster look like one that grew the queue)
         keeps_up = (before.backlog and not pooled.saturated and self._feasible(pooled)
                     and pooled.tokens_per_second > before.tokens_per_second)
+        # the backlog went at the larger size, whose batches now run part-full within the SLO: held.  Its figure
+        # is the demand's tokens/s, not its pace, so it cannot be compared with the smaller size's saturated
+        # figure; and a cap that more requests than the smaller size takes seldom reach costs nothing there
+        # (batches form from whoever waits: below the smaller cap both sizes form the same batches), while going
+        # back re-opens the queue at the next clump.  H7 (2026-12-04): 16 drained the queue, ran 38% full at 296
+        # tok/s against one full batch of 8 at 400, went back as "not needed" and the queue came back 17 s later
+        # (134 mix, 70.9% against fixed 16's 89.0%); the same 8 <-> 16 round trip in 132 and 134 burst and 135
+        # mix.  The latency rule still steps down when the SLO misses with room to spare.
+        cleared = self._part_full(pooled) and self._feasible(pooled)  # (every step up is made under a backlog)
         # under a backlog a size that serves faster beyond the noise drains the queue sooner, whatever its own
         # service TTFT: going back makes every waiting request wait longer (dev seed 0, step, 2026-12-04: 16 ran
         # 1074 tok/s against 774 at 8 and was undone for its service TTFT); the latency rule steps down once the
         # backlog is gone
         drains = before.backlog and self._beats(pooled, before)
-        if (not keeps_up and not drains
+        if (not keeps_up and not drains and not cleared
                 and (not self._feasible(pooled) or pooled.tokens_per_second <= before.tokens_per_second)):
             self.measured[cur] = pooled
-            # a size that ran part-full with no queue was not needed by this demand; it was not shown slower, so a
-            # backlog that builds later may try it again at once (H5, 121 ramp: a clump stepped 8 -> 16, 16 ran
-            # 43% full at 741 tok/s against one full batch of 8 at 898, went back, and the retune wait held 8 for
-            # the rest of the ramp with the queue growing to 2 s and more)
-            demand_limited = self._part_full(pooled) and self._feasible(pooled)
-            if not demand_limited:
-                self.no_up[frm] = w.t + c.retune_wait_s
+            self.no_up[frm] = w.t + c.retune_wait_s
             self.trial = None
             self.phase, self.next_phase = "measure", "hold"
-            what = ("misses the latency SLO" if not self._feasible(pooled)
-                    else "was not needed: its batches ran part-full, no queue" if demand_limited else "is no better")
+            what = "misses the latency SLO" if not self._feasible(pooled) else "is no better"
             return self._go(
                 w, cur, frm, f"{cur} {what} ({pooled.tokens_per_second:.0f} tok/s against "
                 f"{before.tokens_per_second:.0f} at {frm}): back to {frm}", cause="queue")
@@ -987,7 +991,7 @@ class BatchSizePolicy(Policy):
         # run to 52 s); the latency rule steps down once the backlog is gone
         faster_last = (tr["windows"] >= c.judge_windows and before.backlog
                        and pooled.tokens_per_second > before.tokens_per_second)
-        if keeps_up or drains or faster_last or self._beats(pooled, before):
+        if keeps_up or drains or cleared or faster_last or self._beats(pooled, before):
             self.measured[cur] = pooled
             self.trial = None
             self.phase, self.next_phase = "hold", "hold"
