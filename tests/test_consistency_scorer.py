@@ -185,6 +185,56 @@ def test_probe_with_a_scorer_that_failed_goes_on_without_scores() -> None:
         p.close()
 
 
+def slow_python(tmp_path: Path, seconds: float) -> str:
+    """The scorer's interpreter, ``seconds`` late."""
+    slow = tmp_path / f"slow-python-{seconds:g}"
+    slow.write_text(f"#!/bin/sh\nsleep {seconds:g}\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    return str(slow)
+
+
+def test_the_last_sample_waits_for_a_starting_scorer_to_say_it_failed(tmp_path: Path) -> None:
+    """A session that ends while the scorer is still starting (a workload that exits at once): the last sample
+    waits a moment for it, so its failure and the reason reach the trace — nothing was sampled to wait for."""
+    p = QualityProbe(QualityOptions("minilm:/nonexistent"), t0=time.monotonic(),
+                     scorer=ScorerProcess("minilm:/nonexistent", python=slow_python(tmp_path, 1)))
+    try:
+        first = p.sample(time.monotonic() - p.t0)
+        assert p.scorer.state == "starting" and not first.events
+        p.finishing()
+        last = p.sample(time.monotonic() - p.t0)
+        (ev,) = [e for e in last.events if e.kind == "quality_backend"]
+        assert ev.data == {"state": "failed", "backend": {"name": "minilm"},
+                           "reason": "minilm model /nonexistent: not a folder"}
+    finally:
+        p.close()
+
+
+def test_a_scorer_still_starting_at_the_end_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the scorer has not started within the last sample's wait, the trace says it was still starting (the
+    report's reason), instead of an empty consistency section."""
+    from tuner.quality import probe as probe_mod
+    from tuner.quality.report import render, summarize
+
+    monkeypatch.setattr(probe_mod, "FINAL_START_WAIT_S", 0.3)
+    p = QualityProbe(QualityOptions("minilm:/nonexistent"), t0=time.monotonic(),
+                     scorer=ScorerProcess("minilm:/nonexistent", python=slow_python(tmp_path, 30)))
+    try:
+        p.finishing()
+        t = time.monotonic()
+        last = p.sample(time.monotonic() - p.t0)
+        assert 0.3 <= time.monotonic() - t < 5.0
+        (ev,) = [e for e in last.events if e.kind == "quality_backend"]
+        why = "still starting when the session ended (waited 0.3 s): it did not say whether it loaded"
+        assert ev.data == {"state": "starting", "backend": {"name": "minilm"}, "reason": why}
+        assert ("consistency scorer " + why, "warn") in p.take_notes()
+        s = summarize({"quality": p.opts.header()}, list(last.events), [])
+        assert s is not None and s["state"] == "starting"
+        assert render(s) == ["", f"consistency  minilm (semantic): scorer {why}; not measured"]
+    finally:
+        p.close()
+
+
 def test_responses_queued_while_the_scorer_starts_say_why_when_it_fails(tmp_path: Path) -> None:
     """A response sampled before the scorer has loaded waits in its queue; when loading then fails, that
     response still gets its ``quality`` event, unscored with the scorer's reason (it was lost before)."""

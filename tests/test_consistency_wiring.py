@@ -164,6 +164,24 @@ def test_a_model_that_is_not_a_model_leaves_everything_else_running(tmp_path: Pa
     assert f"consistency  minilm (semantic): scorer failed: {reason}; not measured" in rep.stdout
 
 
+def test_a_workload_that_ends_at_once_still_learns_why_the_scorer_did_not_load(tmp_path: Path) -> None:
+    """A workload that exits at once ended the session before the scorer had failed: the report said "0 responses
+    scored" and no reason.  The last sample now waits briefly for a scorer still starting: the reason is printed
+    and in the report (or, on a host too loaded to start it in that time, the report says it was still starting)."""
+    trace = tmp_path / "t.jsonl"
+    cp = tuner("run", "--headless", "--trace", str(trace), "--consistency", f"minilm:{tmp_path / 'nothing'}",
+               "--", "python", "-c", "print(1)", timeout=180)
+    assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+    reason = f"minilm model {tmp_path / 'nothing'}: not a folder"
+    rep = tuner("report", str(trace)).stdout
+    assert "responses scored" not in rep, rep
+    if "still starting" in rep:  # (the child did not get as far as its path check in 3 s)
+        assert "consistency  minilm (semantic): scorer still starting when the session ended" in rep, rep
+    else:
+        assert f"tuner: consistency scorer failed: {reason}" in cp.stderr, cp.stderr
+        assert f"consistency  minilm (semantic): scorer failed: {reason}; not measured" in rep, rep
+
+
 def test_demo_with_consistency(tmp_path: Path) -> None:
     """The demo makes a second answer in the same batch for sampled requests; the scorer scores both."""
     pytest.importorskip("torch", reason="needs torch (the torch extra): tuner demo runs the built-in model")

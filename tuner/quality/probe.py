@@ -48,6 +48,9 @@ WINDOW_KEEP = 4096
 DEFAULT_RATE = 0.02
 REFERENCE_MIN_PAIRS = 2
 FINAL_WAIT_S = 10.0
+FINAL_START_WAIT_S = 3.0
+"""The last sample waits this long at most for a scorer still starting, with nothing to score: its failure
+(a bad model path fails in well under a second) is the one thing the summary would otherwise miss."""
 
 
 @dataclass(frozen=True)
@@ -175,16 +178,22 @@ class QualityProbe:
                 ev = None
             if ev is not None:
                 events.append(ev)
-        deadline = time.monotonic() + FINAL_WAIT_S if self._final else 0.0
+        start = time.monotonic()
+        deadline = start + FINAL_WAIT_S if self._final else 0.0
+        starting_deadline = start + FINAL_START_WAIT_S if self._final else 0.0
         while True:
             state = self.scorer.state  # read before the results: a child that ended has sent all it will
             for res in self.scorer.results():
                 ev = self._result(now, res)
                 if ev is not None:
                     events.append(ev)
-            if not (self._jobs and time.monotonic() < deadline and state in ("starting", "ready")):
+            left = time.monotonic()
+            # the session's last tick: the responses sampled so far get their scores, and a scorer still starting
+            # gets a moment to say whether it loaded (a workload that ended at once left it no time)
+            scoring = bool(self._jobs) and left < deadline and state in ("starting", "ready")
+            if not (scoring or (state == "starting" and left < starting_deadline)):
                 break
-            time.sleep(0.02)  # the session's last tick: the responses sampled so far get their scores
+            time.sleep(0.02)
         self._state(now, events)  # (it may have become ready, or failed, meanwhile)
         if state in ("failed", "exited") and self._jobs:
             # Responses queued while the scorer was starting, or in it when it died: never scored, each says why.
@@ -194,6 +203,12 @@ class QualityProbe:
         if self._final and self._jobs:
             self._notes.append((f"{len(self._jobs)} sampled responses not scored before the end", "info"))
             self._jobs.clear()
+        if self._final and state == "starting":
+            why = (f"still starting when the session ended (waited {FINAL_START_WAIT_S:g} s): it did not say whether "
+                   "it loaded")
+            events.append(Event(now, "quality_backend", {"state": "starting", "backend": {"name": self.backend},
+                                                         "reason": why}))
+            self._notes.append((f"consistency scorer {why}", "warn"))
         return Sample(self.name, now, self._values(now), events=tuple(events))
 
     def finishing(self) -> None:

@@ -3,7 +3,8 @@
 ``summarize(header, events, actions)`` returns None for a trace recorded without ``--consistency``, else:
 
 - ``backend``, ``semantic``, ``rate``: what produced the figures (the header's ``quality``);
-- ``state`` (``ready``, ``failed``, ``exited`` or ``unknown``), ``reason``, ``self_check_auc``, ``model``,
+- ``state`` (``ready``, ``failed``, ``exited``, ``starting``: still loading when the session ended, or
+  ``unknown``), ``reason``, ``self_check_auc``, ``model``,
   ``weights_sha256`` (the ``quality_backend`` event);
 - ``scored`` (``quality`` events), ``by_source`` (``{"in-process": n, "shadow": n}``), ``self_consistency`` and
   ``relevance`` (``{"mean", "p10", "n"}``), ``by_temperature`` (``[{"temperature", "n", "self_consistency"}]``),
@@ -116,6 +117,8 @@ def render(s: Mapping[str, Any] | None) -> list[str]:
     head = f"consistency  {s.get('backend')} ({kind})"
     if s.get("state") in ("failed", "exited"):
         return ["", f"{head}: scorer {s['state']}: {s.get('reason')}; not measured"]
+    if s.get("state") == "starting" and not s.get("scored"):
+        return ["", f"{head}: scorer {s.get('reason')}; not measured"]
     extra = []
     if s.get("self_check_auc") is not None:
         extra.append(f"self-check AUC {s['self_check_auc']:.2f}")
