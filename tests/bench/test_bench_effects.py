@@ -303,7 +303,7 @@ def write_section(key: str, text: str) -> None:
     if begin in doc and end in doc:
         doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
     else:
-        order = ["heldout", "leak", "batch", "temperature", "precision"]
+        order = ["heldout", "repeats", "leak", "batch", "temperature", "precision"]
         doc = doc.rstrip() + "\n\n" + block + "\n"
         # keep the sections in a stable order
         parts = {k: re.search(f"<!-- effects:{k} -->.*?<!-- /effects:{k} -->", doc, flags=re.S) for k in order}
@@ -1023,13 +1023,17 @@ def heldout_figures(run: Run) -> dict[str, Any]:
     }
 
 
-def load_heldout() -> list[dict[str, Any]]:
-    if not HELDOUT_FILE.exists():
+def load_heldout(path: Path | None = None) -> list[dict[str, Any]]:
+    path = HELDOUT_FILE if path is None else path
+    if not path.exists():
         return []
-    return [json.loads(ln) for ln in HELDOUT_FILE.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def heldout_run(trace_dir: Path, set_name: str, seed: int, shape: str, arm: str, **kw: Any) -> dict[str, Any]:
+def heldout_run(trace_dir: Path, set_name: str, seed: int, shape: str, arm: str, *, out: Path | None = None,
+                **kw: Any) -> dict[str, Any]:
+    """One run of a cell, appended to ``out`` (the held-out record unless given)."""
+    out = HELDOUT_FILE if out is None else out
     args = heldout_args(seed, shape, **kw)
     load0 = os.getloadavg()
     run = run_demo(trace_dir, f"{set_name}-s{seed}-{shape}-{arm}", args, report=False, timeout=HELDOUT_S + 900)
@@ -1041,8 +1045,8 @@ def heldout_run(trace_dir: Path, set_name: str, seed: int, shape: str, arm: str,
            "batch_size": kw.get("batch", 8), "temperature": kw.get("temp", REQUESTED_T),
            "policy": kw.get("policy"), "mirostat": kw.get("mirostat"), **heldout_figures(run),
            "load": {"start_1m": round(load0[0], 2), "end_1m": round(load1[0], 2), "end_5m": round(load1[1], 2)}}
-    HELDOUT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with HELDOUT_FILE.open("a") as f:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
         f.write(json.dumps(rec) + "\n")
     print(f"  [{set_name} seed {seed} {shape} {arm}] attainment {fmt(rec['attainment'], '.1%')}, "
           f"{fmt(rec['throughput'])} tok/s, band {rec['band_in']}/{rec['band_windows']}", flush=True)
@@ -1139,6 +1143,104 @@ def test_heldout_matrix(trace_dir: Path) -> None:
         if not run_cell(trace_dir, recs, HELDOUT_SET, seed, shape, arms, deadline):
             break
     write_section("heldout", render_heldout(load_heldout()))
+
+
+# -- repeated pairs: whether a cell's loss is the policy's or the host's ---------------------------------------------
+REPEATS_FILE = Path(os.environ.get("TUNER_EFFECT_REPEATS_FILE",
+                                   str(ROOT / "tests" / "bench" / "effects_repeats.jsonl")))
+"""Runs of ``test_heldout_repeats``, kept apart from the held-out record: a cell's verdict stays its first pair's."""
+REPEAT_CELLS = os.environ.get("TUNER_EFFECT_REPEAT", "")
+"""The cells whose pair to run again: ``SET:SEED:SHAPE``, comma-separated (``H7:133:steady,H8:138:step``)."""
+REPEAT_N = int(os.environ.get("TUNER_EFFECT_REPEAT_N", "2"))
+"""Rounds per cell; a round is the pair twice, untuned first (a), then tuned first (b): 4 runs, ~6-7 minutes."""
+REPEAT_ORDERS: dict[str, tuple[str, str]] = {"a": ("untuned", "tuned"), "b": ("tuned", "untuned")}
+
+
+def repeat_cells(spec: str) -> list[tuple[str, int, str]]:
+    """``SET:SEED:SHAPE,...`` -> cells of the held-out sets (a clear error for anything else)."""
+    cells = []
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        bits = part.split(":")
+        if (len(bits) != 3 or bits[0] not in HELDOUT_SETS or not bits[1].isdigit()
+                or int(bits[1]) not in HELDOUT_SETS[bits[0]] or bits[2] not in SHAPES):
+            raise ValueError(f"TUNER_EFFECT_REPEAT: {part!r} is not a held-out cell (SET:SEED:SHAPE, e.g. "
+                             "H7:133:steady)")
+        cells.append((bits[0], int(bits[1]), bits[2]))
+    return cells
+
+
+@pytest.mark.skipif(not REPEAT_CELLS, reason="TUNER_EFFECT_REPEAT names the cells whose pairs to repeat")
+@pytest.mark.timeout(int(HELDOUT_BUDGET_S) + 3600)
+def test_heldout_repeats(trace_dir: Path) -> None:
+    """A held-out cell's untuned and tuned runs again, ``REPEAT_N`` rounds of both orders on the cell's stream (its
+    first run's capacity), into ``REPEATS_FILE``: a loss the policy makes recurs in either order, round after round;
+    one the host made does not.  Resumes where the file stops; rendered as docs/effects.md's ``repeats`` section."""
+    cells = repeat_cells(REPEAT_CELLS)
+    recs = load_heldout()
+    pol = tuned_policy(trace_dir)
+    deadline = time.monotonic() + HELDOUT_BUDGET_S
+    for set_name, seed, shape in cells:
+        cap = cell_capacity(recs, set_name, seed, shape)
+        assert shape == "steady" or cap is not None, f"{set_name} {seed} {shape}: the cell was never run"
+        have = {r["arm"] for r in load_heldout(REPEATS_FILE) if (r["set"], r["seed"], r["shape"]) ==
+                (set_name, seed, shape)}
+        for k in range(1, REPEAT_N + 1):
+            for order, arms in REPEAT_ORDERS.items():
+                for arm in arms:
+                    name = f"{arm}-r{k}{order}"
+                    if name in have:
+                        continue
+                    if time.monotonic() > deadline:
+                        write_section("repeats", render_repeats(load_heldout(REPEATS_FILE), recs))
+                        return
+                    heldout_run(trace_dir, set_name, seed, shape, name, out=REPEATS_FILE, capacity=cap,
+                                **({"policy": pol} if arm == "tuned" else {}))
+    write_section("repeats", render_repeats(load_heldout(REPEATS_FILE), recs))
+
+
+def render_repeats(reps: list[dict[str, Any]], recs: list[dict[str, Any]]) -> str:
+    """Per repeated cell: its first (held-out) pair, then each repeated pair; tuned minus untuned attainment."""
+    out = ["## Repeated pairs: whether a cell's loss is the policy's or the host's", "",
+           f"Rendered {stamp()} from `tests/bench/effects_repeats.jsonl` (one line per run).  A held-out cell's "
+           "untuned and tuned runs again, the same commands on the cell's stream, in rounds of both orders (a: "
+           "untuned first, b: tuned first): `TUNER_EFFECT_REPEAT=SET:SEED:SHAPE TUNER_EFFECT_REPEAT_N=N make effects "
+           "EFFECTS_K=repeats`.  The cell's verdict above stays its first pair's; a loss that is the policy's recurs "
+           "in either order, one the host made does not.  A repeat runs the policies of its commit (last column), "
+           "which may be newer than the first pair's.", ""]
+    if not reps:
+        return "\n".join([*out, "No repeated pairs recorded yet."])
+    for set_name, seed, shape in sorted({(r["set"], r["seed"], r["shape"]) for r in reps}):
+        mine = {r["arm"]: r for r in reps if (r["set"], r["seed"], r["shape"]) == (set_name, seed, shape)}
+        first = {r["arm"]: r for r in recs if (r["set"], r["seed"], r["shape"]) == (set_name, seed, shape)}
+        pairs: list[tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]] = [
+            ("held-out", "-", first.get("tuned"), first.get("untuned"))]
+        ids = sorted({a.split("-r", 1)[1] for a in mine if "-r" in a}, key=lambda x: (int(x[:-1]), x[-1]))
+        pairs += [(f"r{i}", i[-1], mine.get(f"tuned-r{i}"), mine.get(f"untuned-r{i}")) for i in ids]
+        out += [f"### {set_name} seed {seed} {shape}", "",
+                "| pair | order | attainment tuned / untuned | tuned - untuned | throughput tuned / untuned | tuned "
+                "batch moves | UTC tuned / untuned | load tuned / untuned | commit |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        diffs: list[tuple[str, float]] = []
+        for pid, order, t, u in pairs:
+            if t is None or u is None:
+                out.append(f"| {pid} | {order} | (incomplete) | | | | | | |")
+                continue
+            d = ((t["attainment"] or 0.0) - (u["attainment"] or 0.0)) * 100
+            if pid != "held-out":
+                diffs.append((order, d))
+            moves = " ".join(str(m[1]) for m in t.get("batch_moves") or []) or "-"
+            out.append(f"| {pid} | {order} | {fmt(t['attainment'], '.1%')} / {fmt(u['attainment'], '.1%')} | "
+                       f"{d:+.1f} pts | {fmt(t['throughput'])} / {fmt(u['throughput'])} | {moves} | "
+                       f"{t['utc'][11:16]} / {u['utc'][11:16]} | {load_text(t)} / {load_text(u)} | "
+                       f"{t.get('commit') or '-'} |")
+        if diffs:
+            worse = [f"{o}" for o, d in diffs if d < -NEVER_WORSE * 100]
+            out += ["", f"Repeated pairs: {len(diffs)}; tuned - untuned attainment mean "
+                    f"{statistics.fmean(d for _, d in diffs):+.1f} points (range {min(d for _, d in diffs):+.1f} to "
+                    f"{max(d for _, d in diffs):+.1f}); tuned more than 5 points worse in {len(worse)} "
+                    f"({', '.join(f'order {o}' for o in worse) or 'none'})."]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 NEVER_WORSE = 0.05
