@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
-from tests.replay.sim import Sim, SimActuator, SimTick
+from tests.replay.sim import QueueSim, Sim, SimActuator, SimTick
 from tuner.core.agent import Agent
 from tuner.core.arbiter import Arbiter
 from tuner.policies.batch_size import BatchConfig, BatchSizePolicy
@@ -412,6 +413,21 @@ def interactive_agent(sim: object, **batch: object) -> Agent:
     return build_agent(parse_policy(data), QueueActuator(sim), None)
 
 
+def demo_paced(rate: Callable[[float], float], seed: int, seconds: float, *, tuned: bool, batch: int = 8,
+               **cfg: object) -> tuple[QueueSim, Agent | None]:
+    """The plant at the demo's pace (~10 requests/s at batch 8) under ``rate`` for ``seconds``: left at ``batch``, or
+    driven by the interactive preset (``cfg`` overrides its batch table)."""
+    from tests.replay.sim import TOK_S, TTFT
+
+    sim = QueueSim(seed=seed, rate=rate, tok_s=TOK_S * 5.0, ttft=TTFT / 5.0, batch_size=batch)
+    agent = interactive_agent(sim, **cfg) if tuned else None
+    for _ in range(int(seconds / sim.dt)):
+        tick = sim.tick()
+        if agent is not None:
+            agent.step(tick)
+    return sim, agent
+
+
 def closed_loop(rate: object, seconds: float, seed: int, tuned: bool, **batch: object) -> tuple[object, Agent | None]:
     from tests.replay.sim import QueueSim
 
@@ -670,17 +686,8 @@ def test_a_rate_step_is_answered_while_the_queue_builds_not_a_window_later() -> 
     and attained 41-48% against fixed 16's 89-97%.  On a plant at the demo's pace (~10 requests/s at 8), the
     same step: the requests in flight pass two batches and keep rising, and the step up comes within seconds,
     not at a window's end — most of fixed 16's attainment, far above leaving the knob at 8."""
-    from tests.replay.sim import TOK_S, TTFT, QueueSim
-
     def run(tuned: bool, batch: int = 8, **cfg: object) -> tuple[QueueSim, Agent | None]:
-        sim = QueueSim(seed=2, rate=lambda t: 13.0 if 30 <= t < 60 else 5.0, tok_s=TOK_S * 5.0, ttft=TTFT / 5.0,
-                       batch_size=batch)
-        agent = interactive_agent(sim, **cfg) if tuned else None
-        for _ in range(int(95 / sim.dt)):
-            tick = sim.tick()
-            if agent is not None:
-                agent.step(tick)
-        return sim, agent
+        return demo_paced(lambda t: 13.0 if 30 <= t < 60 else 5.0, 2, 95, tuned=tuned, batch=batch, **cfg)
 
     untuned, _ = run(False)
     fixed16, _ = run(False, 16)
@@ -714,13 +721,8 @@ def test_a_clump_s_step_up_does_not_hold_the_size_down_through_a_later_overload(
     held 8 while the ramp overloaded it (33.7% attained).  Here a 4 s clump at 30 s, then a lasting overload from
     70 s: 16 cleared the clump's queue and is held (since H7: its part-full batches say the backlog went, not
     that 16 was not needed), so the overload finds 16 in place (or steps up from it within seconds)."""
-    from tests.replay.sim import TOK_S, TTFT, QueueSim
-
-    sim = QueueSim(seed=3, rate=lambda t: 13.0 if (30 <= t < 34 or t >= 70) else 5.0, tok_s=TOK_S * 5.0,
-                   ttft=TTFT / 5.0, batch_size=8)
-    agent = interactive_agent(sim)
-    for _ in range(int(130 / sim.dt)):
-        agent.step(sim.tick())
+    sim, agent = demo_paced(lambda t: 13.0 if (30 <= t < 34 or t >= 70) else 5.0, 3, 130, tuned=True)
+    assert agent is not None
     moves = [(a.t, a.action.value, a.action.reason) for a in batch_moves(agent) if a.t > 1.0]
     assert moves and moves[0][1] == 16 and 30 < moves[0][0] < 40, moves  # the clump's step up
     assert all(v >= 16 for _, v, _ in moves), moves  # never back to 8: the overload finds 16 (or more)
@@ -734,23 +736,12 @@ def test_a_size_that_cleared_a_backlog_is_held_through_recurring_clumps() -> Non
     fixed 16's 89.0%.  On the plant (~10 requests/s at 8), clumps of 14 requests/s for 5 s in every 20 s over 7:
     one step up, held, no round trip (before: 8 -> 16 -> 8 three times in 120 s, 84.4% against fixed 16's 98.2%;
     now 96.3%)."""
-    from tests.replay.sim import TOK_S, TTFT, QueueSim
-
     def rate(t: float) -> float:
         return 14.0 if (t % 20.0) >= 15.0 else 7.0
 
-    def run(tuned: bool, batch: int = 8) -> tuple[QueueSim, Agent | None]:
-        sim = QueueSim(seed=5, rate=rate, tok_s=TOK_S * 5.0, ttft=TTFT / 5.0, batch_size=batch)
-        agent = interactive_agent(sim) if tuned else None
-        for _ in range(int(120 / sim.dt)):
-            tick = sim.tick()
-            if agent is not None:
-                agent.step(tick)
-        return sim, agent
-
-    untuned, _ = run(False)
-    fixed16, _ = run(False, 16)
-    tuned, agent = run(True)
+    untuned, _ = demo_paced(rate, 5, 120, tuned=False)
+    fixed16, _ = demo_paced(rate, 5, 120, tuned=False, batch=16)
+    tuned, agent = demo_paced(rate, 5, 120, tuned=True)
     assert agent is not None
     moves = [(round(a.t, 1), a.action.value, a.action.reason) for a in batch_moves(agent) if a.t > 1.0]
     assert moves and moves[0][1] == 16 and moves[0][0] < 25, moves  # the first clump's step up
