@@ -420,7 +420,12 @@ def demo_paced(rate: Callable[[float], float], seed: int, seconds: float, *, tun
     from tests.replay.sim import TOK_S, TTFT
 
     sim = QueueSim(seed=seed, rate=rate, tok_s=TOK_S * 5.0, ttft=TTFT / 5.0, batch_size=batch)
-    agent = interactive_agent(sim, **cfg) if tuned else None
+    return drive(sim, seconds, tuned, **cfg)
+
+
+def drive(sim: QueueSim, seconds: float, tuned: bool, **batch: object) -> tuple[QueueSim, Agent | None]:
+    """``sim`` for ``seconds``: left alone, or driven by the interactive preset (``batch`` overrides its table)."""
+    agent = interactive_agent(sim, **batch) if tuned else None
     for _ in range(int(seconds / sim.dt)):
         tick = sim.tick()
         if agent is not None:
@@ -429,15 +434,7 @@ def demo_paced(rate: Callable[[float], float], seed: int, seconds: float, *, tun
 
 
 def closed_loop(rate: object, seconds: float, seed: int, tuned: bool, **batch: object) -> tuple[object, Agent | None]:
-    from tests.replay.sim import QueueSim
-
-    sim = QueueSim(seed=seed, rate=rate)  # type: ignore[arg-type]
-    agent = interactive_agent(sim, **batch) if tuned else None
-    for _ in range(int(seconds / sim.dt)):
-        tick = sim.tick()
-        if agent is not None:
-            agent.step(tick)
-    return sim, agent
+    return drive(QueueSim(seed=seed, rate=rate), seconds, tuned, **batch)  # type: ignore[arg-type]
 
 
 def tokens_started_after(sim: object, t0: float) -> int:
