@@ -1175,7 +1175,10 @@ def test_heldout_repeats(trace_dir: Path) -> None:
     """A held-out cell's untuned and tuned runs again, ``REPEAT_N`` rounds of both orders on the cell's stream (its
     first run's capacity), into ``REPEATS_FILE``: a loss the policy makes recurs in either order, round after round;
     one the host made does not.  Resumes where the file stops; rendered as docs/effects.md's ``repeats`` section."""
-    cells = repeat_cells(REPEAT_CELLS)
+    try:
+        cells = repeat_cells(REPEAT_CELLS)
+    except ValueError as exc:
+        pytest.fail(str(exc), pytrace=False)  # the user's setting: one line, no traceback
     recs = load_heldout()
     pol = tuned_policy(trace_dir)
     deadline = time.monotonic() + HELDOUT_BUDGET_S
