@@ -41,6 +41,13 @@ from tuner.policies.base import Policy
 from tuner.records import Action, Applied, Knobs
 
 STEPS: tuple[str, ...] = ("caches", "gc", "empty_cache", "malloc_trim")
+SERIES_KEYS = ("req_done_total", "tree_rss_bytes", "alloc_allocated_bytes", "alloc_reserved_bytes")
+BACKFILL_S = 10.0
+"""How far back a sample looks for ticks not yet in the series (the agent asks at least this often)."""
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class CleanupPolicy(Policy):
         self.reqs_now = 0.0
         self.go_requests = 0.0
         self.last_projection_at = -1e18
+        self.series_since = -math.inf
+        """Where the memory series (``points``) began: ticks before it are not sampled into it."""
         self.shape: tuple[Any, Any] | None = None
         """(batch size, precision) the memory series was taken at: a change restarts it."""
 
@@ -109,22 +118,9 @@ class CleanupPolicy(Policy):
             # leak, and a trend across it read as one (a batch 11 -> 22 sent a growth-triggered cleanup 11 s
             # later, "RSS grows 12.91 MB per 1,000 requests"): the series restarts at every change.
             self.shape = shape
-            self.points.clear()
+            self._restart(w.t)
         if w.t - self.last_sample >= c.sample_every_s:
-            self.last_sample = w.t
-            rss = w.current("tree_rss_bytes")
-            al = w.current("alloc_allocated_bytes")
-            rs = w.current("alloc_reserved_bytes")
-            nan = float("nan")
-            if rss is not None or al is not None:
-                self.points.append(
-                    (
-                        reqs,
-                        rss if rss is not None else nan,
-                        al if al is not None else nan,
-                        rs if rs is not None else nan,
-                    )
-                )
+            self._sample(w, reqs)
         self.reqs_now = reqs
         if self.waiting:
             if w.t - (self.last_at or 0.0) <= c.result_timeout_s:
@@ -155,6 +151,39 @@ class CleanupPolicy(Policy):
             self.last_check = w.t
             return self._leak(w)
         return []
+
+    def _restart(self, t: float) -> None:
+        """The memory series starts again from ``t`` (a batch or precision change, a cleanup's result)."""
+        self.points.clear()
+        self.series_since = t
+
+    def _sample(self, w: Window, reqs: float) -> None:
+        """Add the window's ticks since the last sample, one every ``sample_every_s``, to the series — not just this
+        tick's: the agent asks the policy once a second, so sampling at decide time alone took one point a second
+        whatever ``sample_every_s`` said, and under a burst, where the batch size changed every ~20 s and each change
+        restarts the series, its 20 points were never there when the test ran (issue 14, leak by shape, seed 151
+        burst: no leak test in 90 s while RSS grew +409%).  Without a per-tick request counter, one point now at
+        the window's request count, as before."""
+        c = self.cfg
+        ts, cols = w.after(SERIES_KEYS, max(self.series_since, w.t - BACKFILL_S))
+        done = cols["req_done_total"]
+        if not ts.size or not np.isfinite(done).any():
+            self.last_sample = w.t
+            rss, al = w.current("tree_rss_bytes"), w.current("alloc_allocated_bytes")
+            rs = w.current("alloc_reserved_bytes")
+            if rss is not None or al is not None:
+                self.points.append((reqs, _nan(rss), _nan(al), _nan(rs)))
+            return
+        due = self.last_sample + c.sample_every_s
+        rss_c, al_c, rs_c = cols["tree_rss_bytes"], cols["alloc_allocated_bytes"], cols["alloc_reserved_bytes"]
+        for i, t in enumerate(ts.tolist()):
+            if t < due - 1e-9 or not math.isfinite(float(done[i])):
+                continue
+            rss, al = float(rss_c[i]), float(al_c[i])
+            if math.isfinite(rss) or math.isfinite(al):
+                self.points.append((float(done[i]), rss, al, float(rs_c[i])))
+            self.last_sample = t
+            due = t + c.sample_every_s
 
     def _leak(self, w: Window) -> list[Action]:
         c = self.cfg
@@ -228,7 +257,7 @@ class CleanupPolicy(Policy):
         self.waiting = False
         self.last_at = t
         self.last_requests = int(self.go_requests)
-        self.points.clear()
+        self._restart(t)
         if reclaimed is None:
             return
         self.reclaimed_total += max(0.0, reclaimed)

@@ -121,3 +121,34 @@ def test_a_batch_increase_is_not_read_as_a_leak() -> None:
     assert run(lambda i: Knobs(batch_size=11 if i < 300 else 22)) == []
     before = run(lambda i: Knobs(batch_size=11))  # what the policy did before the fix, seeing no change
     assert before and before[0].evidence["trigger"] == "growth"
+
+
+def test_a_leak_under_batch_changes_every_20_s_is_tested_at_the_configured_sampling() -> None:
+    """Issue 14, leak by shape (seed 151 burst): the batch size changed every ~20 s, each change restarts the
+    series, and the agent asks the policy once a second — sampled only at decide time, the series held one point
+    a second, never the 20 a test needs before the next change: no leak test in 90 s while RSS grew +409% (here,
+    sampled so, the first cleanup comes at 80 s, 20 s into the last batch size).  With
+    10 ticks a second and ``sample_every_s`` 0.5, the series takes two points a second from the window and the leak
+    (1 MB a request at 15 requests/s) is acted on within the first batch size it is measured at."""
+    pol = CleanupPolicy(CleanupConfig(min_requests=150, check_every_s=10.0, sample_every_s=0.5))
+    w = Window(keys=KEYS)
+    out: list[tuple[float, Action]] = []
+    for k in range(900):  # 90 s at 10 Hz
+        t = k / 10
+        done = 15.0 * t
+        leak = 1e6 * done
+        v = {"req_done_total": done, "alloc_allocated_bytes": 1e9 + leak + 2e7 * ((k % 13) / 13)}
+        v["alloc_reserved_bytes"] = v["alloc_allocated_bytes"] * 1.1
+        v["tree_rss_bytes"] = v["alloc_reserved_bytes"] + 5e8
+        w.update(t, v)
+        if k % 10:
+            continue  # the agent asks once a second
+        batch = 8 * 2 ** min(3, int(t // 20))  # 8, 16, 32, 64: a change every 20 s
+        for a in pol.decide(w, Knobs(batch_size=batch)):
+            out.append((t, a))
+            pol.feedback(Applied(t, a, "sent", None, {"command_id": "c"}))
+            pol.on_result(t + 0.3, a, True, {"reclaimed_bytes": 2e8}, None)
+    assert out, "no cleanup in 90 s of a 1 MB-a-request leak"
+    t0, first = out[0]
+    assert first.evidence["trigger"] == "growth" and t0 < 20.0  # at the first batch size, before the change
+    assert all(a.evidence["requests"] >= 150 for _, a in out)

@@ -369,6 +369,18 @@ class Window:
         v = self._view(buf, self._span(seconds))
         return v[~np.isnan(v)]
 
+    def after(self, keys: Sequence[str], t: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The kept ticks later than ``t``: their times and each key's values at them (NaN where missing; all NaN
+        for a key never seen), oldest first, one row per tick (the columns line up)."""
+        n = len(self.times)
+        ts = self.times.last(n)
+        k = n - int(np.searchsorted(ts, t, side="right"))
+        cols: dict[str, np.ndarray] = {}
+        for key in keys:
+            buf = self._column(key)
+            cols[key] = self._view(buf, k) if buf is not None else np.full(k, np.nan)
+        return ts[n - k :], cols
+
     def pairs(self, key: str, seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(times, values)`` of ``key`` over the last ``seconds`` where it was present."""
         buf = self._column(key)
