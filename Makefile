@@ -62,9 +62,10 @@ bench: $(STAMP)
 
 # The held-out evaluation (issue 14, docs/effects.md): the dev-seed sweep (skipped where its runs are recorded), then
 # the held-out matrix of TUNER_EFFECT_SET (H1, then H2 ... after a policy change), resumable, <= TUNER_EFFECT_BUDGET_S.
-# EFFECTS_K='leak or batch_size or temperature or precision' runs the earlier in-sample sections (~48 min).
+# EFFECTS_K='leak_cleanup or batch_size or temperature or precision' runs the earlier in-sample sections (~48 min).
 # TUNER_EFFECT_REPEAT=H7:133:steady EFFECTS_K=repeats: a held-out cell's untuned/tuned pair again, in both orders
 # (TUNER_EFFECT_REPEAT_N rounds, ~7 min each; docs/effects.md 'Repeated pairs'), never changing its verdict.
+# EFFECTS_K=leak_by_shape: the leaking demo on every held-out shape, untuned / tuned / tuned without the leak (~25 min).
 EFFECTS_K ?= heldout
 effects: $(STAMP)
 	$(PY) -m pytest -q -s tests/bench/test_bench_effects.py -m bench -p no:randomly -k '$(EFFECTS_K)' $(BENCH_ARGS)
