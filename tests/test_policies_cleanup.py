@@ -4,6 +4,7 @@ fragmentation gets only the steps that return free memory, nothing reclaimed -> 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
 
@@ -152,3 +153,40 @@ def test_a_leak_under_batch_changes_every_20_s_is_tested_at_the_configured_sampl
     t0, first = out[0]
     assert first.evidence["trigger"] == "growth" and t0 < 20.0  # at the first batch size, before the change
     assert all(a.evidence["requests"] >= 150 for _, a in out)
+
+
+def test_a_leak_cleanup_held_back_by_the_cooldown_goes_out_when_the_cooldown_ends() -> None:
+    """Issue 14, leak by shape (seed 152 burst): the arbiter's 30 s cleanup cooldown rejected a leak-triggered
+    cleanup at 42.2 s, the batch changed at 44.7 s and restarted the series, and the next cleanup came 21 s later
+    (RSS floor +210% against untuned +381%).  Held back, the cleanup is proposed again at every decision (through
+    the real arbiter here) and goes out the first second the cooldown allows, whatever the batch size did
+    meanwhile."""
+    from tuner.core.arbiter import Arbiter
+
+    pol = CleanupPolicy(CleanupConfig(min_requests=150, check_every_s=10.0, sample_every_s=0.5))
+    arb = Arbiter(cooldown_s={"cleanup": 30.0})
+    w = Window(keys=KEYS)
+    sent: list[float] = []
+    rejected: list[float] = []
+    for k in range(900):
+        t = k / 10
+        done = 15.0 * t
+        v = {"req_done_total": done, "alloc_allocated_bytes": 1e9 + 1e6 * done + 2e7 * ((k % 13) / 13)}
+        v["alloc_reserved_bytes"] = v["alloc_allocated_bytes"] * 1.1
+        v["tree_rss_bytes"] = v["alloc_reserved_bytes"] + 5e8
+        w.update(t, v)
+        if k % 10:
+            continue
+        knobs = Knobs(batch_size=8 * 2 ** min(3, int(t // 20)))  # a change every 20 s, as in the burst
+        for d in arb.resolve(t, pol.decide(w, knobs), knobs, None):
+            pol.feedback(Applied(t, d.action, "sent" if d.outcome != "rejected" else "rejected", None, {}))
+            if d.outcome == "rejected":
+                rejected.append(t)
+                continue
+            sent.append(t)
+            pol.on_result(t + 0.3, d.action, True, {"reclaimed_bytes": 2e8}, None)
+    assert len(sent) >= 3 and rejected
+    gaps = [b - a for a, b in pairwise(sent)]
+    # held, then out as the cooldown ended, every time (waiting for the next test instead: 10, 50, 80 s — the series
+    # restarted at 40 s, after the held one at 30 s)
+    assert all(abs(g - 30.0) < 1.01 for g in gaps), (sent, rejected)
