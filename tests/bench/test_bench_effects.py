@@ -1038,6 +1038,24 @@ def load_heldout(path: Path | None = None) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def git_commit() -> str | None:
+    """The short commit the runs are made at (recorded with each run)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or None
+
+
+def load_record(start: tuple[float, float, float], end: tuple[float, float, float]) -> dict[str, float]:
+    """The 1-min load average at a run's start and end (and the 5-min at its end), as each record keeps it."""
+    return {"start_1m": round(start[0], 2), "end_1m": round(end[0], 2), "end_5m": round(end[1], 2)}
+
+
+def append_record(path: Path, rec: dict[str, Any]) -> None:
+    """One run, one line (the runs resume where the file stops)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def heldout_run(trace_dir: Path, set_name: str, seed: int, shape: str, arm: str, *, out: Path | None = None,
                 **kw: Any) -> dict[str, Any]:
     """One run of a cell, appended to ``out`` (the held-out record unless given)."""
@@ -1046,27 +1064,28 @@ def heldout_run(trace_dir: Path, set_name: str, seed: int, shape: str, arm: str,
     load0 = os.getloadavg()
     run = run_demo(trace_dir, f"{set_name}-s{seed}-{shape}-{arm}", args, report=False, timeout=HELDOUT_S + 900)
     load1 = os.getloadavg()
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
-    rec = {"set": set_name, "seed": seed, "shape": shape, "arm": arm, "utc": stamp(), "commit": commit,
+    rec = {"set": set_name, "seed": seed, "shape": shape, "arm": arm, "utc": stamp(), "commit": git_commit(),
            "command": "tuner demo --headless " + " ".join(args),
            "batch_size": kw.get("batch", 8), "temperature": kw.get("temp", REQUESTED_T),
            "policy": kw.get("policy"), "mirostat": kw.get("mirostat"), **heldout_figures(run),
-           "load": {"start_1m": round(load0[0], 2), "end_1m": round(load1[0], 2), "end_5m": round(load1[1], 2)}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+           "load": load_record(load0, load1)}
+    append_record(out, rec)
     print(f"  [{set_name} seed {seed} {shape} {arm}] attainment {fmt(rec['attainment'], '.1%')}, "
           f"{fmt(rec['throughput'])} tok/s, band {rec['band_in']}/{rec['band_windows']}", flush=True)
     return rec
 
 
-def tuned_policy(trace_dir: Path) -> str:
-    """The interactive preset with the requested temperature set (the temperature policy's ``requested``)."""
+def interactive_tables() -> dict[str, dict[str, Any]]:
+    """The interactive preset's tables with the requested temperature set (the temperature policy's ``requested``)."""
     tables = {name: preset_table("interactive", name) for name in ("agent", "temperature", "batch_size",
                                                                     "precision", "cleanup")}
     tables["temperature"]["requested"] = REQUESTED_T
-    return str(write_policy(trace_dir / "interactive-t05.toml", tables))
+    return tables
+
+
+def tuned_policy(trace_dir: Path) -> str:
+    """The held-out matrix's tuned arm: the interactive preset, T 0.5 requested."""
+    return str(write_policy(trace_dir / "interactive-t05.toml", interactive_tables()))
 
 
 def cell_capacity(recs: list[dict[str, Any]], set_name: str, seed: int, shape: str) -> float | None:
@@ -1550,9 +1569,7 @@ def leak_policy(trace_dir: Path) -> str:
     """The tuned arm's policy (``tuned_policy``: the ``interactive`` preset) with the leak watch as sensitive as
     the in-sample leak test's (``LEAK_POLICY``: a test on 150 requests every 10 s): the preset's 1,000 requests
     and 60 s are for servers that run for hours, and a 90 s run at 5 requests/s finishes ~450."""
-    tables = {name: preset_table("interactive", name) for name in ("agent", "temperature", "batch_size",
-                                                                    "precision", "cleanup")}
-    tables["temperature"]["requested"] = REQUESTED_T
+    tables = interactive_tables()
     tables["cleanup"].update(LEAK_POLICY["cleanup"])
     return str(write_policy(trace_dir / "interactive-t05-leakwatch.toml", tables))
 
@@ -1569,19 +1586,15 @@ def leak_shape_run(trace_dir: Path, seed: int, shape: str, arm: str, policy: str
     rss = rss_figures(run)
     cl = cleanups(run)
     reclaimed = [c["reclaimed"] for c in cl if isinstance(c.get("reclaimed"), (int, float))]
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
-    rec = {"seed": seed, "shape": shape, "arm": arm, "utc": stamp(), "commit": commit,
+    rec = {"seed": seed, "shape": shape, "arm": arm, "utc": stamp(), "commit": git_commit(),
            "command": "tuner demo --headless " + " ".join(Path(a).name if a == policy else a for a in args),
            **heldout_figures(run), "rss_start_mib": rss.start_floor / 2**20, "rss_end_mib": rss.end_floor / 2**20,
            "rss_growth": rss.growth,
            "rss_peak_growth": rss.peak / rss.start_floor - 1.0, "cleanups": len(cl),
            "leak_cleanups": sum(1 for c in cl if (c.get("evidence") or {}).get("trigger") in LEAK_TRIGGERS),
            "reclaimed_mib": statistics.fmean(reclaimed) / 2**20 if reclaimed else None,
-           "load": {"start_1m": round(load0[0], 2), "end_1m": round(load1[0], 2), "end_5m": round(load1[1], 2)}}
-    LEAK_SHAPES_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with LEAK_SHAPES_FILE.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+           "load": load_record(load0, load1)}
+    append_record(LEAK_SHAPES_FILE, rec)
     print(f"  [leak seed {seed} {shape} {arm}] RSS floor {rec['rss_growth']:+.1%}, {len(cl)} cleanups, attainment "
           f"{fmt(rec['attainment'], '.1%')}, exit {rec['exit']}", flush=True)
     return rec
