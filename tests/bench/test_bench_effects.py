@@ -59,6 +59,7 @@ if sys.version_info >= (3, 11):
 else:  # tomli: a dependency before 3.11
     import tomli as tomllib
 
+from tuner.policies.cleanup import LEAK_TRIGGERS
 from tuner.trace import TraceData, read_trace
 
 pytestmark = [pytest.mark.bench, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -329,7 +330,6 @@ LEAK_POLICY: dict[str, dict[str, Any]] = {
     "cleanup": {"leak_watch": True, "min_requests": 150, "check_every_s": 10.0, "sample_every_s": 0.5},
 }
 LEAK_RATE = 10.0
-LEAK_TRIGGERS = ("growth", "fragmentation")
 
 
 @dataclass
