@@ -1535,7 +1535,8 @@ def render_heldout_set(set_name: str, mine: list[dict[str, Any]], recs: list[dic
 LEAK_SHAPES_FILE = Path(os.environ.get("TUNER_EFFECT_LEAK_SHAPES_FILE",
                                        str(ROOT / "tests" / "bench" / "effects_leak_shapes.jsonl")))
 """Runs of ``test_leak_by_shape`` (one line per run; resumes where the file stops)."""
-LEAK_SHAPES_SEED = int(os.environ.get("TUNER_EFFECT_LEAK_SEED", "153"))
+LEAK_SHAPES_SEED_TEXT = os.environ.get("TUNER_EFFECT_LEAK_SEED", "153")
+LEAK_SHAPES_SEED = int(LEAK_SHAPES_SEED_TEXT) if LEAK_SHAPES_SEED_TEXT.isdigit() else -1
 """A seed no policy was developed or judged on (the held-out sets use 101-140; the next one, H9, 141-145).  The
 seeds before it are kept as runs not judged (``LEAK_OTHER``)."""
 LEAK_OTHER = {
@@ -1688,6 +1689,9 @@ def test_leak_by_shape(trace_dir: Path) -> None:
     recs = load_heldout(LEAK_SHAPES_FILE)
     pol = leak_policy(trace_dir)
     deadline = time.monotonic() + HELDOUT_BUDGET_S
+    if LEAK_SHAPES_SEED < 0:  # the user's setting: one line, no traceback
+        pytest.fail(f"TUNER_EFFECT_LEAK_SEED: {LEAK_SHAPES_SEED_TEXT!r} is not a seed (a whole number, e.g. 154)",
+                    pytrace=False)
     seed = LEAK_SHAPES_SEED
     for i, shape in enumerate(SHAPES):
         pair = list(LEAK_ARMS[:2]) if i % 2 == 0 else list(LEAK_ARMS[1::-1])
