@@ -23,7 +23,10 @@ Rolling values (``None`` when the window holds no data):
   ``distinct_last`` responses;
 - ``chan_clients``; ``chan_dropped_total``: messages lost so far — client-side drops (bounded
   queues) + messages the sidecar refused as malformed + its inbound queue overflowing;
-- ``alloc_allocated_bytes``, ``alloc_reserved_bytes``: the last allocator figures a client reported.
+- ``alloc_allocated_bytes``, ``alloc_reserved_bytes``: the last allocator figures a client reported;
+  ``alloc_host_free_bytes``: reserved - allocated when those figures are the host C heap's (the client said
+  ``heap="host"``: free bytes inside glibc's arenas, resident or not, part of the process's address space),
+  None for a device allocator or when the client did not say.
 
 Notes (``take_notes()``, written to the trace by the sampler and listed by ``tuner report``): a peer the
 channel refused (another user: who and why), and messages lost — when ``chan_dropped_total`` grew, at
@@ -61,6 +64,7 @@ METRICS: dict[str, str] = {
     "chan_dropped_total": "count",
     "alloc_allocated_bytes": "bytes",
     "alloc_reserved_bytes": "bytes",
+    "alloc_host_free_bytes": "bytes",
 }
 
 PASSED_ON: tuple[str, ...] = ("aborted", "answer_ttft_seconds", "operation", "model", "stream", "engine",
@@ -164,7 +168,11 @@ class OutputProbe:
         self._first_t: float | None = None
         self._status: dict[int, dict[str, Any]] = {}  # conn -> last status
         self._dropped_gone = 0  # client-side drops of clients that have disconnected
-        self._alloc: dict[str, float | None] = {"alloc_allocated_bytes": None, "alloc_reserved_bytes": None}
+        self._alloc: dict[str, float | None] = {
+            "alloc_allocated_bytes": None,
+            "alloc_reserved_bytes": None,
+            "alloc_host_free_bytes": None,
+        }
         self._notes: list[tuple[str, str]] = []
         self._lost: dict[str, int] = {}
         self._lost_noted = 0
@@ -265,9 +273,14 @@ class OutputProbe:
                 self._quality(msg)
             return None
         if kind == "alloc":
+            allocated, reserved = _num(msg.get("allocated_bytes")), _num(msg.get("reserved_bytes"))
+            free = None
+            if msg.get("heap") == "host" and allocated is not None and reserved is not None:
+                free = max(0.0, reserved - allocated)
             self._alloc = {
-                "alloc_allocated_bytes": _num(msg.get("allocated_bytes")),
-                "alloc_reserved_bytes": _num(msg.get("reserved_bytes")),
+                "alloc_allocated_bytes": allocated,
+                "alloc_reserved_bytes": reserved,
+                "alloc_host_free_bytes": free,
             }
             return None
         if kind == "oom":

@@ -237,6 +237,7 @@ def test_torch_loop_reads_knobs_and_runs_commands_from_the_sidecar(canary_ids: l
     if sys.platform.startswith("linux"):
         alloc = [m for m in got if m.get("type") == "alloc"]
         assert alloc and alloc[-1]["reserved_bytes"] >= alloc[-1]["allocated_bytes"] > 0
+        assert alloc[-1]["heap"] == "host"  # a CPU model: glibc's heap, whose free bytes are in the RSS
 
 
 def test_torch_loop_without_sidecar_uses_the_users_settings() -> None:
@@ -266,15 +267,17 @@ def test_memory_reports_are_paced_by_their_own_cost(monkeypatch: pytest.MonkeyPa
             super().__init__()
             self.reports: list[tuple[int | None, int | None]] = []
 
-        def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None) -> None:
+        def report_memory(
+            self, allocated_bytes: int | None, reserved_bytes: int | None, heap: str | None = None
+        ) -> None:
             self.reports.append((allocated_bytes, reserved_bytes))
 
     c = Connected()
     loop = TorchLoop(torch.nn.Sequential(torch.nn.Linear(4, 4)), client=c)
     try:
-        def slow_memory() -> tuple[int, int]:
+        def slow_memory() -> tuple[int, int, str]:
             time.sleep(0.005)  # a heap so fragmented that reading it costs 5 ms
-            return 1, 2
+            return 1, 2, "host"
 
         monkeypatch.setattr(loop, "memory", slow_memory)
         for _ in range(20):
@@ -282,7 +285,7 @@ def test_memory_reports_are_paced_by_their_own_cost(monkeypatch: pytest.MonkeyPa
         assert c.reports == [(1, 2)]
         assert loop.memory_read_seconds is not None and loop._next_memory - time.monotonic() > 3.0  # ~1000x cost
         loop._next_memory = 0.0
-        monkeypatch.setattr(loop, "memory", lambda: (3, 4))  # cheap again: back to once a second
+        monkeypatch.setattr(loop, "memory", lambda: (3, 4, "host"))  # cheap again: back to once a second
         loop.between_batches()
         loop.between_batches()
         assert c.reports == [(1, 2), (3, 4)] and loop._next_memory - time.monotonic() <= 1.0

@@ -27,7 +27,7 @@ INTERFACE_KEYS = {
     "req_e2e_p50_seconds", "req_queue_p50_seconds", "req_tokens_per_second", "req_requests_per_second",
     "req_done_total", "req_active", "req_batch_occupancy_ratio", "req_seq_rep_4_ratio", "req_rep_32_ratio",
     "req_loop_ratio", "req_distinct_2_ratio", "chan_clients", "chan_dropped_total",
-    "alloc_allocated_bytes", "alloc_reserved_bytes",
+    "alloc_allocated_bytes", "alloc_reserved_bytes", "alloc_host_free_bytes",
 }  # fmt: skip
 REQUEST_FIELDS = {
     "id", "pid", "prompt_tokens", "tokens", "queue_seconds", "ttft_seconds", "tpot_seconds", "e2e_seconds",
@@ -139,6 +139,7 @@ def test_rolling_window_values_and_events() -> None:
     assert v["req_distinct_2_ratio"] == pytest.approx((4 + 1) / (4 + 5))
     assert v["chan_clients"] == 1 and v["chan_dropped_total"] == 5 + 2
     assert v["alloc_allocated_bytes"] == 100 and v["alloc_reserved_bytes"] == 200
+    assert v["alloc_host_free_bytes"] is None  # the client did not say whose heap: its free bytes are not known
 
     # 20 s later the requests have left the 10 s window; the cumulative count stays
     ch.pending = [(t0 + 20.0, {"v": 1, "type": "client_disconnect", "pid": 77, "uid": 0, "conn": 1})]
@@ -185,7 +186,7 @@ for i in range(12):
             time.sleep(0.002)
     out.append(toks)
     c.poll()
-c.report_memory(1234, 5678)
+c.report_memory(1234, 5678, heap="host")
 c.close()
 print(json.dumps(out))
 """
@@ -241,6 +242,7 @@ def test_client_process_to_trace_file(tmp_path: Path) -> None:
     d2 = data.column("req_distinct_2_ratio")
     assert d2[~np.isnan(d2)][-1] == pytest.approx(ref_distinct_2(sent, 100))
     assert np.nanmax(data.column("alloc_allocated_bytes")) == 1234
+    assert np.nanmax(data.column("alloc_host_free_bytes")) == 5678 - 1234  # the host C heap's free bytes
     assert math.isclose(np.nanmax(data.column("req_batch_occupancy_ratio")), 0.5)
     assert [e.kind for e in data.events if e.kind.startswith("client_")] == ["client_connect", "client_disconnect"]
 

@@ -309,7 +309,7 @@ class NullClient:
     def report_oom(self, batch_size: int | None = None) -> None:
         pass
 
-    def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None) -> None:
+    def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None, heap: str | None = None) -> None:
         pass
 
     def poll(self) -> None:
@@ -494,9 +494,17 @@ class Client:
     def report_oom(self, batch_size: int | None = None) -> None:
         self._control.append({"type": "oom", "batch_size": _opt_int(batch_size)})
 
-    def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None) -> None:
+    def report_memory(self, allocated_bytes: int | None, reserved_bytes: int | None, heap: str | None = None) -> None:
+        """The framework allocator's figures.  ``heap`` says whose they are: ``"host"`` for the process's C heap
+        (glibc ``mallinfo2``: its free bytes are part of the RSS), ``"cuda"`` for a device's caching allocator,
+        ``None`` when unknown."""
         self._control.append(
-            {"type": "alloc", "allocated_bytes": _opt_int(allocated_bytes), "reserved_bytes": _opt_int(reserved_bytes)}
+            {
+                "type": "alloc",
+                "allocated_bytes": _opt_int(allocated_bytes),
+                "reserved_bytes": _opt_int(reserved_bytes),
+                "heap": heap,
+            }
         )
 
     def poll(self) -> None:
@@ -602,7 +610,7 @@ class Client:
             torch = sys.modules["torch"]
             cuda = torch.cuda
             if cuda.is_available() and cuda.is_initialized():
-                self.report_memory(int(cuda.memory_allocated()), int(cuda.memory_reserved()))
+                self.report_memory(int(cuda.memory_allocated()), int(cuda.memory_reserved()), heap="cuda")
         except Exception:
             pass
 

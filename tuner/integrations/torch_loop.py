@@ -205,16 +205,17 @@ class TorchLoop:
     def finish(self, req: TrackedRequest, exc: BaseException | None = None) -> None:
         req.close(exc)
 
-    def memory(self) -> tuple[int | None, int | None]:
-        """(allocated, reserved) bytes of the framework's allocator: CUDA's caching allocator when the model
-        is on CUDA, else the C heap (glibc ``mallinfo2``), where torch's CPU tensors live."""
+    def memory(self) -> tuple[int | None, int | None, str | None]:
+        """(allocated, reserved) bytes of the framework's allocator and whose they are: CUDA's caching allocator
+        (``"cuda"``) when the model is on CUDA, else the C heap (``"host"``, glibc ``mallinfo2``), where torch's
+        CPU tensors live."""
         dev = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         if dev.type == "cuda":
-            return int(torch.cuda.memory_allocated(dev)), int(torch.cuda.memory_reserved(dev))
+            return int(torch.cuda.memory_allocated(dev)), int(torch.cuda.memory_reserved(dev)), "cuda"
         stats = malloc_stats()
         if stats is None:
-            return None, None
-        return stats["allocated_bytes"], stats["reserved_bytes"]
+            return None, None, None
+        return stats["allocated_bytes"], stats["reserved_bytes"], "host"
 
     def between_batches(self) -> None:
         """Run the sidecar's pending commands here (never mid-batch) and report allocator figures.
@@ -227,12 +228,12 @@ class TorchLoop:
         now = time.monotonic()
         if now < self._next_memory or not getattr(self.client, "connected", False):
             return
-        allocated, reserved = self.memory()
+        allocated, reserved, heap = self.memory()
         cost = time.monotonic() - now
         self.memory_read_seconds = cost
         self._next_memory = now + max(self.memory_interval, 1000.0 * cost)
         if allocated is not None:
-            self.client.report_memory(allocated, reserved)
+            self.client.report_memory(allocated, reserved, heap)
 
     def handle_oom(self, exc: BaseException, batch_size: int) -> bool:
         """Call from ``except``: True when ``exc`` is an out-of-memory error (reported, memory freed) and the

@@ -80,7 +80,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "requests": {"rows": (list,)},
     "status": {"active": (int,), "dropped": (int,), "failed": (int,), "sent": (int,)},
     "oom": {"batch_size": (int, type(None))},
-    "alloc": {"allocated_bytes": _OPT_NUM, "reserved_bytes": _OPT_NUM},
+    "alloc": {"allocated_bytes": _OPT_NUM, "reserved_bytes": _OPT_NUM, "heap": _OPT_STR},
     "command_result": {"id": (str,), "cmd": (str,), "ok": (bool,), "result": (dict, type(None)), "error": _OPT_STR},
     # consistency (tuner.quality.probe): a sampled response with its second answer, or a canary round
     "quality": {"kind": (str,), "id": (int, str, type(None)), "prompt": _OPT_STR, "answer": _OPT_STR,
