@@ -81,3 +81,23 @@ def test_requests_and_events_are_split_and_bounded() -> None:
     assert w.request_columns(since=0.2)["tokens"].tolist() == [10.0] * 4
     w.update(1.1, {})
     assert w.events == [] and w.new_requests == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=40),
+    st.lists(st.one_of(st.none(), st.floats(-1e6, 1e6)), min_size=0, max_size=150),
+    st.integers(min_value=0, max_value=150),
+)
+def test_latest_is_the_newest_kept_value_whatever_the_ring_and_the_pending_rows(
+    cap: int, xs: list[float | None], read_at: int
+) -> None:
+    """``latest`` reads newest first without the ring's view; it must agree with a plain scan of the kept ticks,
+    across the wrap-around and with rows still pending, read at any point of the stream."""
+    w = Window(capacity=cap, keys=["a_ratio"])
+    for i, x in enumerate(xs):
+        w.update(float(i), {"a_ratio": x})
+        if i == read_at or i == len(xs) - 1:
+            kept = xs[max(0, i + 1 - cap) : i + 1]
+            want = next((float(v) for v in reversed(kept) if v is not None), None)
+            assert w.latest("a_ratio") == want

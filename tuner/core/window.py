@@ -93,6 +93,20 @@ class Ring:
         return float(self.buf[(self.count - 1) % self.cap]) if self.count else _NAN
 
 
+def _last_finite(v: np.ndarray) -> float | None:
+    """The last non-NaN entry of ``v``: its last slot, then the last 64, then all of it."""
+    if not v.size:
+        return None
+    x = float(v[-1])
+    if x == x:
+        return x
+    for part in (v[-64:], v):
+        ok = np.flatnonzero(~np.isnan(part))
+        if ok.size:
+            return float(part[ok[-1]])
+    return None
+
+
 def _num(x: Any) -> float:
     if x is None or isinstance(x, bool):
         return _NAN
@@ -312,18 +326,26 @@ class Window:
         if self._pending:
             j = self._index.get(key)
             if j is not None:
-                for row in reversed(self._pending):
+                rows = self._pending
+                if len(rows) > self.capacity:  # a ring smaller than a flush: its oldest pending rows are gone
+                    rows = rows[-self.capacity :]
+                for row in reversed(rows):
                     x = _num(row[j]) if j < len(row) else _NAN
                     if x == x:
                         return x
         if key not in self._present:
             return None
         col = self._column(key)
-        if col is None:
+        if col is None or not self.times.count:
             return None
-        v = self._view(col, len(self.times))
-        ok = np.flatnonzero(~np.isnan(v))
-        return float(v[ok[-1]]) if ok.size else None
+        # Newest first, without building the ring's view (a copy once it wraps) or scanning all of it: the value
+        # is nearly always in the newest slot or a few before (the replay bench called this 30k times in 20k
+        # ticks, scanning 3,000 slots each time).
+        end = self.times.count % self.capacity or self.capacity
+        got = _last_finite(col[:end])
+        if got is None and self.times.count > self.capacity:
+            got = _last_finite(col[end:])
+        return got
 
     def _has(self, key: str) -> bool:
         """Whether ``key`` had a value in some kept tick (cheap: no scan of the block)."""
