@@ -955,7 +955,8 @@ HELDOUT_S = float(os.environ.get("TUNER_EFFECT_HELDOUT_SECONDS", "90"))
 HELDOUT_SETS: dict[str, tuple[int, ...]] = {"H1": (101, 102, 103, 104, 105), "H2": (106, 107, 108, 109, 110),
                                             "H3": (111, 112, 113, 114, 115), "H4": (116, 117, 118, 119, 120),
                                             "H5": (121, 122, 123, 124, 125), "H6": (126, 127, 128, 129, 130),
-                                            "H7": (131, 132, 133, 134, 135), "H8": (136, 137, 138, 139, 140)}
+                                            "H7": (131, 132, 133, 134, 135), "H8": (136, 137, 138, 139, 140),
+                                            "H9": (141, 142, 143, 144, 145)}
 """Held-out seed sets in the order they are spent: a policy change after a held-out run is judged on the next."""
 HELDOUT_SET = os.environ.get("TUNER_EFFECT_SET", "H1")
 HELDOUT_BUDGET_S = float(os.environ.get("TUNER_EFFECT_BUDGET_S", str(3 * 3600)))
